@@ -1,0 +1,26 @@
+# The two commands a newcomer needs: `make run` (worker + beat on embedded defaults) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test bench install clean
+
+$(BIN)/media-retention: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/media-retention
+
+run: install
+	$(BIN)/media-retention run
+
+test: install
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/pytest tests/bench -s -p no:cacheprovider --override-ini="addopts=-ra"
+
+clean:
+	rm -rf $(VENV) media-retention-data

@@ -1,0 +1,1 @@
+"""Configuration: the settings object, logging setup and the beat schedule. No logic lives here."""

@@ -1,0 +1,48 @@
+"""structlog setup: readable on a console, one JSON object a line in production.
+
+Celery and other libraries log through the standard library; their records go through the same
+renderer, so a production log stream is JSON all the way through.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_SHARED: list = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+
+
+def configure_logging(log_format: str = "console", level: str = "INFO") -> None:
+    """Send every log line to stderr (stdout stays for machine-readable command output)."""
+    if log_format == "json":
+        renderer = structlog.processors.JSONRenderer()
+        extra = [structlog.processors.format_exc_info]
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        extra = []
+    structlog.configure(
+        processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=_SHARED,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *extra, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # botocore, urllib3 and alembic's migration context narrate routine steps at INFO; keep them to warnings.
+    for noisy in ("botocore", "urllib3", "s3transfer", "alembic.runtime.migration"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,21 @@
+"""The beat schedule. Tasks are named by string so `config/` never imports `tasks/`."""
+
+from __future__ import annotations
+
+from config.settings import Settings
+
+SWEEP_TASK = "media_retention.sweep"
+PURGE_TASK = "media_retention.purge"
+
+
+def beat_schedule(settings: Settings) -> dict:
+    interval = settings.sweep_interval.total_seconds()
+    return {
+        "sweep-expired-media": {
+            "task": SWEEP_TASK,
+            "schedule": interval,
+            # A sweep nobody picked up within one interval is superseded by the next one: expiring
+            # it keeps a queue that backed up while workers were down from running N sweeps in a row.
+            "options": {"expires": interval},
+        },
+    }

@@ -1,0 +1,94 @@
+"""The one settings object. Read once from `MEDIA_RETENTION_*` environment variables.
+
+Every default is embedded: with nothing set, the worker keeps its database, broker queue and media
+under `MEDIA_RETENTION_DATA_DIR` and needs no server.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.durations import parse_duration
+from worker.errors import BadInput
+
+
+def _duration(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except BadInput as exc:
+            raise ValueError(str(exc)) from None
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEDIA_RETENTION_", frozen=True, extra="ignore")
+
+    data_dir: Path = Path("./media-retention-data")
+    database_url: str = ""
+    broker_url: str = ""
+    storage_url: str = ""
+    s3_endpoint_url: str | None = None
+    default_retention: Duration = timedelta(days=90)
+    sweep_interval: Duration = timedelta(seconds=60)
+    claim_lease: Duration = timedelta(minutes=5)
+    # 500 rows a claim keeps each transaction short (milliseconds) while amortising round trips.
+    sweep_batch_size: int = Field(500, ge=1, le=10_000)
+    # Threads unlinking files in parallel; filesystem deletes are latency-bound on network volumes (EFS).
+    delete_threads: int = Field(8, ge=1, le=64)
+    volume_warn: float = Field(0.80, gt=0, lt=1)
+    volume_critical: float = Field(0.90, gt=0, le=1)
+    alert_webhook_url: str | None = None
+    log_format: Literal["console", "json"] = "console"
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> "Settings":
+        data_dir = self.data_dir.expanduser().absolute()
+        object.__setattr__(self, "data_dir", data_dir)
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'catalog.sqlite3'}")
+        if not self.broker_url:
+            object.__setattr__(self, "broker_url", "filesystem://")
+        if not self.storage_url:
+            object.__setattr__(self, "storage_url", (data_dir / "media").as_uri())
+        if self.volume_warn >= self.volume_critical:
+            raise ValueError("VOLUME_WARN must be below VOLUME_CRITICAL")
+        if self.default_retention < timedelta(hours=1):
+            raise ValueError("DEFAULT_RETENTION must be at least 1h")
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment (plus overrides), turning validation errors into BadInput."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "settings"
+        name = f"MEDIA_RETENTION_{field.upper()}" if field != "settings" else "settings"
+        message = first["msg"].removeprefix("Value error, ")
+        raise BadInput(f"invalid setting {name}: {message}") from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

@@ -1,0 +1,1 @@
+"""Thin Celery tasks: each binds its context and calls into `worker/`."""

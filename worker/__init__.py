@@ -1,0 +1,1 @@
+"""media-retention: the engine. Nothing in this package imports Celery except `worker.app`."""

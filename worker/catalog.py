@@ -1,0 +1,532 @@
+"""The catalog API: what an upstream media service imports to register, look up, hold and purge media.
+
+    catalog = Catalog.from_settings(get_settings())
+    item = catalog.register(org="acme", file=Path("photo.jpg"), ttl="1h")
+    catalog.lookup(item["id"])          # the item while active; raises Gone once claimed/deleted
+
+Every method validates all of its input before it changes anything, so bad input changes nothing.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import mimetypes
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import structlog
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from config.settings import Settings
+from worker.db import Database, db_now, plus_seconds
+from worker.errors import BadInput, Gone, NotFound, RetentionError
+from worker.models import AuditEvent, MediaItem, Organization, State
+from worker.policy import describe, effective_lifetime, parse_retention, parse_ttl
+from worker.store import BlobStore, chunked, open_store
+from worker.store.keys import key_for_id, validate_id, validate_key
+from worker.sweep import Sweeper
+
+log = structlog.get_logger("worker.catalog")
+
+_MIME = re.compile(r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+$")
+# Manifest rows written per transaction: large enough to import millions of rows in minutes,
+# small enough that a failed batch is cheap to redo.
+MANIFEST_BATCH = 500
+_MANIFEST_FIELDS = {"org", "id", "file", "key", "ttl", "created_at", "mime", "sha256"}
+
+
+def default_actor() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}"
+
+
+def parse_created_at(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise BadInput(f"malformed --created-at {text!r}: use ISO-8601, e.g. 2026-01-31T12:00:00Z.") from None
+    # A timestamp without an offset is taken as UTC, the way the catalog stores every time.
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+@dataclass
+class _NewItem:
+    """One validated registration, before any blob is written."""
+
+    id: str
+    org: str
+    key: str
+    source: Path | None
+    ttl: timedelta | None
+    created_at: datetime | None
+    mime: str | None
+    sha256: str | None
+    size: int | None = None
+
+
+@dataclass
+class ManifestLineError:
+    line: int
+    message: str
+
+
+class ManifestError(BadInput):
+    def __init__(self, errors: list[ManifestLineError], total_lines: int):
+        self.errors = errors
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more bad lines)" if len(errors) > 1 else ""
+        super().__init__(f"manifest line {first.line}: {first.message}{more}; nothing was imported.")
+
+
+class Catalog:
+    def __init__(self, db: Database, store: BlobStore, settings: Settings):
+        self.db = db
+        self.store = store
+        self.settings = settings
+        self.sweeper = Sweeper(db, store, claim_lease=settings.claim_lease, batch_size=settings.sweep_batch_size)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Catalog":
+        return cls(Database(settings.database_url), open_store(settings.storage_url, **store_options(settings)), settings)
+
+    def close(self) -> None:
+        self.store.close()
+        self.db.dispose()
+
+    # -- organizations -------------------------------------------------------------------------
+
+    def set_org(self, org_id: str, retention: str | None = None, *, actor: str | None = None) -> dict:
+        """Create the org or change its retention; the change applies to stored items from the next sweep."""
+        validate_id(org_id, "organization id")
+        new = parse_retention(retention) if retention is not None else None
+        items = MediaItem.__table__
+        with self.db.transaction() as session:
+            # Row lock: registrations read the retention under a share lock, so none slips between
+            # this update and the rewrite of expiry times below.
+            org = session.get(Organization, org_id, with_for_update=True)
+            created = org is None
+            old = None if created else timedelta(seconds=org.retention_seconds)
+            seconds = int((new or self.settings.default_retention).total_seconds())
+            if created:
+                org = Organization(id=org_id, retention_seconds=seconds)
+                session.add(org)
+                session.flush()
+            elif new is not None and seconds != org.retention_seconds:
+                org.retention_seconds = seconds
+                org.updated_at = datetime.now(timezone.utc)
+            rewritten = 0
+            if not created and old is not None and seconds != int(old.total_seconds()):
+                rewritten = session.execute(
+                    update(items)
+                    .where(items.c.org_id == org_id, items.c.state == State.ACTIVE.value, items.c.ttl_seconds.is_(None))
+                    .values(expires_at=plus_seconds(items.c.created_at, seconds))
+                ).rowcount
+            if created or rewritten or (new is not None and old != new):
+                session.add(
+                    AuditEvent(
+                        action="org_create" if created else "org_set",
+                        actor=actor or default_actor(),
+                        org_id=org_id,
+                        details={"retention": describe(timedelta(seconds=seconds)), "previous": describe(old), "items_rescheduled": rewritten},
+                    )
+                )
+        log.info("org.set", org=org_id, retention_s=seconds, created=created, items_rescheduled=rewritten)
+        return self.show_org(org_id)
+
+    def show_org(self, org_id: str) -> dict:
+        validate_id(org_id, "organization id")
+        items = MediaItem.__table__
+        with self.db.transaction() as session:
+            org = session.get(Organization, org_id)
+            if org is None:
+                raise NotFound(f"organization {org_id!r} does not exist; create it with `media-retention org set {org_id}`.")
+            by_state = dict(
+                session.execute(
+                    select(items.c.state, func.count()).where(items.c.org_id == org_id).group_by(items.c.state)
+                ).all()
+            )
+            active_bytes = session.scalar(
+                select(func.coalesce(func.sum(items.c.size_bytes), 0)).where(
+                    items.c.org_id == org_id, items.c.state == State.ACTIVE.value
+                )
+            )
+        return {
+            "org": org.id,
+            "retention": describe(timedelta(seconds=org.retention_seconds)),
+            "retention_seconds": org.retention_seconds,
+            "held": org.held_at is not None,
+            "hold_reason": org.hold_reason,
+            "items": {state.value: int(by_state.get(state.value, 0)) for state in State},
+            "active_bytes": int(active_bytes or 0),
+        }
+
+    # -- registration --------------------------------------------------------------------------
+
+    def _validate_new(self, *, org: str, file: str | Path | None, key: str | None, media_id: str | None,
+                      ttl: str | None, created_at: str | datetime | None, mime: str | None, sha256: str | None = None) -> _NewItem:
+        validate_id(org, "organization id")
+        if (file is None) == (key is None):
+            raise BadInput("give exactly one of a file to copy in or a key already in the store.")
+        media_id = validate_id(media_id) if media_id is not None else secrets.token_urlsafe(18)
+        ttl_value = parse_ttl(ttl) if ttl is not None else None
+        created = parse_created_at(created_at) if isinstance(created_at, str) else created_at
+        if created is not None and created.tzinfo is None:
+            raise BadInput("created_at must carry a timezone.")
+        if mime is not None and not _MIME.match(mime):
+            raise BadInput(f"invalid MIME type {mime!r}: use type/subtype, e.g. image/jpeg.")
+        if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise BadInput(f"invalid sha256 {sha256!r}: give 64 lowercase hex digits.")
+        source = None
+        if file is not None:
+            source = Path(file)
+            if not source.is_file():
+                raise BadInput(f"file {str(source)!r} does not exist or is not a regular file.")
+            if not os.access(source, os.R_OK):
+                raise BadInput(f"file {str(source)!r} is not readable.")
+            storage_key = key_for_id(media_id)
+            mime = mime or mimetypes.guess_type(source.name)[0] or "application/octet-stream"
+        else:
+            storage_key = validate_key(key)
+            mime = mime or mimetypes.guess_type(storage_key)[0] or "application/octet-stream"
+        return _NewItem(media_id, org, storage_key, source, ttl_value, created, mime, sha256)
+
+    def _check_free(self, session, new_items: Sequence[_NewItem]) -> None:
+        """IDs are never reused, not even after deletion: a tombstone keeps answering 404."""
+        ids = [item.id for item in new_items]
+        taken = session.scalars(select(MediaItem.id).where(MediaItem.id.in_(ids))).first()
+        if taken:
+            raise BadInput(f"media id {taken!r} already exists; IDs are never reused.")
+        keys = [item.key for item in new_items]
+        used = session.scalars(select(MediaItem.storage_key).where(MediaItem.storage_key.in_(keys))).first()
+        if used:
+            raise BadInput(f"storage key {used!r} already belongs to another media item.")
+
+    def _org_retentions(self, session, orgs: set[str], *, lock: bool) -> dict[str, int]:
+        statement = select(Organization.id, Organization.retention_seconds).where(Organization.id.in_(sorted(orgs)))
+        if lock and self.db.dialect == "postgresql":
+            statement = statement.with_for_update(read=True)
+        found = dict(session.execute(statement).all())
+        missing = sorted(orgs - found.keys())
+        if missing:
+            raise BadInput(f"organization {missing[0]!r} does not exist; create it with `media-retention org set {missing[0]}`.")
+        return found
+
+    def _store_blobs(self, new_items: Sequence[_NewItem]) -> list[str]:
+        """Copy in files / size adopted keys; return the keys this call wrote (to undo on failure)."""
+        written: list[str] = []
+        try:
+            for item in new_items:
+                if item.source is not None:
+                    if item.sha256 is None:
+                        with open(item.source, "rb") as handle:
+                            item.sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+                    item.size = self.store.put_file(item.key, item.source)
+                    written.append(item.key)
+                else:
+                    info = self.store.stat(item.key)
+                    if info is None:
+                        raise BadInput(f"no blob at storage key {item.key!r} in {self.store.url}.")
+                    item.size = info.size
+        except BaseException:
+            self._discard(written)
+            raise
+        return written
+
+    def _discard(self, keys: list[str]) -> None:
+        if keys:
+            for result in self.store.delete_many(keys):
+                if not result.ok:
+                    log.error("register.cleanup_failed", key=result.key, error=result.error)
+
+    def _insert(self, new_items: Sequence[_NewItem]) -> list[dict]:
+        with self.db.transaction() as session:
+            now = session.scalar(select(db_now()))
+            retentions = self._org_retentions(session, {item.org for item in new_items}, lock=True)
+            self._check_free(session, new_items)
+            rows = []
+            for item in new_items:
+                created = item.created_at or now
+                lifetime = effective_lifetime(item.ttl, timedelta(seconds=retentions[item.org]))
+                rows.append(
+                    {
+                        "id": item.id,
+                        "org_id": item.org,
+                        "storage_key": item.key,
+                        "size_bytes": item.size,
+                        "mime_type": item.mime,
+                        "sha256": item.sha256,
+                        "created_at": created,
+                        "ttl_seconds": int(item.ttl.total_seconds()) if item.ttl else None,
+                        "expires_at": created + lifetime,
+                        "state": State.ACTIVE.value,
+                    }
+                )
+            session.execute(insert(MediaItem), rows)
+        return [self._public(row) for row in rows]
+
+    @staticmethod
+    def _public(row: dict) -> dict:
+        return {
+            "id": row["id"],
+            "org": row["org_id"],
+            "key": row["storage_key"],
+            "size": row["size_bytes"],
+            "mime": row["mime_type"],
+            "sha256": row["sha256"],
+            "created_at": row["created_at"].isoformat(),
+            "ttl_seconds": row["ttl_seconds"],
+            "expires_at": row["expires_at"].isoformat(),
+            "state": row["state"],
+        }
+
+    def _register_batch(self, new_items: Sequence[_NewItem]) -> list[dict]:
+        """Store blobs, then insert rows in one transaction; on any failure remove the blobs written."""
+        with self.db.transaction() as session:
+            self._org_retentions(session, {item.org for item in new_items}, lock=False)
+            self._check_free(session, new_items)
+        written = self._store_blobs(new_items)
+        try:
+            return self._insert(new_items)
+        except IntegrityError:
+            self._discard(written)
+            raise BadInput("a media id or storage key in this request was registered concurrently; nothing was imported.") from None
+        except BaseException:
+            self._discard(written)
+            raise
+
+    def register(self, *, org: str, file: str | Path | None = None, key: str | None = None, media_id: str | None = None,
+                 ttl: str | None = None, created_at: str | datetime | None = None, mime: str | None = None,
+                 sha256: str | None = None) -> dict:
+        """Register one item: `file` is copied in under a new key, `key` adopts a blob already stored."""
+        new = self._validate_new(org=org, file=file, key=key, media_id=media_id, ttl=ttl, created_at=created_at, mime=mime, sha256=sha256)
+        item = self._register_batch([new])[0]
+        log.info("media.registered", media_id=item["id"], org=org, key=item["key"], size=item["size"], expires_at=item["expires_at"])
+        return item
+
+    def _manifest_rows(self, path: Path) -> Iterator[tuple[int, dict | ManifestLineError]]:
+        try:
+            handle = open(path, encoding="utf-8")
+        except OSError as exc:
+            raise BadInput(f"cannot read manifest {str(path)!r}: {exc.strerror}.") from None
+        with handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield number, ManifestLineError(number, f"not valid JSON ({exc.msg})")
+                    continue
+                if not isinstance(row, dict):
+                    yield number, ManifestLineError(number, "each line must be a JSON object")
+                    continue
+                unknown = sorted(set(row) - _MANIFEST_FIELDS)
+                if unknown:
+                    yield number, ManifestLineError(number, f"unknown field {unknown[0]!r}")
+                    continue
+                yield number, row
+
+    def _validate_manifest_row(self, row: dict, base: Path) -> _NewItem:
+        if not isinstance(row.get("org"), str):
+            raise BadInput("field 'org' is required and must be a string")
+        for name in ("id", "file", "key", "ttl", "created_at", "mime", "sha256"):
+            if row.get(name) is not None and not isinstance(row[name], str):
+                raise BadInput(f"field {name!r} must be a string")
+        file = row.get("file")
+        if file is not None and not os.path.isabs(file):
+            file = base / file  # relative paths are read from the manifest's directory
+        return self._validate_new(org=row["org"], file=file, key=row.get("key"), media_id=row.get("id"), ttl=row.get("ttl"),
+                                  created_at=row.get("created_at"), mime=row.get("mime"), sha256=row.get("sha256"))
+
+    def register_manifest(self, path: str | Path, *, batch_size: int = MANIFEST_BATCH,
+                          progress: Callable[[int], None] | None = None) -> dict:
+        """Import a JSON-lines manifest. Every line is validated first: any bad line (reported by
+        number) imports nothing. Then rows go in batches, each batch all-or-nothing."""
+        path = Path(path)
+        errors: list[ManifestLineError] = []
+        seen_ids: dict[str, int] = {}
+        seen_keys: dict[str, int] = {}
+        orgs: dict[str, int] = {}  # org -> first line naming it
+        total = 0
+        for number, row in self._manifest_rows(path):
+            total += 1
+            if isinstance(row, ManifestLineError):
+                errors.append(row)
+                continue
+            try:
+                item = self._validate_manifest_row(row, path.parent)
+            except RetentionError as exc:
+                errors.append(ManifestLineError(number, str(exc).rstrip(".")))
+                continue
+            if row.get("id") is not None and item.id in seen_ids:
+                errors.append(ManifestLineError(number, f"duplicate id {item.id!r} (first on line {seen_ids[item.id]})"))
+                continue
+            if item.source is None and item.key in seen_keys:
+                errors.append(ManifestLineError(number, f"duplicate key {item.key!r} (first on line {seen_keys[item.key]})"))
+                continue
+            seen_ids[item.id] = number
+            seen_keys[item.key] = number
+            orgs.setdefault(item.org, number)
+        if total == 0:
+            raise BadInput(f"manifest {str(path)!r} has no lines; nothing was imported.")
+        with self.db.transaction() as session:
+            known = set(session.scalars(select(Organization.id).where(Organization.id.in_(sorted(orgs)))))
+            for media_ids in chunked(list(seen_ids), 900):
+                for taken in session.scalars(select(MediaItem.id).where(MediaItem.id.in_(media_ids))):
+                    errors.append(ManifestLineError(seen_ids[taken], f"media id {taken!r} already exists"))
+            for keys in chunked(list(seen_keys), 900):
+                for used in session.scalars(select(MediaItem.storage_key).where(MediaItem.storage_key.in_(keys))):
+                    errors.append(ManifestLineError(seen_keys[used], f"storage key {used!r} already belongs to another item"))
+        for org in sorted(orgs.keys() - known):
+            errors.append(ManifestLineError(orgs[org], f"organization {org!r} does not exist"))
+        if errors:
+            raise ManifestError(sorted(errors, key=lambda e: e.line), total)
+
+        imported = 0
+        total_bytes = 0
+        batch: list[_NewItem] = []
+        for number, row in self._manifest_rows(path):
+            item = self._validate_manifest_row(row, path.parent)
+            if row.get("id") is None:
+                item.id = secrets.token_urlsafe(18)
+                if item.source is not None:
+                    item.key = key_for_id(item.id)
+            batch.append(item)
+            if len(batch) == batch_size:
+                total_bytes += sum(r["size"] for r in self._register_batch(batch))
+                imported += len(batch)
+                batch = []
+                if progress:
+                    progress(imported)
+        if batch:
+            total_bytes += sum(r["size"] for r in self._register_batch(batch))
+            imported += len(batch)
+            if progress:
+                progress(imported)
+        log.info("manifest.imported", path=str(path), items=imported, bytes=total_bytes)
+        return {"imported": imported, "bytes": total_bytes, "manifest": str(path)}
+
+    # -- lookup --------------------------------------------------------------------------------
+
+    def lookup(self, media_id: str) -> dict:
+        """The item while active. Raises Gone (claimed or deleted) or NotFound (never seen)."""
+        validate_id(media_id)
+        with self.db.transaction() as session:
+            item = session.get(MediaItem, media_id)
+        if item is None:
+            raise NotFound(f"media id {media_id!r} was never registered.")
+        if item.state != State.ACTIVE.value:
+            body = {
+                "id": media_id,
+                "status": 404,
+                "error": "gone",
+                "deleted_at": (item.deleted_at or item.claimed_at).isoformat(),
+                "reason": item.deletion_reason,
+                "state": item.state,
+            }
+            raise Gone(f"media id {media_id!r} is gone ({item.deletion_reason}).", body)
+        return item.to_dict()
+
+    # -- holds ---------------------------------------------------------------------------------
+
+    def _require_items(self, session, ids: Sequence[str]) -> dict[str, MediaItem]:
+        for media_id in ids:
+            validate_id(media_id)
+        found = {item.id: item for item in session.scalars(select(MediaItem).where(MediaItem.id.in_(list(ids))).with_for_update())}
+        for media_id in ids:
+            if media_id not in found:
+                raise NotFound(f"media id {media_id!r} was never registered; nothing was changed.")
+        return found
+
+    def set_hold(self, *, held: bool, reason: str, ids: Sequence[str] = (), org: str | None = None, actor: str | None = None) -> dict:
+        """Put items or a whole org on hold (or release them). Recorded with who and why."""
+        if not reason or not reason.strip():
+            raise BadInput("a --reason is required: say why media is held or released.")
+        if bool(ids) == (org is not None):
+            raise BadInput("give media IDs or --org, not both and not neither.")
+        action = "hold" if held else "release"
+        actor = actor or default_actor()
+        changed: list[str] = []
+        with self.db.transaction() as session:
+            stamp = session.scalar(select(db_now())) if held else None
+            if org is not None:
+                validate_id(org, "organization id")
+                target = session.get(Organization, org, with_for_update=True)
+                if target is None:
+                    raise NotFound(f"organization {org!r} does not exist; nothing was changed.")
+                if (target.held_at is not None) != held:
+                    changed.append(org)
+                target.held_at, target.hold_reason = stamp, (reason if held else None)
+                session.add(AuditEvent(action=f"org_{action}", actor=actor, org_id=org, reason=reason))
+            else:
+                found = self._require_items(session, ids)
+                if held:
+                    gone = [media_id for media_id in ids if found[media_id].state != State.ACTIVE.value]
+                    if gone:
+                        raise Gone(f"media id {gone[0]!r} is already being deleted or gone; nothing was changed.",
+                                   {"id": gone[0], "status": 404, "error": "gone"})
+                for media_id in dict.fromkeys(ids):
+                    item = found[media_id]
+                    if (item.held_at is not None) != held:
+                        changed.append(media_id)
+                    item.held_at, item.hold_reason = stamp, (reason if held else None)
+                    session.add(AuditEvent(action=action, actor=actor, org_id=item.org_id, media_id=media_id, reason=reason))
+        log.info(f"media.{action}", org=org, ids=list(ids)[:20], changed=len(changed), actor=actor, reason=reason)
+        return {"action": action, "org": org, "ids": list(dict.fromkeys(ids)), "changed": changed, "reason": reason, "actor": actor}
+
+    # -- purge ---------------------------------------------------------------------------------
+
+    def purge(self, *, ids: Sequence[str] = (), org: str | None = None, dry_run: bool = False,
+              actor: str | None = None, reason: str | None = None) -> dict:
+        """Delete now regardless of expiry; held media is never purged."""
+        if bool(ids) == (org is not None):
+            raise BadInput("give media IDs or --org, not both and not neither.")
+        actor = actor or default_actor()
+        items = MediaItem.__table__
+        with self.db.transaction() as session:
+            if org is not None:
+                validate_id(org, "organization id")
+                target = session.get(Organization, org)
+                if target is None:
+                    raise NotFound(f"organization {org!r} does not exist; nothing was purged.")
+                if target.held_at is not None:
+                    raise BadInput(f"organization {org!r} is on hold ({target.hold_reason}); release it before purging.")
+                scope = items.c.org_id == org
+            else:
+                found = self._require_items(session, ids)
+                scope = items.c.id.in_(list(found))
+            rows = session.execute(
+                select(items.c.id, items.c.state, items.c.held_at, items.c.size_bytes).where(scope)
+            ).all()
+        eligible = [r for r in rows if r.state == State.ACTIVE.value and r.held_at is None]
+        summary = {
+            "scope": {"org": org} if org else {"ids": list(dict.fromkeys(ids))},
+            "dry_run": dry_run,
+            "eligible": len(eligible),
+            "eligible_bytes": sum(r.size_bytes for r in eligible),
+            "held_skipped": sum(1 for r in rows if r.state == State.ACTIVE.value and r.held_at is not None),
+            "already_gone": sum(1 for r in rows if r.state != State.ACTIVE.value),
+        }
+        if dry_run:
+            summary["would_delete"] = [r.id for r in eligible[:1000]]
+            return summary
+        with self.db.transaction() as session:
+            session.add(AuditEvent(action="purge", actor=actor, org_id=org, reason=reason,
+                                   details={"ids": list(dict.fromkeys(ids))[:1000], "eligible": len(eligible)}))
+        counts = self.sweeper.purge_org(org) if org else self.sweeper.purge_ids([r.id for r in eligible])
+        summary.update(counts.to_dict())
+        return summary
+
+
+def store_options(settings: Settings) -> dict:
+    return {"delete_threads": settings.delete_threads, "endpoint_url": settings.s3_endpoint_url}

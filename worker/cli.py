@@ -1,0 +1,327 @@
+"""`media-retention`: the operator's command line. Exit 0 ok, 1 failure, 2 bad input, 3 not found/gone.
+
+Every command takes `--json`; results go to stdout, logs and errors to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+from sqlalchemy.exc import OperationalError, ProgrammingError
+
+from config.logging import configure_logging
+from config.settings import Settings, get_settings
+from worker import schema
+from worker.catalog import Catalog, ManifestError
+from worker.errors import BadInput, Gone, NotFound, RetentionError
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_FOUND = 0, 1, 2, 3
+
+
+class Output:
+    """Prints a result as JSON (`--json`) or as readable `name: value` lines."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+
+    def result(self, data: dict, title: str | None = None) -> None:
+        if self.as_json:
+            click.echo(json.dumps(data, default=str, sort_keys=True))
+            return
+        if title:
+            click.echo(title)
+        for name, value in data.items():
+            if isinstance(value, list):
+                click.echo(f"{name}: {len(value)}")
+                for entry in value:
+                    click.echo(f"  - {json.dumps(entry, default=str) if isinstance(entry, dict) else entry}")
+            elif isinstance(value, dict):
+                click.echo(f"{name}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
+            else:
+                click.echo(f"{name}: {value}")
+
+    def progress(self, message: str) -> None:
+        click.echo(message, err=True)
+
+
+def json_option(command: Callable) -> Callable:
+    """Add `--json` and hand the command an `out: Output`."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+    @functools.wraps(command)
+    def wrapper(*args, as_json: bool, **kwargs):
+        return command(*args, out=Output(as_json), **kwargs)
+
+    return wrapper
+
+
+def settings() -> Settings:
+    return get_settings()
+
+
+def open_catalog() -> Catalog:
+    """The catalog on a current schema; the embedded SQLite catalog is created on first use."""
+    current = settings()
+    current.data_dir.mkdir(parents=True, exist_ok=True)
+    catalog = Catalog.from_settings(current)
+    if not schema.is_current(catalog.db):
+        if catalog.db.dialect == "sqlite":
+            schema.upgrade(catalog.db)
+        else:
+            catalog.close()
+            raise RetentionError("the database schema is not current; run `media-retention db upgrade` first.")
+    return catalog
+
+
+def with_catalog(command: Callable) -> Callable:
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        catalog = open_catalog()
+        try:
+            return command(catalog, *args, **kwargs)
+        finally:
+            catalog.close()
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Enforce media retention: expire media by TTL or org retention, on a filesystem or S3."""
+    current = settings()
+    configure_logging(current.log_format, current.log_level)
+
+
+# -- run and schema ----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--loglevel", default=None, help="Celery log level (default: MEDIA_RETENTION_LOG_LEVEL).")
+@json_option
+def run(loglevel: str | None, out: Output) -> None:
+    """Run worker and beat in one foreground process (creates the data dir and schema)."""
+    current = settings()
+    current.data_dir.mkdir(parents=True, exist_ok=True)
+    catalog = Catalog.from_settings(current)
+    try:
+        revision = schema.upgrade(catalog.db)
+    finally:
+        catalog.close()
+    out.progress(
+        f"media-retention: data dir {current.data_dir}, schema {revision}, store {current.storage_url}, "
+        f"sweeping every {int(current.sweep_interval.total_seconds())}s"
+    )
+    from worker.app import app
+
+    # solo pool: on the embedded SQLite catalog one process is the right size; fleets use `celery worker`.
+    app.worker_main(["worker", "--beat", "--pool=solo", f"--loglevel={loglevel or current.log_level}",
+                     "--hostname=media-retention@%h"])
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command()
+@json_option
+def upgrade(out: Output) -> None:
+    """Create or migrate the schema to the newest revision."""
+    current = settings()
+    current.data_dir.mkdir(parents=True, exist_ok=True)
+    catalog = Catalog.from_settings(current)
+    try:
+        before = schema.current_revision(catalog.db)
+        after = schema.upgrade(catalog.db)
+    finally:
+        catalog.close()
+    out.result({"from": before, "to": after, "database": catalog.db.engine.url.render_as_string(hide_password=True)})
+
+
+# -- organizations -------------------------------------------------------------------------------
+
+
+@cli.group()
+def org() -> None:
+    """Organizations and their retention."""
+
+
+@org.command("set")
+@click.argument("org_id", metavar="ORG")
+@click.option("--retention", help="Retention period, e.g. 90d, 2w, P30D (at least 1h).")
+@click.option("--by", "actor", help="Who makes the change (recorded; default: the OS user).")
+@json_option
+@with_catalog
+def org_set(catalog: Catalog, org_id: str, retention: str | None, actor: str | None, out: Output) -> None:
+    """Create ORG or change its retention (applies to stored items from the next sweep)."""
+    out.result(catalog.set_org(org_id, retention, actor=actor))
+
+
+@org.command("show")
+@click.argument("org_id", metavar="ORG")
+@json_option
+@with_catalog
+def org_show(catalog: Catalog, org_id: str, out: Output) -> None:
+    """Show ORG's retention, hold and item counts."""
+    out.result(catalog.show_org(org_id))
+
+
+# -- media ---------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--org", "org_id", help="Owning organization (must exist).")
+@click.option("--file", "file", type=click.Path(dir_okay=False, path_type=Path), help="Copy this file into the store.")
+@click.option("--key", help="Adopt a blob already in the store at this key.")
+@click.option("--id", "media_id", help="Media ID (default: a new random one).")
+@click.option("--ttl", help="Per-item TTL, 1h to 30d; overrides the org retention.")
+@click.option("--created-at", help="ISO-8601 creation time (default: now, by the database clock).")
+@click.option("--mime", help="MIME type (default: guessed from the name).")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), help="Register every line of a JSON-lines file.")
+@json_option
+@with_catalog
+def register(catalog: Catalog, org_id, file, key, media_id, ttl, created_at, mime, manifest, out: Output) -> None:
+    """Register media: one item (--file or --key) or a whole --manifest."""
+    if manifest is not None:
+        if any(v is not None for v in (org_id, file, key, media_id, ttl, created_at, mime)):
+            raise BadInput("--manifest takes every field from the file; give no other register options with it.")
+        try:
+            summary = catalog.register_manifest(manifest, progress=lambda n: out.progress(f"imported {n} items"))
+        except ManifestError as exc:
+            for error in exc.errors[:100]:
+                click.echo(f"media-retention: {manifest}: line {error.line}: {error.message}", err=True)
+            if len(exc.errors) > 100:
+                click.echo(f"media-retention: ... {len(exc.errors) - 100} more bad lines", err=True)
+            raise
+        out.result(summary)
+        return
+    if org_id is None:
+        raise BadInput("--org is required (or use --manifest).")
+    out.result(catalog.register(org=org_id, file=file, key=key, media_id=media_id, ttl=ttl, created_at=created_at, mime=mime))
+
+
+@cli.command()
+@click.argument("media_id", metavar="ID")
+@json_option
+@with_catalog
+def lookup(catalog: Catalog, media_id: str, out: Output) -> None:
+    """Show an active item; exit 3 with a 404 body once it is claimed, deleted or never seen."""
+    try:
+        out.result(catalog.lookup(media_id))
+    except Gone as exc:
+        click.echo(json.dumps(exc.body, sort_keys=True))
+        raise
+    except NotFound:
+        click.echo(json.dumps({"id": media_id, "status": 404, "error": "not_found"}, sort_keys=True))
+        raise
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
+@click.option("--limit", type=click.IntRange(min=1), help="Claim at most N items.")
+@json_option
+@with_catalog
+def sweep(catalog: Catalog, dry_run: bool, limit: int | None, out: Output) -> None:
+    """Run one sweep now, inline, and print its counts."""
+    counts = catalog.sweeper.sweep(limit=limit, dry_run=dry_run)
+    out.result(counts.to_dict(), title="dry run: nothing was deleted" if dry_run and not out.as_json else None)
+    if counts.failed:
+        sys.exit(EXIT_FAILURE)
+
+
+def _scope(ids: tuple[str, ...], org_id: str | None) -> None:
+    if bool(ids) == (org_id is not None):
+        raise BadInput("give media IDs or --org ORG, not both and not neither.")
+
+
+@cli.command()
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@click.option("--org", "org_id", help="Purge every unheld item of this organization.")
+@click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--by", "actor", help="Who purges (recorded; default: the OS user).")
+@json_option
+@with_catalog
+def purge(catalog: Catalog, ids, org_id, dry_run, yes, actor, out: Output) -> None:
+    """Delete media now regardless of expiry (never held media)."""
+    _scope(ids, org_id)
+    if not dry_run and not yes:
+        preview = catalog.purge(ids=ids, org=org_id, dry_run=True)
+        what = f"{preview['eligible']} items ({preview['eligible_bytes']} bytes)"
+        if not sys.stdin.isatty():
+            raise BadInput(f"purge would delete {what} now; pass --yes to confirm or --dry-run to preview.")
+        if not click.confirm(f"Delete {what} now?", err=True):
+            raise click.Abort()
+    summary = catalog.purge(ids=ids, org=org_id, dry_run=dry_run, actor=actor)
+    out.result(summary)
+    if summary.get("failed"):
+        sys.exit(EXIT_FAILURE)
+
+
+def _hold_command(held: bool) -> Callable:
+    verb = "hold" if held else "release"
+
+    @click.argument("ids", nargs=-1, metavar="[ID]...")
+    @click.option("--org", "org_id", help=f"{verb.capitalize()} a whole organization.")
+    @click.option("--reason", required=True, help="Why (recorded in the audit trail).")
+    @click.option("--by", "actor", help="Who (recorded; default: the OS user).")
+    @json_option
+    @with_catalog
+    def command(catalog: Catalog, ids, org_id, reason, actor, out: Output) -> None:
+        _scope(ids, org_id)
+        out.result(catalog.set_hold(held=held, reason=reason, ids=ids, org=org_id, actor=actor))
+
+    command.__doc__ = (
+        "Put media or an org on hold: held media is never deleted." if held else "Release a hold placed with `hold`."
+    )
+    return cli.command(verb)(command)
+
+
+hold = _hold_command(True)
+release = _hold_command(False)
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+def _sentence(message: str) -> str:
+    message = " ".join(message.split())
+    return message if message.endswith((".", "?", "!")) else message + "."
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; map every failure to one sentence on stderr and the contract's exit code."""
+    try:
+        result = cli.main(args=argv, prog_name="media-retention", standalone_mode=False)
+        return result if isinstance(result, int) else EXIT_OK
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("media-retention: aborted; nothing was changed.", err=True)
+        return EXIT_FAILURE
+    except click.UsageError as exc:
+        command = exc.ctx.command_path.replace("media-retention", "", 1).strip() if exc.ctx else ""
+        hint = f" (see `media-retention {command + ' ' if command else ''}--help`)"
+        click.echo(f"media-retention: {_sentence(exc.format_message())}{hint}", err=True)
+        return EXIT_BAD_INPUT
+    except click.ClickException as exc:
+        click.echo(f"media-retention: {_sentence(exc.format_message())}", err=True)
+        return EXIT_BAD_INPUT
+    except RetentionError as exc:
+        click.echo(f"media-retention: {_sentence(str(exc))}", err=True)
+        return exc.exit_code
+    except (OperationalError, ProgrammingError) as exc:
+        click.echo(f"media-retention: database error: {_sentence(str(exc.orig).splitlines()[0])}", err=True)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        click.echo("media-retention: interrupted.", err=True)
+        return 130
+
+
+def entry_point() -> None:
+    sys.exit(main())

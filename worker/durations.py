@@ -1,0 +1,52 @@
+"""Durations as operators write them: `30s`, `15m`, `1h`, `7d`, `2w`, or ISO-8601 (`PT1H`, `P30D`).
+
+Everything is whole seconds: retention is never finer than that, and whole seconds keep the
+SQLite and PostgreSQL expiry arithmetic exact.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import isodate
+
+from worker.errors import BadInput
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SHORT = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse a positive duration or raise `BadInput` with a sentence naming the bad text."""
+    if not isinstance(text, str) or not text.strip():
+        raise BadInput(f"empty duration {text!r}; use e.g. 30s, 15m, 1h, 7d, 2w or PT1H.")
+    match = _SHORT.match(text)
+    if match:
+        seconds = int(match.group(1)) * _UNITS[match.group(2).lower()]
+    elif text.strip().upper().startswith("P"):
+        try:
+            parsed = isodate.parse_duration(text.strip().upper())
+        except (isodate.ISO8601Error, ValueError) as exc:
+            raise BadInput(f"malformed ISO-8601 duration {text!r}.") from exc
+        if not isinstance(parsed, timedelta):
+            # isodate returns a Duration for years and months, whose length depends on the calendar.
+            raise BadInput(f"duration {text!r} uses years or months; give it in days or weeks.")
+        seconds = parsed.total_seconds()
+        if seconds != int(seconds):
+            raise BadInput(f"duration {text!r} is not a whole number of seconds.")
+        seconds = int(seconds)
+    else:
+        raise BadInput(f"malformed duration {text!r}; use e.g. 30s, 15m, 1h, 7d, 2w or PT1H.")
+    if seconds <= 0:
+        raise BadInput(f"duration {text!r} must be longer than zero.")
+    return timedelta(seconds=seconds)
+
+
+def format_duration(value: timedelta) -> str:
+    """The shortest exact short form: 90 days -> `90d`, 36 hours -> `36h`, 14 days -> `2w`."""
+    seconds = int(value.total_seconds())
+    for suffix, size in sorted(_UNITS.items(), key=lambda item: -item[1]):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{suffix}"
+    return f"{seconds}s"

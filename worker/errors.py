@@ -1,0 +1,33 @@
+"""Errors the catalog and CLI share; each maps to one exit code of the command line."""
+
+
+class RetentionError(Exception):
+    """Base class: `str(error)` is the one-sentence message shown to the operator."""
+
+    exit_code = 1
+
+
+class BadInput(RetentionError):
+    """The caller asked for something invalid; nothing was changed (exit 2)."""
+
+    exit_code = 2
+
+
+class NotFound(RetentionError):
+    """The media ID or organization was never seen (exit 3)."""
+
+    exit_code = 3
+
+
+class Gone(RetentionError):
+    """The media ID existed but is claimed for deletion or deleted (exit 3)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, body: dict):
+        super().__init__(message)
+        self.body = body
+
+
+class StoreError(RetentionError):
+    """The blob store failed in a way that is not the caller's fault (exit 1)."""

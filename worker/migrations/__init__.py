@@ -1,0 +1,1 @@
+"""Alembic migrations; run them with `media-retention db upgrade` (see `worker.schema`)."""

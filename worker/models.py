@@ -1,0 +1,144 @@
+"""The catalog: organizations, media items (live rows and tombstones) and the audit trail."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from worker.db import UTCDateTime, db_now
+
+# 128 matches the media ID alphabet limit; 1024 is S3's own key limit in bytes.
+ID_LENGTH = 128
+KEY_LENGTH = 1024
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class State(str, enum.Enum):
+    ACTIVE = "active"
+    DELETING = "deleting"  # claimed: lookups answer 404 from here on
+    DELETED = "deleted"  # tombstone: the blob is gone
+
+
+class Reason(str, enum.Enum):
+    TTL = "ttl"
+    RETENTION = "retention"
+    PURGE = "purge"
+    ORG_PURGE = "org_purge"
+    MISSING_BLOB = "missing_blob"
+
+
+class Organization(Base):
+    __tablename__ = "organizations"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    retention_seconds: Mapped[int] = mapped_column(Integer)
+    held_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    hold_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=db_now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=db_now())
+
+    __table_args__ = (CheckConstraint("retention_seconds >= 3600", name="retention_at_least_1h"),)
+
+
+class MediaItem(Base):
+    __tablename__ = "media_items"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    storage_key: Mapped[str] = mapped_column(String(KEY_LENGTH), unique=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    mime_type: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ttl_seconds: Mapped[int | None] = mapped_column(Integer)
+    # Denormalised so the sweep's claim is one index range scan; `org set` rewrites it for the
+    # org's TTL-less active items when the retention changes.
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    state: Mapped[str] = mapped_column(String(16), default=State.ACTIVE.value)
+    held_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    hold_reason: Mapped[str | None] = mapped_column(Text)
+    # Set when claimed: the reason the item goes, the claim's owner and when another may take it over.
+    deletion_reason: Mapped[str | None] = mapped_column(String(16))
+    claim_token: Mapped[str | None] = mapped_column(String(32))
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        CheckConstraint("state IN ('active', 'deleting', 'deleted')", name="state_known"),
+        CheckConstraint("ttl_seconds IS NULL OR ttl_seconds BETWEEN 3600 AND 2592000", name="ttl_bounds"),
+        CheckConstraint("size_bytes >= 0", name="size_not_negative"),
+        # The sweep's two claim predicates, each a partial index so tombstones cost nothing.
+        Index(
+            "ix_media_items_active_expiry",
+            "expires_at",
+            postgresql_where=text("state = 'active'"),
+            sqlite_where=text("state = 'active'"),
+        ),
+        Index(
+            "ix_media_items_deleting_lease",
+            "lease_until",
+            postgresql_where=text("state = 'deleting'"),
+            sqlite_where=text("state = 'deleting'"),
+        ),
+        Index("ix_media_items_org_id_state", "org_id", "state"),
+    )
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "org": self.org_id,
+            "key": self.storage_key,
+            "size": self.size_bytes,
+            "mime": self.mime_type,
+            "sha256": self.sha256,
+            "created_at": self.created_at.isoformat(),
+            "ttl_seconds": self.ttl_seconds,
+            "expires_at": self.expires_at.isoformat(),
+            "state": self.state,
+            "held": self.held_at is not None,
+        }
+
+
+class AuditEvent(Base):
+    """Who did what and why: holds, releases, purges and policy changes."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=db_now())
+    action: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(128))
+    org_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    media_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    reason: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict | None] = mapped_column(JSON)
+
+    __table_args__ = (Index("ix_audit_events_org_id_at", "org_id", "at"),)

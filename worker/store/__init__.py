@@ -1,0 +1,82 @@
+"""One blob-store interface; each backend is a module (`fs`, `s3`) built by `open_store(url)`."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from worker.errors import BadInput
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    """The outcome for one key. `ok` covers "was already missing" (`missing=True`) as well."""
+
+    key: str
+    ok: bool
+    missing: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    key: str
+    size: int
+
+
+class BlobStore(abc.ABC):
+    """Where media bytes live. Every key is validated; nothing outside the root/prefix is touched."""
+
+    url: str
+
+    @abc.abstractmethod
+    def put_file(self, key: str, source: Path) -> int:
+        """Copy a local file to `key` (atomically: readers never see half a blob); return its size."""
+
+    @abc.abstractmethod
+    def stat(self, key: str) -> BlobInfo | None:
+        """Size of the blob at `key`, or None when there is none."""
+
+    @abc.abstractmethod
+    def delete_many(self, keys: list[str]) -> list[DeleteResult]:
+        """Delete each key; a result per key, in order. A missing blob counts as deleted."""
+
+    @abc.abstractmethod
+    def iter_keys(self) -> Iterator[BlobInfo]:
+        """Every blob under the root/prefix, lazily (for reconciliation)."""
+
+    def exists(self, key: str) -> bool:
+        return self.stat(key) is not None
+
+    def close(self) -> None:
+        """Release pools and threads."""
+
+
+def open_store(url: str, **options) -> BlobStore:
+    """Build the store for `file:///abs/path` or `s3://bucket[/prefix]`."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise BadInput(f"invalid storage URL {url!r}: use file:///absolute/path.")
+        from worker.store.fs import FilesystemStore
+
+        return FilesystemStore(Path(unquote(parsed.path)), delete_threads=options.get("delete_threads", 8))
+    if parsed.scheme == "s3":
+        from worker.store.s3 import S3Store
+
+        return S3Store.from_url(url, **options)
+    raise BadInput(f"unsupported storage URL {url!r}: use file:///absolute/path or s3://bucket/prefix.")
+
+
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,140 @@
+"""Filesystem blob store: a media root on a local disk, NFS or EFS volume.
+
+Every path operation walks from the root one directory at a time with `O_NOFOLLOW`, holding
+directory file descriptors, so neither a `..` nor a symlinked directory (planted before or during
+the operation) can make it touch anything outside the root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import shutil
+import stat as stat_module
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from worker.errors import BadInput, StoreError
+from worker.store import BlobInfo, BlobStore, DeleteResult
+from worker.store.keys import validate_key
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TEMP_PREFIX = ".incoming-"
+
+
+class _Escape(Exception):
+    """A key step is a symlink or not a directory: following it could leave the root."""
+
+
+class FilesystemStore(BlobStore):
+    def __init__(self, root: Path, delete_threads: int = 8):
+        root = Path(root).expanduser().absolute()
+        root.mkdir(parents=True, exist_ok=True)
+        # The root itself may be a symlink (e.g. /mnt/wa/media): resolve it once, trust it from then on.
+        self.root = Path(os.path.realpath(root))
+        self.url = self.root.as_uri()
+        self._threads = delete_threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    @contextlib.contextmanager
+    def _parent_dir(self, key: str, create: bool = False) -> Iterator[tuple[int, str]]:
+        """Yield (fd of the key's directory, file name); raises FileNotFoundError or _Escape."""
+        *dirs, name = validate_key(key).split("/")
+        fd = os.open(self.root, _DIR_FLAGS)
+        try:
+            for part in dirs:
+                try:
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise _Escape(f"storage key {key!r} passes through {part!r}, which is a symlink or a file") from None
+                    raise
+                os.close(fd)
+                fd = child
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    def put_file(self, key: str, source: Path) -> int:
+        temp = f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
+        try:
+            with self._parent_dir(key, create=True) as (dir_fd, name):
+                out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+                try:
+                    with open(source, "rb") as src, open(out, "wb", closefd=False) as dst:
+                        shutil.copyfileobj(src, dst, 1024 * 1024)
+                        dst.flush()
+                        os.fsync(out)
+                    size = os.fstat(out).st_size
+                finally:
+                    os.close(out)
+                try:
+                    # link() never replaces an existing blob, unlike rename().
+                    os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                except FileExistsError:
+                    raise BadInput(f"a blob already exists at storage key {key!r}; refusing to overwrite it.") from None
+                finally:
+                    os.unlink(temp, dir_fd=dir_fd)
+                return size
+        except _Escape as exc:
+            raise BadInput(f"{exc}; refusing to follow it out of the media root.") from None
+
+    def stat(self, key: str) -> BlobInfo | None:
+        try:
+            with self._parent_dir(key) as (dir_fd, name):
+                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except _Escape as exc:
+            raise BadInput(f"{exc}; refusing to follow it out of the media root.") from None
+        if not stat_module.S_ISREG(info.st_mode):
+            raise BadInput(f"storage key {key!r} is not a regular file (a directory or a symlink).")
+        return BlobInfo(key=key, size=info.st_size)
+
+    def _delete_one(self, key: str) -> DeleteResult:
+        try:
+            with self._parent_dir(key) as (dir_fd, name):
+                os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return DeleteResult(key, ok=True, missing=True)
+        except (_Escape, BadInput) as exc:
+            return DeleteResult(key, ok=False, error=f"refused: {exc}")
+        except OSError as exc:
+            return DeleteResult(key, ok=False, error=f"{type(exc).__name__}: {exc.strerror or exc}")
+        return DeleteResult(key, ok=True)
+
+    def delete_many(self, keys: list[str]) -> list[DeleteResult]:
+        if len(keys) <= 1 or self._threads == 1:
+            return [self._delete_one(key) for key in keys]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="fs-delete")
+        return list(self._pool.map(self._delete_one, keys))
+
+    def iter_keys(self) -> Iterator[BlobInfo]:
+        stack = [""]
+        while stack:
+            prefix = stack.pop()
+            try:
+                entries = list(os.scandir(self.root / prefix if prefix else self.root))
+            except OSError as exc:
+                raise StoreError(f"cannot list {prefix or 'the media root'}: {exc.strerror}") from None
+            for entry in entries:
+                key = f"{prefix}/{entry.name}" if prefix else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(key)
+                elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(_TEMP_PREFIX):
+                    yield BlobInfo(key=key, size=entry.stat(follow_symlinks=False).st_size)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -1,0 +1,43 @@
+"""Media IDs and storage keys: what is allowed, and where a new item's blob goes."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from worker.errors import BadInput
+from worker.models import ID_LENGTH, KEY_LENGTH
+
+_ID = re.compile(r"^[A-Za-z0-9._-]{1,%d}$" % ID_LENGTH)
+
+
+def validate_id(value: str, what: str = "media id") -> str:
+    """IDs are 1-128 chars of A-Za-z0-9._- ; an ID made only of dots or containing `..` is refused
+    because it would read as a path step in logs, URLs and keys."""
+    if not isinstance(value, str) or not _ID.match(value) or ".." in value or set(value) == {"."}:
+        raise BadInput(f"invalid {what} {value!r}: use 1-{ID_LENGTH} characters of A-Z, a-z, 0-9, '.', '_' or '-' (no '..').")
+    return value
+
+
+def validate_key(key: str) -> str:
+    """A relative, normalised, '/'-separated key: no NUL, no backslash, no empty, '.' or '..' step."""
+    if not isinstance(key, str) or not key:
+        raise BadInput("invalid storage key '': a key must not be empty.")
+    if "\x00" in key:
+        raise BadInput(f"invalid storage key {key!r}: it contains a NUL byte.")
+    if key.startswith("/"):
+        raise BadInput(f"invalid storage key {key!r}: keys are relative to the store, not absolute paths.")
+    if "\\" in key:
+        raise BadInput(f"invalid storage key {key!r}: use '/' to separate key parts, not '\\'.")
+    if len(key.encode()) > KEY_LENGTH:
+        raise BadInput(f"invalid storage key {key[:40]!r}...: longer than {KEY_LENGTH} bytes.")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise BadInput(f"invalid storage key {key!r}: empty, '.' and '..' path steps are not allowed.")
+    return key
+
+
+def key_for_id(media_id: str) -> str:
+    """`ab/cd/<id>`: two levels of 256 shards from the ID's hash keep every directory small
+    (10 million items is ~150 files a directory) and spread S3 prefixes evenly."""
+    digest = hashlib.sha256(media_id.encode()).hexdigest()
+    return f"{digest[:2]}/{digest[2:4]}/{media_id}"

@@ -1,0 +1,343 @@
+"""The sweep: claim expired media -> delete blobs -> finalize. Purges run the same pipeline.
+
+Each step is its own short transaction and no row lock is held across blob I/O:
+
+1. claim: one `UPDATE ... RETURNING` moves a batch to `deleting` under a lease, cut off by the
+   database clock. On PostgreSQL the batch is picked `FOR UPDATE OF c SKIP LOCKED`, so concurrent
+   sweepers take disjoint batches, and `FOR SHARE OF o` on the organization rows, so an org hold
+   committed before the claim is always seen by it. The claim commits before any blob is touched;
+   from then on lookups answer 404.
+2. delete: `store.delete_many(keys)` with a result per key; a missing blob counts as deleted.
+3. finalize: successes become `deleted` tombstones; failures stay `deleting` with `last_error`,
+   one more attempt and a lease pushed out by exponential backoff, so a later sweep retries them.
+
+A worker that dies anywhere leaves rows in `deleting` whose lease runs out; the next sweep claims
+them again first and finishes the job (deleting an already-deleted blob is a success).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+
+import structlog
+from sqlalchemy import BigInteger, Integer, String, and_, bindparam, func, or_, select, text, update
+
+from worker.db import Database, db_now, plus_seconds
+from worker.models import MediaItem, Organization, Reason, State
+from worker.store import BlobStore, DeleteResult
+
+log = structlog.get_logger("worker.sweep")
+
+# Retry backoff for failed deletes: 30 s doubling per attempt, capped at an hour so a store outage
+# is retried at least hourly once it heals.
+BACKOFF_BASE_SECONDS = 30
+BACKOFF_CAP_SECONDS = 3600
+# How many items a dry run lists by name; the counts always cover everything.
+DRY_RUN_LISTING = 1000
+
+
+def backoff_seconds(attempts: int) -> int:
+    """Seconds before the next try after `attempts` failures (1 -> 30 s, 2 -> 60 s, ...)."""
+    return min(BACKOFF_BASE_SECONDS * 2 ** max(attempts - 1, 0), BACKOFF_CAP_SECONDS)
+
+
+@dataclass(frozen=True)
+class ClaimedItem:
+    id: str
+    storage_key: str
+    size_bytes: int
+    reason: str
+    attempts: int
+    token: str  # this claim's owner; finalize touches the row only while the token still matches
+
+
+@dataclass
+class SweepCounts:
+    claimed: int = 0
+    deleted: int = 0
+    bytes_freed: int = 0
+    failed: int = 0
+    held_skipped: int = 0
+    already_missing: int = 0
+    batches: int = 0
+    # Dry runs only: how many items and bytes are due now, and the first of them by name.
+    due: int | None = None
+    due_bytes: int | None = None
+    would_delete: list[dict] | None = field(default=None)
+
+    def add(self, other: "SweepCounts") -> None:
+        for name in ("claimed", "deleted", "bytes_freed", "failed", "already_missing", "batches"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def to_dict(self) -> dict:
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+_CLAIM_COLUMNS = dict(id=String, storage_key=String, size_bytes=BigInteger, deletion_reason=String, attempts=Integer)
+
+_CLAIM_POSTGRESQL = """
+UPDATE media_items AS m
+SET state = 'deleting',
+    deletion_reason = COALESCE(m.deletion_reason, {reason}),
+    claim_token = :token,
+    claimed_at = COALESCE(m.claimed_at, {now}),
+    lease_until = {lease}
+FROM (
+    SELECT c.id FROM media_items AS c JOIN organizations AS o ON o.id = c.org_id
+    WHERE o.held_at IS NULL AND {where}
+    ORDER BY {order} LIMIT :limit
+    FOR UPDATE OF c {skip_locked} FOR SHARE OF o
+) AS picked
+WHERE m.id = picked.id
+RETURNING m.id, m.storage_key, m.size_bytes, m.deletion_reason, m.attempts
+"""
+
+# SQLite has one writer at a time (BEGIN IMMEDIATE), so the claim is exclusive without row locks.
+_CLAIM_SQLITE = """
+UPDATE media_items
+SET state = 'deleting',
+    deletion_reason = COALESCE(deletion_reason, {reason}),
+    claim_token = :token,
+    claimed_at = COALESCE(claimed_at, {now}),
+    lease_until = {lease}
+WHERE id IN (
+    SELECT c.id FROM media_items AS c JOIN organizations AS o ON o.id = c.org_id
+    WHERE o.held_at IS NULL AND {where}
+    ORDER BY {order} LIMIT :limit
+)
+RETURNING id, storage_key, size_bytes, deletion_reason, attempts
+"""
+
+# Evaluated on the updated row (`m` on PostgreSQL, the bare table on SQLite, which has no UPDATE alias).
+_REASON_BY_TTL = "CASE WHEN {m}ttl_seconds IS NULL THEN 'retention' ELSE 'ttl' END"
+
+
+class Sweeper:
+    """Runs the claim -> delete -> finalize pipeline for sweeps and purges against one DB and store."""
+
+    def __init__(self, db: Database, store: BlobStore, *, claim_lease: timedelta, batch_size: int = 500):
+        self.db = db
+        self.store = store
+        self.lease_seconds = int(claim_lease.total_seconds())
+        self.batch_size = batch_size
+        self._now_sql = self._compile(db_now())
+        self._lease_sql = self._compile(db_now(self.lease_seconds))
+
+    def _compile(self, expression) -> str:
+        return str(expression.compile(dialect=self.db.engine.dialect))
+
+    # -- claim ---------------------------------------------------------------------------------
+
+    def _claim(self, where: str, order: str, reason: str, limit: int, *, skip_locked: bool = True, **params) -> list[ClaimedItem]:
+        postgresql = self.db.dialect == "postgresql"
+        template = _CLAIM_POSTGRESQL if postgresql else _CLAIM_SQLITE
+        sql = template.format(
+            where=where.format(now=self._now_sql),
+            order=order,
+            reason=reason.format(m="m." if postgresql else ""),
+            now=self._now_sql,
+            lease=self._lease_sql,
+            skip_locked="SKIP LOCKED" if skip_locked else "",
+        )
+        statement = text(sql).columns(**_CLAIM_COLUMNS)
+        if "ids" in params:
+            statement = statement.bindparams(bindparam("ids", expanding=True))
+        token = secrets.token_hex(16)
+        with self.db.transaction() as session:
+            rows = session.execute(statement, {"token": token, "limit": limit, **params}).all()
+        return [ClaimedItem(r.id, r.storage_key, r.size_bytes, r.deletion_reason, r.attempts, token) for r in rows]
+
+    def claim_expired(self, limit: int) -> list[ClaimedItem]:
+        """Claim up to `limit` items: first stale claims whose lease ran out, then expired active items."""
+        stale = self._claim(
+            "c.state = 'deleting' AND c.lease_until <= {now}", "c.lease_until", _REASON_BY_TTL, limit
+        )
+        if len(stale) >= limit:
+            return stale
+        fresh = self._claim(
+            "c.state = 'active' AND c.expires_at <= {now} AND c.held_at IS NULL",
+            "c.expires_at",
+            _REASON_BY_TTL,
+            limit - len(stale),
+        )
+        return stale + fresh
+
+    def claim_ids(self, ids: Sequence[str], reason: Reason) -> list[ClaimedItem]:
+        """Claim the named active, unheld items for a purge (waiting for, not skipping, locked rows)."""
+        return self._claim(
+            "c.id IN :ids AND c.state = 'active' AND c.held_at IS NULL",
+            "c.id",
+            f"'{Reason(reason).value}'",
+            len(ids),
+            skip_locked=False,
+            ids=list(ids),
+        )
+
+    def claim_org(self, org_id: str, limit: int) -> list[ClaimedItem]:
+        return self._claim(
+            "c.org_id = :org AND c.state = 'active' AND c.held_at IS NULL",
+            "c.expires_at",
+            f"'{Reason.ORG_PURGE.value}'",
+            limit,
+            org=org_id,
+        )
+
+    # -- delete and finalize -------------------------------------------------------------------
+
+    def finalize_batch(self, claimed: Sequence[ClaimedItem], results: Sequence[DeleteResult]) -> SweepCounts:
+        """Record the outcome of one batch in one transaction; only rows still under our claim change."""
+        counts = SweepCounts(claimed=len(claimed), batches=1)
+        done = [(item, result) for item, result in zip(claimed, results, strict=True) if result.ok]
+        failed = [(item, result) for item, result in zip(claimed, results, strict=True) if not result.ok]
+        table = MediaItem.__table__
+        with self.db.transaction() as session:
+            if done:
+                finalized = session.execute(
+                    update(table)
+                    .where(table.c.id == bindparam("b_id"), table.c.claim_token == bindparam("b_token"), table.c.state == State.DELETING.value)
+                    .values(state=State.DELETED.value, deleted_at=db_now(), lease_until=None, claim_token=None, last_error=None),
+                    [{"b_id": item.id, "b_token": item.token} for item, _ in done],
+                )
+                counts.deleted = finalized.rowcount if finalized.rowcount >= 0 else len(done)
+                counts.already_missing = sum(1 for _, result in done if result.missing)
+                counts.bytes_freed = sum(item.size_bytes for item, result in done if not result.missing)
+            if failed:
+                session.execute(
+                    update(table)
+                    .where(table.c.id == bindparam("b_id"), table.c.claim_token == bindparam("b_token"), table.c.state == State.DELETING.value)
+                    .values(
+                        attempts=table.c.attempts + 1,
+                        last_error=bindparam("b_error"),
+                        lease_until=plus_seconds(db_now(), bindparam("b_backoff", type_=Integer)),
+                    ),
+                    [
+                        {
+                            "b_id": item.id,
+                            "b_token": item.token,
+                            "b_error": (result.error or "unknown error")[:2000],
+                            "b_backoff": backoff_seconds(item.attempts + 1),
+                        }
+                        for item, result in failed
+                    ],
+                )
+                counts.failed = len(failed)
+        for item, result in failed:
+            log.warning(
+                "sweep.delete_failed",
+                media_id=item.id,
+                key=item.storage_key,
+                attempts=item.attempts + 1,
+                retry_in_s=backoff_seconds(item.attempts + 1),
+                error=result.error,
+            )
+        return counts
+
+    def process(self, claimed: Sequence[ClaimedItem]) -> SweepCounts:
+        results = self.store.delete_many([item.storage_key for item in claimed])
+        return self.finalize_batch(claimed, results)
+
+    # -- whole runs ----------------------------------------------------------------------------
+
+    def _drain(self, claim: Callable[[int], list[ClaimedItem]], limit: int | None, deadline: float | None, event: str, **fields) -> SweepCounts:
+        total = SweepCounts()
+        while limit is None or total.claimed < limit:
+            if deadline is not None and time.monotonic() >= deadline:
+                log.info(f"{event}.deadline_reached", **fields, claimed=total.claimed)
+                break
+            size = self.batch_size if limit is None else min(self.batch_size, limit - total.claimed)
+            claimed = claim(size)
+            if not claimed:
+                break
+            started = time.monotonic()
+            batch = self.process(claimed)
+            total.add(batch)
+            log.info(
+                f"{event}.batch_finalized",
+                **fields,
+                claimed=batch.claimed,
+                deleted=batch.deleted,
+                failed=batch.failed,
+                already_missing=batch.already_missing,
+                bytes_freed=batch.bytes_freed,
+                seconds=round(time.monotonic() - started, 3),
+            )
+        return total
+
+    def held_expired_count(self) -> int:
+        """Expired active items a sweep leaves alone because they or their org are on hold."""
+        items, orgs = MediaItem.__table__, Organization.__table__
+        statement = (
+            select(func.count())
+            .select_from(items.join(orgs, orgs.c.id == items.c.org_id))
+            .where(items.c.state == State.ACTIVE.value, items.c.expires_at <= db_now())
+            .where(or_(items.c.held_at.is_not(None), orgs.c.held_at.is_not(None)))
+        )
+        with self.db.transaction() as session:
+            return session.scalar(statement) or 0
+
+    def sweep(self, *, limit: int | None = None, dry_run: bool = False, deadline: float | None = None) -> SweepCounts:
+        """Delete every expired, unheld item (up to `limit`); with `dry_run`, only report them."""
+        if dry_run:
+            return self.preview(limit)
+        started = time.monotonic()
+        counts = self._drain(self.claim_expired, limit, deadline, "sweep")
+        counts.held_skipped = self.held_expired_count()
+        log.info("sweep.finished", **counts.to_dict(), seconds=round(time.monotonic() - started, 3))
+        return counts
+
+    def preview(self, limit: int | None = None) -> SweepCounts:
+        """What a sweep would delete now, without claiming anything."""
+        items, orgs = MediaItem.__table__, Organization.__table__
+        due = and_(
+            orgs.c.held_at.is_(None),
+            or_(
+                and_(items.c.state == State.ACTIVE.value, items.c.expires_at <= db_now(), items.c.held_at.is_(None)),
+                and_(items.c.state == State.DELETING.value, items.c.lease_until <= db_now()),
+            ),
+        )
+        joined = items.join(orgs, orgs.c.id == items.c.org_id)
+        shown = min(limit or DRY_RUN_LISTING, DRY_RUN_LISTING)
+        with self.db.transaction() as session:
+            total, total_bytes = session.execute(
+                select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).select_from(joined).where(due)
+            ).one()
+            rows = session.execute(
+                select(items.c.id, items.c.org_id, items.c.storage_key, items.c.size_bytes, items.c.expires_at, items.c.ttl_seconds)
+                .select_from(joined)
+                .where(due)
+                .order_by(items.c.expires_at)
+                .limit(shown)
+            ).all()
+        counts = SweepCounts(held_skipped=self.held_expired_count())
+        counts.due = min(total, limit) if limit else total
+        counts.due_bytes = int(total_bytes) if not limit else sum(row.size_bytes for row in rows)
+        counts.would_delete = [
+            {
+                "id": row.id,
+                "org": row.org_id,
+                "key": row.storage_key,
+                "size": row.size_bytes,
+                "expires_at": row.expires_at.isoformat(),
+                "reason": Reason.TTL.value if row.ttl_seconds else Reason.RETENTION.value,
+            }
+            for row in rows
+        ]
+        return counts
+
+    def purge_ids(self, ids: Sequence[str]) -> SweepCounts:
+        counts = SweepCounts()
+        for start in range(0, len(ids), self.batch_size):
+            claimed = self.claim_ids(ids[start : start + self.batch_size], Reason.PURGE)
+            if claimed:
+                counts.add(self.process(claimed))
+        log.info("purge.finished", scope="ids", **counts.to_dict())
+        return counts
+
+    def purge_org(self, org_id: str, *, deadline: float | None = None) -> SweepCounts:
+        counts = self._drain(lambda size: self.claim_org(org_id, size), None, deadline, "purge", org=org_id)
+        log.info("purge.finished", scope="org", org=org_id, **counts.to_dict())
+        return counts
