@@ -390,7 +390,8 @@ class Catalog:
         for org in sorted(orgs.keys() - known):
             errors.append(ManifestLineError(orgs[org], f"organization {org!r} does not exist"))
         if errors:
-            raise ManifestError(sorted(errors, key=lambda e: e.line), total)
+            first_per_line = {error.line: error for error in reversed(errors)}  # one message a line: the first found
+            raise ManifestError(sorted(first_per_line.values(), key=lambda e: e.line), total)
 
         imported = 0
         total_bytes = 0
@@ -524,7 +525,8 @@ class Catalog:
             session.add(AuditEvent(action="purge", actor=actor, org_id=org, reason=reason,
                                    details={"ids": list(dict.fromkeys(ids))[:1000], "eligible": len(eligible)}))
         counts = self.sweeper.purge_org(org) if org else self.sweeper.purge_ids([r.id for r in eligible])
-        summary.update(counts.to_dict())
+        # The pipeline counts what it claimed and deleted; holds were tallied above, per item.
+        summary.update({name: value for name, value in counts.to_dict().items() if name != "held_skipped"})
         return summary
 
 

@@ -1,0 +1,124 @@
+"""Shared fixtures.
+
+Servers come from the environment (defaults match the dev machine and CI). A missing server skips
+its tests with a loud reason on a laptop, and fails them under CI=true: CI must never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from config.settings import Settings, load_settings
+from worker import schema
+from worker.catalog import Catalog
+from worker.db import Database
+from worker.store.fs import FilesystemStore
+
+PG_URL = os.environ.get("MEDIA_RETENTION_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("MEDIA_RETENTION_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def service_unavailable(what: str, url: str, error: Exception) -> None:
+    message = f"{what} is not reachable at {url} ({type(error).__name__}: {error}); set the URL in the environment"
+    if ON_CI:
+        pytest.fail(f"CI=true and {message}", pytrace=False)
+    pytest.skip(f"SKIPPED LOUDLY: {message}")
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    """The PostgreSQL URL after checking the server answers."""
+    probe = Database(PG_URL)
+    try:
+        with probe.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means "no server"
+        service_unavailable("PostgreSQL", PG_URL, exc)
+    finally:
+        probe.dispose()
+    return PG_URL
+
+
+def _schema_url(url: str, schema_name: str) -> str:
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}options=-csearch_path%3D{schema_name}"
+
+
+@pytest.fixture
+def pg_database(pg_server_url: str) -> Iterator[Database]:
+    """A migrated catalog in a schema of its own, so parallel runs and tests never see each other."""
+    name = f"t_{secrets.token_hex(6)}"
+    admin = Database(pg_server_url)
+    with admin.engine.begin() as connection:
+        connection.execute(text(f"CREATE SCHEMA {name}"))
+    db = Database(_schema_url(pg_server_url, name))
+    schema.upgrade(db)
+    try:
+        yield db
+    finally:
+        db.dispose()
+        with admin.engine.begin() as connection:
+            connection.execute(text(f"DROP SCHEMA {name} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_database(tmp_path: Path) -> Iterator[Database]:
+    db = Database(f"sqlite:///{tmp_path / 'catalog.sqlite3'}")
+    schema.upgrade(db)
+    try:
+        yield db
+    finally:
+        db.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request) -> Database:
+    """The catalog database; tests using it run once on SQLite and once on PostgreSQL."""
+    return request.getfixturevalue({"sqlite": "sqlite_database", "postgresql": "pg_database"}[request.param])
+
+
+@pytest.fixture
+def media_root(tmp_path: Path) -> Path:
+    root = tmp_path / "media"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database: Database, media_root: Path) -> Settings:
+    return load_settings(
+        data_dir=tmp_path / "data",
+        database_url=database.url,
+        storage_url=media_root.as_uri(),
+        sweep_batch_size=50,
+        delete_threads=4,
+    )
+
+
+@pytest.fixture
+def catalog(database: Database, media_root: Path, settings: Settings) -> Iterator[Catalog]:
+    catalog = Catalog(database, FilesystemStore(media_root, delete_threads=4), settings)
+    yield catalog
+    catalog.store.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> str:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:  # noqa: BLE001
+        service_unavailable("Redis", REDIS_URL, exc)
+    finally:
+        client.close()
+    return REDIS_URL

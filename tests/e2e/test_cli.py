@@ -1,0 +1,211 @@
+"""The command line contract: outputs, exit codes (0/1/2/3) and "bad input changes nothing"."""
+
+import hashlib
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+
+def snapshot(data_dir):
+    """Everything a command could change: catalog rows and media files with their bytes."""
+    database = data_dir / "catalog.sqlite3"
+    rows = {}
+    if database.exists():
+        with sqlite3.connect(database) as connection:
+            for table in ("organizations", "media_items", "audit_events"):
+                rows[table] = connection.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+    files = {}
+    media = data_dir / "media"
+    for directory, _, names in os.walk(media):
+        for name in names:
+            path = os.path.join(directory, name)
+            files[os.path.relpath(path, media)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return rows, files
+
+
+@pytest.fixture
+def seeded(cli, tmp_path, data_dir):
+    """An org `acme` (30d) with one active item `img-1`."""
+    upload = tmp_path / "photo.jpg"
+    upload.write_bytes(b"\xff\xd8 photo")
+    assert cli("org", "set", "acme", "--retention", "30d").code == 0
+    result = cli("register", "--org", "acme", "--file", str(upload), "--id", "img-1", "--json")
+    assert result.code == 0, result.stderr
+    return upload
+
+
+def test_register_prints_the_item_with_its_expiry(cli, seeded, tmp_path):
+    """register --json prints id, org, key, size, created_at, expires_at and state."""
+    result = cli("register", "--org", "acme", "--file", str(seeded), "--id", "img-2", "--ttl", "1h",
+                 "--created-at", "2026-01-01T00:00:00Z", "--json")
+    item = result.json
+    assert result.code == 0
+    assert {k: item[k] for k in ("id", "org", "size", "created_at", "expires_at", "state")} == {
+        "id": "img-2", "org": "acme", "size": 8, "created_at": "2026-01-01T00:00:00+00:00",
+        "expires_at": "2026-01-01T01:00:00+00:00", "state": "active"}
+    assert item["key"].endswith("/img-2") and item["mime"] == "image/jpeg"
+
+
+def test_lookup_answers_zero_while_active_and_three_with_a_404_body_once_gone(cli, seeded):
+    """lookup exits 0 with the item, then 3 with {status: 404, error: gone, reason} after a purge."""
+    active = cli("lookup", "img-1", "--json")
+    assert (active.code, active.json["state"]) == (0, "active")
+    assert cli("purge", "img-1", "--yes", "--json").code == 0
+    gone = cli("lookup", "img-1", "--json")
+    assert gone.code == 3
+    assert {k: gone.json[k] for k in ("id", "status", "error", "reason")} == {"id": "img-1", "status": 404, "error": "gone", "reason": "purge"}
+    assert gone.json["deleted_at"]
+
+
+def test_lookup_of_an_unknown_id_exits_three_with_not_found(cli, seeded):
+    """An ID never seen answers 404 not_found, distinguishable from gone."""
+    result = cli("lookup", "nobody", "--json")
+    assert (result.code, result.json) == (3, {"id": "nobody", "status": 404, "error": "not_found"})
+
+
+def test_org_show_reports_retention_and_counts(cli, seeded):
+    """org show gives the retention in short form and item counts by state."""
+    result = cli("org", "show", "acme", "--json")
+    assert result.code == 0
+    assert (result.json["retention"], result.json["items"]["active"]) == ("30d", 1)
+    assert cli("org", "show", "ghost").code == 3
+
+
+BAD_INPUTS = [
+    ("ttl of 30 minutes", ["register", "--org", "acme", "--file", "{upload}", "--ttl", "30m"], "between 1h and 30d"),
+    ("ttl of 31 days", ["register", "--org", "acme", "--file", "{upload}", "--ttl", "31d"], "between 1h and 30d"),
+    ("malformed ttl", ["register", "--org", "acme", "--file", "{upload}", "--ttl", "soon"], "malformed duration"),
+    ("malformed retention", ["org", "set", "acme", "--retention", "P1M"], "months"),
+    ("retention under an hour", ["org", "set", "acme", "--retention", "59m"], "at least 1h"),
+    ("unknown org", ["register", "--org", "ghost", "--file", "{upload}"], "does not exist"),
+    ("id with a slash", ["register", "--org", "acme", "--file", "{upload}", "--id", "a/b"], "invalid media id"),
+    ("id of dots", ["register", "--org", "acme", "--file", "{upload}", "--id", ".."], "invalid media id"),
+    ("id with NUL", ["register", "--org", "acme", "--file", "{upload}", "--id", "a\x00b"], "invalid media id"),
+    ("key with ..", ["register", "--org", "acme", "--key", "../outside/victim"], "'..'"),
+    ("absolute key", ["register", "--org", "acme", "--key", "/etc/passwd"], "absolute"),
+    ("key with NUL", ["register", "--org", "acme", "--key", "ab\x00cd"], "NUL"),
+    ("key through a symlinked directory", ["register", "--org", "acme", "--key", "escape/victim"], "symlink"),
+    ("key with no blob", ["register", "--org", "acme", "--key", "no/such/blob"], "no blob"),
+    ("duplicate id", ["register", "--org", "acme", "--file", "{upload}", "--id", "img-1"], "already exists"),
+    ("file and key together", ["register", "--org", "acme", "--file", "{upload}", "--key", "x"], "exactly one"),
+    ("missing file", ["register", "--org", "acme", "--file", "/nonexistent/f.jpg"], "does not exist"),
+    ("malformed created-at", ["register", "--org", "acme", "--file", "{upload}", "--created-at", "yesterday"], "ISO-8601"),
+    ("bad mime", ["register", "--org", "acme", "--file", "{upload}", "--mime", "jpeg"], "MIME"),
+    ("sweep limit zero", ["sweep", "--limit", "0"], "0"),
+    ("purge without --yes", ["purge", "img-1"], "--yes"),
+    ("purge of ids and org", ["purge", "img-1", "--org", "acme", "--yes"], "not both"),
+    ("hold without a reason", ["hold", "img-1"], "--reason"),
+    ("hold with an empty reason", ["hold", "img-1", "--reason", " "], "reason"),
+    ("lookup with a slash", ["lookup", "../img-1"], "invalid media id"),
+    ("unknown option", ["sweep", "--now"], "--now"),
+    ("manifest with other options", ["register", "--manifest", "{upload}", "--org", "acme"], "no other"),
+]
+
+
+@pytest.mark.parametrize(("case", "argv", "message"), BAD_INPUTS, ids=[case for case, _, _ in BAD_INPUTS])
+def test_bad_input_is_one_sentence_exit_two_and_changes_nothing(cli, seeded, data_dir, tmp_path, case, argv, message):
+    """Each bad input: exit 2, one line on stderr naming the problem, catalog and media byte-for-byte unchanged."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"precious")
+    os.symlink(outside, data_dir / "media" / "escape")
+    before = snapshot(data_dir)
+    result = cli(*[arg.replace("{upload}", str(seeded)) for arg in argv])
+    assert result.code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("media-retention: "), result.stderr
+    assert message in lines[0]
+    assert snapshot(data_dir) == before
+    assert (outside / "victim").read_bytes() == b"precious"
+
+
+def write_manifest(path, rows):
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def test_manifest_imports_every_line_in_batches(cli, seeded, tmp_path, data_dir):
+    """A 1,200-line manifest mixing copied files and adopted keys imports all of them."""
+    blobs = data_dir / "media" / "legacy"
+    blobs.mkdir()
+    rows = []
+    for n in range(1200):
+        if n % 2:
+            (blobs / f"b{n}").write_bytes(b"x" * n)
+            rows.append({"org": "acme", "id": f"m{n}", "key": f"legacy/b{n}", "ttl": "2d", "created_at": "2026-01-01T00:00:00Z"})
+        else:
+            rows.append({"org": "acme", "id": f"m{n}", "file": str(seeded), "mime": "image/jpeg"})
+    result = cli("register", "--manifest", str(write_manifest(tmp_path / "m.jsonl", rows)), "--json")
+    assert result.code == 0, result.stderr
+    assert result.json["imported"] == 1200
+    assert "imported 500 items" in result.stderr
+    assert cli("org", "show", "acme", "--json").json["items"]["active"] == 1201
+    assert cli("lookup", "m7", "--json").json["size"] == 7
+
+
+def test_manifest_with_bad_lines_reports_each_by_number_and_imports_nothing(cli, seeded, tmp_path, data_dir):
+    """Duplicate IDs, bad TTLs, unknown orgs and junk lines are each reported with their line; nothing is imported."""
+    rows = [
+        {"org": "acme", "id": "ok-1", "file": str(seeded)},
+        {"org": "acme", "id": "dup", "file": str(seeded)},
+        {"org": "acme", "id": "dup", "file": str(seeded)},
+        {"org": "acme", "id": "short", "file": str(seeded), "ttl": "30m"},
+        "not json",
+        {"org": "ghost", "id": "orphan", "file": str(seeded)},
+        {"org": "acme", "id": "evil", "key": "../../etc/passwd"},
+        {"org": "acme", "id": "nul", "key": "a\u0000b"},
+        {"org": "acme", "id": "img-1", "file": str(seeded)},
+    ]
+    before = snapshot(data_dir)
+    result = cli("register", "--manifest", str(write_manifest(tmp_path / "bad.jsonl", rows)))
+    assert result.code == 2
+    reported = [line.split(": line ")[1].split(":")[0] for line in result.stderr.splitlines() if ": line " in line]
+    assert reported == ["3", "4", "5", "6", "7", "8", "9"]
+    assert "duplicate id 'dup' (first on line 2)" in result.stderr
+    assert snapshot(data_dir) == before
+
+
+def test_hold_and_release_round_trip_through_the_cli(cli, seeded):
+    """hold marks the item held, release clears it; both report who and why."""
+    held = cli("hold", "img-1", "--reason", "legal", "--by", "alice", "--json")
+    assert (held.code, held.json["changed"], held.json["actor"]) == (0, ["img-1"], "alice")
+    assert cli("lookup", "img-1", "--json").json["held"] is True
+    assert cli("release", "img-1", "--reason", "done", "--json").code == 0
+    assert cli("lookup", "img-1", "--json").json["held"] is False
+
+
+def test_hold_of_an_unknown_id_exits_three_and_holds_nothing(cli, seeded, data_dir):
+    """Holding [img-1, ghost] fails on ghost and leaves img-1 unheld."""
+    before = snapshot(data_dir)
+    assert cli("hold", "img-1", "ghost", "--reason", "x").code == 3
+    assert snapshot(data_dir) == before
+
+
+def test_sweep_json_reports_the_documented_counts(cli, seeded):
+    """sweep --json prints claimed, deleted, bytes_freed, failed and held_skipped."""
+    result = cli("sweep", "--json")
+    assert result.code == 0
+    assert {"claimed", "deleted", "bytes_freed", "failed", "held_skipped"} <= result.json.keys()
+
+
+def test_walkthrough_from_the_readme_deletes_an_expired_file(shell, tmp_path, data_dir):
+    """The README's newcomer walk-through, run as a user would: register an hour-TTL file created
+    two hours ago, sweep, see the file gone and lookup answer 404 with exit 3."""
+    upload = tmp_path / "hello.txt"
+    upload.write_text("hello")
+    assert shell("org", "set", "acme", "--retention", "90d").code == 0
+    item = shell("register", "--org", "acme", "--file", str(upload), "--id", "hello-1", "--ttl", "1h",
+                 "--created-at", "2020-01-01T00:00:00Z", "--json")
+    assert item.code == 0, item.stderr
+    blob = data_dir / "media" / item.json["key"]
+    assert blob.read_text() == "hello"
+    swept = shell("sweep", "--json")
+    assert (swept.code, swept.json["deleted"]) == (0, 1), swept.stderr
+    assert not blob.exists()
+    lookup = shell("lookup", "hello-1")
+    assert lookup.code == 3
+    assert json.loads(lookup.stdout)["status"] == 404
+    assert "gone" in lookup.stderr

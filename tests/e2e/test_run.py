@@ -1,0 +1,64 @@
+"""`media-retention run`: worker and beat in one process on the embedded defaults, no server."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.e2e.conftest import SCRIPT
+
+
+@pytest.fixture
+def running(data_dir, tmp_path):
+    """Start `media-retention run` on an empty data dir with a 1-second sweep interval."""
+    assert not data_dir.exists()
+    log = open(tmp_path / "run.log", "w+")
+    process = subprocess.Popen([str(SCRIPT), "run"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env={**os.environ, "MEDIA_RETENTION_SWEEP_INTERVAL": "1s", "MEDIA_RETENTION_LOG_FORMAT": "json"})
+    yield process, log
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    log.close()
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_run_starts_from_an_empty_data_dir_and_a_scheduled_sweep_deletes_an_expired_item(running, shell, data_dir, tmp_path):
+    """With nothing but an empty data dir, `run` creates schema and broker, and beat's sweep deletes
+    an expired item without anyone calling `sweep`; SIGTERM then stops it cleanly."""
+    process, log = running
+    wait_for(lambda: (data_dir / "catalog.sqlite3").exists(), 30, "the catalog to be created")
+    upload = tmp_path / "clip.ogg"
+    upload.write_bytes(b"OggS voice note")
+    assert shell("org", "set", "acme").code == 0
+    keep = shell("register", "--org", "acme", "--file", str(upload), "--id", "fresh", "--json")
+    item = shell("register", "--org", "acme", "--file", str(upload), "--id", "expired", "--ttl", "1h",
+                 "--created-at", "2020-01-01T00:00:00Z", "--json")
+    assert item.code == 0 and keep.code == 0, item.stderr + keep.stderr
+    blob = data_dir / "media" / item.json["key"]
+    assert blob.exists()
+    wait_for(lambda: shell("lookup", "expired").code == 3, 45, "the scheduled sweep to delete the item")
+    assert not blob.exists()
+    assert shell("lookup", "fresh").code == 0
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    log.seek(0)
+    events = [json.loads(line) for line in log if line.startswith("{")]
+    finished = [e for e in events if e.get("event") == "sweep.finished" and e.get("deleted")]
+    assert finished and finished[0]["task"] == "sweep" and finished[0]["task_id"]
+    assert (data_dir / "broker").is_dir()

@@ -1,0 +1,213 @@
+"""The retention contract through the catalog and sweep, on SQLite and on PostgreSQL."""
+
+from datetime import timedelta
+
+import pytest
+
+from tests.factories import register_aged, states
+from worker.errors import BadInput, Gone, NotFound
+
+
+@pytest.fixture
+def uploads(tmp_path):
+    return tmp_path / "uploads"
+
+
+@pytest.fixture
+def acme(catalog):
+    catalog.set_org("acme", "30d")
+    return "acme"
+
+
+def blob_exists(catalog, item):
+    return catalog.store.exists(item["key"])
+
+
+def test_ttl_item_is_deleted_once_its_ttl_passed_and_lookups_answer_gone(catalog, acme, uploads):
+    """An item with TTL 1h created 2h ago is swept: blob removed, lookup raises Gone with reason ttl."""
+    item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    counts = catalog.sweeper.sweep()
+    assert (counts.claimed, counts.deleted, counts.bytes_freed) == (1, 1, item["size"])
+    assert not blob_exists(catalog, item)
+    with pytest.raises(Gone) as gone:
+        catalog.lookup(item["id"])
+    assert gone.value.body["status"] == 404 and gone.value.body["reason"] == "ttl" and gone.value.body["deleted_at"]
+
+
+def test_item_is_never_deleted_before_its_expiry(catalog, acme, uploads):
+    """An item one minute short of its TTL survives a sweep untouched."""
+    item = register_aged(catalog, acme, timedelta(minutes=59), ttl="1h", uploads=uploads)
+    assert catalog.sweeper.sweep().claimed == 0
+    assert catalog.lookup(item["id"])["state"] == "active" and blob_exists(catalog, item)
+
+
+def test_item_without_ttl_follows_its_org_retention(catalog, acme, uploads):
+    """Without a TTL an item lives the org's 30 days: 29 days old survives, 31 days old goes with reason retention."""
+    young = register_aged(catalog, acme, timedelta(days=29), uploads=uploads)
+    old = register_aged(catalog, acme, timedelta(days=31), uploads=uploads)
+    catalog.sweeper.sweep()
+    assert states(catalog, [young["id"], old["id"]]) == {young["id"]: "active", old["id"]: "deleted"}
+    with pytest.raises(Gone) as gone:
+        catalog.lookup(old["id"])
+    assert gone.value.body["reason"] == "retention"
+
+
+def test_ttl_longer_than_org_retention_keeps_the_item(catalog, uploads):
+    """A 7d TTL outlives a 1d org retention: a 3-day-old item stays."""
+    catalog.set_org("short", "1d")
+    item = register_aged(catalog, "short", timedelta(days=3), ttl="7d", uploads=uploads)
+    catalog.sweeper.sweep()
+    assert catalog.lookup(item["id"])["state"] == "active"
+
+
+def test_ttl_shorter_than_org_retention_deletes_the_item_early(catalog, acme, uploads):
+    """A 1h TTL beats a 30d org retention: a 2-hour-old item goes."""
+    item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    catalog.sweeper.sweep()
+    assert states(catalog, [item["id"]]) == {item["id"]: "deleted"}
+
+
+def test_shortening_org_retention_applies_to_stored_items_on_the_next_sweep(catalog, acme, uploads):
+    """Items 10 days old survive 30d retention; after `org set --retention 7d` the next sweep deletes them,
+    while an item with its own TTL keeps its TTL."""
+    aged = register_aged(catalog, acme, timedelta(days=10), uploads=uploads)
+    with_ttl = register_aged(catalog, acme, timedelta(days=10), ttl="30d", uploads=uploads)
+    assert catalog.sweeper.sweep().claimed == 0
+    catalog.set_org(acme, "7d")
+    catalog.sweeper.sweep()
+    assert states(catalog, [aged["id"], with_ttl["id"]]) == {aged["id"]: "deleted", with_ttl["id"]: "active"}
+
+
+def test_lengthening_org_retention_saves_items_that_were_due(catalog, uploads):
+    """Items 3 days old under 1d retention are due; raising retention to 30d before the sweep keeps them."""
+    catalog.set_org("grow", "1d")
+    item = register_aged(catalog, "grow", timedelta(days=3), uploads=uploads)
+    catalog.set_org("grow", "30d")
+    assert catalog.sweeper.sweep().claimed == 0
+    assert catalog.lookup(item["id"])["expires_at"] > item["expires_at"]
+
+
+def test_held_item_survives_sweeps_and_purges_until_released(catalog, acme, uploads):
+    """A hold stops both the sweep and a purge; after release the next sweep deletes it."""
+    item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    catalog.set_hold(held=True, reason="litigation 42", ids=[item["id"]], actor="legal")
+    counts = catalog.sweeper.sweep()
+    assert (counts.claimed, counts.held_skipped) == (0, 1)
+    purge = catalog.purge(ids=[item["id"]])
+    assert (purge["held_skipped"], purge.get("deleted", 0)) == (1, 0)
+    assert blob_exists(catalog, item)
+    catalog.set_hold(held=False, reason="case closed", ids=[item["id"]], actor="legal")
+    assert catalog.sweeper.sweep().deleted == 1
+    assert not blob_exists(catalog, item)
+
+
+def test_org_hold_protects_every_item_of_the_org_but_not_other_orgs(catalog, acme, uploads):
+    """While an org is held none of its expired items are deleted or purgeable; other orgs are swept."""
+    catalog.set_org("other", "30d")
+    held = [register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads) for _ in range(3)]
+    free = register_aged(catalog, "other", timedelta(hours=2), ttl="1h", uploads=uploads)
+    catalog.set_hold(held=True, reason="audit", org=acme)
+    counts = catalog.sweeper.sweep()
+    assert (counts.deleted, counts.held_skipped) == (1, 3)
+    with pytest.raises(BadInput, match="on hold"):
+        catalog.purge(org=acme)
+    assert all(blob_exists(catalog, item) for item in held) and not blob_exists(catalog, free)
+    catalog.set_hold(held=False, reason="audit done", org=acme)
+    assert catalog.sweeper.sweep().deleted == 3
+
+
+def test_holds_and_releases_are_recorded_with_who_and_why(catalog, acme, uploads):
+    """The audit trail keeps actor and reason of every hold and release."""
+    from sqlalchemy import select
+
+    from worker.models import AuditEvent
+
+    item = register_aged(catalog, acme, timedelta(hours=1), uploads=uploads)
+    catalog.set_hold(held=True, reason="subpoena", ids=[item["id"]], actor="alice")
+    catalog.set_hold(held=False, reason="withdrawn", ids=[item["id"]], actor="bob")
+    with catalog.db.transaction() as session:
+        trail = session.execute(
+            select(AuditEvent.action, AuditEvent.actor, AuditEvent.reason).where(AuditEvent.media_id == item["id"]).order_by(AuditEvent.id)
+        ).all()
+    assert [tuple(row) for row in trail] == [("hold", "alice", "subpoena"), ("release", "bob", "withdrawn")]
+
+
+def test_holding_an_item_already_being_deleted_is_refused(catalog, acme, uploads):
+    """Once claimed, an item can no longer be held (its ID already answers 404)."""
+    item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    catalog.sweeper.claim_expired(10)
+    with pytest.raises(Gone):
+        catalog.set_hold(held=True, reason="too late", ids=[item["id"]])
+
+
+def test_purge_deletes_unexpired_items_now_with_reason_purge(catalog, acme, uploads):
+    """A purge ignores expiry: a fresh item is deleted at once and its tombstone says purge."""
+    item = register_aged(catalog, acme, timedelta(minutes=1), uploads=uploads)
+    summary = catalog.purge(ids=[item["id"]], actor="ops")
+    assert summary["deleted"] == 1 and not blob_exists(catalog, item)
+    with pytest.raises(Gone) as gone:
+        catalog.lookup(item["id"])
+    assert gone.value.body["reason"] == "purge"
+
+
+def test_purge_of_an_org_deletes_all_its_unheld_items_and_nothing_else(catalog, acme, uploads):
+    """org purge removes every unheld item of that org (reason org_purge), spares held items and other orgs."""
+    catalog.set_org("other", "30d")
+    doomed = [register_aged(catalog, acme, timedelta(minutes=5), uploads=uploads) for _ in range(120)]
+    kept = register_aged(catalog, acme, timedelta(minutes=5), uploads=uploads)
+    catalog.set_hold(held=True, reason="keep", ids=[kept["id"]])
+    bystander = register_aged(catalog, "other", timedelta(minutes=5), uploads=uploads)
+    summary = catalog.purge(org=acme)
+    assert (summary["deleted"], summary["held_skipped"]) == (120, 1)
+    assert set(states(catalog, [d["id"] for d in doomed]).values()) == {"deleted"}
+    assert blob_exists(catalog, kept) and blob_exists(catalog, bystander)
+    with pytest.raises(Gone) as gone:
+        catalog.lookup(doomed[0]["id"])
+    assert gone.value.body["reason"] == "org_purge"
+
+
+def test_purge_dry_run_changes_nothing(catalog, acme, uploads):
+    """--dry-run reports what would go and leaves every item active."""
+    item = register_aged(catalog, acme, timedelta(minutes=1), uploads=uploads)
+    summary = catalog.purge(ids=[item["id"]], dry_run=True)
+    assert summary["would_delete"] == [item["id"]] and catalog.lookup(item["id"])["state"] == "active"
+
+
+def test_sweep_dry_run_lists_due_items_without_claiming_them(catalog, acme, uploads):
+    """A dry run names the expired items and their bytes, and a real sweep afterwards still finds them."""
+    item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    register_aged(catalog, acme, timedelta(minutes=5), ttl="1h", uploads=uploads)
+    preview = catalog.sweeper.sweep(dry_run=True)
+    assert (preview.due, preview.due_bytes, preview.claimed) == (1, item["size"], 0)
+    assert [entry["id"] for entry in preview.would_delete] == [item["id"]]
+    assert catalog.sweeper.sweep().deleted == 1
+
+
+def test_sweep_limit_caps_how_many_items_one_sweep_claims(catalog, acme, uploads):
+    """With limit 2, one sweep deletes two of five expired items and the next sweep takes the rest."""
+    for _ in range(5):
+        register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    assert catalog.sweeper.sweep(limit=2).deleted == 2
+    assert catalog.sweeper.sweep().deleted == 3
+
+
+def test_blob_already_missing_counts_as_deleted(catalog, acme, uploads):
+    """If the blob vanished before the sweep, the item still becomes a tombstone and counts as deleted."""
+    item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    (catalog.store.root / item["key"]).unlink()
+    counts = catalog.sweeper.sweep()
+    assert (counts.deleted, counts.already_missing, counts.bytes_freed) == (1, 1, 0)
+
+
+def test_lookup_of_an_unknown_id_is_not_found(catalog):
+    """An ID never registered raises NotFound, not Gone."""
+    with pytest.raises(NotFound):
+        catalog.lookup("never-seen")
+
+
+def test_ids_are_never_reused_even_after_deletion(catalog, acme, uploads):
+    """Registering an ID whose item was deleted is refused: the tombstone keeps answering 404."""
+    item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    catalog.sweeper.sweep()
+    with pytest.raises(BadInput, match="already exists"):
+        register_aged(catalog, acme, timedelta(0), media_id=item["id"], uploads=uploads)

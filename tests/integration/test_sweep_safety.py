@@ -1,0 +1,179 @@
+"""Invariants under concurrency, crashes and failing deletes."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from tests.factories import bulk_expired, states
+from worker.catalog import Catalog
+from worker.db import Database
+from worker.models import MediaItem
+from worker.store import DeleteResult
+from worker.store.fs import FilesystemStore
+from worker.sweep import Sweeper
+
+
+class RecordingStore(FilesystemStore):
+    """The real filesystem store, remembering every key it was asked to delete."""
+
+    def __init__(self, root, log, lock):
+        super().__init__(root, delete_threads=4)
+        self.log, self.lock = log, lock
+
+    def delete_many(self, keys):
+        with self.lock:
+            self.log.extend(keys)
+        return super().delete_many(keys)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_two_sweepers_on_postgresql_split_thousands_of_items_without_overlap(database, media_root, catalog):
+    """Two sweepers racing over 3,000 expired items delete each exactly once and never touch unexpired ones."""
+    catalog.set_org("acme", "30d")
+    expired = bulk_expired(catalog, "acme", 3000, root=media_root, prefix="old")
+    fresh = bulk_expired(catalog, "acme", 300, root=media_root, prefix="new", expired=False)
+    deleted_keys: list[str] = []
+    lock = threading.Lock()
+    results = {}
+
+    def run(name):
+        db = Database(database.url)
+        store = RecordingStore(media_root, deleted_keys, lock)
+        try:
+            results[name] = Sweeper(db, store, claim_lease=timedelta(minutes=5), batch_size=100).sweep()
+        finally:
+            store.close()
+            db.dispose()
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results["a"].deleted + results["b"].deleted == 3000
+    assert results["a"].deleted > 0 and results["b"].deleted > 0, "both sweepers should have won some batches"
+    assert max(Counter(deleted_keys).values()) == 1, "a key was handed to the store twice"
+    assert set(states(catalog, expired).values()) == {"deleted"}
+    assert set(states(catalog, fresh).values()) == {"active"}
+    assert all(catalog.store.exists(key) for key in (item_key(catalog, media_id) for media_id in fresh))
+
+
+def item_key(catalog, media_id):
+    with catalog.db.transaction() as session:
+        return session.scalar(select(MediaItem.storage_key).where(MediaItem.id == media_id))
+
+
+_KILLED_SWEEP = textwrap.dedent(
+    """
+    import os, signal, sys
+    from datetime import timedelta
+    from worker.db import Database
+    from worker.store.fs import FilesystemStore
+    from worker.sweep import Sweeper
+
+    class DiesBeforeFinalize(Sweeper):
+        def finalize_batch(self, claimed, results):
+            assert all(result.ok for result in results)
+            os.kill(os.getpid(), signal.SIGKILL)  # the blobs are gone, the rows still say `deleting`
+
+    db = Database(sys.argv[1])
+    DiesBeforeFinalize(db, FilesystemStore(sys.argv[2]), claim_lease=timedelta(seconds=2), batch_size=1000).sweep()
+    """
+)
+
+
+def test_sweep_killed_between_delete_and_finalize_is_finished_by_a_later_sweep(catalog, database, media_root):
+    """A sweep process SIGKILLed after deleting blobs leaves `deleting` rows (lookups 404); after the lease
+    the next sweep finalizes them: no blob left and no live ID pointing at a missing blob."""
+    catalog.set_org("acme", "30d")
+    ids = bulk_expired(catalog, "acme", 40, root=media_root)
+    crashed = subprocess.run([sys.executable, "-c", _KILLED_SWEEP, database.url, str(media_root)], capture_output=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert crashed.returncode == -9, crashed.stderr.decode()[-2000:]
+    assert set(states(catalog, ids).values()) == {"deleting"}
+    assert not any(catalog.store.iter_keys()), "the crashed sweep had already deleted every blob"
+    from worker.errors import Gone
+
+    with pytest.raises(Gone):
+        catalog.lookup(ids[0])
+    patient = Sweeper(database, catalog.store, claim_lease=timedelta(seconds=2), batch_size=1000)
+    assert patient.sweep().claimed == 0, "a live lease must not be taken over"
+    time.sleep(2.2)
+    counts = patient.sweep()
+    assert (counts.claimed, counts.deleted, counts.already_missing) == (40, 40, 40)
+    assert set(states(catalog, ids).values()) == {"deleted"}
+    with database.transaction() as session:
+        reasons = set(session.scalars(select(MediaItem.deletion_reason).where(MediaItem.id.in_(ids))))
+    assert reasons == {"ttl"}
+
+
+class FlakyStore(FilesystemStore):
+    """Fails the first `failures` deletes of chosen keys, like a store having a bad minute."""
+
+    def __init__(self, root, bad_keys, failures=1):
+        super().__init__(root, delete_threads=2)
+        self.remaining = dict.fromkeys(bad_keys, failures)
+
+    def delete_many(self, keys):
+        results = []
+        for key in keys:
+            if self.remaining.get(key, 0) > 0:
+                self.remaining[key] -= 1
+                results.append(DeleteResult(key, ok=False, error="EIO: injected"))
+            else:
+                results.extend(super().delete_many([key]))
+        return results
+
+
+def test_failed_deletes_are_retried_with_backoff_and_end_deleted(catalog, database, media_root, monkeypatch):
+    """A failing delete keeps the item `deleting` with its error, is not retried before its backoff,
+    and is deleted by the first sweep after it; the others are finalized once."""
+    monkeypatch.setattr("worker.sweep.BACKOFF_BASE_SECONDS", 1)
+    catalog.set_org("acme", "30d")
+    ids = bulk_expired(catalog, "acme", 10, root=media_root)
+    bad = item_key(catalog, ids[3])
+    sweeper = Sweeper(database, FlakyStore(media_root, [bad]), claim_lease=timedelta(minutes=5), batch_size=100)
+    first = sweeper.sweep()
+    assert (first.deleted, first.failed) == (9, 1)
+    with database.transaction() as session:
+        row = session.get(MediaItem, ids[3])
+    assert (row.state, row.attempts, row.last_error) == ("deleting", 1, "EIO: injected")
+    assert sweeper.sweep().claimed == 0, "retried before its backoff ran out"
+    time.sleep(1.2)
+    second = sweeper.sweep()
+    assert (second.claimed, second.deleted) == (1, 1)
+    assert states(catalog, [ids[3]]) == {ids[3]: "deleted"}
+    assert not catalog.store.exists(bad)
+
+
+def test_retry_backoff_doubles_and_is_capped_at_an_hour():
+    """30 s, 60 s, 120 s ... never more than an hour."""
+    from worker.sweep import backoff_seconds
+
+    assert [backoff_seconds(n) for n in (1, 2, 3, 4)] == [30, 60, 120, 240]
+    assert backoff_seconds(30) == 3600
+
+
+def test_a_stale_claimer_cannot_finalize_rows_another_sweep_took_over(catalog, database, media_root):
+    """Finalize only touches rows still under its own claim token."""
+    catalog.set_org("acme", "30d")
+    [media_id] = bulk_expired(catalog, "acme", 1, root=media_root)
+    slow = Sweeper(database, catalog.store, claim_lease=timedelta(seconds=1), batch_size=10)
+    [claimed] = slow.claim_expired(10)
+    time.sleep(1.2)
+    fast = Sweeper(database, catalog.store, claim_lease=timedelta(minutes=5), batch_size=10)
+    [taken] = fast.claim_expired(10)
+    assert taken.id == claimed.id and taken.token != claimed.token
+    stale = slow.finalize_batch([claimed], [DeleteResult(claimed.storage_key, ok=False, error="late")])
+    with database.transaction() as session:
+        row = session.get(MediaItem, media_id)
+    assert (row.attempts, row.last_error, row.claim_token) == (0, None, taken.token), stale

@@ -1,0 +1,97 @@
+import os
+
+import pytest
+
+from worker.errors import BadInput
+from worker.store.fs import FilesystemStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = FilesystemStore(tmp_path / "media", delete_threads=4)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A directory beside the media root holding a file that must survive everything."""
+    directory = tmp_path / "outside"
+    directory.mkdir()
+    (directory / "victim").write_bytes(b"precious")
+    return directory
+
+
+def test_put_file_copies_bytes_under_nested_key_and_reports_size(store, tmp_path):
+    """A stored blob lands at root/key with the source's bytes, leaving no temporary file behind."""
+    source = tmp_path / "in.jpg"
+    source.write_bytes(b"\xff\xd8jpeg")
+    assert store.put_file("ab/cd/photo", source) == 6
+    assert (store.root / "ab/cd/photo").read_bytes() == b"\xff\xd8jpeg"
+    assert os.listdir(store.root / "ab/cd") == ["photo"]
+
+
+def test_put_file_never_overwrites_an_existing_blob(store, tmp_path):
+    """Storing to a key that already has a blob is refused and the old blob is kept."""
+    source = tmp_path / "in"
+    source.write_bytes(b"new")
+    (store.root / "k").write_bytes(b"old")
+    with pytest.raises(BadInput, match="already exists"):
+        store.put_file("k", source)
+    assert (store.root / "k").read_bytes() == b"old"
+
+
+def test_delete_many_reports_per_key_and_counts_missing_as_deleted(store):
+    """Existing blobs are removed, missing ones are ok-but-missing, results keep the input order."""
+    for key in ("a/1", "a/2"):
+        (store.root / key).parent.mkdir(parents=True, exist_ok=True)
+        (store.root / key).write_bytes(b"x")
+    results = store.delete_many(["a/1", "gone/x", "a/2"])
+    assert [(r.key, r.ok, r.missing) for r in results] == [("a/1", True, False), ("gone/x", True, True), ("a/2", True, False)]
+    assert not (store.root / "a/1").exists() and not (store.root / "a/2").exists()
+
+
+@pytest.mark.parametrize("key", ["../outside/victim", "/etc/passwd", "a/../../outside/victim", "victim\x00"])
+def test_delete_refuses_keys_that_leave_the_root(store, outside, key):
+    """Traversal, absolute and NUL keys fail as results, never as deletions outside the root."""
+    [result] = store.delete_many([key])
+    assert not result.ok and "refused" in result.error
+    assert (outside / "victim").read_bytes() == b"precious"
+
+
+def test_delete_refuses_to_reach_through_a_symlinked_directory(store, outside):
+    """A directory inside the root that is a symlink to elsewhere is not followed by delete."""
+    os.symlink(outside, store.root / "link")
+    [result] = store.delete_many(["link/victim"])
+    assert not result.ok and "symlink" in result.error
+    assert (outside / "victim").exists()
+
+
+def test_stat_and_put_refuse_to_reach_through_a_symlinked_directory(store, outside, tmp_path):
+    """Adopting or writing through a symlinked directory is bad input, and nothing is written outside."""
+    os.symlink(outside, store.root / "link")
+    source = tmp_path / "in"
+    source.write_bytes(b"x")
+    with pytest.raises(BadInput, match="symlink"):
+        store.stat("link/victim")
+    with pytest.raises(BadInput, match="symlink"):
+        store.put_file("link/new", source)
+    assert sorted(os.listdir(outside)) == ["victim"]
+
+
+def test_deleting_a_symlink_blob_removes_the_link_not_its_target(store, outside):
+    """A blob that is itself a symlink is unlinked; the file it points at survives."""
+    os.symlink(outside / "victim", store.root / "blob")
+    [result] = store.delete_many(["blob"])
+    assert result.ok and not os.path.lexists(store.root / "blob")
+    assert (outside / "victim").read_bytes() == b"precious"
+
+
+def test_iter_keys_lists_every_blob_without_following_symlinks(store, outside):
+    """Listing walks the root, skips symlinked directories and in-flight temporary files."""
+    (store.root / "a/b").mkdir(parents=True)
+    (store.root / "a/b/one").write_bytes(b"1")
+    (store.root / "two").write_bytes(b"22")
+    (store.root / ".incoming-abc").write_bytes(b"partial")
+    os.symlink(outside, store.root / "link")
+    assert sorted((info.key, info.size) for info in store.iter_keys()) == [("a/b/one", 1), ("two", 2)]
