@@ -47,7 +47,23 @@ class Settings(BaseSettings):
     delete_threads: int = Field(8, ge=1, le=64)
     volume_warn: float = Field(0.80, gt=0, lt=1)
     volume_critical: float = Field(0.90, gt=0, le=1)
+    # A raised level clears only this far below its threshold (0.05 = 5 points): deletions and uploads
+    # move a busy volume by a point or two between checks, and without a margin it would page each time.
+    volume_hysteresis: float = Field(0.05, ge=0, lt=1)
+    # Five minutes: a volume fills over hours, and a statvfs plus one small insert per check is free.
+    volume_check_interval: Duration = timedelta(minutes=5)
+    # Six hours of samples for the slope, warning when full within a day: node_exporter's standard
+    # "filesystem will fill within 24 hours" alert uses the same window and horizon.
+    volume_projection_window: Duration = timedelta(hours=6)
+    volume_projection_horizon: Duration = timedelta(hours=24)
+    # Four hours between reminders while an alert holds: Alertmanager's default repeat_interval.
+    volume_alert_reminder: Duration = timedelta(hours=4)
+    # Object stores have no "full": operators give the quota (or budget) live media is measured against.
+    s3_capacity_bytes: int | None = Field(None, ge=1)
     alert_webhook_url: str | None = None
+    # Per attempt; attempts x timeout bounds what a hung endpoint can cost the volume task.
+    alert_webhook_timeout: Duration = timedelta(seconds=5)
+    alert_webhook_attempts: int = Field(3, ge=1, le=10)
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
 
@@ -63,6 +79,12 @@ class Settings(BaseSettings):
             object.__setattr__(self, "storage_url", (data_dir / "media").as_uri())
         if self.volume_warn >= self.volume_critical:
             raise ValueError("VOLUME_WARN must be below VOLUME_CRITICAL")
+        if self.volume_hysteresis >= self.volume_warn:
+            raise ValueError("VOLUME_HYSTERESIS must be below VOLUME_WARN")
+        if self.alert_webhook_url and not self.alert_webhook_url.startswith(("http://", "https://")):
+            raise ValueError("ALERT_WEBHOOK_URL must be an http:// or https:// URL")
+        if self.alert_webhook_timeout > timedelta(minutes=1):
+            raise ValueError("ALERT_WEBHOOK_TIMEOUT must be at most 1m")
         if self.default_retention < timedelta(hours=1):
             raise ValueError("DEFAULT_RETENTION must be at least 1h")
         return self

@@ -8,6 +8,7 @@ from datetime import datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     ForeignKey,
     Index,
@@ -142,3 +143,41 @@ class AuditEvent(Base):
     details: Mapped[dict | None] = mapped_column(JSON)
 
     __table_args__ = (Index("ix_audit_events_org_id_at", "org_id", "at"),)
+
+
+class VolumeSample(Base):
+    """One measurement of the media volume, by the database clock, so every worker projects from the same series."""
+
+    __tablename__ = "volume_samples"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    taken_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=db_now())
+    used_bytes: Mapped[int] = mapped_column(BigInteger)
+    total_bytes: Mapped[int] = mapped_column(BigInteger)
+    used_inodes: Mapped[int | None] = mapped_column(BigInteger)
+    total_inodes: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_volume_samples_taken_at", "taken_at"),)
+
+
+class VolumeAlert(Base):
+    """The fleet's one alert state per volume. Every change is a compare-and-set on `version`."""
+
+    __tablename__ = "volume_alerts"
+
+    volume: Mapped[str] = mapped_column(String(64), primary_key=True)
+    level: Mapped[str] = mapped_column(String(16), default="ok")
+    reason: Mapped[str | None] = mapped_column(String(16))
+    since: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=db_now())
+    # The level before the last change, kept so a resolved notice can be sent (or re-sent) for it.
+    previous_level: Mapped[str] = mapped_column(String(16), default="ok")
+    previous_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # True from a notification until its webhook delivery succeeded; a later check re-sends it.
+    delivery_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+
+    __table_args__ = (
+        CheckConstraint("level IN ('ok', 'warning', 'critical')", name="level_known"),
+        CheckConstraint("previous_level IN ('ok', 'warning', 'critical')", name="previous_level_known"),
+    )
