@@ -6,6 +6,8 @@ from config.settings import Settings
 
 SWEEP_TASK = "media_retention.sweep"
 PURGE_TASK = "media_retention.purge"
+# Samples the media volume and raises, reminds or resolves the fleet's volume alert.
+VOLUME_TASK = "media_retention.check_volume"
 
 
 def beat_schedule(settings: Settings) -> dict:
@@ -17,5 +19,11 @@ def beat_schedule(settings: Settings) -> dict:
             # A sweep nobody picked up within one interval is superseded by the next one: expiring
             # it keeps a queue that backed up while workers were down from running N sweeps in a row.
             "options": {"expires": interval},
+        },
+        "check-media-volume": {
+            "task": VOLUME_TASK,
+            "schedule": settings.volume_check_interval.total_seconds(),
+            # A stale check is worth nothing once the next one is due: the volume has moved on.
+            "options": {"expires": settings.volume_check_interval.total_seconds()},
         },
     }

@@ -24,7 +24,7 @@ SWEEP_TASK_BUDGET_S = 600
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("media_retention", include=["tasks.sweep"])
+    app = Celery("media_retention", include=["tasks.sweep", "tasks.volume"])
     transport_options: dict = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
     if settings.embedded_broker:
         queue_dir, control_dir = settings.broker_dir / "queue", settings.broker_dir / "control"

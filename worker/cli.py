@@ -286,6 +286,23 @@ hold = _hold_command(True)
 release = _hold_command(False)
 
 
+# -- volume --------------------------------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+@with_catalog
+def volume(catalog: Catalog, out: Output) -> None:
+    """Show used/total bytes and inodes, projected time to full and the alert state (exit 0 at any level)."""
+    # Imported here so the other commands do not pay for the webhook client at start-up.
+    from worker.alerts import VolumeMonitor
+
+    report = VolumeMonitor.for_catalog(catalog).status()
+    if report.message:
+        out.progress(f"media-retention: {_sentence(report.message)}")
+    out.result(report.to_dict())
+
+
 # -- entry point ---------------------------------------------------------------------------------
 
 

@@ -1,0 +1,26 @@
+"""The volume check: sample the media volume and raise, remind or resolve the fleet's alert."""
+
+from __future__ import annotations
+
+import structlog
+
+from config.schedule import SWEEP_TASK, VOLUME_TASK
+from config.settings import get_settings
+from worker import runtime
+from worker.alerts import VolumeMonitor
+from worker.app import app
+
+
+def _enqueue_sweep() -> None:
+    # By name, like the beat: a sweep that waited a whole sweep interval is superseded by the beat's own.
+    app.send_task(SWEEP_TASK, expires=get_settings().sweep_interval.total_seconds())
+
+
+@app.task(name=VOLUME_TASK)
+def check_volume() -> dict:
+    """One fleet-wide volume check; at critical it also enqueues an immediate sweep."""
+    structlog.contextvars.bind_contextvars(task_id=check_volume.request.id, task="check_volume")
+    try:
+        return VolumeMonitor.for_catalog(runtime.catalog(), enqueue_sweep=_enqueue_sweep).check().to_dict()
+    finally:
+        structlog.contextvars.clear_contextvars()

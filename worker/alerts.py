@@ -1,0 +1,521 @@
+"""The fleet's volume alert: samples and alert state in the catalog database, notices to the log and a webhook.
+
+The state lives in the database rather than Redis because the database is the one store every
+deployment has (the embedded default runs without any Redis server), and because its clock is the
+fleet's clock: samples taken on many machines land on one time axis for the projection.
+
+One check (`VolumeMonitor.check`, run by the beat every few minutes):
+
+1. measure: `statvfs` of the media root, or live bytes from the catalog for an object store;
+2. one short transaction: insert the sample, drop samples older than the window, read the window,
+   the database time and the alert state;
+3. decide (pure): the level, with hysteresis, and whether that is a change, a reminder or a re-delivery;
+4. compare-and-set: `UPDATE volume_alerts ... WHERE volume = :v AND version = :seen`. Of several
+   workers that saw the same state exactly one updates the row, and only that one notifies; the others
+   re-read and find nothing left to do;
+5. after commit, with no transaction open: enqueue a sweep when critical, log the notice, POST the
+   webhook (bounded by timeout x attempts), then clear `delivery_pending`. A delivery lost to a crash
+   or a dead endpoint stays pending and a later check re-sends it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+from urllib.parse import urlsplit
+
+import requests
+import structlog
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from config.settings import Settings
+from worker import metrics
+from worker.db import Database, db_now
+from worker.models import MediaItem, State, VolumeAlert, VolumeSample
+from worker.volume import (
+    Evaluation,
+    Level,
+    Projection,
+    Thresholds,
+    Usage,
+    describe_seconds,
+    evaluate,
+    filesystem_usage,
+    project,
+)
+
+log = structlog.get_logger("worker.alerts")
+
+# One catalog has one media volume: the key of its alert row and the `volume` label of its alerts.
+VOLUME = "media"
+ALERT_NAME = "MediaVolumeFilling"
+RECEIVER = "media-retention"
+# The version of Alertmanager's webhook payload whose shape this follows.
+PAYLOAD_VERSION = "4"
+# Alertmanager's endsAt for an alert that is still firing (Go's zero time).
+OPEN_ENDS_AT = "0001-01-01T00:00:00Z"
+# Pause before the second webhook attempt, doubled for each further one: long enough for a
+# restarting receiver or a load balancer to pick a healthy backend, short against the check interval.
+WEBHOOK_BACKOFF_SECONDS = 1.0
+# A pending delivery is re-sent once the sender has certainly given up (its timeouts and pauses),
+# plus this much, so a slow first sender and a re-sender never overlap.
+REDELIVERY_SLACK_SECONDS = 5
+# Compare-and-set rounds a check tries before leaving the state to the workers that won: each
+# lost round means another worker just changed the state, which the next round takes into account.
+CAS_ROUNDS = 3
+
+CAPACITY_UNKNOWN = (
+    "the media store is an object store with no capacity set; set MEDIA_RETENTION_S3_CAPACITY_BYTES "
+    "(the bucket quota or budget in bytes) to get used ratios, levels and alerts"
+)
+
+
+# -- alert state and decisions (pure) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AlertState:
+    level: Level = Level.OK
+    reason: str | None = None
+    since: datetime | None = None
+    previous_level: Level = Level.OK
+    previous_since: datetime | None = None
+    notified_at: datetime | None = None
+    delivery_pending: bool = False
+    version: int = 0
+
+    @classmethod
+    def from_row(cls, row: VolumeAlert) -> "AlertState":
+        return cls(level=Level(row.level), reason=row.reason, since=row.since, previous_level=Level(row.previous_level),
+                   previous_since=row.previous_since, notified_at=row.notified_at,
+                   delivery_pending=bool(row.delivery_pending), version=row.version)
+
+    def to_dict(self) -> dict:
+        return {
+            "level": self.level.value,
+            "reason": self.reason,
+            "since": _iso(self.since),
+            "notified_at": _iso(self.notified_at),
+            "delivery_pending": self.delivery_pending,
+        }
+
+
+@dataclass(frozen=True)
+class Notification:
+    """What one check announces: `firing`, `resolved`, `reminder` or `redelivery`, and the state it announces."""
+
+    kind: str
+    state: AlertState
+
+    @property
+    def event(self) -> str:
+        return f"volume.alert_{self.kind}"
+
+
+def decide(state: AlertState, evaluation: Evaluation, now: datetime, *, reminder: timedelta,
+           redeliver_after: timedelta, webhook: bool) -> tuple[AlertState, Notification | None]:
+    """The next alert state and the notice it calls for (None: nothing to write, nothing to say).
+
+    A change of level is announced once; an unchanged raised level is re-announced every `reminder`;
+    a notice whose webhook delivery is still pending is re-sent after `redeliver_after`.
+    """
+    if evaluation.level is not state.level:
+        new = AlertState(level=evaluation.level, reason=evaluation.reason, since=now, previous_level=state.level,
+                         previous_since=state.since, notified_at=now, delivery_pending=webhook, version=state.version)
+        return new, Notification("resolved" if evaluation.level is Level.OK else "firing", new)
+    last = state.notified_at
+    if webhook and state.delivery_pending and (last is None or now - last >= redeliver_after):
+        new = replace(state, notified_at=now)
+        return new, Notification("redelivery", new)
+    if state.level is not Level.OK and (last is None or now - last >= reminder):
+        new = replace(state, reason=evaluation.reason, notified_at=now, delivery_pending=webhook)
+        return new, Notification("reminder", new)
+    return state, None
+
+
+# -- Alertmanager payload (pure) -----------------------------------------------------------------
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _labels(level: Level) -> dict[str, str]:
+    return {"alertname": ALERT_NAME, "severity": level.value, "service": "media-retention", "volume": VOLUME}
+
+
+def _fingerprint(labels: dict[str, str]) -> str:
+    # Alertmanager identifies an alert by a 16-hex-digit hash of its sorted labels; any stable hash will do.
+    canonical = "\x00".join(f"{name}\x00{value}" for name, value in sorted(labels.items()))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _usage_annotations(usage: Usage, projection: Projection, storage_url: str) -> dict[str, str]:
+    annotations = {"storage": storage_url, "projection": projection.status}
+    for resource, ratio in usage.ratios().items():
+        annotations[f"used_{resource}_ratio"] = f"{ratio:.4f}"
+    if projection.seconds_to_full is not None:
+        annotations["projected_full_in"] = describe_seconds(projection.seconds_to_full)
+        annotations["projected_full_in_seconds"] = str(round(projection.seconds_to_full))
+    return annotations
+
+
+def _describe_usage(usage: Usage) -> str:
+    parts = [f"{resource} {ratio:.1%} used ({usage.used(resource)} of {usage.total(resource)})"
+             for resource, ratio in usage.ratios().items()]
+    return ", ".join(parts)
+
+
+def alertmanager_payload(notification: Notification, usage: Usage, projection: Projection, *, thresholds: Thresholds,
+                         storage_url: str, sweep_note: str | None = None) -> dict:
+    """The notice in Alertmanager's webhook shape, so any Alertmanager receiver can take it as it is.
+
+    A change between two raised levels carries two alerts: the old level resolved, the new one firing.
+    """
+    state = notification.state
+    common = _usage_annotations(usage, projection, storage_url)
+    alerts = []
+    if notification.kind != "reminder" and state.previous_level is not Level.OK and state.previous_since is not None:
+        labels = _labels(state.previous_level)
+        alerts.append({
+            "status": "resolved",
+            "labels": labels,
+            "annotations": {**common, "summary": f"Media volume no longer {state.previous_level.value}: "
+                                                 f"{_describe_usage(usage)}."},
+            "startsAt": _iso(state.previous_since),
+            "endsAt": _iso(state.since),
+            "generatorURL": "",
+            "fingerprint": _fingerprint(labels),
+        })
+    if state.level is not Level.OK:
+        labels = _labels(state.level)
+        threshold = thresholds.critical if state.level is Level.CRITICAL else thresholds.warn
+        if state.reason == "projection":
+            summary = f"Media volume projected full in {describe_seconds(projection.seconds_to_full)}."
+        else:
+            summary = f"Media volume {state.level.value}: {state.reason} at or above {threshold:.0%}."
+        description = f"{_describe_usage(usage)}; projection {projection.status}"
+        if projection.seconds_to_full is not None:
+            description += f", full in {describe_seconds(projection.seconds_to_full)} at the recent rate"
+        annotations = {**common, "summary": summary, "description": description + "."}
+        if sweep_note:
+            annotations["sweep"] = sweep_note
+        alerts.append({
+            "status": "firing",
+            "labels": labels,
+            "annotations": annotations,
+            "startsAt": _iso(state.since),
+            "endsAt": OPEN_ENDS_AT,
+            "generatorURL": "",
+            "fingerprint": _fingerprint(labels),
+        })
+    group_labels = {"alertname": ALERT_NAME, "volume": VOLUME}
+    common_labels = dict(set.intersection(*(set(a["labels"].items()) for a in alerts))) if alerts else {}
+    common_annotations = dict(set.intersection(*(set(a["annotations"].items()) for a in alerts))) if alerts else {}
+    return {
+        "version": PAYLOAD_VERSION,
+        "groupKey": "{}:{" + ", ".join(f'{k}="{v}"' for k, v in group_labels.items()) + "}",
+        "truncatedAlerts": 0,
+        "status": "firing" if any(a["status"] == "firing" for a in alerts) else "resolved",
+        "receiver": RECEIVER,
+        "groupLabels": group_labels,
+        "commonLabels": common_labels,
+        "commonAnnotations": common_annotations,
+        "externalURL": "",
+        "alerts": alerts,
+    }
+
+
+# -- webhook sink --------------------------------------------------------------------------------
+
+
+class WebhookSink:
+    """POSTs a payload with a per-attempt timeout and a bounded number of attempts; never raises."""
+
+    def __init__(self, url: str, *, timeout: float, attempts: int, backoff: float = WEBHOOK_BACKOFF_SECONDS):
+        self.url = url
+        self.timeout = timeout
+        self.attempts = attempts
+        self.backoff = backoff
+        # Only the host is logged: a webhook URL often carries a token in its path or query.
+        self.host = urlsplit(url).hostname or "?"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "WebhookSink | None":
+        if not settings.alert_webhook_url:
+            return None
+        return cls(settings.alert_webhook_url, timeout=settings.alert_webhook_timeout.total_seconds(),
+                   attempts=settings.alert_webhook_attempts)
+
+    @property
+    def worst_case_seconds(self) -> float:
+        """How long `send` can take against an endpoint that accepts connections and never answers."""
+        return self.attempts * self.timeout + sum(self.backoff * 2 ** i for i in range(self.attempts - 1))
+
+    def send(self, payload: dict) -> bool:
+        """True once an attempt got a 2xx. Timeouts, connection errors, 5xx, 408 and 429 are retried."""
+        error = "no attempt made"
+        for attempt in range(1, self.attempts + 1):
+            started = time.monotonic()
+            retryable = True
+            try:
+                # No redirects: requests would turn a redirected POST into a GET and drop the body.
+                response = requests.post(self.url, json=payload, timeout=self.timeout, allow_redirects=False)
+            except requests.RequestException as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                if 200 <= response.status_code < 300:
+                    log.info("volume.webhook_delivered", host=self.host, status=response.status_code, attempt=attempt,
+                             alert_status=payload.get("status"), seconds=round(time.monotonic() - started, 3))
+                    return True
+                error = f"HTTP {response.status_code}"
+                # Any other 4xx is the same request refused again: retrying cannot help.
+                retryable = response.status_code >= 500 or response.status_code in (408, 429)
+            log.warning("volume.webhook_attempt_failed", host=self.host, attempt=attempt, attempts=self.attempts,
+                        error=error, seconds=round(time.monotonic() - started, 3))
+            if not retryable:
+                break
+            if attempt < self.attempts:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+        log.error("volume.webhook_failed", host=self.host, error=error, attempts=self.attempts,
+                  alert_status=payload.get("status"))
+        metrics.ALERT_WEBHOOK_FAILURES.inc()
+        return False
+
+
+# -- measuring -----------------------------------------------------------------------------------
+
+
+def live_media_bytes(db: Database) -> int:
+    """Bytes of media that still has a blob: active items and items being deleted."""
+    with db.transaction() as session:
+        return int(session.scalar(
+            select(func.coalesce(func.sum(MediaItem.size_bytes), 0))
+            .where(MediaItem.state.in_([State.ACTIVE.value, State.DELETING.value]))
+        ))
+
+
+def store_usage(catalog) -> Callable[[], Usage]:
+    """How to measure the catalog's store: `statvfs` of a filesystem root, else live bytes against the capacity."""
+    from worker.store.fs import FilesystemStore
+
+    if isinstance(catalog.store, FilesystemStore):
+        root = catalog.store.root
+        return lambda: filesystem_usage(root)
+    capacity = catalog.settings.s3_capacity_bytes
+    return lambda: Usage(used_bytes=live_media_bytes(catalog.db), total_bytes=capacity)
+
+
+# -- the monitor ---------------------------------------------------------------------------------
+
+
+@dataclass
+class VolumeReport:
+    """What a check (or `media-retention volume`) found."""
+
+    storage: str
+    usage: Usage
+    thresholds: Thresholds
+    projection: Projection = Projection("insufficient_data")
+    evaluation: Evaluation | None = None
+    alert: AlertState | None = None
+    notification: str | None = None
+    sweep: str | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict:
+        usage = self.usage.to_dict()
+        return {
+            "storage": self.storage,
+            "bytes": usage["bytes"],
+            "inodes": usage["inodes"],
+            "projection": self.projection.to_dict(),
+            "level": self.evaluation.level.value if self.evaluation else "unknown",
+            "reason": self.evaluation.reason if self.evaluation else None,
+            "alert": self.alert.to_dict() if self.alert else None,
+            "thresholds": {
+                "warn": self.thresholds.warn,
+                "critical": self.thresholds.critical,
+                "hysteresis": self.thresholds.hysteresis,
+                "horizon": describe_seconds(self.thresholds.horizon_seconds),
+            },
+            # What a check did, and why nothing could be judged: absent when there is nothing to say.
+            **{name: value for name, value in (("notification", self.notification), ("sweep", self.sweep),
+                                                ("message", self.message)) if value is not None},
+        }
+
+
+class VolumeMonitor:
+    def __init__(self, db: Database, settings: Settings, measure: Callable[[], Usage], *,
+                 enqueue_sweep: Callable[[], None] | None = None, webhook: WebhookSink | None = None):
+        self.db = db
+        self.settings = settings
+        self.measure = measure
+        self.enqueue_sweep = enqueue_sweep
+        self.webhook = webhook if webhook is not None else WebhookSink.from_settings(settings)
+        self.thresholds = Thresholds.from_settings(settings)
+        self.window_seconds = int(settings.volume_projection_window.total_seconds())
+        slack = self.webhook.worst_case_seconds + REDELIVERY_SLACK_SECONDS if self.webhook else 0
+        self.redeliver_after = timedelta(seconds=slack)
+        metrics.publish_volume_settings(settings)
+
+    @classmethod
+    def for_catalog(cls, catalog, *, enqueue_sweep: Callable[[], None] | None = None) -> "VolumeMonitor":
+        return cls(catalog.db, catalog.settings, store_usage(catalog), enqueue_sweep=enqueue_sweep)
+
+    # -- database steps, each its own short transaction --
+
+    def _window(self, session) -> list[Usage]:
+        rows = session.scalars(
+            select(VolumeSample).where(VolumeSample.taken_at >= db_now(-self.window_seconds)).order_by(VolumeSample.taken_at)
+        ).all()
+        return [Usage(r.used_bytes, r.total_bytes, r.used_inodes, r.total_inodes, taken_at=r.taken_at) for r in rows]
+
+    def _state(self, session, *, create: bool) -> AlertState:
+        query = select(VolumeAlert).where(VolumeAlert.volume == VOLUME).execution_options(populate_existing=True)
+        row = session.scalars(query).one_or_none()
+        if row is None and create:
+            try:
+                # Two first-ever checks may both insert; the loser's savepoint rolls back and it reads the winner's row.
+                with session.begin_nested():
+                    session.add(VolumeAlert(volume=VOLUME, level=Level.OK.value, previous_level=Level.OK.value,
+                                            delivery_pending=False, version=0))
+            except IntegrityError:
+                pass
+            row = session.scalars(query).one()
+        return AlertState.from_row(row) if row is not None else AlertState()
+
+    def _record(self, usage: Usage) -> tuple[list[Usage], datetime, AlertState]:
+        with self.db.transaction() as session:
+            session.add(VolumeSample(used_bytes=usage.used_bytes, total_bytes=usage.total_bytes,
+                                     used_inodes=usage.used_inodes, total_inodes=usage.total_inodes))
+            session.flush()
+            session.execute(delete(VolumeSample).where(VolumeSample.taken_at < db_now(-self.window_seconds)))
+            window = self._window(session)
+            now = session.scalar(select(db_now()))
+            return window, now, self._state(session, create=True)
+
+    def _reread(self) -> tuple[datetime, AlertState]:
+        with self.db.transaction() as session:
+            return session.scalar(select(db_now())), self._state(session, create=True)
+
+    def _compare_and_set(self, seen: int, new: AlertState) -> bool:
+        """Write `new` only if the row is still at version `seen`; True for exactly one of racing writers."""
+        table = VolumeAlert.__table__
+        with self.db.transaction() as session:
+            result = session.execute(
+                update(table)
+                .where(table.c.volume == VOLUME, table.c.version == seen)
+                .values(level=new.level.value, reason=new.reason, since=new.since, previous_level=new.previous_level.value,
+                        previous_since=new.previous_since, notified_at=new.notified_at,
+                        delivery_pending=new.delivery_pending, version=seen + 1)
+            )
+            return result.rowcount == 1
+
+    def _delivered(self, version: int) -> None:
+        table = VolumeAlert.__table__
+        with self.db.transaction() as session:
+            session.execute(update(table).where(table.c.volume == VOLUME, table.c.version == version)
+                            .values(delivery_pending=False))
+
+    # -- the check --
+
+    def check(self) -> VolumeReport:
+        """Sample, decide with the fleet, notify if this worker won the change; never raises for a sink."""
+        usage = self.measure()
+        report = VolumeReport(storage=self.settings.storage_url, usage=usage, thresholds=self.thresholds)
+        if not usage.ratios():
+            report.message = CAPACITY_UNKNOWN
+            log.warning("volume.capacity_unknown", used_bytes=usage.used_bytes, message=CAPACITY_UNKNOWN)
+            metrics.VOLUME_USED_BYTES.set(usage.used_bytes)
+            return report
+        window, now, state = self._record(usage)
+        projection = project(window)
+        notification = None
+        for _ in range(CAS_ROUNDS):
+            evaluation = evaluate(usage, projection, state.level, self.thresholds)
+            new, notification = decide(state, evaluation, now, reminder=self.settings.volume_alert_reminder,
+                                       redeliver_after=self.redeliver_after, webhook=self.webhook is not None)
+            if notification is None:
+                break
+            if self._compare_and_set(state.version, new):
+                state = replace(new, version=state.version + 1)
+                notification = replace(notification, state=state)
+                break
+            log.debug("volume.alert_race_lost", seen_version=state.version)
+            notification = None
+            now, state = self._reread()
+        report.projection, report.evaluation, report.alert = projection, evaluation, state
+        report.notification = notification.kind if notification else None
+        log.info("volume.checked", level=evaluation.level.value, reason=evaluation.reason, alert_level=state.level.value,
+                 **{f"used_{r}_ratio": round(v, 4) for r, v in usage.ratios().items()},
+                 projection=projection.status, full_in_seconds=projection.to_dict()["seconds_to_full"],
+                 samples=len(window))
+        # The sweep goes to the queue before any webhook is attempted, so a slow endpoint never holds it back.
+        if evaluation.level is Level.CRITICAL and self.enqueue_sweep is not None:
+            report.sweep = self._enqueue_sweep(evaluation)
+        if notification is not None:
+            self._announce(notification, usage, projection, report.sweep)
+        self._publish(usage, projection, state.level)
+        return report
+
+    def _enqueue_sweep(self, evaluation: Evaluation) -> str:
+        try:
+            self.enqueue_sweep()
+        except Exception as exc:  # noqa: BLE001 - a broker outage must not stop the alert itself
+            log.error("volume.sweep_enqueue_failed", error=f"{type(exc).__name__}: {exc}")
+            return f"enqueueing an immediate sweep failed ({type(exc).__name__}); the scheduled sweeps continue"
+        log.warning("volume.sweep_enqueued", reason=evaluation.reason, ratio=round(evaluation.ratio, 4))
+        return "an immediate sweep was enqueued (it deletes only expired media)"
+
+    def _announce(self, notification: Notification, usage: Usage, projection: Projection, sweep_note: str | None) -> None:
+        state = notification.state
+        emit = log.info if state.level is Level.OK else log.warning
+        emit(notification.event, level=state.level.value, previous_level=state.previous_level.value, reason=state.reason,
+             since=_iso(state.since), **{f"used_{r}_ratio": round(v, 4) for r, v in usage.ratios().items()},
+             projection=projection.status, full_in=describe_seconds(projection.seconds_to_full), sweep=sweep_note,
+             webhook=self.webhook is not None)
+        if self.webhook is None:
+            return
+        payload = alertmanager_payload(notification, usage, projection, thresholds=self.thresholds,
+                                       storage_url=self.settings.storage_url, sweep_note=sweep_note)
+        if self.webhook.send(payload):
+            self._delivered(state.version)
+
+    def _publish(self, usage: Usage, projection: Projection, level: Level) -> None:
+        for resource, ratio in usage.ratios().items():
+            metrics.VOLUME_USED_RATIO.labels(resource=resource).set(ratio)
+        metrics.VOLUME_USED_BYTES.set(usage.used_bytes)
+        metrics.VOLUME_CAPACITY_BYTES.set(usage.total_bytes or math.nan)
+        if usage.total_inodes:
+            metrics.VOLUME_USED_INODES.set(usage.used_inodes)
+            metrics.VOLUME_CAPACITY_INODES.set(usage.total_inodes)
+        if projection.seconds_to_full is not None:
+            metrics.VOLUME_FULL_IN_SECONDS.set(projection.seconds_to_full)
+        else:
+            metrics.VOLUME_FULL_IN_SECONDS.set(math.inf if projection.status == "not_filling" else math.nan)
+        metrics.VOLUME_ALERT_LEVEL.set(level.rank)
+        metrics.VOLUME_LAST_SAMPLE.set(time.time())
+
+    # -- read-only, for `media-retention volume` --
+
+    def status(self) -> VolumeReport:
+        """Measure now and read the fleet's samples and alert state, writing nothing."""
+        usage = self.measure()
+        report = VolumeReport(storage=self.settings.storage_url, usage=usage, thresholds=self.thresholds)
+        with self.db.transaction() as session:
+            now = session.scalar(select(db_now()))
+            window = self._window(session)
+            state = self._state(session, create=False)
+        report.alert = state
+        if not usage.ratios():
+            report.message = CAPACITY_UNKNOWN
+            return report
+        report.projection = project([*window, replace(usage, taken_at=now)])
+        report.evaluation = evaluate(usage, report.projection, state.level, self.thresholds)
+        return report

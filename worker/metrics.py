@@ -1,0 +1,90 @@
+"""Prometheus metric objects, on the default registry. Exposition (and multi-process collection) lives elsewhere.
+
+Gauges carry `multiprocess_mode="mostrecent"`: when several worker processes share one exporter,
+the value from the process that sampled last is the one that counts, not a sum or a stale maximum.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+# -- media volume --------------------------------------------------------------------------------
+
+VOLUME_USED_RATIO = Gauge(
+    "media_retention_volume_used_ratio",
+    "Used fraction of the media volume (0-1), by resource: bytes or inodes.",
+    ["resource"],
+    multiprocess_mode="mostrecent",
+)
+VOLUME_USED_BYTES = Gauge(
+    "media_retention_volume_used_bytes",
+    "Bytes used on the media volume (filesystem) or by live media (object store).",
+    multiprocess_mode="mostrecent",
+)
+VOLUME_CAPACITY_BYTES = Gauge(
+    "media_retention_volume_capacity_bytes",
+    "Bytes usable on the media volume, or the configured object-store capacity.",
+    multiprocess_mode="mostrecent",
+)
+VOLUME_USED_INODES = Gauge(
+    "media_retention_volume_used_inodes",
+    "Inodes used on the media volume's filesystem (absent where the filesystem reports none).",
+    multiprocess_mode="mostrecent",
+)
+VOLUME_CAPACITY_INODES = Gauge(
+    "media_retention_volume_capacity_inodes",
+    "Inodes usable on the media volume's filesystem.",
+    multiprocess_mode="mostrecent",
+)
+VOLUME_FULL_IN_SECONDS = Gauge(
+    "media_retention_volume_full_in_seconds",
+    "Projected seconds until the media volume is full: +Inf when not filling, NaN without enough samples.",
+    multiprocess_mode="mostrecent",
+)
+VOLUME_ALERT_LEVEL = Gauge(
+    "media_retention_volume_alert_level",
+    "The fleet's volume alert level after the last check: 0 ok, 1 warning, 2 critical.",
+    multiprocess_mode="mostrecent",
+)
+VOLUME_LAST_SAMPLE = Gauge(
+    "media_retention_volume_last_sample_timestamp_seconds",
+    "Unix time of this process' last volume sample; alert rules use it to ignore stale processes.",
+    multiprocess_mode="mostrecent",
+)
+ALERT_WEBHOOK_FAILURES = Counter(
+    "media_retention_alert_webhook_failures_total",
+    "Alert webhook deliveries that failed after every attempt.",
+)
+
+# Settings as gauges, so Prometheus rules compare against the thresholds the workers use.
+VOLUME_WARN_RATIO = Gauge(
+    "media_retention_volume_warn_ratio", "MEDIA_RETENTION_VOLUME_WARN.", multiprocess_mode="mostrecent"
+)
+VOLUME_CRITICAL_RATIO = Gauge(
+    "media_retention_volume_critical_ratio", "MEDIA_RETENTION_VOLUME_CRITICAL.", multiprocess_mode="mostrecent"
+)
+VOLUME_PROJECTION_HORIZON_SECONDS = Gauge(
+    "media_retention_volume_projection_horizon_seconds",
+    "MEDIA_RETENTION_VOLUME_PROJECTION_HORIZON in seconds.",
+    multiprocess_mode="mostrecent",
+)
+
+
+def publish_volume_settings(settings) -> None:
+    """Export the volume thresholds in force."""
+    VOLUME_WARN_RATIO.set(settings.volume_warn)
+    VOLUME_CRITICAL_RATIO.set(settings.volume_critical)
+    VOLUME_PROJECTION_HORIZON_SECONDS.set(settings.volume_projection_horizon.total_seconds())
+
+# -- sweeps (counted where the work happens; summed across pool processes by the exporter) -------
+
+DELETED_ITEMS = Counter(
+    "media_retention_deleted_items_total",
+    "Media items finalized as deleted, by deletion reason.",
+    ["reason"],
+)
+FREED_BYTES = Counter("media_retention_freed_bytes_total", "Bytes of blobs deleted.")
+DELETE_FAILURES = Counter(
+    "media_retention_delete_failures_total",
+    "Blob deletes that failed and were left for a retry with backoff.",
+)
