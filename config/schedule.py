@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from config.settings import Settings
 
+# Beat sends the scheduled sweep: one per schedule slot fleet-wide, fanning out drains for a backlog.
+SCHEDULED_SWEEP_TASK = "media_retention.scheduled_sweep"
+# An extra worker process's share of a large backlog, sent by the scheduled sweep.
+DRAIN_TASK = "media_retention.drain"
+# One sweep now, no slot: `sweep --enqueue` and the critical-volume alert send this.
 SWEEP_TASK = "media_retention.sweep"
 PURGE_TASK = "media_retention.purge"
 # Samples the media volume and raises, reminds or resolves the fleet's volume alert.
@@ -14,7 +19,7 @@ def beat_schedule(settings: Settings) -> dict:
     interval = settings.sweep_interval.total_seconds()
     return {
         "sweep-expired-media": {
-            "task": SWEEP_TASK,
+            "task": SCHEDULED_SWEEP_TASK,
             "schedule": interval,
             # A sweep nobody picked up within one interval is superseded by the next one: expiring
             # it keeps a queue that backed up while workers were down from running N sweeps in a row.

@@ -38,13 +38,25 @@ class Settings(BaseSettings):
     broker_url: str = ""
     storage_url: str = ""
     s3_endpoint_url: str | None = None
+    # "single" sends one DeleteObject a key, for endpoints without multi-object delete (GCS XML API).
+    s3_delete_mode: Literal["batch", "single"] = "batch"
+    # "path" for MinIO and other endpoints reached by IP or by a hostname without per-bucket DNS.
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    # `lookup --url` links live this long; at most an hour, so a leaked link dies soon after it is shared.
+    presign_ttl: Duration = Field(timedelta(hours=1), gt=timedelta(0), le=timedelta(hours=1))
     default_retention: Duration = timedelta(days=90)
     sweep_interval: Duration = timedelta(seconds=60)
     claim_lease: Duration = timedelta(minutes=5)
-    # 500 rows a claim keeps each transaction short (milliseconds) while amortising round trips.
-    sweep_batch_size: int = Field(500, ge=1, le=10_000)
+    # 1000 rows a claim: exactly one full S3 DeleteObjects request (its maximum), and still a
+    # transaction of milliseconds.
+    sweep_batch_size: int = Field(1000, ge=1, le=10_000)
     # Threads unlinking files in parallel; filesystem deletes are latency-bound on network volumes (EFS).
     delete_threads: int = Field(8, ge=1, le=64)
+    # Most extra drain tasks one scheduled sweep sends for a large backlog: one per worker process
+    # you run is the useful number; more only queue up behind them and exit at once.
+    sweep_fanout_max: int = Field(8, ge=0, le=256)
+    # Port of the Prometheus endpoint each `celery worker` serves from its main process; 0 = none.
+    metrics_port: int = Field(0, ge=0, le=65535)
     volume_warn: float = Field(0.80, gt=0, lt=1)
     volume_critical: float = Field(0.90, gt=0, le=1)
     # A raised level clears only this far below its threshold (0.05 = 5 points): deletions and uploads

@@ -1,30 +1,76 @@
-"""Sweep and purge tasks."""
+"""Sweep, drain and purge tasks: each binds its context and calls into `worker/`."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 
 import structlog
 
-from config.schedule import PURGE_TASK, SWEEP_TASK
-from worker import runtime
+from config.schedule import DRAIN_TASK, PURGE_TASK, SCHEDULED_SWEEP_TASK, SWEEP_TASK
+from config.settings import get_settings
+from worker import runtime, status
 from worker.app import SWEEP_TASK_BUDGET_S, app
+
+
+@contextlib.contextmanager
+def _task_context(task, **fields):
+    structlog.contextvars.bind_contextvars(task_id=task.request.id, task=task.name.rpartition(".")[2], **fields)
+    try:
+        yield
+    finally:
+        structlog.contextvars.clear_contextvars()
+
+
+def _deadline() -> float:
+    return time.monotonic() + SWEEP_TASK_BUDGET_S
+
+
+@app.task(name=SCHEDULED_SWEEP_TASK)
+def scheduled_sweep() -> dict:
+    """Beat's sweep: once per schedule slot fleet-wide; a large backlog is shared out as drains."""
+    with _task_context(scheduled_sweep):
+        settings = get_settings()
+        catalog = runtime.catalog()
+        interval = settings.sweep_interval.total_seconds()
+        run = status.start_run(catalog.db, kind="scheduled", worker=scheduled_sweep.request.hostname or socket.gethostname(),
+                               interval_seconds=interval)
+        if run is None:
+            return {"skipped": "slot_taken"}
+        fanout = status.plan_fanout(status.due_count(catalog.db), settings.sweep_batch_size, settings.sweep_fanout_max)
+        for _ in range(fanout):
+            # Drains expire with the slot: a drain that waited a whole interval is superseded by the next sweep.
+            drain.apply_async(kwargs={"run_id": run.id}, expires=interval)
+        if fanout:
+            structlog.get_logger("tasks.sweep").info("sweep.fanned_out", run_id=run.id, drains=fanout)
+        counts = catalog.sweeper.sweep(deadline=_deadline())
+        status.add_counts(catalog.db, run.id, counts, finished=True, fanout=fanout)
+        return counts.to_dict()
+
+
+@app.task(name=DRAIN_TASK)
+def drain(run_id: int) -> dict:
+    """A helper's share of a scheduled sweep's backlog; row claims keep the shares disjoint."""
+    with _task_context(drain, run_id=run_id):
+        catalog = runtime.catalog()
+        counts = catalog.sweeper.drain(deadline=_deadline())
+        status.add_counts(catalog.db, run_id, counts)
+        return counts.to_dict()
 
 
 @app.task(name=SWEEP_TASK)
 def sweep(limit: int | None = None) -> dict:
-    structlog.contextvars.bind_contextvars(task_id=sweep.request.id, task="sweep")
-    try:
-        counts = runtime.catalog().sweeper.sweep(limit=limit, deadline=time.monotonic() + SWEEP_TASK_BUDGET_S)
+    """One sweep now, outside the schedule (operators' `sweep --enqueue`, critical volume alerts)."""
+    with _task_context(sweep):
+        catalog = runtime.catalog()
+        run = status.start_run(catalog.db, kind="manual", worker=sweep.request.hostname)
+        counts = catalog.sweeper.sweep(limit=limit, deadline=_deadline())
+        status.add_counts(catalog.db, run.id, counts, finished=True)
         return counts.to_dict()
-    finally:
-        structlog.contextvars.clear_contextvars()
 
 
 @app.task(name=PURGE_TASK)
 def purge(ids: list[str] | None = None, org: str | None = None, actor: str | None = None) -> dict:
-    structlog.contextvars.bind_contextvars(task_id=purge.request.id, task="purge", org=org)
-    try:
+    with _task_context(purge, org=org):
         return runtime.catalog().purge(ids=ids or (), org=org, actor=actor)
-    finally:
-        structlog.contextvars.clear_contextvars()

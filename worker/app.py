@@ -6,6 +6,11 @@ what. These settings make delivery reliable and cheap; each says why.
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+from pathlib import Path
+
 from celery import Celery, signals
 
 from config.logging import configure_logging
@@ -22,8 +27,27 @@ TASK_SOFT_TIME_LIMIT_S = 1500
 SWEEP_TASK_BUDGET_S = 600
 
 
+def _prepare_multiprocess_metrics(directory: Path) -> bool:
+    """Point prometheus-client at a fresh directory so pool processes count into shared files.
+
+    prometheus-client picks its value store when first imported, so this runs before the task
+    modules (and `worker.metrics`) are imported; it declines once that has happened (`run`'s solo
+    pool has one process and needs no files).
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return True
+    if "prometheus_client" in sys.modules:
+        return False
+    shutil.rmtree(directory, ignore_errors=True)  # counters of a previous run's dead processes
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    return True
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
+    if settings.metrics_port:
+        _prepare_multiprocess_metrics(settings.data_dir / "prometheus")
     app = Celery("media_retention", include=["tasks.sweep", "tasks.volume"])
     transport_options: dict = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
     if settings.embedded_broker:
@@ -74,6 +98,25 @@ def _after_fork(**_kwargs) -> None:
     from worker import runtime
 
     runtime.reset()
+
+
+@signals.worker_init.connect
+def _serve_metrics(**_kwargs) -> None:
+    """The worker's main process serves /metrics for itself and its pool processes."""
+    settings = get_settings()
+    if settings.metrics_port:
+        from worker import exporter, runtime
+
+        exporter.serve(runtime.catalog().db, settings.metrics_port)
+        runtime.reset()  # the pool forks after this: children must not inherit its connections
+
+
+@signals.worker_process_shutdown.connect
+def _process_gone(pid: int | None = None, **_kwargs) -> None:
+    if get_settings().metrics_port and pid:
+        from worker import exporter
+
+        exporter.process_exited(pid)
 
 
 app = create_app()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +17,9 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from config.logging import configure_logging
 from config.settings import Settings, get_settings
-from worker import schema
-from worker.catalog import Catalog, ManifestError
+from config.schedule import PURGE_TASK, SWEEP_TASK
+from worker import schema, status
+from worker.catalog import Catalog, ManifestError, default_actor
 from worker.errors import BadInput, Gone, NotFound, RetentionError
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_FOUND = 0, 1, 2, 3
@@ -207,12 +209,14 @@ def register(catalog: Catalog, org_id, file, key, media_id, ttl, created_at, mim
 
 @cli.command()
 @click.argument("media_id", metavar="ID")
+@click.option("--url", "presign", is_flag=True,
+              help="Print a presigned GET URL instead (object store only; valid MEDIA_RETENTION_PRESIGN_TTL, at most 1h).")
 @json_option
 @with_catalog
-def lookup(catalog: Catalog, media_id: str, out: Output) -> None:
+def lookup(catalog: Catalog, media_id: str, presign: bool, out: Output) -> None:
     """Show an active item; exit 3 with a 404 body once it is claimed, deleted or never seen."""
     try:
-        out.result(catalog.lookup(media_id))
+        out.result(catalog.presigned_url(media_id) if presign else catalog.lookup(media_id))
     except Gone as exc:
         click.echo(json.dumps(exc.body, sort_keys=True))
         raise
@@ -221,17 +225,72 @@ def lookup(catalog: Catalog, media_id: str, out: Output) -> None:
         raise
 
 
+def send_to_fleet(task_name: str, out: Output, **kwargs) -> None:
+    """Send a task to the fleet and print its id (the work runs on whichever worker takes it)."""
+    from kombu.exceptions import OperationalError as BrokerError
+
+    from worker.app import app
+
+    try:
+        # A few quick retries: an operator should hear about a dead broker in seconds, not minutes.
+        result = app.send_task(task_name, kwargs=kwargs, retry=True,
+                               retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
+    except BrokerError as exc:
+        raise RetentionError(f"cannot reach the broker at {settings().broker_url}: {exc}") from None
+    out.result({"enqueued": task_name, "task_id": result.id, **{k: v for k, v in kwargs.items() if v is not None}})
+
+
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
 @click.option("--limit", type=click.IntRange(min=1), help="Claim at most N items.")
+@click.option("--enqueue", is_flag=True, help="Send the sweep to the workers instead of running it here.")
 @json_option
 @with_catalog
-def sweep(catalog: Catalog, dry_run: bool, limit: int | None, out: Output) -> None:
-    """Run one sweep now, inline, and print its counts."""
-    counts = catalog.sweeper.sweep(limit=limit, dry_run=dry_run)
-    out.result(counts.to_dict(), title="dry run: nothing was deleted" if dry_run and not out.as_json else None)
+def sweep(catalog: Catalog, dry_run: bool, limit: int | None, enqueue: bool, out: Output) -> None:
+    """Run one sweep now, inline (or on the fleet with --enqueue), and print its counts."""
+    if enqueue:
+        if dry_run:
+            raise BadInput("--dry-run runs here and changes nothing; there is nothing to --enqueue.")
+        send_to_fleet(SWEEP_TASK, out, limit=limit)
+        return
+    if dry_run:
+        counts = catalog.sweeper.sweep(limit=limit, dry_run=True)
+        out.result(counts.to_dict(), title=None if out.as_json else "dry run: nothing was deleted")
+        return
+    run = status.start_run(catalog.db, kind="manual", worker=f"{socket.gethostname()} (cli)")
+    counts = catalog.sweeper.sweep(limit=limit)
+    status.add_counts(catalog.db, run.id, counts, finished=True)
+    out.result(counts.to_dict())
     if counts.failed:
         sys.exit(EXIT_FAILURE)
+
+
+@cli.command("status")
+@json_option
+@with_catalog
+def status_command(catalog: Catalog, out: Output) -> None:
+    """Last sweep, backlog, the oldest overdue item and stuck deletions, fleet-wide."""
+    numbers = status.fleet_status(catalog.db)
+    if out.as_json:
+        out.result(numbers)
+        return
+    last = numbers["last_sweep"]
+    click.echo(f"now:            {numbers['now']}")
+    if last:
+        click.echo(f"last sweep:     #{last['id']} {last['kind']} on {last['worker']}, started {last['started_at']}, "
+                   f"finished {last['finished_at'] or '(running)'}")
+        click.echo(f"                claimed {last['claimed']}, deleted {last['deleted']}, failed {last['failed']}, "
+                   f"freed {last['bytes_freed']} bytes, held {last['held_skipped']}, fan-out {last['fanout']}")
+    else:
+        click.echo("last sweep:     never")
+    backlog = numbers["backlog"]
+    click.echo(f"backlog:        {backlog['due']} due ({backlog['due_bytes']} bytes), {backlog['deleting']} being deleted")
+    oldest = numbers["oldest_overdue"]
+    click.echo(f"oldest overdue: {oldest['id']} expired {oldest['expires_at']} ({oldest['overdue_seconds']:.0f}s ago)" if oldest else "oldest overdue: none")
+    click.echo(f"held expired:   {numbers['held_expired']}")
+    click.echo(f"stuck:          {numbers['stuck']['count']}")
+    for item in numbers["stuck"]["items"]:
+        click.echo(f"  - {item['id']}: {item['attempts']} attempts, lease until {item['lease_until']}, last error: {item['last_error']}")
 
 
 def _scope(ids: tuple[str, ...], org_id: str | None) -> None:
@@ -244,12 +303,15 @@ def _scope(ids: tuple[str, ...], org_id: str | None) -> None:
 @click.option("--org", "org_id", help="Purge every unheld item of this organization.")
 @click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--enqueue", "enqueue_it", is_flag=True, help="Send the purge to the workers instead of running it here.")
 @click.option("--by", "actor", help="Who purges (recorded; default: the OS user).")
 @json_option
 @with_catalog
-def purge(catalog: Catalog, ids, org_id, dry_run, yes, actor, out: Output) -> None:
+def purge(catalog: Catalog, ids, org_id, dry_run, yes, enqueue_it, actor, out: Output) -> None:
     """Delete media now regardless of expiry (never held media)."""
     _scope(ids, org_id)
+    if dry_run and enqueue_it:
+        raise BadInput("--dry-run runs here and changes nothing; there is nothing to --enqueue.")
     if not dry_run and not yes:
         preview = catalog.purge(ids=ids, org=org_id, dry_run=True)
         what = f"{preview['eligible']} items ({preview['eligible_bytes']} bytes)"
@@ -257,6 +319,10 @@ def purge(catalog: Catalog, ids, org_id, dry_run, yes, actor, out: Output) -> No
             raise BadInput(f"purge would delete {what} now; pass --yes to confirm or --dry-run to preview.")
         if not click.confirm(f"Delete {what} now?", err=True):
             raise click.Abort()
+    if enqueue_it:
+        catalog.purge(ids=ids, org=org_id, dry_run=True)  # validates IDs, org and holds before anything is sent
+        send_to_fleet(PURGE_TASK, out, ids=list(ids) or None, org=org_id, actor=actor or default_actor())
+        return
     summary = catalog.purge(ids=ids, org=org_id, dry_run=dry_run, actor=actor)
     out.result(summary)
     if summary.get("failed"):

@@ -145,6 +145,29 @@ class AuditEvent(Base):
     __table_args__ = (Index("ix_audit_events_org_id_at", "org_id", "at"),)
 
 
+class SweepRun(Base):
+    """One sweep: when it ran, who ran it and what it did. Scheduled sweeps carry their schedule
+    slot, unique, so a second beat's message for the same slot finds it taken and does nothing."""
+
+    __tablename__ = "sweep_runs"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # scheduled | manual
+    slot: Mapped[str | None] = mapped_column(String(64), unique=True)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=db_now())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    fanout: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # Totals of the run, fan-out drains included (each drain adds its own counts when it ends).
+    claimed: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    deleted: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    failed: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    bytes_freed: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    held_skipped: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+
+    __table_args__ = (Index("ix_sweep_runs_started_at", "started_at"),)
+
+
 class VolumeSample(Base):
     """One measurement of the media volume, by the database clock, so every worker projects from the same series."""
 

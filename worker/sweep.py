@@ -26,6 +26,7 @@ from datetime import timedelta
 import structlog
 from sqlalchemy import BigInteger, Integer, String, and_, bindparam, func, or_, select, text, update
 
+from worker import metrics
 from worker.db import Database, db_now, plus_seconds
 from worker.models import MediaItem, Organization, Reason, State
 from worker.store import BlobStore, DeleteResult
@@ -225,6 +226,10 @@ class Sweeper:
                     ],
                 )
                 counts.failed = len(failed)
+        for item, result in done:
+            metrics.DELETED_ITEMS.labels(reason=item.reason).inc()
+        metrics.FREED_BYTES.inc(counts.bytes_freed)
+        metrics.DELETE_FAILURES.inc(counts.failed)
         for item, result in failed:
             log.warning(
                 "sweep.delete_failed",
@@ -279,12 +284,16 @@ class Sweeper:
         with self.db.transaction() as session:
             return session.scalar(statement) or 0
 
+    def drain(self, *, limit: int | None = None, deadline: float | None = None) -> SweepCounts:
+        """Claim and delete due items batch by batch until none are left, `limit` or `deadline`."""
+        return self._drain(self.claim_expired, limit, deadline, "sweep")
+
     def sweep(self, *, limit: int | None = None, dry_run: bool = False, deadline: float | None = None) -> SweepCounts:
         """Delete every expired, unheld item (up to `limit`); with `dry_run`, only report them."""
         if dry_run:
             return self.preview(limit)
         started = time.monotonic()
-        counts = self._drain(self.claim_expired, limit, deadline, "sweep")
+        counts = self.drain(limit=limit, deadline=deadline)
         counts.held_skipped = self.held_expired_count()
         log.info("sweep.finished", **counts.to_dict(), seconds=round(time.monotonic() - started, 3))
         return counts

@@ -60,5 +60,5 @@ def test_run_starts_from_an_empty_data_dir_and_a_scheduled_sweep_deletes_an_expi
     log.seek(0)
     events = [json.loads(line) for line in log if line.startswith("{")]
     finished = [e for e in events if e.get("event") == "sweep.finished" and e.get("deleted")]
-    assert finished and finished[0]["task"] == "sweep" and finished[0]["task_id"]
+    assert finished and finished[0]["task"] == "scheduled_sweep" and finished[0]["task_id"]
     assert (data_dir / "broker").is_dir()

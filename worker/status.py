@@ -1,0 +1,152 @@
+"""Sweep runs and fleet status: what the last sweep did, how much is due, what is stuck.
+
+Everything here is read from the database, so any process (a CLI, an exporter, any worker) sees the
+whole fleet's numbers, not its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from worker.db import Database, db_now
+from worker.models import MediaItem, Organization, State, SweepRun
+from worker.sweep import SweepCounts
+
+log = structlog.get_logger("worker.status")
+
+# How many stuck items `status` lists by name; the count covers all of them.
+STUCK_LISTING = 20
+
+
+def schedule_slot(now: datetime, interval_seconds: float) -> str:
+    """The beat slot a moment falls in; every beat's message for the same slot maps to the same string."""
+    return f"{int(interval_seconds)}s:{int(now.timestamp() // interval_seconds)}"
+
+
+def plan_fanout(due: int, batch_size: int, max_fanout: int) -> int:
+    """Extra drain tasks to send so idle worker processes share a backlog: one per further batch,
+    capped. A backlog the coordinator clears in one batch needs no help."""
+    if due <= batch_size:
+        return 0
+    return min(math.ceil(due / batch_size) - 1, max_fanout)
+
+
+@dataclass
+class Run:
+    id: int
+    slot: str | None
+
+
+def start_run(db: Database, *, kind: str, worker: str | None, interval_seconds: float | None = None) -> Run | None:
+    """Record a sweep's start. For a scheduled sweep, None when its slot is already taken."""
+    with db.transaction() as session:
+        now = session.scalar(select(db_now()))
+    slot = schedule_slot(now, interval_seconds) if interval_seconds else None
+    try:
+        with db.transaction() as session:
+            run = SweepRun(kind=kind, slot=slot, worker=worker)
+            session.add(run)
+            session.flush()
+            return Run(run.id, slot)
+    except IntegrityError:
+        log.info("sweep.slot_taken", slot=slot, worker=worker)
+        return None
+
+
+def add_counts(db: Database, run_id: int, counts: SweepCounts, *, finished: bool = False, fanout: int | None = None) -> None:
+    """Add counts to a run atomically (drains finish concurrently with their coordinator)."""
+    table = SweepRun.__table__
+    values = {
+        name: table.c[name] + getattr(counts, name)
+        for name in ("claimed", "deleted", "failed", "bytes_freed")
+    }
+    if finished:
+        values.update(finished_at=db_now(), held_skipped=counts.held_skipped)
+    if fanout is not None:
+        values["fanout"] = fanout
+    with db.transaction() as session:
+        session.execute(update(table).where(table.c.id == run_id).values(**values))
+
+
+def due_count(db: Database) -> int:
+    """Expired, unheld, active items: what a sweep would claim now (index range scan on expiry)."""
+    items, orgs = MediaItem.__table__, Organization.__table__
+    with db.transaction() as session:
+        return session.scalar(
+            select(func.count())
+            .select_from(items.join(orgs, orgs.c.id == items.c.org_id))
+            .where(items.c.state == State.ACTIVE.value, items.c.expires_at <= db_now(), items.c.held_at.is_(None), orgs.c.held_at.is_(None))
+        ) or 0
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def fleet_status(db: Database) -> dict:
+    """The numbers an operator asks for first: last sweep, backlog, oldest overdue item, stuck deletions."""
+    items, orgs, runs = MediaItem.__table__, Organization.__table__, SweepRun.__table__
+    joined = items.join(orgs, orgs.c.id == items.c.org_id)
+    due = (items.c.state == State.ACTIVE.value) & (items.c.expires_at <= db_now()) & items.c.held_at.is_(None) & orgs.c.held_at.is_(None)
+    deleting = items.c.state == State.DELETING.value
+    with db.transaction() as session:
+        now = session.scalar(select(db_now()))
+        last = session.execute(select(runs).order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(1)).first()
+        last_finished = session.execute(
+            select(runs).where(runs.c.finished_at.is_not(None)).order_by(runs.c.finished_at.desc()).limit(1)
+        ).first()
+        due_items, due_bytes = session.execute(
+            select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).select_from(joined).where(due)
+        ).one()
+        deleting_items = session.scalar(select(func.count()).where(deleting)) or 0
+        oldest = session.execute(
+            select(items.c.id, items.c.expires_at).select_from(joined).where(due | deleting).order_by(items.c.expires_at).limit(1)
+        ).first()
+        # Stuck: a delete failed at least once, or a claim's lease ran out and nobody took it over yet.
+        stuck_filter = deleting & or_(items.c.attempts > 0, items.c.lease_until < db_now())
+        stuck_count = session.scalar(select(func.count()).where(stuck_filter)) or 0
+        stuck = session.execute(
+            select(items.c.id, items.c.attempts, items.c.last_error, items.c.lease_until, items.c.claimed_at)
+            .where(stuck_filter)
+            .order_by(items.c.attempts.desc(), items.c.claimed_at)
+            .limit(STUCK_LISTING)
+        ).all()
+        held_expired = session.scalar(
+            select(func.count()).select_from(joined).where(
+                items.c.state == State.ACTIVE.value, items.c.expires_at <= db_now(), or_(items.c.held_at.is_not(None), orgs.c.held_at.is_not(None))
+            )
+        ) or 0
+
+    def run_dict(row) -> dict | None:
+        if row is None:
+            return None
+        return {
+            "id": row.id, "kind": row.kind, "worker": row.worker, "started_at": _iso(row.started_at),
+            "finished_at": _iso(row.finished_at), "fanout": row.fanout, "claimed": row.claimed, "deleted": row.deleted,
+            "failed": row.failed, "bytes_freed": row.bytes_freed, "held_skipped": row.held_skipped,
+        }
+
+    return {
+        "now": now.isoformat(),
+        "last_sweep": run_dict(last),
+        "last_finished_sweep": run_dict(last_finished),
+        "backlog": {"due": int(due_items), "deleting": int(deleting_items), "total": int(due_items) + int(deleting_items), "due_bytes": int(due_bytes)},
+        "oldest_overdue": None if oldest is None else {
+            "id": oldest.id, "expires_at": oldest.expires_at.isoformat(),
+            "overdue_seconds": round((now - oldest.expires_at).total_seconds(), 3),
+        },
+        "stuck": {
+            "count": int(stuck_count),
+            "items": [
+                {"id": r.id, "attempts": r.attempts, "last_error": r.last_error, "lease_until": _iso(r.lease_until), "claimed_at": _iso(r.claimed_at)}
+                for r in stuck
+            ],
+        },
+        "held_expired": int(held_expired),
+    }
