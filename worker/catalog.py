@@ -438,6 +438,19 @@ class Catalog:
             raise Gone(f"media id {media_id!r} is gone ({item.deletion_reason}).", body)
         return item.to_dict()
 
+    def presigned_url(self, media_id: str) -> dict:
+        """A presigned GET URL for an active item, valid for `presign_ttl`. Raises BadInput on a store
+        without presigned URLs (filesystem), then Gone or NotFound exactly like `lookup`."""
+        validate_id(media_id)
+        if not self.store.can_presign:
+            raise BadInput(f"lookup --url needs an object store (s3://...); {self.store.url} cannot hand out presigned URLs.")
+        item = self.lookup(media_id)
+        seconds = int(self.settings.presign_ttl.total_seconds())
+        url = self.store.presigned_url(item["key"], seconds)
+        expires_at = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+        log.info("media.presigned", media_id=media_id, expires_in_s=seconds)
+        return {"id": media_id, "url": url, "expires_in": seconds, "expires_at": expires_at.isoformat()}
+
     # -- holds ---------------------------------------------------------------------------------
 
     def _require_items(self, session, ids: Sequence[str]) -> dict[str, MediaItem]:
@@ -531,4 +544,5 @@ class Catalog:
 
 
 def store_options(settings: Settings) -> dict:
-    return {"delete_threads": settings.delete_threads, "endpoint_url": settings.s3_endpoint_url}
+    return {"delete_threads": settings.delete_threads, "endpoint_url": settings.s3_endpoint_url,
+            "delete_mode": settings.s3_delete_mode, "addressing_style": settings.s3_addressing_style}

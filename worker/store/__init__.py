@@ -51,6 +51,13 @@ class BlobStore(abc.ABC):
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
 
+    # Only object stores can hand out presigned URLs; callers check this before any other work.
+    can_presign = False
+
+    def presigned_url(self, key: str, expires_in: int) -> str:
+        """A GET URL for `key`, valid for `expires_in` seconds, that needs no other credentials."""
+        raise BadInput(f"presigned URLs need an object store (s3://...); {self.url} cannot hand them out.")
+
     def close(self) -> None:
         """Release pools and threads."""
 

@@ -1,0 +1,382 @@
+"""S3-compatible object store: AWS S3, MinIO, Cloudflare R2, Google Cloud Storage's XML API.
+
+Confinement: every key is checked by `validate_key` before it is joined to the prefix, and listings
+ask only for `prefix/`, so this store never names an object outside `bucket/prefix`.
+
+Deletes go out as `DeleteObjects` requests of up to 1000 keys (or, with `delete_mode="single"`, as
+concurrent `DeleteObject` calls for endpoints without multi-object delete). The per-key `Errors` of
+every answer are read: `NoSuchKey` counts as deleted, throttling (`SlowDown`, 503) is backed off and
+retried here a few times, and anything else comes back as a failed `DeleteResult` for the sweep to
+retry later with its own, longer backoff. No store error escapes `delete_many` as an exception.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+import boto3
+import structlog
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from worker.errors import BadInput, StoreError
+from worker.store import BlobInfo, BlobStore, DeleteResult, chunked
+from worker.store.keys import validate_key
+
+log = structlog.get_logger("worker.store.s3")
+
+# S3's own limit for one DeleteObjects request.
+MAX_DELETE_KEYS = 1000
+# botocore's attempts per request (standard mode: exponential backoff with jitter on connection
+# errors, 5xx and throttling). 3 is botocore's default and keeps a dead endpoint from stalling a
+# batch for long; the sweep retries what is still failing on its own schedule.
+BOTOCORE_MAX_ATTEMPTS = 3
+# When botocore has given up on a throttled request, or an answer names keys as SlowDown, we back off
+# for longer than botocore does and retry just those keys: 3 rounds of about 1, 2 and 4 s spread the
+# load over ~7 s, well inside the claim lease (5 min), before the keys are reported failed.
+THROTTLE_ROUNDS = 3
+THROTTLE_BASE_SECONDS = 1.0
+THROTTLE_CAP_SECONDS = 8.0
+# Per-key error codes that mean "busy, try again": S3 documents InternalError and SlowDown as
+# retryable answers inside a DeleteObjects response.
+_THROTTLED = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "503"})
+_MISSING = frozenset({"NoSuchKey", "NotFound", "404"})
+# A conditional create lost against another writer (412) or a concurrent conditional write (409).
+_ALREADY_EXISTS = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+# s3transfer's default: files above 8 MiB go up in 8 MiB parts, so a retry resends at most one part
+# and WhatsApp's 100 MB documents upload as ~12 parallel parts.
+MULTIPART_BYTES = 8 * 1024 * 1024
+# Connecting to a healthy endpoint takes milliseconds; 10 s still rides out a cold load balancer.
+# Reads wait up to 60 s because a 1000-key DeleteObjects can take seconds on a busy bucket.
+CONNECT_TIMEOUT_SECONDS = 10
+READ_TIMEOUT_SECONDS = 60
+# Bucket names: AWS allows 3-63 of a-z0-9.- ; GCS allows up to 222 and underscores, R2 similar.
+_BUCKET_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+# SigV4 presigned URLs are valid for at most 7 days.
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+
+
+def _error_of(exc: ClientError) -> tuple[str, int, str]:
+    error = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return str(error.get("Code") or status), status, str(error.get("Message") or "")
+
+
+class S3Store(BlobStore):
+    can_presign = True
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        delete_threads: int = 8,
+        delete_mode: Literal["batch", "single"] = "batch",
+        addressing_style: Literal["auto", "path", "virtual"] = "auto",
+        throttle_backoff: float = THROTTLE_BASE_SECONDS,
+        throttle_rounds: int = THROTTLE_ROUNDS,
+        multipart_bytes: int = MULTIPART_BYTES,
+    ):
+        if not 3 <= len(bucket) <= 222 or not set(bucket) <= _BUCKET_CHARS or bucket[0] in ".-_" or bucket[-1] in ".-_":
+            raise BadInput(f"invalid bucket name {bucket!r}: use 3-222 letters, digits, '.', '-' or '_'.")
+        prefix = prefix.strip("/")
+        if prefix:
+            try:
+                validate_key(prefix)
+            except BadInput as exc:
+                raise BadInput(f"invalid prefix in storage URL: {exc}") from None
+        if delete_mode not in ("batch", "single"):
+            raise BadInput(f"invalid S3 delete mode {delete_mode!r}: use 'batch' or 'single'.")
+        self.bucket = bucket
+        self.prefix = prefix
+        self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        self.endpoint_url = endpoint_url
+        self.delete_mode = delete_mode
+        self._threads = delete_threads
+        self._throttle_backoff = throttle_backoff
+        self._throttle_rounds = throttle_rounds
+        config = Config(
+            retries={"mode": "standard", "total_max_attempts": BOTOCORE_MAX_ATTEMPTS},
+            # One connection per delete or upload thread, so no thread waits for a socket.
+            max_pool_connections=delete_threads,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            read_timeout=READ_TIMEOUT_SECONDS,
+            s3={"addressing_style": addressing_style},
+            # SigV4 everywhere: boto3 would presign with legacy SigV2 in us-east-1, which newer regions
+            # and most S3-compatible endpoints refuse.
+            signature_version="s3v4",
+            # Checksums only where S3 requires them (DeleteObjects): several S3-compatible endpoints
+            # reject the trailing checksums botocore would otherwise add to every upload.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        # A session of our own: boto3's default session is not safe to share between threads.
+        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
+        # Every write this client makes is create-only, so no upload can replace an existing blob.
+        for operation in ("PutObject", "CompleteMultipartUpload"):
+            self.client.meta.events.register(f"before-parameter-build.s3.{operation}", _create_only)
+        self._transfer_config = TransferConfig(
+            multipart_threshold=multipart_bytes, multipart_chunksize=multipart_bytes, max_concurrency=delete_threads
+        )
+        self._transfer = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, *, endpoint_url: str | None = None, delete_threads: int = 8,
+                 delete_mode: Literal["batch", "single"] = "batch", addressing_style: Literal["auto", "path", "virtual"] = "auto",
+                 **other_backends_options) -> "S3Store":
+        """`s3://bucket[/prefix]`; options meant for other backends (the settings pass one set) are ignored."""
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise BadInput(f"invalid storage URL {url!r}: use s3://bucket or s3://bucket/prefix.")
+        if parsed.username or parsed.password or parsed.port or parsed.query or parsed.fragment:
+            raise BadInput(f"invalid storage URL {url!r}: give only s3://bucket/prefix; credentials go where boto3 looks for them.")
+        return cls(parsed.netloc, parsed.path, endpoint_url=endpoint_url, delete_threads=delete_threads,
+                   delete_mode=delete_mode, addressing_style=addressing_style)
+
+    def _object_key(self, key: str) -> str:
+        """The object's full key, only ever built from a validated key."""
+        validate_key(key)
+        # XML 1.0 cannot carry control characters: one such key would turn a whole DeleteObjects
+        # request into MalformedXML and fail the other 999 keys with it.
+        if any(ord(char) < 0x20 or char == "\x7f" for char in key):
+            raise BadInput(f"invalid storage key {key!r}: control characters cannot be sent to an S3 store.")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="s3-delete")
+            return self._pool
+
+    # -- reads and writes ----------------------------------------------------------------------
+
+    def stat(self, key: str) -> BlobInfo | None:
+        full = self._object_key(key)
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=full)
+        except ClientError as exc:
+            code, status, message = _error_of(exc)
+            if status == 404 or code in _MISSING:
+                return None
+            raise StoreError(f"cannot read {key!r} in {self.url}: {code} {message}".strip() + ".") from None
+        except BotoCoreError as exc:
+            raise StoreError(f"cannot reach {self.url}: {exc}") from None
+        return BlobInfo(key=key, size=int(head["ContentLength"]))
+
+    def put_file(self, key: str, source: Path) -> int:
+        full = self._object_key(key)
+        # Asking first gives a clear error on endpoints that ignore conditional writes; the
+        # If-None-Match on the upload itself closes the race with a concurrent writer.
+        if self.stat(key) is not None:
+            raise BadInput(f"a blob already exists at storage key {key!r}; refusing to overwrite it.")
+        with self._lock:
+            if self._transfer is None:
+                self._transfer = create_transfer_manager(self.client, self._transfer_config)
+            transfer = self._transfer
+        try:
+            transfer.upload(str(source), self.bucket, full).result()
+        except ClientError as exc:
+            code, status, message = _error_of(exc)
+            if code in _ALREADY_EXISTS or status in (409, 412):
+                raise BadInput(f"a blob already exists at storage key {key!r}; refusing to overwrite it.") from None
+            raise StoreError(f"cannot upload {key!r} to {self.url}: {code} {message}".strip() + ".") from None
+        except BotoCoreError as exc:
+            raise StoreError(f"cannot upload {key!r} to {self.url}: {exc}") from None
+        except OSError as exc:
+            raise BadInput(f"cannot read {str(source)!r}: {exc.strerror or exc}.") from None
+        # The size the store holds, not the file's size now: the file may have changed meanwhile.
+        info = self.stat(key)
+        if info is None:
+            raise StoreError(f"upload of {key!r} to {self.url} finished but the object is not there.")
+        log.debug("store.s3.uploaded", key=key, size=info.size)
+        return info.size
+
+    def presigned_url(self, key: str, expires_in: int) -> str:
+        if not 1 <= expires_in <= MAX_PRESIGN_SECONDS:
+            raise BadInput(f"a presigned URL must be valid for 1 s to 7 days, not {expires_in} s.")
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._object_key(key)}, ExpiresIn=int(expires_in)
+        )
+
+    def iter_keys(self) -> Iterator[BlobInfo]:
+        # The trailing slash keeps `media-old/...` out of a listing of prefix `media`.
+        listed = f"{self.prefix}/" if self.prefix else ""
+        skipped = 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=listed, PaginationConfig={"PageSize": MAX_DELETE_KEYS}):
+                for entry in page.get("Contents", []):
+                    name = entry["Key"]
+                    if not name.startswith(listed):
+                        continue
+                    relative = name[len(listed):]
+                    try:
+                        self._object_key(relative)
+                    except BadInput:
+                        # e.g. `dir/` markers or `a//b`: no item can have this key, and we could not
+                        # address it safely, so reconciliation never sees it.
+                        skipped += 1
+                        continue
+                    yield BlobInfo(key=relative, size=int(entry["Size"]))
+        except ClientError as exc:
+            code, _, message = _error_of(exc)
+            raise StoreError(f"cannot list {self.url}: {code} {message}".strip() + ".") from None
+        except BotoCoreError as exc:
+            raise StoreError(f"cannot list {self.url}: {exc}") from None
+        if skipped:
+            log.warning("store.s3.unaddressable_keys_skipped", store=self.url, count=skipped)
+
+    # -- deletes -------------------------------------------------------------------------------
+
+    def delete_many(self, keys: list[str]) -> list[DeleteResult]:
+        refused: dict[str, DeleteResult] = {}
+        objects: dict[str, str] = {}  # full object key -> key, once each even if a key repeats
+        for key in keys:
+            try:
+                objects.setdefault(self._object_key(key), key)
+            except BadInput as exc:
+                refused[key] = DeleteResult(key, ok=False, error=f"refused: {exc}")
+        outcome: dict[str, DeleteResult] = {}
+        if objects:
+            if self.delete_mode == "single":
+                work, units = self._delete_one, list(objects)
+            else:
+                work, units = self._delete_chunk, list(chunked(objects, MAX_DELETE_KEYS))
+            if len(units) == 1 or self._threads == 1:
+                parts = [work(unit) for unit in units]
+            else:
+                parts = list(self._executor().map(work, units))
+            for part in parts:
+                outcome.update(part)
+        results = []
+        for key in keys:
+            if key in refused:
+                results.append(refused[key])
+                continue
+            found = outcome[self._object_key(key)]
+            results.append(DeleteResult(key, ok=found.ok, missing=found.missing, error=found.error))
+        return results
+
+    def _backoff(self, round_number: int) -> float:
+        """Seconds before throttled round `round_number` (1, 2, ...): doubling, half of it jittered."""
+        delay = min(self._throttle_backoff * 2 ** (round_number - 1), THROTTLE_CAP_SECONDS)
+        return delay / 2 + random.uniform(0, delay / 2)
+
+    def _delete_chunk(self, objects: list[str]) -> dict[str, DeleteResult]:
+        """Delete up to 1000 objects with DeleteObjects, retrying throttled keys a few rounds."""
+        outcome: dict[str, DeleteResult] = {}
+        pending = objects
+        for round_number in range(self._throttle_rounds + 1):
+            throttled, reason = self._delete_request(pending, outcome)
+            if not throttled:
+                break
+            if round_number == self._throttle_rounds:
+                log.warning("store.s3.delete_throttled_gave_up", store=self.url, keys=len(throttled), rounds=round_number, error=reason)
+                for name in throttled:
+                    outcome[name] = DeleteResult(name, ok=False, error=f"{reason} (still throttled after {self._throttle_rounds} retries)")
+                break
+            delay = self._backoff(round_number + 1)
+            log.warning("store.s3.delete_retry", store=self.url, keys=len(throttled), round=round_number + 1, delay_s=round(delay, 3), error=reason)
+            time.sleep(delay)
+            pending = throttled
+        return outcome
+
+    def _delete_request(self, objects: list[str], outcome: dict[str, DeleteResult]) -> tuple[list[str], str | None]:
+        """One DeleteObjects request; record final results in `outcome`, return the keys to retry."""
+        try:
+            answer = self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": name} for name in objects], "Quiet": False}
+            )
+        except ClientError as exc:
+            code, status, message = _error_of(exc)
+            error = f"{code}: {message}" if message else code
+            if code in _THROTTLED or status == 503:
+                return list(objects), error
+            self._fail_request(objects, error, outcome)
+            return [], None
+        except BotoCoreError as exc:
+            # A reset or timeout that outlasted botocore's retries: the request as a whole failed.
+            self._fail_request(objects, f"{type(exc).__name__}: {exc}", outcome)
+            return [], None
+        asked = set(objects)
+        throttled: dict[str, None] = {}  # ordered set
+        reason = None
+        codes: Counter[str] = Counter()
+        for entry in answer.get("Errors", []):
+            name, code = entry.get("Key"), str(entry.get("Code") or "UnknownError")
+            if name not in asked or name in outcome or name in throttled:
+                continue
+            codes[code] += 1
+            if code in _MISSING:
+                outcome[name] = DeleteResult(name, ok=True, missing=True)
+            elif code in _THROTTLED:
+                throttled[name] = None
+                reason = code
+            else:
+                message = entry.get("Message")
+                outcome[name] = DeleteResult(name, ok=False, error=f"{code}: {message}" if message else code)
+        deleted = {entry.get("Key") for entry in answer.get("Deleted", [])}
+        for name in objects:
+            if name in outcome or name in throttled:
+                continue
+            if name in deleted:
+                outcome[name] = DeleteResult(name, ok=True)
+            else:
+                # Never take silence for success: only a key the store confirms is deleted.
+                outcome[name] = DeleteResult(name, ok=False, error="the store's DeleteObjects answer did not mention this key")
+        if codes:
+            log.warning("store.s3.delete_key_errors", store=self.url, keys=len(objects), codes=dict(codes))
+        return list(throttled), reason
+
+    def _fail_request(self, objects: list[str], error: str, outcome: dict[str, DeleteResult]) -> None:
+        log.warning("store.s3.delete_request_failed", store=self.url, keys=len(objects), error=error)
+        for name in objects:
+            outcome[name] = DeleteResult(name, ok=False, error=error)
+
+    def _delete_one(self, name: str) -> dict[str, DeleteResult]:
+        """Single-object delete (mode "single"), for endpoints without DeleteObjects."""
+        for round_number in range(self._throttle_rounds + 1):
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=name)
+                return {name: DeleteResult(name, ok=True)}
+            except ClientError as exc:
+                code, status, message = _error_of(exc)
+                error = f"{code}: {message}" if message else code
+                if status == 404 or code in _MISSING:
+                    return {name: DeleteResult(name, ok=True, missing=True)}
+                if (code in _THROTTLED or status == 503) and round_number < self._throttle_rounds:
+                    delay = self._backoff(round_number + 1)
+                    log.warning("store.s3.delete_retry", store=self.url, keys=1, round=round_number + 1, delay_s=round(delay, 3), error=error)
+                    time.sleep(delay)
+                    continue
+                return {name: DeleteResult(name, ok=False, error=error)}
+            except BotoCoreError as exc:
+                return {name: DeleteResult(name, ok=False, error=f"{type(exc).__name__}: {exc}")}
+        raise AssertionError("unreachable: the last round always returns")
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+            transfer, self._transfer = self._transfer, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        if transfer is not None:
+            transfer.shutdown()
+        self.client.close()
+
+
+def _create_only(params: dict, **_) -> None:
+    """botocore hook: make PutObject/CompleteMultipartUpload fail (412) rather than overwrite."""
+    params.setdefault("IfNoneMatch", "*")
