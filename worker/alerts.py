@@ -359,7 +359,7 @@ class VolumeMonitor:
         self.enqueue_sweep = enqueue_sweep
         self.webhook = webhook if webhook is not None else WebhookSink.from_settings(settings)
         self.thresholds = Thresholds.from_settings(settings)
-        self.window_seconds = int(settings.volume_projection_window.total_seconds())
+        self.window = settings.volume_projection_window
         slack = self.webhook.worst_case_seconds + REDELIVERY_SLACK_SECONDS if self.webhook else 0
         self.redeliver_after = timedelta(seconds=slack)
         metrics.publish_volume_settings(settings)
@@ -370,9 +370,9 @@ class VolumeMonitor:
 
     # -- database steps, each its own short transaction --
 
-    def _window(self, session) -> list[Usage]:
+    def _window(self, session, now: datetime) -> list[Usage]:
         rows = session.scalars(
-            select(VolumeSample).where(VolumeSample.taken_at >= db_now(-self.window_seconds)).order_by(VolumeSample.taken_at)
+            select(VolumeSample).where(VolumeSample.taken_at >= now - self.window).order_by(VolumeSample.taken_at)
         ).all()
         return [Usage(r.used_bytes, r.total_bytes, r.used_inodes, r.total_inodes, taken_at=r.taken_at) for r in rows]
 
@@ -392,13 +392,14 @@ class VolumeMonitor:
 
     def _record(self, usage: Usage) -> tuple[list[Usage], datetime, AlertState]:
         with self.db.transaction() as session:
-            session.add(VolumeSample(used_bytes=usage.used_bytes, total_bytes=usage.total_bytes,
+            # Cut-offs are computed from the database's `now` and bound as values: the clock is still
+            # the database's, and the statements stay the same whatever the window.
+            now = session.scalar(select(db_now()))
+            session.add(VolumeSample(taken_at=now, used_bytes=usage.used_bytes, total_bytes=usage.total_bytes,
                                      used_inodes=usage.used_inodes, total_inodes=usage.total_inodes))
             session.flush()
-            session.execute(delete(VolumeSample).where(VolumeSample.taken_at < db_now(-self.window_seconds)))
-            window = self._window(session)
-            now = session.scalar(select(db_now()))
-            return window, now, self._state(session, create=True)
+            session.execute(delete(VolumeSample).where(VolumeSample.taken_at < now - self.window))
+            return self._window(session, now), now, self._state(session, create=True)
 
     def _reread(self) -> tuple[datetime, AlertState]:
         with self.db.transaction() as session:
@@ -447,7 +448,7 @@ class VolumeMonitor:
                 state = replace(new, version=state.version + 1)
                 notification = replace(notification, state=state)
                 break
-            log.debug("volume.alert_race_lost", seen_version=state.version)
+            log.debug("volume.state_race_lost", seen_version=state.version)
             notification = None
             now, state = self._reread()
         report.projection, report.evaluation, report.alert = projection, evaluation, state
@@ -510,7 +511,7 @@ class VolumeMonitor:
         report = VolumeReport(storage=self.settings.storage_url, usage=usage, thresholds=self.thresholds)
         with self.db.transaction() as session:
             now = session.scalar(select(db_now()))
-            window = self._window(session)
+            window = self._window(session, now)
             state = self._state(session, create=False)
         report.alert = state
         if not usage.ratios():
