@@ -1,0 +1,500 @@
+"""Volume checks against the real filesystem, a real HTTP receiver and a SQLite catalog.
+
+The alert state is a row in the catalog database changed by compare-and-set; these tests race
+several workers (threads, each with its own engine, as separate processes would have) on SQLite;
+tests/integration/test_volume.py does the same on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+import structlog
+from prometheus_client import REGISTRY
+from sqlalchemy import insert, select, update
+
+from config.schedule import SWEEP_TASK
+from config.settings import Settings, get_settings, load_settings
+from tests.factories import bulk_expired
+from worker.alerts import VolumeMonitor, WebhookSink, store_usage
+from worker.catalog import Catalog
+from worker.cli import main
+from worker.db import Database, db_now
+from worker.models import MediaItem, Organization, State, VolumeAlert, VolumeSample
+from worker.store import BlobStore
+from worker.store.fs import FilesystemStore
+from worker.volume import Usage, filesystem_usage
+
+
+class Receiver:
+    """A real HTTP endpoint on 127.0.0.1: records every POST and answers `ok` (200), `fail` (500),
+    `refuse` (400) or `hang` (reads the request, then never answers until the test ends)."""
+
+    def __init__(self) -> None:
+        self.posts: list[dict] = []
+        self.behaviour = "ok"
+        self.arrived = threading.Event()
+        self._release = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.posts.append({"path": self.path, "content_type": self.headers["Content-Type"],
+                                       "at": time.monotonic(), "json": json.loads(body)})
+                receiver.arrived.set()
+                if receiver.behaviour == "hang":
+                    receiver._release.wait(30)
+                    return
+                self.send_response({"ok": 200, "fail": 500, "refuse": 400}[receiver.behaviour])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/alertmanager?token=s3cret"
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def payloads(self) -> list[dict]:
+        return [post["json"] for post in self.posts]
+
+    def close(self) -> None:
+        self._release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """An Alertmanager-style webhook receiver started for this test."""
+    server = Receiver()
+    yield server
+    server.close()
+
+
+def volume_settings(tmp_path: Path, db: Database, **overrides) -> Settings:
+    values = dict(data_dir=tmp_path / "data", database_url=db.url, storage_url=(tmp_path / "media").as_uri())
+    values.update(overrides)
+    return load_settings(**values)
+
+
+def real_ratio(path: Path) -> float:
+    """The fullest resource of the filesystem holding `path`, as the monitor will see it."""
+    return max(filesystem_usage(path).ratios().values())
+
+
+def thresholds_below(ratio: float) -> dict:
+    """Warn and critical both below the real usage: the volume is critical."""
+    return {"volume_warn": ratio * 0.5, "volume_critical": ratio * 0.75, "volume_hysteresis": min(0.01, ratio * 0.25)}
+
+
+def thresholds_above(ratio: float) -> dict:
+    """Warn and critical both well above the real usage (beyond the hysteresis): the volume is fine."""
+    if ratio > 0.95:
+        pytest.skip(f"the test filesystem is {ratio:.0%} full; no room for thresholds above it")
+    return {"volume_warn": ratio + (1 - ratio) * 0.5, "volume_critical": ratio + (1 - ratio) * 0.75,
+            "volume_hysteresis": 0.01}
+
+
+def fixed(*ratios: float) -> Callable[[], Usage]:
+    """A measure returning these byte ratios in turn (of a 1,000,000-byte volume), then the last for ever."""
+    values = list(ratios)
+
+    def measure() -> Usage:
+        ratio = values.pop(0) if len(values) > 1 else values[0]
+        return Usage(used_bytes=round(ratio * 1_000_000), total_bytes=1_000_000)
+
+    return measure
+
+
+def alert_row(db: Database) -> VolumeAlert:
+    with db.transaction() as session:
+        row = session.get(VolumeAlert, "media")
+        session.expunge_all()
+    return row
+
+
+def db_time(db: Database, seconds_ago: int = 0) -> datetime:
+    with db.transaction() as session:
+        return session.scalar(select(db_now())) - timedelta(seconds=seconds_ago)
+
+
+def age_notification(db: Database, seconds: int) -> None:
+    """Let time pass for the alert: its last notice was `seconds` ago, by the database clock."""
+    with db.transaction() as session:
+        session.execute(update(VolumeAlert.__table__).values(notified_at=db_time(db, seconds)))
+
+
+def events(logs: list[dict], prefix: str = "volume.alert_") -> list[str]:
+    return [entry["event"] for entry in logs if entry["event"].startswith(prefix)]
+
+
+# -- the real filesystem and a real receiver -----------------------------------------------------
+
+
+def test_thresholds_below_the_real_usage_raise_an_alert_and_thresholds_above_it_clear_it(tmp_path, sqlite_database, receiver):
+    """statvfs of the media root against the settings: critical fires once (with a sweep), then resolves."""
+    media = tmp_path / "media"
+    catalog = Catalog(sqlite_database, FilesystemStore(media, delete_threads=1), volume_settings(tmp_path, sqlite_database))
+    ratio = real_ratio(media)
+    sweeps: list[float] = []
+    raised = volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url, **thresholds_below(ratio))
+    with structlog.testing.capture_logs() as logs:
+        report = VolumeMonitor(sqlite_database, raised, store_usage(catalog), enqueue_sweep=lambda: sweeps.append(1)).check()
+    assert (report.evaluation.level.value, report.notification) == ("critical", "firing")
+    assert sweeps == [1] and events(logs) == ["volume.alert_firing"]
+    assert "volume.sweep_enqueued" in events(logs, "volume.sweep")
+    assert report.usage.ratio("bytes") == pytest.approx(filesystem_usage(media).ratio("bytes"), abs=0.01)
+
+    cleared = volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url, **thresholds_above(ratio))
+    with structlog.testing.capture_logs() as logs:
+        report = VolumeMonitor.for_catalog(Catalog(sqlite_database, catalog.store, cleared)).check()
+    assert (report.evaluation.level.value, report.notification) == ("ok", "resolved")
+    assert events(logs) == ["volume.alert_resolved"]
+
+    firing, resolved = receiver.payloads()
+    assert [post["path"] for post in receiver.posts] == ["/hooks/alertmanager?token=s3cret"] * 2
+    assert {post["content_type"] for post in receiver.posts} == {"application/json"}
+    assert (firing["version"], firing["status"], firing["receiver"]) == ("4", "firing", "media-retention")
+    [alert] = firing["alerts"]
+    assert alert["labels"] == {"alertname": "MediaVolumeFilling", "severity": "critical", "service": "media-retention",
+                               "volume": "media"}
+    assert alert["status"] == "firing" and alert["endsAt"] == "0001-01-01T00:00:00Z"
+    assert alert["annotations"]["storage"] == media.resolve().as_uri()
+    assert float(alert["annotations"]["used_bytes_ratio"]) == pytest.approx(report.usage.ratio("bytes"), abs=0.01)
+    assert alert["annotations"]["sweep"] == "an immediate sweep was enqueued (it deletes only expired media)"
+    assert resolved["status"] == "resolved"
+    [closed] = resolved["alerts"]
+    assert (closed["status"], closed["labels"]["severity"], closed["startsAt"]) == ("resolved", "critical", alert["startsAt"])
+    assert closed["endsAt"] > closed["startsAt"]
+    assert alert_row(sqlite_database).delivery_pending is False
+
+
+def test_a_held_alert_is_reminded_on_the_interval_and_otherwise_stays_quiet(tmp_path, sqlite_database, receiver):
+    """Checks while the level holds say nothing until the reminder interval has passed, then remind once."""
+    settings = volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url, volume_alert_reminder="1h")
+    monitor = VolumeMonitor(sqlite_database, settings, fixed(0.85))
+    kinds = [monitor.check().notification for _ in range(3)]
+    age_notification(sqlite_database, 3600)
+    kinds += [monitor.check().notification, monitor.check().notification]
+    assert kinds == ["firing", None, None, "reminder", None]
+    assert [p["alerts"][0]["status"] for p in receiver.payloads()] == ["firing", "firing"]
+    assert receiver.payloads()[0]["alerts"][0]["startsAt"] == receiver.payloads()[1]["alerts"][0]["startsAt"]
+
+
+def test_a_steady_climb_below_the_threshold_warns_from_the_projection(tmp_path, sqlite_database, receiver):
+    """Samples growing 1 point per 5 minutes from 50 % project a full volume within the horizon: warning."""
+    now = db_time(sqlite_database)
+    with sqlite_database.transaction() as session:
+        session.execute(insert(VolumeSample), [
+            {"taken_at": now - timedelta(seconds=300 * (6 - i)), "used_bytes": 500_000 + 10_000 * i,
+             "total_bytes": 1_000_000} for i in range(6)
+        ])
+    settings = volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url)
+    report = VolumeMonitor(sqlite_database, settings, fixed(0.56)).check()
+    assert (report.evaluation.level.value, report.evaluation.reason) == ("warning", "projection")
+    assert report.projection.status == "filling"
+    assert report.projection.seconds_to_full == pytest.approx(44 * 300, rel=0.05)
+    [alert] = receiver.payloads()[0]["alerts"]
+    assert alert["annotations"]["summary"].startswith("Media volume projected full in")
+    assert alert["annotations"]["projected_full_in"] in ("3h 39m", "3h 40m", "3h 41m")
+    assert REGISTRY.get_sample_value("media_retention_volume_full_in_seconds") == pytest.approx(44 * 300, rel=0.05)
+
+
+def test_samples_older_than_the_window_are_dropped(tmp_path, sqlite_database):
+    """The samples table holds one projection window, however long the fleet runs."""
+    now = db_time(sqlite_database)
+    with sqlite_database.transaction() as session:
+        session.execute(insert(VolumeSample), [
+            {"taken_at": now - timedelta(hours=hours), "used_bytes": 1, "total_bytes": 10} for hours in (7, 5, 0.1)
+        ])
+    VolumeMonitor(sqlite_database, volume_settings(tmp_path, sqlite_database), fixed(0.1)).check()
+    with sqlite_database.transaction() as session:
+        assert session.scalar(select(VolumeSample.id).where(VolumeSample.taken_at < now - timedelta(hours=6))) is None
+        assert len(session.scalars(select(VolumeSample.id)).all()) == 3
+
+
+def test_each_check_publishes_gauges_for_ratios_projection_level_and_thresholds(tmp_path, sqlite_database):
+    """Used ratios by resource, the alert level (0/1/2) and the thresholds in force are Prometheus gauges."""
+    settings = volume_settings(tmp_path, sqlite_database, volume_warn=0.7, volume_critical=0.8)
+    monitor = VolumeMonitor(sqlite_database, settings,
+                            lambda: Usage(used_bytes=820, total_bytes=1000, used_inodes=30, total_inodes=100))
+    monitor.check()
+    sample = REGISTRY.get_sample_value
+    assert sample("media_retention_volume_used_ratio", {"resource": "bytes"}) == pytest.approx(0.82)
+    assert sample("media_retention_volume_used_ratio", {"resource": "inodes"}) == pytest.approx(0.30)
+    assert (sample("media_retention_volume_used_bytes"), sample("media_retention_volume_capacity_bytes")) == (820, 1000)
+    assert sample("media_retention_volume_alert_level") == 2
+    assert (sample("media_retention_volume_warn_ratio"), sample("media_retention_volume_critical_ratio")) == (0.7, 0.8)
+    assert sample("media_retention_volume_last_sample_timestamp_seconds") == pytest.approx(time.time(), abs=60)
+
+
+# -- many workers, one notification --------------------------------------------------------------
+
+
+def race(count: int, make_monitor: Callable[[Database], VolumeMonitor], url: str) -> list[str | None]:
+    """`count` workers, each with its own engine, check at the same instant; returns what each announced."""
+    barrier, results, errors = threading.Barrier(count), [None] * count, []
+    databases = [Database(url) for _ in range(count)]
+
+    def worker(number: int) -> None:
+        try:
+            monitor = make_monitor(databases[number])
+            barrier.wait(timeout=10)
+            results[number] = monitor.check().notification
+        except Exception as exc:  # noqa: BLE001 - reported below with the worker's number
+            errors.append((number, exc))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for db in databases:
+        db.dispose()
+    assert not errors, errors
+    return results
+
+
+def test_several_workers_sampling_at_once_notify_once_not_once_each(tmp_path, sqlite_database, receiver):
+    """Eight workers cross the threshold together: one firing notice; together again below it: one resolved."""
+    def monitor_at(ratio: float) -> Callable[[Database], VolumeMonitor]:
+        return lambda db: VolumeMonitor(db, volume_settings(tmp_path, db, alert_webhook_url=receiver.url), fixed(ratio))
+
+    with structlog.testing.capture_logs() as logs:
+        fired = race(8, monitor_at(0.93), sqlite_database.url)
+        resolved = race(8, monitor_at(0.40), sqlite_database.url)
+    assert Counter(fired) == {"firing": 1, None: 7}
+    assert Counter(resolved) == {"resolved": 1, None: 7}
+    assert [p["status"] for p in receiver.payloads()] == ["firing", "resolved"]
+    assert events(logs) == ["volume.alert_firing", "volume.alert_resolved"]
+    assert alert_row(sqlite_database).version == 2
+
+
+# -- a webhook that fails never holds anything up ------------------------------------------------
+
+
+def critical_catalog(tmp_path: Path, db: Database, **overrides) -> Catalog:
+    media = tmp_path / "media"
+    settings = volume_settings(tmp_path, db, **thresholds_below(real_ratio(tmp_path)), **overrides)
+    return Catalog(db, FilesystemStore(media, delete_threads=2), settings)
+
+
+def test_a_hanging_webhook_does_not_delay_a_sweep_and_is_retried(tmp_path, sqlite_database, receiver):
+    """While the check waits on a receiver that never answers, a sweep runs at full speed; the check
+    enqueues its sweep before the first attempt, tries twice, and gives up after timeout x attempts."""
+    receiver.behaviour = "hang"
+    catalog = critical_catalog(tmp_path, sqlite_database, alert_webhook_url=receiver.url)
+    with sqlite_database.transaction() as session:
+        session.add(Organization(id="acme", retention_seconds=3600))
+    expired = bulk_expired(catalog, "acme", 40, root=catalog.store.root)
+    enqueued: list[float] = []
+    monitor = VolumeMonitor.for_catalog(catalog, enqueue_sweep=lambda: enqueued.append(time.monotonic()))
+    monitor.webhook = WebhookSink(receiver.url, timeout=1, attempts=2, backoff=0.2)
+    outcome: dict = {}
+
+    def check() -> None:
+        started = time.monotonic()
+        outcome["report"] = monitor.check()
+        outcome["started"], outcome["seconds"] = started, time.monotonic() - started
+
+    checker = threading.Thread(target=check)
+    checker.start()
+    assert receiver.arrived.wait(5), "the webhook was never called"
+    sweep_started = time.monotonic()
+    counts = catalog.sweeper.sweep()
+    sweep_seconds = time.monotonic() - sweep_started
+    checker.join(10)
+
+    assert counts.deleted == len(expired) and sweep_seconds < 1.0
+    assert enqueued and enqueued[0] - outcome["started"] < 0.5
+    assert enqueued[0] < receiver.posts[0]["at"]
+    assert len(receiver.posts) == 2
+    assert 2.2 <= outcome["seconds"] < 2.2 + 1.5
+    assert outcome["report"].notification == "firing"
+    assert alert_row(sqlite_database).delivery_pending is True
+    catalog.store.close()
+
+
+def test_a_failing_webhook_is_retried_and_its_notice_redelivered_by_a_later_check(tmp_path, sqlite_database, receiver):
+    """500s are retried up to the attempt limit without raising; the notice stays pending and a later
+    check, once the sender has given up, delivers it."""
+    receiver.behaviour = "fail"
+    settings = volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url)
+    monitor = VolumeMonitor(sqlite_database, settings, fixed(0.85),
+                            webhook=WebhookSink(receiver.url, timeout=1, attempts=3, backoff=0.01))
+    failures = REGISTRY.get_sample_value("media_retention_alert_webhook_failures_total") or 0
+    with structlog.testing.capture_logs() as logs:
+        assert monitor.check().notification == "firing"
+    assert len(receiver.posts) == 3
+    assert events(logs, "volume.webhook") == ["volume.webhook_attempt_failed"] * 3 + ["volume.webhook_failed"]
+    assert REGISTRY.get_sample_value("media_retention_alert_webhook_failures_total") == failures + 1
+    assert alert_row(sqlite_database).delivery_pending is True
+
+    receiver.behaviour = "ok"
+    assert monitor.check().notification is None  # the first sender may still be trying: too early to re-send
+    age_notification(sqlite_database, 60)
+    assert monitor.check().notification == "redelivery"
+    assert len(receiver.posts) == 4 and receiver.payloads()[-1]["alerts"][0]["status"] == "firing"
+    assert alert_row(sqlite_database).delivery_pending is False
+    assert monitor.check().notification is None
+
+
+def test_a_webhook_refusing_the_request_is_not_retried(tmp_path, sqlite_database, receiver):
+    """A 400 would be refused again: one attempt, then the notice waits for redelivery."""
+    receiver.behaviour = "refuse"
+    monitor = VolumeMonitor(sqlite_database, volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url),
+                            fixed(0.95), webhook=WebhookSink(receiver.url, timeout=1, attempts=3, backoff=0.01))
+    with structlog.testing.capture_logs() as logs:
+        monitor.check()
+    assert len(receiver.posts) == 1
+    assert all("s3cret" not in json.dumps(entry) for entry in logs), "the webhook URL's token must not be logged"
+
+
+def test_a_broker_outage_while_enqueueing_the_sweep_does_not_stop_the_alert(tmp_path, sqlite_database, receiver):
+    """The alert still fires, and its annotation says the immediate sweep could not be enqueued."""
+    def broken() -> None:
+        raise ConnectionError("broker down")
+
+    monitor = VolumeMonitor(sqlite_database, volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url),
+                            fixed(0.95), enqueue_sweep=broken)
+    assert monitor.check().notification == "firing"
+    assert receiver.payloads()[0]["alerts"][0]["annotations"]["sweep"].startswith("enqueueing an immediate sweep failed")
+
+
+# -- object stores -------------------------------------------------------------------------------
+
+
+class _ObjectStore(BlobStore):
+    """Any store that is not a filesystem: the monitor measures it from the catalog, never from the store."""
+
+    url = "s3://bucket/media"
+
+    def put_file(self, key, source):
+        raise NotImplementedError
+
+    def stat(self, key):
+        raise NotImplementedError
+
+    def delete_many(self, keys):
+        raise NotImplementedError
+
+    def iter_keys(self):
+        raise NotImplementedError
+
+
+def _items(db: Database, sizes_by_state: dict[str, int]) -> None:
+    with db.transaction() as session:
+        session.add(Organization(id="acme", retention_seconds=3600))
+        now = session.scalar(select(db_now()))
+        session.flush()
+        session.execute(insert(MediaItem), [
+            {"id": f"m-{state}", "org_id": "acme", "storage_key": f"k/{state}", "size_bytes": size, "mime_type": "image/png",
+             "created_at": now, "expires_at": now, "state": state}
+            for state, size in sizes_by_state.items()
+        ])
+
+
+def test_an_object_store_is_measured_as_live_media_bytes_against_the_configured_capacity(tmp_path, sqlite_database):
+    """Active and deleting items count (their blobs still exist); tombstones do not."""
+    _items(sqlite_database, {State.ACTIVE.value: 600, State.DELETING.value: 250, State.DELETED.value: 10_000})
+    settings = volume_settings(tmp_path, sqlite_database, storage_url="s3://bucket/media", s3_capacity_bytes=1000)
+    report = VolumeMonitor.for_catalog(Catalog(sqlite_database, _ObjectStore(), settings)).check()
+    assert (report.usage.used_bytes, report.usage.total_bytes, report.usage.used_inodes) == (850, 1000, None)
+    assert (report.evaluation.level.value, report.evaluation.reason) == ("warning", "bytes")
+
+
+def test_an_object_store_without_a_capacity_says_which_setting_to_set_and_raises_nothing(tmp_path, sqlite_database):
+    """No capacity, no ratio: the check reports used bytes and names MEDIA_RETENTION_S3_CAPACITY_BYTES."""
+    _items(sqlite_database, {State.ACTIVE.value: 600})
+    settings = volume_settings(tmp_path, sqlite_database, storage_url="s3://bucket/media")
+    with structlog.testing.capture_logs() as logs:
+        report = VolumeMonitor.for_catalog(Catalog(sqlite_database, _ObjectStore(), settings)).check()
+    assert report.evaluation is None and report.usage.used_bytes == 600
+    assert "MEDIA_RETENTION_S3_CAPACITY_BYTES" in report.message
+    assert events(logs, "volume.") == ["volume.capacity_unknown"]
+    assert alert_row(sqlite_database) is None
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def embedded(tmp_path, monkeypatch) -> Callable[..., tuple[int, str, str]]:
+    """Run `media-retention volume` in this process on embedded defaults, with extra settings as env vars."""
+    for name in ("MEDIA_RETENTION_DATABASE_URL", "MEDIA_RETENTION_STORAGE_URL", "MEDIA_RETENTION_ALERT_WEBHOOK_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MEDIA_RETENTION_DATA_DIR", str(tmp_path / "data"))
+
+    def run(*args: str, capsys=None, **env: str) -> int:
+        for name, value in env.items():
+            monkeypatch.setenv(f"MEDIA_RETENTION_{name.upper()}", value)
+        get_settings.cache_clear()
+        return main(["volume", *args])
+
+    yield run
+    get_settings.cache_clear()
+
+
+def test_the_volume_command_prints_bytes_inodes_projection_and_alert_state_as_json(embedded, capsys, tmp_path):
+    """`volume --json`: used/total/ratio for bytes and inodes, the projection, the level and the fleet's alert."""
+    assert embedded("--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    real = filesystem_usage(tmp_path / "data" / "media")
+    assert shown["bytes"]["total"] == real.total_bytes
+    assert shown["bytes"]["ratio"] == pytest.approx(real.ratio("bytes"), abs=0.01)
+    assert shown["inodes"]["used"] > 0 or real.total_inodes is None
+    assert shown["projection"]["status"] == "insufficient_data"
+    assert shown["alert"]["level"] == "ok" and shown["level"] in ("ok", "warning", "critical")
+    assert shown["thresholds"] == {"warn": 0.8, "critical": 0.9, "hysteresis": 0.05, "horizon": "1d"}
+
+
+def test_the_volume_command_exits_0_at_critical_and_changes_nothing(embedded, capsys, tmp_path):
+    """The level is information, not failure; the command neither samples into the history nor notifies."""
+    (tmp_path / "data").mkdir()
+    ratio = real_ratio(tmp_path)
+    assert embedded(**{k: str(v) for k, v in thresholds_below(ratio).items()}) == 0
+    out = capsys.readouterr().out
+    assert "level: critical" in out and "bytes: used=" in out and "alert: level=ok" in out
+    db = Database(f"sqlite:///{tmp_path / 'data' / 'catalog.sqlite3'}")
+    with db.transaction() as session:
+        assert session.scalars(select(VolumeSample.id)).all() == []
+    db.dispose()
+
+
+def test_the_volume_task_checks_through_the_celery_app_and_sends_the_sweep_by_name(tmp_path, monkeypatch):
+    """`media_retention.check_volume` runs the check; at critical it sends `SWEEP_TASK` with an expiry."""
+    monkeypatch.setenv("MEDIA_RETENTION_DATA_DIR", str(tmp_path / "data"))
+    for name, value in thresholds_below(real_ratio(tmp_path)).items():
+        monkeypatch.setenv(f"MEDIA_RETENTION_{name.upper()}", str(value))
+    for name in ("MEDIA_RETENTION_DATABASE_URL", "MEDIA_RETENTION_STORAGE_URL", "MEDIA_RETENTION_ALERT_WEBHOOK_URL"):
+        monkeypatch.delenv(name, raising=False)
+    get_settings.cache_clear()
+    from worker import runtime, schema
+
+    runtime.reset()
+    try:
+        (tmp_path / "data").mkdir()
+        schema.upgrade(runtime.catalog().db)
+        from tasks.volume import app, check_volume
+
+        sent: list[tuple] = []
+        monkeypatch.setattr(app, "send_task", lambda name, **options: sent.append((name, options)))
+        result = check_volume.apply().get()
+        assert result["level"] == "critical" and result["notification"] == "firing"
+        assert sent == [(SWEEP_TASK, {"expires": 60.0})]
+        assert "tasks.volume" in app.conf.include or "tasks.volume" in app.loader.default_modules
+    finally:
+        runtime.reset()
+        get_settings.cache_clear()
