@@ -20,7 +20,7 @@ test: install
 	$(BIN)/pytest
 
 bench: install
-	$(BIN)/pytest tests/bench -s -p no:cacheprovider --override-ini="addopts=-ra"
+	$(BIN)/pytest tests/bench -s -p no:cacheprovider -o addopts=-ra -o python_files='bench_*.py'
 
 clean:
 	rm -rf $(VENV) media-retention-data

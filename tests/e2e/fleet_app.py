@@ -1,0 +1,37 @@
+"""`worker.app` as deployed, plus a journaling store: the fleet tests start real `celery worker`
+and `celery beat` processes with `-A tests.e2e.fleet_app`.
+
+Every blob a worker process really deletes (not "already missing") is appended to a file of its
+own in FLEET_TEST_JOURNAL, so a test can prove no blob was deleted twice across the fleet.
+FLEET_TEST_PAUSE_AFTER_DELETE holds each batch between delete and finalize, so a test can kill
+a worker in exactly that window.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import worker.catalog
+from worker.app import app  # noqa: F401 - the Celery app this module exposes
+from worker.store import open_store
+from worker.store.fs import FilesystemStore
+
+
+class JournalingStore(FilesystemStore):
+    def delete_many(self, keys):
+        results = super().delete_many(keys)
+        journal = Path(os.environ["FLEET_TEST_JOURNAL"]) / f"{os.getpid()}.log"
+        with open(journal, "a") as handle:
+            handle.write("".join(f"{r.key}\n" for r in results if r.ok and not r.missing))
+        time.sleep(float(os.environ.get("FLEET_TEST_PAUSE_AFTER_DELETE", "0")))
+        return results
+
+
+def _open_store(url: str, **options):
+    store = open_store(url, **options)
+    return JournalingStore(store.root, delete_threads=2) if isinstance(store, FilesystemStore) else store
+
+
+worker.catalog.open_store = _open_store

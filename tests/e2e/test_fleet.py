@@ -1,0 +1,111 @@
+"""A real fleet: `celery worker` and `celery beat` processes on PostgreSQL and a Redis server of the
+test's own (so the test may restart it), deleting real files."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.factories import bulk_expired
+from tests.fleet import all_swept, counts_by_state, fleet, private_redis, wait_until  # noqa: F401 - fixtures
+from worker.models import State, SweepRun
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow,
+              pytest.mark.parametrize("database", ["postgresql"], indirect=True)]
+
+
+def test_two_workers_and_beat_delete_thousands_once_each_and_spare_unexpired(fleet, catalog, database, media_root):
+    """Two worker processes plus beat clear 3,000 expired items within a minute: every blob deleted exactly
+    once, both workers took part (fan-out), unexpired items untouched, lookups answer 404."""
+    catalog.set_org("acme", "30d")
+    expired = bulk_expired(catalog, "acme", 3000, root=media_root, prefix="old")
+    fresh = bulk_expired(catalog, "acme", 200, root=media_root, prefix="new", expired=False)
+    fleet.worker("w1")
+    fleet.worker("w2")
+    fleet.beat("beat")
+    wait_until(all_swept(database, 3000), 60, "the fleet to delete 3,000 items")
+    deleted = fleet.deleted_keys()
+    assert len(deleted) == 3000 and max(deleted.values()) == 1, "a blob was deleted twice"
+    assert fleet.journals_with_work() >= 2, "the backlog was not shared between worker processes"
+    assert counts_by_state(database)[State.ACTIVE.value] == 200
+    assert sum(1 for _ in catalog.store.iter_keys()) == 200
+    from worker.errors import Gone
+
+    with pytest.raises(Gone):
+        catalog.lookup(expired[1234])
+    assert catalog.lookup(fresh[0])["state"] == "active"
+    with database.transaction() as session:
+        assert session.scalar(select(func.max(SweepRun.fanout))) > 0
+
+
+def test_worker_killed_mid_batch_has_its_claims_finished_by_another_after_the_lease(fleet, catalog, database, media_root):
+    """SIGKILL a worker between deleting a batch's blobs and finalizing it: the rows stay `deleting`
+    (404) and, once the 3 s lease runs out, another worker finishes them; nothing leaks."""
+    catalog.set_org("acme", "30d")
+    bulk_expired(catalog, "acme", 600, root=media_root)
+    fleet.env["MEDIA_RETENTION_CLAIM_LEASE"] = "3s"
+    fleet.worker("doomed", extra_env={"FLEET_TEST_PAUSE_AFTER_DELETE": "3"})
+    fleet.beat("beat")
+    wait_until(lambda: fleet.deleted_keys(), 30, "the doomed worker to delete its first batch", interval=0.05)
+    fleet.kill("doomed")
+    stranded = counts_by_state(database).get(State.DELETING.value, 0)
+    assert stranded >= 100, "the kill should have left a claimed, half-done batch"
+    fleet.worker("survivor")
+    wait_until(all_swept(database, 600), 60, "the survivor to finish every item")
+    assert not any(catalog.store.iter_keys()), "a blob leaked"
+    deleted = fleet.deleted_keys()
+    assert max(deleted.values()) == 1 and len(deleted) == 600
+
+
+def test_fleet_reconnects_after_redis_restarts_and_keeps_sweeping(fleet, catalog, database, media_root, private_redis):
+    """Kill Redis under a running worker and beat, start it again: the next sweeps delete new expired items."""
+    catalog.set_org("acme", "30d")
+    bulk_expired(catalog, "acme", 50, root=media_root, prefix="before")
+    fleet.worker("w1")
+    fleet.beat("beat")
+    wait_until(all_swept(database, 50), 30, "the first sweeps")
+    private_redis.stop()
+    time.sleep(2)
+    private_redis.start()
+    bulk_expired(catalog, "acme", 50, root=media_root, prefix="after")
+    wait_until(all_swept(database, 100), 60, "a sweep after Redis came back")
+    assert fleet.processes["w1"].poll() is None and fleet.processes["beat"].poll() is None
+
+
+def test_two_beats_cause_one_scheduled_sweep_per_slot_and_no_double_deletes(fleet, catalog, database, media_root):
+    """With two beats sending every second, each schedule slot runs one sweep (the other message finds
+    its slot taken), and every blob is still deleted exactly once."""
+    catalog.set_org("acme", "30d")
+    fleet.worker("w1", concurrency=2)
+    fleet.beat("beat-a")
+    fleet.beat("beat-b")
+    for wave in range(4):
+        bulk_expired(catalog, "acme", 200, root=media_root, prefix=f"wave{wave}")
+        time.sleep(1.5)
+    wait_until(all_swept(database, 800), 60, "every wave to be deleted")
+    time.sleep(2)
+    deleted = fleet.deleted_keys()
+    assert len(deleted) == 800 and max(deleted.values()) == 1
+    skipped = [e for e in fleet.log_events("w1") if e.get("event") == "sweep.slot_taken"]
+    assert skipped, "the second beat's messages should have found their slot taken"
+    with database.transaction() as session:
+        slots = session.scalars(select(SweepRun.slot).where(SweepRun.kind == "scheduled")).all()
+    assert len(slots) == len(set(slots))
+
+
+def test_a_pickled_message_is_refused_by_the_worker(fleet, catalog, database, private_redis):
+    """A task message serialized with pickle is rejected, never run: JSON is the only accepted content."""
+    from celery import Celery
+
+    fleet.worker("w1")
+    wait_until(lambda: any(e.get("event", "").startswith("w1@") or "ready" in e.get("event", "") for e in fleet.log_events("w1")),
+               30, "the worker to be ready")
+    sender = Celery(broker=private_redis.url)
+    sender.conf.accept_content = ["pickle", "json"]
+    sender.send_task("media_retention.sweep", kwargs={"limit": 1}, serializer="pickle")
+    wait_until(lambda: any("Refusing to deserialize" in e.get("event", "") or "untrusted content" in e.get("event", "")
+                           for e in fleet.log_events("w1")), 20, "the worker to refuse the pickled message")
+    with database.transaction() as session:
+        assert session.scalar(select(func.count()).select_from(SweepRun)) == 0, "the pickled task ran"
