@@ -107,6 +107,8 @@ def _serve_metrics(**_kwargs) -> None:
     if settings.metrics_port:
         from worker import exporter, runtime
 
+        configure_logging(settings.log_format, settings.log_level)  # worker_init comes before Celery's logging setup
+
         exporter.serve(runtime.catalog().db, settings.metrics_port)
         runtime.reset()  # the pool forks after this: children must not inherit its connections
 

@@ -79,7 +79,11 @@ def build_registry(db: Database) -> CollectorRegistry:
 
 def serve(db: Database, port: int, addr: str = "0.0.0.0") -> None:
     start_http_server(port, addr=addr, registry=build_registry(db))
-    log.info("metrics.serving", port=port, multiprocess=bool(os.environ.get(MULTIPROC_ENV)))
+    multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+    log.info("metrics.serving", port=port, multiprocess=multiprocess)
+    if not multiprocess:
+        log.warning("metrics.single_process", hint=f"counters of prefork pool processes are not visible; set {MULTIPROC_ENV} "
+                    "or start celery with `-A worker.app` so it is set before prometheus-client loads")
 
 
 def process_exited(pid: int) -> None:

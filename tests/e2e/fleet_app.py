@@ -13,8 +13,10 @@ import os
 import time
 from pathlib import Path
 
-import worker.catalog
-from worker.app import app  # noqa: F401 - the Celery app this module exposes
+# worker.app first, as `celery -A worker.app` does: it prepares prometheus-client's multiprocess
+# mode, which only works before anything imports prometheus-client.
+from worker.app import app  # noqa: F401, I001 - the Celery app this module exposes
+import worker.catalog  # noqa: I001
 from worker.store import open_store
 from worker.store.fs import FilesystemStore
 

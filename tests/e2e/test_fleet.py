@@ -109,3 +109,34 @@ def test_a_pickled_message_is_refused_by_the_worker(fleet, catalog, database, pr
                            for e in fleet.log_events("w1")), 20, "the worker to refuse the pickled message")
     with database.transaction() as session:
         assert session.scalar(select(func.count()).select_from(SweepRun)) == 0, "the pickled task ran"
+
+
+def test_metrics_endpoint_sums_counters_across_prefork_processes_and_reports_fleet_status(fleet, catalog, database, media_root):
+    """A worker with two pool processes serves one /metrics: deletions counted in both children add up
+    to the total, and the status gauges (backlog, last sweep) come from the catalog."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.fleet import free_port
+
+    catalog.set_org("acme", "30d")
+    bulk_expired(catalog, "acme", 1500, root=media_root)
+    port = free_port()
+    fleet.env["MEDIA_RETENTION_METRICS_PORT"] = str(port)
+    fleet.worker("w1", concurrency=2)
+    fleet.beat("beat")
+    wait_until(all_swept(database, 1500), 60, "the sweep")
+    assert fleet.journals_with_work() == 2, "both pool processes should have deleted some items"
+
+    def scrape():
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(body) for s in family.samples}
+
+    samples = wait_until(lambda: (m := scrape()).get(("media_retention_deleted_items_total", (("reason", "ttl"),))) == 1500 and m,
+                         15, "the summed deletion counter")
+    assert samples[("media_retention_freed_bytes_total", ())] == 1500 * 10
+    assert samples[("media_retention_backlog_items", (("state", "due"),))] == 0
+    assert samples[("media_retention_catalog_up", ())] == 1
+    assert ("media_retention_last_sweep_finished_timestamp_seconds", ()) in samples
