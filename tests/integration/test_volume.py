@@ -11,7 +11,6 @@ import structlog
 
 from config.settings import load_settings
 from tests.unit.test_volume_alerts import (  # noqa: F401 - `receiver` is a fixture
-    Receiver,
     alert_row,
     events,
     fixed,
