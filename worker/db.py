@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.expression import ColumnElement, FunctionElement
+from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.types import TypeDecorator
 
 # Long enough to ride out a sweep batch holding SQLite's write lock, short enough to surface a hang.
@@ -52,6 +53,8 @@ class db_now(FunctionElement):
 
     type = UTCDateTime()
     inherit_cache = True
+    # The offset is part of the SQL text, so it must be part of the statement cache key too.
+    _traverse_internals = [*FunctionElement._traverse_internals, ("plus_seconds", InternalTraversal.dp_plain_obj)]
 
     def __init__(self, plus_seconds: int = 0):
         self.plus_seconds = int(plus_seconds)
