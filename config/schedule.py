@@ -11,6 +11,7 @@ DRAIN_TASK = "media_retention.drain"
 # One sweep now, no slot: `sweep --enqueue` and the critical-volume alert send this.
 SWEEP_TASK = "media_retention.sweep"
 PURGE_TASK = "media_retention.purge"
+RECONCILE_TASK = "media_retention.reconcile"
 # Samples the media volume and raises, reminds or resolves the fleet's volume alert.
 VOLUME_TASK = "media_retention.check_volume"
 

@@ -17,10 +17,12 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from config.logging import configure_logging
 from config.settings import Settings, get_settings
-from config.schedule import PURGE_TASK, SWEEP_TASK
+from config.schedule import PURGE_TASK, RECONCILE_TASK, SWEEP_TASK
 from worker import schema, status
 from worker.catalog import Catalog, ManifestError, default_actor
+from worker.durations import parse_duration
 from worker.errors import BadInput, Gone, NotFound, RetentionError
+from worker.reconcile import DEFAULT_MAX_MISSING, DEFAULT_MAX_ORPHANS, Reconciler
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_FOUND = 0, 1, 2, 3
 
@@ -326,6 +328,33 @@ def purge(catalog: Catalog, ids, org_id, dry_run, yes, enqueue_it, actor, out: O
     summary = catalog.purge(ids=ids, org=org_id, dry_run=dry_run, actor=actor)
     out.result(summary)
     if summary.get("failed"):
+        sys.exit(EXIT_FAILURE)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only report what would change.")
+@click.option("--grace", default="1d", show_default=True,
+              help="Leave blobs younger than this alone (uploads in flight, imports not yet registered).")
+@click.option("--max-orphans", type=click.IntRange(min=0), default=DEFAULT_MAX_ORPHANS, show_default=True,
+              help="Abort, changing nothing, if more orphan blobs than this are found.")
+@click.option("--max-missing", type=click.IntRange(min=0), default=DEFAULT_MAX_MISSING, show_default=True,
+              help="Abort, changing nothing, if more active items than this have no blob.")
+@click.option("--enqueue", "enqueue_it", is_flag=True, help="Send the reconcile to the workers instead of running it here.")
+@click.option("--by", "actor", help="Who reconciles (recorded; default: the OS user).")
+@json_option
+@with_catalog
+def reconcile(catalog: Catalog, dry_run, grace, max_orphans, max_missing, enqueue_it, actor, out: Output) -> None:
+    """Delete orphan blobs (no live item, older than --grace); tombstone items whose blob is missing."""
+    grace_value = parse_duration(grace)
+    actor = actor or default_actor()
+    if enqueue_it:
+        send_to_fleet(RECONCILE_TASK, out, grace_seconds=int(grace_value.total_seconds()), max_orphans=max_orphans,
+                      max_missing=max_missing, actor=actor, dry_run=dry_run)
+        return
+    report = Reconciler(catalog.db, catalog.store, progress=out.progress).run(
+        grace=grace_value, dry_run=dry_run, max_orphans=max_orphans, max_missing=max_missing, actor=actor)
+    out.result(report.to_dict(), title=None if out.as_json or not dry_run else "dry run: nothing was changed")
+    if report.orphan_delete_failures:
         sys.exit(EXIT_FAILURE)
 
 

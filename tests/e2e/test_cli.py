@@ -209,3 +209,23 @@ def test_walkthrough_from_the_readme_deletes_an_expired_file(shell, tmp_path, da
     assert lookup.code == 3
     assert json.loads(lookup.stdout)["status"] == 404
     assert "gone" in lookup.stderr
+
+
+def test_reconcile_cli_deletes_an_old_orphan_and_reports_json(cli, seeded, data_dir):
+    """`reconcile --json` removes a stray blob older than the grace and keeps registered media."""
+    stray = data_dir / "media" / "stray.bin"
+    stray.write_bytes(b"left behind")
+    old = os.stat(stray).st_mtime - 3 * 86400
+    os.utime(stray, (old, old))
+    result = cli("reconcile", "--grace", "1d", "--json")
+    assert result.code == 0, result.stderr
+    assert (result.json["orphans_deleted"], result.json["orphan_keys"]) == (1, ["stray.bin"])
+    assert not stray.exists()
+    assert cli("lookup", "img-1").code == 0
+
+
+def test_reconcile_with_a_malformed_grace_is_bad_input(cli, seeded, data_dir):
+    """A grace that is not a duration exits 2 and deletes nothing."""
+    before = snapshot(data_dir)
+    assert cli("reconcile", "--grace", "soon").code == 2
+    assert snapshot(data_dir) == before

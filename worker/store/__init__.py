@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -25,6 +26,8 @@ class DeleteResult:
 class BlobInfo:
     key: str
     size: int
+    # When the blob was last written; reconciliation leaves blobs younger than its grace alone.
+    modified: datetime | None = None
 
 
 class BlobStore(abc.ABC):

@@ -15,6 +15,7 @@ import shutil
 import stat as stat_module
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 
 from worker.errors import BadInput, StoreError
@@ -132,7 +133,8 @@ class FilesystemStore(BlobStore):
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(key)
                 elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(_TEMP_PREFIX):
-                    yield BlobInfo(key=key, size=entry.stat(follow_symlinks=False).st_size)
+                    info = entry.stat(follow_symlinks=False)
+                    yield BlobInfo(key=key, size=info.st_size, modified=datetime.fromtimestamp(info.st_mtime, timezone.utc))
 
     def close(self) -> None:
         if self._pool is not None:
