@@ -12,6 +12,7 @@ retry later with its own, longer backoff. No store error escapes `delete_many` a
 
 from __future__ import annotations
 
+import contextvars
 import random
 import threading
 import time
@@ -257,7 +258,9 @@ class S3Store(BlobStore):
             if len(units) == 1 or self._threads == 1:
                 parts = [work(unit) for unit in units]
             else:
-                parts = list(self._executor().map(work, units))
+                # A context copy per task keeps the caller's bound log fields on events from the pool.
+                pool = self._executor()
+                parts = [future.result() for future in [pool.submit(contextvars.copy_context().run, work, unit) for unit in units]]
             for part in parts:
                 outcome.update(part)
         results = []
