@@ -136,9 +136,12 @@ class Objects:
         self._backend = s3_backends[MOTO_ACCOUNT]["aws"]
         self.raw = raw_s3
 
-    def put(self, bucket: str, names: list[str], body: bytes = b"x" * 10) -> None:
+    def put(self, bucket: str, names: list[str], body: bytes = b"x" * 10, *, age: timedelta | None = None) -> None:
+        """Objects with `body`; with `age`, last written that long ago (as LastModified reports it)."""
         for name in names:
-            self._backend.put_object(bucket, name, body)
+            stored = self._backend.put_object(bucket, name, body)
+            if age is not None:
+                stored.last_modified = stored.last_modified - age
 
     def names(self, bucket: str, prefix: str = "") -> set[str]:
         found: set[str] = set()

@@ -120,6 +120,31 @@ def test_objects_outside_the_prefix_and_in_other_buckets_survive_sweep_purge_and
     assert objects.names(other_bucket) == {f"{PREFIX}/{key}" for key in keys.values()}
 
 
+def test_reconcile_deletes_old_orphans_under_the_prefix_only_and_tombstones_missing_objects(
+    s3_catalog, acme, objects, bucket, raw_s3
+):
+    """Reconcile on s3://: an old unregistered object under the prefix goes, a young one stays, the same
+    names outside the prefix and in another bucket stay, and an item whose object vanished becomes a
+    missing_blob tombstone."""
+    from worker.reconcile import Reconciler
+
+    insert_items(s3_catalog, acme, {"live": "live/1", "lost": "lost/1"}, expired=False)
+    objects.put(bucket, [f"{PREFIX}/live/1"])
+    objects.put(bucket, [f"{PREFIX}/stray/old", "stray/old", "media-old/stray/old"], age=timedelta(days=2))
+    objects.put(bucket, [f"{PREFIX}/stray/young"])
+    other_bucket = f"{bucket}-other"
+    raw_s3.create_bucket(Bucket=other_bucket)
+    objects.put(other_bucket, [f"{PREFIX}/stray/old"], age=timedelta(days=2))
+
+    report = Reconciler(s3_catalog.db, s3_catalog.store).run(grace=timedelta(days=1))
+    assert (report.orphans_deleted, report.young_blobs_skipped, report.marked_missing) == (1, 1, 1)
+    assert objects.names(bucket) == {f"{PREFIX}/live/1", f"{PREFIX}/stray/young", "stray/old", "media-old/stray/old"}
+    assert objects.names(other_bucket) == {f"{PREFIX}/stray/old"}
+    with pytest.raises(Gone) as gone:
+        s3_catalog.lookup("lost")
+    assert gone.value.body["reason"] == "missing_blob"
+
+
 def test_keys_that_would_escape_the_prefix_are_refused_without_a_request(s3_store, objects, bucket, faults):
     """`..`, absolute, empty-step, NUL and control-character keys are refused per key; valid keys still go."""
     objects.put(bucket, ["secret", f"{PREFIX}/ok/1"])
@@ -172,6 +197,7 @@ def test_listing_is_paginated_and_yields_keys_relative_to_the_prefix(s3_store, o
     listed = list(s3_store.iter_keys())
     assert [info.key for info in listed] == [name.removeprefix(f"{PREFIX}/") for name in names]
     assert {info.size for info in listed} == {10}
+    assert all(info.modified.tzinfo is not None for info in listed)
 
 
 def test_a_store_without_prefix_uses_the_whole_bucket(make_store, objects, bucket):

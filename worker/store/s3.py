@@ -174,7 +174,7 @@ class S3Store(BlobStore):
             raise StoreError(f"cannot read {key!r} in {self.url}: {code} {message}".strip() + ".") from None
         except BotoCoreError as exc:
             raise StoreError(f"cannot reach {self.url}: {exc}") from None
-        return BlobInfo(key=key, size=int(head["ContentLength"]))
+        return BlobInfo(key=key, size=int(head["ContentLength"]), modified=head.get("LastModified"))
 
     def put_file(self, key: str, source: Path) -> int:
         full = self._object_key(key)
@@ -230,7 +230,7 @@ class S3Store(BlobStore):
                         # address it safely, so reconciliation never sees it.
                         skipped += 1
                         continue
-                    yield BlobInfo(key=relative, size=int(entry["Size"]))
+                    yield BlobInfo(key=relative, size=int(entry["Size"]), modified=entry.get("LastModified"))
         except ClientError as exc:
             code, _, message = _error_of(exc)
             raise StoreError(f"cannot list {self.url}: {code} {message}".strip() + ".") from None

@@ -1,0 +1,139 @@
+"""Sweep throughput on s3:// against a bare boto3 DeleteObjects loop, same moto server, same run.
+
+    .venv/bin/pytest tests/bench/bench_s3_sweep.py -s --override-ini="addopts=-ra"
+
+The sweep does everything the loop does plus the catalog work (claim and finalize on PostgreSQL); the
+ratio says what that bookkeeping costs. Target: the sweep reaches at least 0.8 of the loop's items/s.
+
+moto runs in a child process here, as a real S3 endpoint is another machine: in this process its
+request handling would compete with the sweeper for the GIL and measure Python's lock, not the sweep.
+The child also seeds objects straight into its in-memory backend on request (PutObject over HTTP
+would take minutes for 120,000 objects); only the deletes under test go over the wire.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import time
+
+import boto3
+import pytest
+from botocore.config import Config
+from structlog.testing import capture_logs
+
+from config.settings import Settings, load_settings
+from tests.integration.conftest import MOTO_ACCOUNT, _free_port, insert_items
+from worker.catalog import Catalog
+from worker.store.keys import key_for_id
+from worker.store.s3 import MAX_DELETE_KEYS, S3Store
+
+# 20,000 items = 20 full DeleteObjects requests a side: long enough (seconds) that timer noise and
+# the first request's connection setup do not move the ratio.
+ITEMS = 20_000
+# Alternating rounds, the median of each side reported, so one hiccup of a shared machine does not
+# decide the ratio.
+ROUNDS = 5
+TARGET_RATIO = 0.8
+BUCKET = "bench"
+
+pytestmark = pytest.mark.postgres
+
+
+def _serve_moto(port: int, commands) -> None:
+    """Child process: a moto S3 server on `port`, seeding objects into its backend when asked."""
+    import logging
+
+    from moto.s3.models import s3_backends
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    commands.send("ready")
+    while (command := commands.recv()) is not None:
+        bucket, names = command
+        backend = s3_backends[MOTO_ACCOUNT]["aws"]
+        for name in names:
+            backend.put_object(bucket, name, b"x" * 10)
+        commands.send(len(names))
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def moto_process(monkeypatch_module):
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    port = _free_port()
+    child = context.Process(target=_serve_moto, args=(port, theirs), daemon=True)
+    child.start()
+    assert ours.recv() == "ready"
+
+    def seed(names: list[str]) -> None:
+        ours.send((BUCKET, names))
+        assert ours.recv() == len(names)
+
+    yield f"http://127.0.0.1:{port}", seed
+    ours.send(None)
+    child.join(10)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        yield env
+
+
+def raw_loop(client, names: list[str]) -> float:
+    started = time.perf_counter()
+    for start in range(0, len(names), MAX_DELETE_KEYS):
+        answer = client.delete_objects(
+            Bucket=BUCKET, Delete={"Objects": [{"Key": name} for name in names[start : start + MAX_DELETE_KEYS]], "Quiet": False}
+        )
+        assert not answer.get("Errors")
+    return time.perf_counter() - started
+
+
+def test_sweep_on_s3_keeps_up_with_a_raw_delete_objects_loop(moto_process, pg_database, tmp_path):
+    """Print items/s of a sweep of ITEMS expired items on s3:// and of a bare DeleteObjects loop, and their ratio."""
+    endpoint, seed = moto_process
+    # The loop's client is configured like the store's (retries, checksums) so only the sweep differs.
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=Config(
+        retries={"mode": "standard", "total_max_attempts": 3}, request_checksum_calculation="when_required",
+        response_checksum_validation="when_required", signature_version="s3v4"))
+    client.create_bucket(Bucket=BUCKET)
+    default_batch = Settings.model_fields["sweep_batch_size"].default
+    settings = load_settings(data_dir=tmp_path / "data", database_url=pg_database.url, storage_url=f"s3://{BUCKET}/media",
+                             s3_endpoint_url=endpoint, sweep_batch_size=default_batch)
+    store = S3Store.from_url(settings.storage_url, endpoint_url=endpoint)
+    catalog = Catalog(pg_database, store, settings)
+    catalog.set_org("bench", "30d")
+
+    raw_rates, sweep_rates = [], []
+    for round_number in range(ROUNDS):
+        names = [f"raw/{key_for_id(f'r{round_number}-{n}')}" for n in range(ITEMS)]
+        seed(names)
+        raw_rates.append(ITEMS / raw_loop(client, names))
+
+        keys = {f"s{round_number}-{n}": key_for_id(f"s{round_number}-{n}") for n in range(ITEMS)}
+        seed([f"media/{key}" for key in keys.values()])
+        insert_items(catalog, "bench", keys, expired=True)
+        with capture_logs():  # 20 batch lines a round would bury the figures
+            started = time.perf_counter()
+            counts = catalog.sweeper.sweep()
+            elapsed = time.perf_counter() - started
+        assert (counts.deleted, counts.failed) == (ITEMS, 0)
+        sweep_rates.append(ITEMS / elapsed)
+        assert client.list_objects_v2(Bucket=BUCKET)["KeyCount"] == 0
+
+    raw, sweep = statistics.median(raw_rates), statistics.median(sweep_rates)
+    print(f"\nS3 sweep benchmark: {ITEMS:,} items x {ROUNDS} rounds, batch {default_batch}, moto (own process) on loopback, PostgreSQL")
+    print(f"  raw DeleteObjects loop: {raw:,.0f} items/s  (rounds: {', '.join(f'{r:,.0f}' for r in raw_rates)})")
+    print(f"  sweep on s3://        : {sweep:,.0f} items/s  (rounds: {', '.join(f'{r:,.0f}' for r in sweep_rates)})")
+    print(f"  ratio sweep/raw       : {sweep / raw:.2f}  (target >= {TARGET_RATIO})")
+    store.close()
+    client.close()
+    assert sweep / raw >= TARGET_RATIO
