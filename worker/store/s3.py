@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -62,6 +63,7 @@ CONNECT_TIMEOUT_SECONDS = 10
 READ_TIMEOUT_SECONDS = 60
 # Bucket names: AWS allows 3-63 of a-z0-9.- ; GCS allows up to 222 and underscores, R2 similar.
 _BUCKET_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
 # SigV4 presigned URLs are valid for at most 7 days.
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 
@@ -151,7 +153,7 @@ class S3Store(BlobStore):
         validate_key(key)
         # XML 1.0 cannot carry control characters: one such key would turn a whole DeleteObjects
         # request into MalformedXML and fail the other 999 keys with it.
-        if any(ord(char) < 0x20 or char == "\x7f" for char in key):
+        if _CONTROL_CHARS.search(key):
             raise BadInput(f"invalid storage key {key!r}: control characters cannot be sent to an S3 store.")
         return f"{self.prefix}/{key}" if self.prefix else key
 
@@ -243,12 +245,13 @@ class S3Store(BlobStore):
 
     def delete_many(self, keys: list[str]) -> list[DeleteResult]:
         refused: dict[str, DeleteResult] = {}
-        objects: dict[str, str] = {}  # full object key -> key, once each even if a key repeats
+        full_names: dict[str, str] = {}  # key -> full object key
         for key in keys:
             try:
-                objects.setdefault(self._object_key(key), key)
+                full_names[key] = self._object_key(key)
             except BadInput as exc:
                 refused[key] = DeleteResult(key, ok=False, error=f"refused: {exc}")
+        objects = dict.fromkeys(full_names.values())  # each object once, even if a key repeats
         outcome: dict[str, DeleteResult] = {}
         if objects:
             if self.delete_mode == "single":
@@ -268,7 +271,7 @@ class S3Store(BlobStore):
             if key in refused:
                 results.append(refused[key])
                 continue
-            found = outcome[self._object_key(key)]
+            found = outcome[full_names[key]]
             results.append(DeleteResult(key, ok=found.ok, missing=found.missing, error=found.error))
         return results
 
