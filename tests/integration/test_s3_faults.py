@@ -148,7 +148,7 @@ def test_deleting_10000_expired_items_sends_at_most_10_delete_objects_requests(
 
     counts = catalog.sweeper.sweep()
     assert (counts.claimed, counts.deleted, counts.failed) == (10_000, 10_000, 0)
-    assert faults.sent["DeleteObjects"] <= 10
+    assert faults.sent["DeleteObjects"] <= 10, faults.sent
     assert faults.sent["DeleteObject"] == 0
     assert objects.names(bucket, f"{PREFIX}/") == set()
 
