@@ -43,8 +43,9 @@ MAX_DELETE_KEYS = 1000
 # batch for long; the sweep retries what is still failing on its own schedule.
 BOTOCORE_MAX_ATTEMPTS = 3
 # When botocore has given up on a throttled request, or an answer names keys as SlowDown, we back off
-# for longer than botocore does and retry just those keys: 3 rounds of about 1, 2 and 4 s spread the
-# load over ~7 s, well inside the claim lease (5 min), before the keys are reported failed.
+# for longer than botocore does and retry just those keys: 3 rounds of up to 1, 2 and 4 s (half of
+# each jittered) spread the load over a few seconds, well inside the claim lease (5 min), before the
+# keys are reported failed and the sweep's own backoff (30 s and up) takes over.
 THROTTLE_ROUNDS = 3
 THROTTLE_BASE_SECONDS = 1.0
 THROTTLE_CAP_SECONDS = 8.0
