@@ -76,3 +76,14 @@ def test_bad_settings_are_one_sentence_naming_the_variable(monkeypatch, name, va
     with pytest.raises(BadInput, match=message) as error:
         load_settings()
     assert "\n" not in str(error.value)
+
+
+def test_every_setting_is_documented_in_the_readme():
+    """Each field of the settings object appears in README.md as its MEDIA_RETENTION_* variable."""
+    from pathlib import Path
+
+    from config.settings import Settings
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [f"MEDIA_RETENTION_{name.upper()}" for name in Settings.model_fields if f"MEDIA_RETENTION_{name.upper()}" not in readme]
+    assert not missing, f"undocumented settings: {missing}"
