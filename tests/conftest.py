@@ -6,17 +6,20 @@ its tests with a loud reason on a laptop, and fails them under CI=true: CI must 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
-from config.settings import Settings, load_settings
+from config.settings import Settings, get_settings, load_settings
 from worker import schema
 from worker.catalog import Catalog
+from worker.cli import main
 from worker.db import Database
 from worker.store.fs import FilesystemStore
 
@@ -122,3 +125,43 @@ def redis_server_url() -> str:
     finally:
         client.close()
     return REDIS_URL
+
+
+# -- the command line, in this process -------------------------------------------------------
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self):
+        return json.loads(self.stdout)
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    """An empty data dir holding every embedded default (SQLite catalog, media, broker)."""
+    directory = tmp_path / "data"
+    for name in list(os.environ):
+        if name.startswith("MEDIA_RETENTION_") and not name.startswith("MEDIA_RETENTION_TEST_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MEDIA_RETENTION_DATA_DIR", str(directory))
+    get_settings.cache_clear()
+    yield directory
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def cli(data_dir, capsys):
+    """Run `media-retention ARGS` in this process; returns exit code, stdout and stderr."""
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run

@@ -396,7 +396,7 @@ class Catalog:
         imported = 0
         total_bytes = 0
         batch: list[_NewItem] = []
-        for number, row in self._manifest_rows(path):
+        for _line, row in self._manifest_rows(path):
             item = self._validate_manifest_row(row, path.parent)
             if row.get("id") is None:
                 item.id = secrets.token_urlsafe(18)

@@ -1,56 +1,18 @@
 """`media-retention` on an s3:// store: register --file/--key and lookup --url, as an operator runs them."""
 
-import json
-import os
-from dataclasses import dataclass
 
 import pytest
 import urllib3
 
 from config.settings import get_settings
 from tests.integration.conftest import PREFIX
-from worker.cli import main
-
-
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def json(self):
-        return json.loads(self.stdout)
 
 
 @pytest.fixture
-def environment(tmp_path, monkeypatch):
-    """Only this test's MEDIA_RETENTION_* variables: an embedded SQLite catalog in a fresh data dir."""
-    for name in list(os.environ):
-        if name.startswith("MEDIA_RETENTION_") and not name.startswith("MEDIA_RETENTION_TEST_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("MEDIA_RETENTION_DATA_DIR", str(tmp_path / "data"))
-    get_settings.cache_clear()
-    yield monkeypatch
-    get_settings.cache_clear()
-
-
-@pytest.fixture
-def cli(environment, capsys):
-    def run(*args: str) -> Result:
-        capsys.readouterr()
-        code = main(list(args))
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return run
-
-
-@pytest.fixture
-def on_s3(environment, bucket, s3_endpoint):
-    environment.setenv("MEDIA_RETENTION_STORAGE_URL", f"s3://{bucket}/{PREFIX}")
-    environment.setenv("MEDIA_RETENTION_S3_ENDPOINT_URL", s3_endpoint)
-    environment.setenv("MEDIA_RETENTION_PRESIGN_TTL", "15m")
+def on_s3(data_dir, monkeypatch, bucket, s3_endpoint):
+    monkeypatch.setenv("MEDIA_RETENTION_STORAGE_URL", f"s3://{bucket}/{PREFIX}")
+    monkeypatch.setenv("MEDIA_RETENTION_S3_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("MEDIA_RETENTION_PRESIGN_TTL", "15m")
     get_settings.cache_clear()
     return bucket
 

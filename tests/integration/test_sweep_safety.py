@@ -13,7 +13,6 @@ import pytest
 from sqlalchemy import select
 
 from tests.factories import bulk_expired, states
-from worker.catalog import Catalog
 from worker.db import Database
 from worker.models import MediaItem
 from worker.store import DeleteResult
