@@ -256,8 +256,13 @@ def sweep(catalog: Catalog, dry_run: bool, limit: int | None, enqueue: bool, out
         send_to_fleet(SWEEP_TASK, out, limit=limit)
         return
     if dry_run:
-        counts = catalog.sweeper.sweep(limit=limit, dry_run=True)
-        out.result(counts.to_dict(), title=None if out.as_json else "dry run: nothing was deleted")
+        preview = catalog.sweeper.sweep(limit=limit, dry_run=True).to_dict()
+        if out.as_json:
+            out.result(preview)
+        else:
+            # A person wants what is due, not a row of zero counts from a sweep that did not run.
+            out.result({name: preview[name] for name in ("due", "due_bytes", "held_skipped", "would_delete")},
+                       title="dry run: nothing was deleted")
         return
     run = status.start_run(catalog.db, kind="manual", worker=f"{socket.gethostname()} (cli)")
     counts = catalog.sweeper.sweep(limit=limit)

@@ -229,3 +229,17 @@ def test_reconcile_with_a_malformed_grace_is_bad_input(cli, seeded, data_dir):
     before = snapshot(data_dir)
     assert cli("reconcile", "--grace", "soon").code == 2
     assert snapshot(data_dir) == before
+
+
+def test_sweep_dry_run_in_text_shows_what_is_due_and_deletes_nothing(cli, seeded, tmp_path, data_dir):
+    """The human dry run leads with due items and bytes and names them; the blob stays."""
+    upload = tmp_path / "old.jpg"
+    upload.write_bytes(b"12345")
+    cli("register", "--org", "acme", "--file", str(upload), "--id", "old-1", "--ttl", "1h", "--created-at", "2020-01-01T00:00:00Z")
+    before = snapshot(data_dir)
+    result = cli("sweep", "--dry-run")
+    assert result.code == 0
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["dry run: nothing was deleted", "due: 1", "due_bytes: 5"]
+    assert "old-1" in result.stdout and "claimed" not in result.stdout
+    assert snapshot(data_dir) == before
