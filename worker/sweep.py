@@ -124,7 +124,7 @@ _REASON_BY_TTL = "CASE WHEN {m}ttl_seconds IS NULL THEN 'retention' ELSE 'ttl' E
 class Sweeper:
     """Runs the claim -> delete -> finalize pipeline for sweeps and purges against one DB and store."""
 
-    def __init__(self, db: Database, store: BlobStore, *, claim_lease: timedelta, batch_size: int = 500):
+    def __init__(self, db: Database, store: BlobStore, *, claim_lease: timedelta, batch_size: int = 1000):
         self.db = db
         self.store = store
         self.lease_seconds = int(claim_lease.total_seconds())
