@@ -211,11 +211,13 @@ class Catalog:
         if used:
             raise BadInput(f"storage key {used!r} already belongs to another media item.")
 
-    def _org_retentions(self, session, orgs: set[str], *, lock: bool) -> dict[str, int]:
-        statement = select(Organization.id, Organization.retention_seconds).where(Organization.id.in_(sorted(orgs)))
+    def _org_policies(self, session, orgs: set[str], *, lock: bool) -> dict[str, tuple[int, bool]]:
+        """Retention seconds and hold state of each org; under a share lock when `lock`, so neither
+        changes (retention rewrite, org hold) between this read and the insert that relies on it."""
+        statement = select(Organization.id, Organization.retention_seconds, Organization.held_at).where(Organization.id.in_(sorted(orgs)))
         if lock and self.db.dialect == "postgresql":
             statement = statement.with_for_update(read=True)
-        found = dict(session.execute(statement).all())
+        found = {row.id: (row.retention_seconds, row.held_at is not None) for row in session.execute(statement)}
         missing = sorted(orgs - found.keys())
         if missing:
             raise BadInput(f"organization {missing[0]!r} does not exist; create it with `media-retention org set {missing[0]}`.")
@@ -251,12 +253,13 @@ class Catalog:
     def _insert(self, new_items: Sequence[_NewItem]) -> list[dict]:
         with self.db.transaction() as session:
             now = session.scalar(select(db_now()))
-            retentions = self._org_retentions(session, {item.org for item in new_items}, lock=True)
+            policies = self._org_policies(session, {item.org for item in new_items}, lock=True)
             self._check_free(session, new_items)
             rows = []
             for item in new_items:
                 created = item.created_at or now
-                lifetime = effective_lifetime(item.ttl, timedelta(seconds=retentions[item.org]))
+                retention_seconds, org_held = policies[item.org]
+                lifetime = effective_lifetime(item.ttl, timedelta(seconds=retention_seconds))
                 rows.append(
                     {
                         "id": item.id,
@@ -269,6 +272,7 @@ class Catalog:
                         "ttl_seconds": int(item.ttl.total_seconds()) if item.ttl else None,
                         "expires_at": created + lifetime,
                         "state": State.ACTIVE.value,
+                        "org_held": org_held,
                     }
                 )
             session.execute(insert(MediaItem), rows)
@@ -292,7 +296,7 @@ class Catalog:
     def _register_batch(self, new_items: Sequence[_NewItem]) -> list[dict]:
         """Store blobs, then insert rows in one transaction; on any failure remove the blobs written."""
         with self.db.transaction() as session:
-            self._org_retentions(session, {item.org for item in new_items}, lock=False)
+            self._org_policies(session, {item.org for item in new_items}, lock=False)
             self._check_free(session, new_items)
         written = self._store_blobs(new_items)
         try:
@@ -481,6 +485,12 @@ class Catalog:
                 if (target.held_at is not None) != held:
                     changed.append(org)
                 target.held_at, target.hold_reason = stamp, (reason if held else None)
+                # Mirror the hold on the org's active rows in the same transaction (see MediaItem.org_held).
+                items = MediaItem.__table__
+                session.execute(
+                    update(items).where(items.c.org_id == org, items.c.state == State.ACTIVE.value, items.c.org_held.is_(not held))
+                    .values(org_held=held)
+                )
                 session.add(AuditEvent(action=f"org_{action}", actor=actor, org_id=org, reason=reason))
             else:
                 found = self._require_items(session, ids)
@@ -520,15 +530,15 @@ class Catalog:
                 found = self._require_items(session, ids)
                 scope = items.c.id.in_(list(found))
             rows = session.execute(
-                select(items.c.id, items.c.state, items.c.held_at, items.c.size_bytes).where(scope)
+                select(items.c.id, items.c.state, items.c.held_at, items.c.org_held, items.c.size_bytes).where(scope)
             ).all()
-        eligible = [r for r in rows if r.state == State.ACTIVE.value and r.held_at is None]
+        eligible = [r for r in rows if r.state == State.ACTIVE.value and r.held_at is None and not r.org_held]
         summary = {
             "scope": {"org": org} if org else {"ids": list(dict.fromkeys(ids))},
             "dry_run": dry_run,
             "eligible": len(eligible),
             "eligible_bytes": sum(r.size_bytes for r in eligible),
-            "held_skipped": sum(1 for r in rows if r.state == State.ACTIVE.value and r.held_at is not None),
+            "held_skipped": sum(1 for r in rows if r.state == State.ACTIVE.value and (r.held_at is not None or r.org_held)),
             "already_gone": sum(1 for r in rows if r.state != State.ACTIVE.value),
         }
         if dry_run:

@@ -66,6 +66,11 @@ class Organization(Base):
     __table_args__ = (CheckConstraint("retention_seconds >= 3600", name="retention_at_least_1h"),)
 
 
+# Row predicates the partial indexes are built on; queries use the same text so planners match them.
+CLAIMABLE = "state = 'active' AND held_at IS NULL AND NOT org_held"
+HELD = "state = 'active' AND (held_at IS NOT NULL OR org_held)"
+
+
 class MediaItem(Base):
     __tablename__ = "media_items"
 
@@ -83,6 +88,10 @@ class MediaItem(Base):
     state: Mapped[str] = mapped_column(String(16), default=State.ACTIVE.value)
     held_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     hold_reason: Mapped[str | None] = mapped_column(Text)
+    # Mirrors the org's hold on each of its active rows (kept in step by hold/release and register),
+    # so held rows can stay out of the claim index: a large held backlog then costs a claim nothing.
+    # The claim still checks the org row itself; this flag is for speed, not for correctness.
+    org_held: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     # Set when claimed: the reason the item goes, the claim's owner and when another may take it over.
     deletion_reason: Mapped[str | None] = mapped_column(String(16))
     claim_token: Mapped[str | None] = mapped_column(String(32))
@@ -96,12 +105,19 @@ class MediaItem(Base):
         CheckConstraint("state IN ('active', 'deleting', 'deleted')", name="state_known"),
         CheckConstraint("ttl_seconds IS NULL OR ttl_seconds BETWEEN 3600 AND 2592000", name="ttl_bounds"),
         CheckConstraint("size_bytes >= 0", name="size_not_negative"),
-        # The sweep's two claim predicates, each a partial index so tombstones cost nothing.
+        # The sweep's two claim predicates, each a partial index so tombstones and held media cost nothing.
         Index(
-            "ix_media_items_active_expiry",
+            "ix_media_items_claimable_expiry",
             "expires_at",
-            postgresql_where=text("state = 'active'"),
-            sqlite_where=text("state = 'active'"),
+            postgresql_where=text(CLAIMABLE),
+            sqlite_where=text(CLAIMABLE),
+        ),
+        # Held media by expiry, for the held_skipped count of every sweep.
+        Index(
+            "ix_media_items_held_expiry",
+            "expires_at",
+            postgresql_where=text(HELD),
+            sqlite_where=text(HELD),
         ),
         Index(
             "ix_media_items_deleting_lease",

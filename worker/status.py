@@ -15,8 +15,8 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from worker.db import Database, db_now
-from worker.models import MediaItem, Organization, State, SweepRun
-from worker.sweep import SweepCounts
+from worker.models import MediaItem, State, SweepRun
+from worker.sweep import SweepCounts, claimable_predicate, held_predicate
 
 log = structlog.get_logger("worker.status")
 
@@ -76,13 +76,9 @@ def add_counts(db: Database, run_id: int, counts: SweepCounts, *, finished: bool
 
 def due_count(db: Database) -> int:
     """Expired, unheld, active items: what a sweep would claim now (index range scan on expiry)."""
-    items, orgs = MediaItem.__table__, Organization.__table__
+    items = MediaItem.__table__
     with db.transaction() as session:
-        return session.scalar(
-            select(func.count())
-            .select_from(items.join(orgs, orgs.c.id == items.c.org_id))
-            .where(items.c.state == State.ACTIVE.value, items.c.expires_at <= db_now(), items.c.held_at.is_(None), orgs.c.held_at.is_(None))
-        ) or 0
+        return session.scalar(select(func.count()).where(claimable_predicate(items), items.c.expires_at <= db_now())) or 0
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -91,9 +87,8 @@ def _iso(value: datetime | None) -> str | None:
 
 def fleet_status(db: Database) -> dict:
     """The numbers an operator asks for first: last sweep, backlog, oldest overdue item, stuck deletions."""
-    items, orgs, runs = MediaItem.__table__, Organization.__table__, SweepRun.__table__
-    joined = items.join(orgs, orgs.c.id == items.c.org_id)
-    due = (items.c.state == State.ACTIVE.value) & (items.c.expires_at <= db_now()) & items.c.held_at.is_(None) & orgs.c.held_at.is_(None)
+    items, runs = MediaItem.__table__, SweepRun.__table__
+    due = claimable_predicate(items) & (items.c.expires_at <= db_now())
     deleting = items.c.state == State.DELETING.value
     with db.transaction() as session:
         now = session.scalar(select(db_now()))
@@ -102,11 +97,11 @@ def fleet_status(db: Database) -> dict:
             select(runs).where(runs.c.finished_at.is_not(None)).order_by(runs.c.finished_at.desc()).limit(1)
         ).first()
         due_items, due_bytes = session.execute(
-            select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).select_from(joined).where(due)
+            select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).where(due)
         ).one()
         deleting_items = session.scalar(select(func.count()).where(deleting)) or 0
         oldest = session.execute(
-            select(items.c.id, items.c.expires_at).select_from(joined).where(due | deleting).order_by(items.c.expires_at).limit(1)
+            select(items.c.id, items.c.expires_at).where(due | deleting).order_by(items.c.expires_at).limit(1)
         ).first()
         # Stuck: a delete failed at least once, or a claim's lease ran out and nobody took it over yet.
         stuck_filter = deleting & or_(items.c.attempts > 0, items.c.lease_until < db_now())
@@ -117,11 +112,7 @@ def fleet_status(db: Database) -> dict:
             .order_by(items.c.attempts.desc(), items.c.claimed_at)
             .limit(STUCK_LISTING)
         ).all()
-        held_expired = session.scalar(
-            select(func.count()).select_from(joined).where(
-                items.c.state == State.ACTIVE.value, items.c.expires_at <= db_now(), or_(items.c.held_at.is_not(None), orgs.c.held_at.is_not(None))
-            )
-        ) or 0
+        held_expired = session.scalar(select(func.count()).where(held_predicate(items), items.c.expires_at <= db_now())) or 0
 
     def run_dict(row) -> dict | None:
         if row is None:

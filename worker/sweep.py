@@ -3,10 +3,11 @@
 Each step is its own short transaction and no row lock is held across blob I/O:
 
 1. claim: one `UPDATE ... RETURNING` moves a batch to `deleting` under a lease, cut off by the
-   database clock. On PostgreSQL the batch is picked `FOR UPDATE OF c SKIP LOCKED`, so concurrent
-   sweepers take disjoint batches, and `FOR SHARE OF o` on the organization rows, so an org hold
-   committed before the claim is always seen by it. The claim commits before any blob is touched;
-   from then on lookups answer 404.
+   database clock. On PostgreSQL the batch is picked `FOR UPDATE SKIP LOCKED`, so concurrent
+   sweepers take disjoint batches. Holds live on the item rows (`held_at`, and `org_held` mirrored
+   from the org), so a hold, a release or a retention rewrite and a claim meet on the same row
+   lock: a claim that finds a row changed by a committed hold re-checks the new version and leaves
+   it. The claim commits before any blob is touched; from then on lookups answer 404.
 2. delete: `store.delete_many(keys)` with a result per key; a missing blob counts as deleted.
 3. finalize: successes become `deleted` tombstones; failures stay `deleting` with `last_error`,
    one more attempt and a lease pushed out by exponential backoff, so a later sweep retries them.
@@ -32,7 +33,7 @@ from sqlalchemy.dialects import postgresql
 
 from worker import metrics
 from worker.db import Database, db_now, plus_seconds
-from worker.models import MediaItem, Organization, Reason, State
+from worker.models import MediaItem, Reason, State
 from worker.store import BlobStore, DeleteResult
 
 log = structlog.get_logger("worker.sweep")
@@ -92,10 +93,10 @@ SET state = 'deleting',
     claimed_at = COALESCE(m.claimed_at, {now}),
     lease_until = {lease}
 FROM (
-    SELECT c.id FROM media_items AS c JOIN organizations AS o ON o.id = c.org_id
-    WHERE o.held_at IS NULL AND {where}
+    SELECT c.id FROM media_items AS c
+    WHERE {where}
     ORDER BY {order} LIMIT :limit
-    FOR UPDATE OF c {skip_locked} FOR SHARE OF o
+    FOR UPDATE {skip_locked}
 ) AS picked
 WHERE m.id = picked.id
 RETURNING m.id, m.storage_key, m.size_bytes, m.deletion_reason, m.attempts
@@ -110,8 +111,8 @@ SET state = 'deleting',
     claimed_at = COALESCE(claimed_at, {now}),
     lease_until = {lease}
 WHERE id IN (
-    SELECT c.id FROM media_items AS c JOIN organizations AS o ON o.id = c.org_id
-    WHERE o.held_at IS NULL AND {where}
+    SELECT c.id FROM media_items AS c
+    WHERE {where}
     ORDER BY {order} LIMIT :limit
 )
 RETURNING id, storage_key, size_bytes, deletion_reason, attempts
@@ -119,6 +120,16 @@ RETURNING id, storage_key, size_bytes, deletion_reason, attempts
 
 # Evaluated on the updated row (`m` on PostgreSQL, the bare table on SQLite, which has no UPDATE alias).
 _REASON_BY_TTL = "CASE WHEN {m}ttl_seconds IS NULL THEN 'retention' ELSE 'ttl' END"
+
+
+def claimable_predicate(items):
+    """Active and held neither itself nor through its org: the claimable-expiry index's rows."""
+    return and_(items.c.state == State.ACTIVE.value, items.c.held_at.is_(None), items.c.org_held.is_(False))
+
+
+def held_predicate(items):
+    """Active but held, itself or through its org: the held-expiry index's rows."""
+    return and_(items.c.state == State.ACTIVE.value, or_(items.c.held_at.is_not(None), items.c.org_held.is_(True)))
 
 
 class Sweeper:
@@ -164,7 +175,8 @@ class Sweeper:
         if len(stale) >= limit:
             return stale
         fresh = self._claim(
-            "c.state = 'active' AND c.expires_at <= {now} AND c.held_at IS NULL",
+            # The claimable-expiry index's predicate, spelled out so the planner uses it.
+            "c.state = 'active' AND c.held_at IS NULL AND NOT c.org_held AND c.expires_at <= {now}",
             "c.expires_at",
             _REASON_BY_TTL,
             limit - len(stale),
@@ -174,7 +186,7 @@ class Sweeper:
     def claim_ids(self, ids: Sequence[str], reason: Reason) -> list[ClaimedItem]:
         """Claim the named active, unheld items for a purge (waiting for, not skipping, locked rows)."""
         return self._claim(
-            "c.id IN :ids AND c.state = 'active' AND c.held_at IS NULL",
+            "c.id IN :ids AND c.state = 'active' AND c.held_at IS NULL AND NOT c.org_held",
             "c.id",
             f"'{Reason(reason).value}'",
             len(ids),
@@ -184,7 +196,7 @@ class Sweeper:
 
     def claim_org(self, org_id: str, limit: int) -> list[ClaimedItem]:
         return self._claim(
-            "c.org_id = :org AND c.state = 'active' AND c.held_at IS NULL",
+            "c.org_id = :org AND c.state = 'active' AND c.held_at IS NULL AND NOT c.org_held",
             "c.expires_at",
             f"'{Reason.ORG_PURGE.value}'",
             limit,
@@ -320,13 +332,8 @@ class Sweeper:
 
     def held_expired_count(self) -> int:
         """Expired active items a sweep leaves alone because they or their org are on hold."""
-        items, orgs = MediaItem.__table__, Organization.__table__
-        statement = (
-            select(func.count())
-            .select_from(items.join(orgs, orgs.c.id == items.c.org_id))
-            .where(items.c.state == State.ACTIVE.value, items.c.expires_at <= db_now())
-            .where(or_(items.c.held_at.is_not(None), orgs.c.held_at.is_not(None)))
-        )
+        items = MediaItem.__table__
+        statement = select(func.count()).where(held_predicate(items), items.c.expires_at <= db_now())
         with self.db.transaction() as session:
             return session.scalar(statement) or 0
 
@@ -346,23 +353,18 @@ class Sweeper:
 
     def preview(self, limit: int | None = None) -> SweepCounts:
         """What a sweep would delete now, without claiming anything."""
-        items, orgs = MediaItem.__table__, Organization.__table__
-        due = and_(
-            orgs.c.held_at.is_(None),
-            or_(
-                and_(items.c.state == State.ACTIVE.value, items.c.expires_at <= db_now(), items.c.held_at.is_(None)),
-                and_(items.c.state == State.DELETING.value, items.c.lease_until <= db_now()),
-            ),
+        items = MediaItem.__table__
+        due = or_(
+            and_(claimable_predicate(items), items.c.expires_at <= db_now()),
+            and_(items.c.state == State.DELETING.value, items.c.lease_until <= db_now()),
         )
-        joined = items.join(orgs, orgs.c.id == items.c.org_id)
         shown = min(limit or DRY_RUN_LISTING, DRY_RUN_LISTING)
         with self.db.transaction() as session:
             total, total_bytes = session.execute(
-                select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).select_from(joined).where(due)
+                select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).where(due)
             ).one()
             rows = session.execute(
                 select(items.c.id, items.c.org_id, items.c.storage_key, items.c.size_bytes, items.c.expires_at, items.c.ttl_seconds)
-                .select_from(joined)
                 .where(due)
                 .order_by(items.c.expires_at)
                 .limit(shown)

@@ -211,3 +211,28 @@ def test_ids_are_never_reused_even_after_deletion(catalog, acme, uploads):
     catalog.sweeper.sweep()
     with pytest.raises(BadInput, match="already exists"):
         register_aged(catalog, acme, timedelta(0), media_id=item["id"], uploads=uploads)
+
+
+def test_media_registered_into_a_held_org_is_held_until_the_org_is_released(catalog, acme, uploads):
+    """An item added while its org is on hold is protected like the rest: not swept, not purged by ID,
+    counted as held; after release the next sweep deletes it."""
+    catalog.set_hold(held=True, reason="audit", org=acme)
+    item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    assert catalog.sweeper.sweep().held_skipped == 1
+    purge = catalog.purge(ids=[item["id"]])
+    assert (purge["eligible"], purge["held_skipped"]) == (0, 1)
+    assert catalog.lookup(item["id"])["state"] == "active"
+    catalog.set_hold(held=False, reason="audit done", org=acme)
+    assert catalog.sweeper.sweep().deleted == 1
+
+
+def test_status_backlog_excludes_held_media_and_counts_it_separately(catalog, acme, uploads):
+    """Held expired items are not 'due': status reports them under held_expired."""
+    from worker.status import due_count, fleet_status
+
+    catalog.set_org("other", "30d")
+    register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    register_aged(catalog, "other", timedelta(hours=2), ttl="1h", uploads=uploads)
+    catalog.set_hold(held=True, reason="audit", org=acme)
+    numbers = fleet_status(catalog.db)
+    assert (numbers["backlog"]["due"], numbers["held_expired"], due_count(catalog.db)) == (1, 1, 1)
