@@ -36,3 +36,12 @@ def head_revision() -> str:
 
 def is_current(db: Database) -> bool:
     return current_revision(db) == head_revision()
+
+
+def downgrade(db: Database, revision: str) -> str | None:
+    """Migrate back to `revision` ("base" for an empty catalog); returns the revision now current."""
+    config = _config()
+    with db.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
+    return current_revision(db)
