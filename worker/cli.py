@@ -319,15 +319,15 @@ def purge(catalog: Catalog, ids, org_id, dry_run, yes, enqueue_it, actor, out: O
     _scope(ids, org_id)
     if dry_run and enqueue_it:
         raise BadInput("--dry-run runs here and changes nothing; there is nothing to --enqueue.")
-    if not dry_run and not yes:
+    if enqueue_it or (not dry_run and not yes):
+        # The preview validates IDs, org and holds, so nothing is asked or sent for bad input.
         preview = catalog.purge(ids=ids, org=org_id, dry_run=True)
         what = f"{preview['eligible']} items ({preview['eligible_bytes']} bytes)"
-        if not sys.stdin.isatty():
+        if not yes and not sys.stdin.isatty():
             raise BadInput(f"purge would delete {what} now; pass --yes to confirm or --dry-run to preview.")
-        if not click.confirm(f"Delete {what} now?", err=True):
+        if not yes and not click.confirm(f"Delete {what} now?", err=True):
             raise click.Abort()
     if enqueue_it:
-        catalog.purge(ids=ids, org=org_id, dry_run=True)  # validates IDs, org and holds before anything is sent
         send_to_fleet(PURGE_TASK, out, ids=list(ids) or None, org=org_id, actor=actor or default_actor())
         return
     summary = catalog.purge(ids=ids, org=org_id, dry_run=dry_run, actor=actor)
