@@ -34,18 +34,18 @@ def scheduled_sweep() -> dict:
         settings = get_settings()
         catalog = runtime.catalog()
         interval = settings.sweep_interval.total_seconds()
-        run = status.start_run(catalog.db, kind="scheduled", worker=scheduled_sweep.request.hostname or socket.gethostname(),
+        run_id = status.start_run(catalog.db, kind="scheduled", worker=scheduled_sweep.request.hostname or socket.gethostname(),
                                interval_seconds=interval)
-        if run is None:
+        if run_id is None:
             return {"skipped": "slot_taken"}
         fanout = status.plan_fanout(status.due_count(catalog.db), settings.sweep_batch_size, settings.sweep_fanout_max)
         for _ in range(fanout):
             # Drains expire with the slot: a drain that waited a whole interval is superseded by the next sweep.
-            drain.apply_async(kwargs={"run_id": run.id}, expires=interval)
+            drain.apply_async(kwargs={"run_id": run_id}, expires=interval)
         if fanout:
-            structlog.get_logger("tasks.sweep").info("sweep.fanned_out", run_id=run.id, drains=fanout)
+            structlog.get_logger("tasks.sweep").info("sweep.fanned_out", run_id=run_id, drains=fanout)
         counts = catalog.sweeper.sweep(deadline=_deadline())
-        status.add_counts(catalog.db, run.id, counts, finished=True, fanout=fanout)
+        status.add_counts(catalog.db, run_id, counts, finished=True, fanout=fanout)
         return counts.to_dict()
 
 
@@ -64,9 +64,9 @@ def sweep(limit: int | None = None) -> dict:
     """One sweep now, outside the schedule (operators' `sweep --enqueue`, critical volume alerts)."""
     with _task_context(sweep):
         catalog = runtime.catalog()
-        run = status.start_run(catalog.db, kind="manual", worker=sweep.request.hostname)
+        run_id = status.start_run(catalog.db, kind="manual", worker=sweep.request.hostname)
         counts = catalog.sweeper.sweep(limit=limit, deadline=_deadline())
-        status.add_counts(catalog.db, run.id, counts, finished=True)
+        status.add_counts(catalog.db, run_id, counts, finished=True)
         return counts.to_dict()
 
 

@@ -264,9 +264,9 @@ def sweep(catalog: Catalog, dry_run: bool, limit: int | None, enqueue: bool, out
             out.result({name: preview[name] for name in ("due", "due_bytes", "held_skipped", "would_delete")},
                        title="dry run: nothing was deleted")
         return
-    run = status.start_run(catalog.db, kind="manual", worker=f"{socket.gethostname()} (cli)")
+    run_id = status.start_run(catalog.db, kind="manual", worker=f"{socket.gethostname()} (cli)")
     counts = catalog.sweeper.sweep(limit=limit)
-    status.add_counts(catalog.db, run.id, counts, finished=True)
+    status.add_counts(catalog.db, run_id, counts, finished=True)
     out.result(counts.to_dict())
     if counts.failed:
         sys.exit(EXIT_FAILURE)

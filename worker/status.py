@@ -7,7 +7,6 @@ whole fleet's numbers, not its own.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
@@ -37,14 +36,8 @@ def plan_fanout(due: int, batch_size: int, max_fanout: int) -> int:
     return min(math.ceil(due / batch_size) - 1, max_fanout)
 
 
-@dataclass
-class Run:
-    id: int
-    slot: str | None
-
-
-def start_run(db: Database, *, kind: str, worker: str | None, interval_seconds: float | None = None) -> Run | None:
-    """Record a sweep's start. For a scheduled sweep, None when its slot is already taken."""
+def start_run(db: Database, *, kind: str, worker: str | None, interval_seconds: float | None = None) -> int | None:
+    """Record a sweep's start and return its id. For a scheduled sweep, None when its slot is already taken."""
     with db.transaction() as session:
         now = session.scalar(select(db_now()))
     slot = schedule_slot(now, interval_seconds) if interval_seconds else None
@@ -53,7 +46,7 @@ def start_run(db: Database, *, kind: str, worker: str | None, interval_seconds: 
             run = SweepRun(kind=kind, slot=slot, worker=worker)
             session.add(run)
             session.flush()
-            return Run(run.id, slot)
+            return run.id
     except IntegrityError:
         log.info("sweep.slot_taken", slot=slot, worker=worker)
         return None
