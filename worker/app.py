@@ -16,6 +16,7 @@ from celery import Celery, signals
 from config.logging import configure_logging
 from config.schedule import beat_schedule
 from config.settings import Settings, get_settings
+from worker.errors import BadInput
 
 # Hard limit on a single task. Redis redelivers an unacknowledged message after its visibility
 # timeout; the limits stay well below it so a slow task is never run twice concurrently by redelivery.
@@ -121,4 +122,14 @@ def _process_gone(pid: int | None = None, **_kwargs) -> None:
         exporter.process_exited(pid)
 
 
-app = create_app()
+def _app_or_exit() -> Celery:
+    """The app; a malformed setting stops `celery -A worker.app ...` with one sentence and exit 2,
+    as the command line does, instead of an import traceback."""
+    try:
+        return create_app()
+    except BadInput as exc:
+        sys.stderr.write(f"media-retention: {exc}\n")
+        raise SystemExit(2) from None
+
+
+app = _app_or_exit()

@@ -63,3 +63,15 @@ def test_run_starts_from_an_empty_data_dir_and_a_scheduled_sweep_deletes_an_expi
     finished = [e for e in events if e.get("event") == "sweep.finished" and e.get("deleted")]
     assert finished and finished[0]["task"] == "scheduled_sweep" and finished[0]["task_id"]
     assert (data_dir / "broker").is_dir()
+
+
+@pytest.mark.parametrize("program", ["worker", "beat"])
+def test_celery_with_a_malformed_setting_stops_with_one_sentence_and_exit_two(data_dir, program):
+    """`celery -A worker.app worker|beat` refuses a bad setting the way the CLI does, not with a traceback."""
+    import sys
+
+    completed = subprocess.run([sys.executable, "-m", "celery", "-A", "worker.app", program], capture_output=True, text=True,
+                               timeout=60, stdin=subprocess.DEVNULL, env={**os.environ, "MEDIA_RETENTION_CLAIM_LEASE": "a while"})
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [
+        "media-retention: invalid setting MEDIA_RETENTION_CLAIM_LEASE: malformed duration 'a while'; use e.g. 30s, 15m, 1h, 7d, 2w or PT1H."]
