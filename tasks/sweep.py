@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
 
@@ -11,16 +10,8 @@ import structlog
 from config.schedule import DRAIN_TASK, PURGE_TASK, SCHEDULED_SWEEP_TASK, SWEEP_TASK
 from config.settings import get_settings
 from worker import runtime, status
+from tasks import task_context
 from worker.app import SWEEP_TASK_BUDGET_S, app
-
-
-@contextlib.contextmanager
-def _task_context(task, **fields):
-    structlog.contextvars.bind_contextvars(task_id=task.request.id, task=task.name.rpartition(".")[2], **fields)
-    try:
-        yield
-    finally:
-        structlog.contextvars.clear_contextvars()
 
 
 def _deadline() -> float:
@@ -30,7 +21,7 @@ def _deadline() -> float:
 @app.task(name=SCHEDULED_SWEEP_TASK)
 def scheduled_sweep() -> dict:
     """Beat's sweep: once per schedule slot fleet-wide; a large backlog is shared out as drains."""
-    with _task_context(scheduled_sweep):
+    with task_context(scheduled_sweep):
         settings = get_settings()
         catalog = runtime.catalog()
         interval = settings.sweep_interval.total_seconds()
@@ -52,7 +43,7 @@ def scheduled_sweep() -> dict:
 @app.task(name=DRAIN_TASK)
 def drain(run_id: int) -> dict:
     """A helper's share of a scheduled sweep's backlog; row claims keep the shares disjoint."""
-    with _task_context(drain, run_id=run_id):
+    with task_context(drain, run_id=run_id):
         catalog = runtime.catalog()
         counts = catalog.sweeper.drain(deadline=_deadline())
         status.add_counts(catalog.db, run_id, counts)
@@ -62,7 +53,7 @@ def drain(run_id: int) -> dict:
 @app.task(name=SWEEP_TASK)
 def sweep(limit: int | None = None) -> dict:
     """One sweep now, outside the schedule (operators' `sweep --enqueue`, critical volume alerts)."""
-    with _task_context(sweep):
+    with task_context(sweep):
         catalog = runtime.catalog()
         run_id = status.start_run(catalog.db, kind="manual", worker=sweep.request.hostname)
         counts = catalog.sweeper.sweep(limit=limit, deadline=_deadline())
@@ -72,5 +63,5 @@ def sweep(limit: int | None = None) -> dict:
 
 @app.task(name=PURGE_TASK)
 def purge(ids: list[str] | None = None, org: str | None = None, actor: str | None = None) -> dict:
-    with _task_context(purge, org=org):
+    with task_context(purge, org=org):
         return runtime.catalog().purge(ids=ids or (), org=org, actor=actor)

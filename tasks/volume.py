@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import structlog
-
 from config.schedule import SWEEP_TASK, VOLUME_TASK
 from config.settings import get_settings
+from tasks import task_context
 from worker import runtime
 from worker.alerts import VolumeMonitor
 from worker.app import app
@@ -19,8 +18,5 @@ def _enqueue_sweep() -> None:
 @app.task(name=VOLUME_TASK)
 def check_volume() -> dict:
     """One fleet-wide volume check; at critical it also enqueues an immediate sweep."""
-    structlog.contextvars.bind_contextvars(task_id=check_volume.request.id, task="check_volume")
-    try:
+    with task_context(check_volume):
         return VolumeMonitor.for_catalog(runtime.catalog(), enqueue_sweep=_enqueue_sweep).check().to_dict()
-    finally:
-        structlog.contextvars.clear_contextvars()
