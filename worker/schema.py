@@ -1,4 +1,9 @@
-"""Create or migrate the schema with Alembic, from code (the CLI, `run`, and the tests)."""
+"""Create or migrate the schema with Alembic, from code (the CLI, `run`, and the tests).
+
+Every pod of a release may run `media-retention db upgrade` at once (an init container per pod), so
+on PostgreSQL an upgrade first takes a transaction-level advisory lock: the first one migrates, the
+others wait for its commit, then find the schema at head and change nothing.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, text
 
 from worker.db import Database
+
+# First key of the advisory lock: a constant naming this application ("mr"), so its lock never
+# meets another application's. The second key is the schema, so catalogs in different schemas of
+# one database (the tests, staging beside production) migrate independently.
+MIGRATION_LOCK_KEY = 0x6D72
 
 
 def _config() -> Config:
@@ -16,10 +27,18 @@ def _config() -> Config:
     return config
 
 
+def _serialize_migrations(connection: Connection) -> None:
+    """Wait until no other migration of this schema is running; released when the transaction ends."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key, hashtext(coalesce(current_schema(), '')))"),
+                           {"key": MIGRATION_LOCK_KEY})
+
+
 def upgrade(db: Database, revision: str = "head") -> str:
     """Migrate to `revision` under one transaction; returns the revision now current."""
     config = _config()
     with db.engine.begin() as connection:
+        _serialize_migrations(connection)
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
     return current_revision(db)
@@ -42,6 +61,7 @@ def downgrade(db: Database, revision: str) -> str | None:
     """Migrate back to `revision` ("base" for an empty catalog); returns the revision now current."""
     config = _config()
     with db.engine.begin() as connection:
+        _serialize_migrations(connection)
         config.attributes["connection"] = connection
         command.downgrade(config, revision)
     return current_revision(db)

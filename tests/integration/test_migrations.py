@@ -1,8 +1,19 @@
-"""Migrations on a catalog that already holds data, on SQLite and PostgreSQL."""
+"""Migrations on a catalog that already holds data, on SQLite and PostgreSQL; concurrent upgrades on PostgreSQL."""
 
+import json
+import os
+import secrets
+import subprocess
+import threading
+
+import pytest
 from sqlalchemy import text
 
+from tests.conftest import _schema_url
+from tests.e2e.conftest import SCRIPT
+from tests.fleet import wait_until
 from worker import schema
+from worker.db import Database
 
 
 def test_hold_flag_migration_backfills_items_of_held_orgs(database):
@@ -25,3 +36,60 @@ def test_every_migration_downgrades_to_an_empty_catalog_and_upgrades_again(datab
     """The whole chain runs down to base and back up to head."""
     assert schema.downgrade(database, "base") is None
     assert schema.upgrade(database) == schema.head_revision()
+
+
+@pytest.fixture
+def empty_pg_schema(pg_server_url: str):
+    """The URL of a new, empty PostgreSQL schema (no tables yet), dropped afterwards."""
+    name = f"t_{secrets.token_hex(6)}"
+    admin = Database(pg_server_url)
+    with admin.engine.begin() as connection:
+        connection.execute(text(f"CREATE SCHEMA {name}"))
+    try:
+        yield _schema_url(pg_server_url, name)
+    finally:
+        with admin.engine.begin() as connection:
+            connection.execute(text(f"DROP SCHEMA {name} CASCADE"))
+        admin.dispose()
+
+
+def test_concurrent_db_upgrades_on_a_fresh_schema_all_succeed(empty_pg_schema, tmp_path):
+    """Six `media-retention db upgrade` processes started together (a release's init containers) all exit 0 at head."""
+    env = {**os.environ, "MEDIA_RETENTION_DATABASE_URL": empty_pg_schema, "MEDIA_RETENTION_DATA_DIR": str(tmp_path)}
+    processes = [subprocess.Popen([str(SCRIPT), "db", "upgrade", "--json"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL) for _ in range(6)]
+    outcomes = [(process.wait(timeout=120), *process.communicate()) for process in processes]
+    assert [code for code, _, _ in outcomes] == [0] * 6, [err for _, _, err in outcomes]
+    assert {json.loads(out)["to"] for _, out, _ in outcomes} == {schema.head_revision()}
+    db = Database(empty_pg_schema)
+    try:
+        with db.transaction() as session:
+            assert session.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [schema.head_revision()]
+    finally:
+        db.dispose()
+
+
+def test_an_upgrade_waits_while_another_migration_of_the_schema_holds_the_lock(empty_pg_schema):
+    """While another session holds the schema's migration lock, an upgrade creates nothing; it migrates once released."""
+    holder, db = Database(empty_pg_schema), Database(empty_pg_schema)
+    outcome: dict = {}
+    try:
+        with holder.engine.connect() as held:
+            held.execute(text("SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))"),
+                         {"key": schema.MIGRATION_LOCK_KEY})
+            upgrader = threading.Thread(target=lambda: outcome.setdefault("revision", schema.upgrade(db)))
+            upgrader.start()
+            wait_until(lambda: _lock_waiters(held) == 1, 30, "the upgrade to queue for the migration lock")
+            assert upgrader.is_alive() and schema.current_revision(holder) is None
+            held.rollback()
+        upgrader.join(60)
+        assert outcome == {"revision": schema.head_revision()}
+    finally:
+        holder.dispose()
+        db.dispose()
+
+
+def _lock_waiters(connection) -> int:
+    return connection.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                                   "AND classid = :key AND objid = hashtext(current_schema())::oid"),
+                              {"key": schema.MIGRATION_LOCK_KEY}).scalar()
