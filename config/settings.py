@@ -10,8 +10,9 @@ import functools
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.durations import parse_duration
@@ -72,7 +73,11 @@ class Settings(BaseSettings):
     volume_alert_reminder: Duration = timedelta(hours=4)
     # Object stores have no "full": operators give the quota (or budget) live media is measured against.
     s3_capacity_bytes: int | None = Field(None, ge=1)
+    # A generic JSON webhook (Alertmanager's webhook-receiver shape) for receivers other than Alertmanager.
     alert_webhook_url: str | None = None
+    # Alertmanager base URLs (http://alertmanager:9093), comma-separated for an HA pair: each is
+    # posted every alert through its own API, as Prometheus posts to each of its alertmanagers.
+    alertmanager_url: str | None = None
     # Per attempt; attempts x timeout bounds what a hung endpoint can cost the volume task.
     alert_webhook_timeout: Duration = timedelta(seconds=5)
     alert_webhook_attempts: int = Field(3, ge=1, le=10)
@@ -100,6 +105,21 @@ class Settings(BaseSettings):
         if self.default_retention < timedelta(hours=1):
             raise ValueError("DEFAULT_RETENTION must be at least 1h")
         return self
+
+    @field_validator("alertmanager_url")
+    @classmethod
+    def _alertmanager_urls(cls, value: str | None) -> str | None:
+        urls = [url.strip().rstrip("/") for url in (value or "").split(",") if url.strip()]
+        for url in urls:
+            # The message never repeats the URL: a token may live in its path or query.
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("ALERTMANAGER_URL must be http:// or https:// URLs, separated by commas")
+        return ",".join(urls) or None
+
+    @property
+    def alertmanager_urls(self) -> list[str]:
+        return self.alertmanager_url.split(",") if self.alertmanager_url else []
 
     @property
     def embedded_broker(self) -> bool:

@@ -1,4 +1,5 @@
-"""The fleet's volume alert: samples and alert state in the catalog database, notices to the log and a webhook.
+"""The fleet's volume alert: samples and alert state in the catalog database, notices to the log,
+Alertmanager's API and a generic webhook.
 
 The state lives in the database rather than Redis because the database is the one store every
 deployment has (the embedded default runs without any Redis server), and because its clock is the
@@ -16,17 +17,24 @@ One check (`VolumeMonitor.check`, run by the beat every few minutes):
 5. after commit, with no transaction open: enqueue a sweep when critical, log the notice, POST the
    webhook (bounded by timeout x attempts), then clear `delivery_pending`. A delivery lost to a crash
    or a dead endpoint stays pending and a later check re-sends it.
+6. post the fleet's alert to each Alertmanager (`/api/v2/alerts`), the way Prometheus does: at every
+   check while a level is raised, with `endsAt` a few check intervals ahead (so an alert nobody
+   re-posts, because the checks stopped, resolves by itself), and after a recovery the resolved alert
+   (`endsAt` = when it cleared) at every check for as long again. Alertmanager dedupes by labels, so
+   re-posts and posts from several workers make one alert; a failed post is simply repeated by the
+   next check.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import structlog
@@ -59,7 +67,13 @@ RECEIVER = "media-retention"
 PAYLOAD_VERSION = "4"
 # Alertmanager's endsAt for an alert that is still firing (Go's zero time).
 OPEN_ENDS_AT = "0001-01-01T00:00:00Z"
-# Pause before the second webhook attempt, doubled for each further one: long enough for a
+# Where Alertmanager takes alerts from their generators (Prometheus, and this worker).
+ALERTMANAGER_API_PATH = "/api/v2/alerts"
+# A posted alert's endsAt lies this many check intervals ahead, and a resolved alert is re-posted for
+# as long: one or two late or lost checks never flap the alert, and when the checks stop altogether
+# Alertmanager resolves it by itself. Prometheus uses the same factor (4 x its resend delay).
+ENDS_AT_CHECK_INTERVALS = 4
+# Pause before the second attempt of a POST, doubled for each further one: long enough for a
 # restarting receiver or a load balancer to pick a healthy backend, short against the check interval.
 WEBHOOK_BACKOFF_SECONDS = 1.0
 # A pending delivery is re-sent once the sender has certainly given up (its timeouts and pauses),
@@ -171,6 +185,35 @@ def _describe_usage(usage: Usage) -> str:
     return ", ".join(parts)
 
 
+def _resolved_alert(state: AlertState, usage: Usage, common: dict[str, str]) -> dict:
+    """The level that `state` replaced, ended when `state` began."""
+    labels = _labels(state.previous_level)
+    return {
+        "labels": labels,
+        "annotations": {**common, "summary": f"Media volume no longer {state.previous_level.value}: "
+                                             f"{_describe_usage(usage)}."},
+        "startsAt": _iso(state.previous_since),
+        "endsAt": _iso(state.since),
+    }
+
+
+def _firing_alert(state: AlertState, usage: Usage, projection: Projection, thresholds: Thresholds,
+                  common: dict[str, str], sweep_note: str | None) -> dict:
+    """The raised level of `state`, without its endsAt (which each sink sets its own way)."""
+    threshold = thresholds.critical if state.level is Level.CRITICAL else thresholds.warn
+    if state.reason == "projection":
+        summary = f"Media volume projected full in {describe_seconds(projection.seconds_to_full)}."
+    else:
+        summary = f"Media volume {state.level.value}: {state.reason} at or above {threshold:.0%}."
+    description = f"{_describe_usage(usage)}; projection {projection.status}"
+    if projection.seconds_to_full is not None:
+        description += f", full in {describe_seconds(projection.seconds_to_full)} at the recent rate"
+    annotations = {**common, "summary": summary, "description": description + "."}
+    if sweep_note:
+        annotations["sweep"] = sweep_note
+    return {"labels": _labels(state.level), "annotations": annotations, "startsAt": _iso(state.since)}
+
+
 def alertmanager_payload(notification: Notification, usage: Usage, projection: Projection, *, thresholds: Thresholds,
                          storage_url: str, sweep_note: str | None = None) -> dict:
     """The notice in Alertmanager's webhook shape, so any Alertmanager receiver can take it as it is.
@@ -181,39 +224,13 @@ def alertmanager_payload(notification: Notification, usage: Usage, projection: P
     common = _usage_annotations(usage, projection, storage_url)
     alerts = []
     if notification.kind != "reminder" and state.previous_level is not Level.OK and state.previous_since is not None:
-        labels = _labels(state.previous_level)
-        alerts.append({
-            "status": "resolved",
-            "labels": labels,
-            "annotations": {**common, "summary": f"Media volume no longer {state.previous_level.value}: "
-                                                 f"{_describe_usage(usage)}."},
-            "startsAt": _iso(state.previous_since),
-            "endsAt": _iso(state.since),
-            "generatorURL": "",
-            "fingerprint": _fingerprint(labels),
-        })
+        resolved = _resolved_alert(state, usage, common)
+        alerts.append({"status": "resolved", **resolved, "generatorURL": "",
+                       "fingerprint": _fingerprint(resolved["labels"])})
     if state.level is not Level.OK:
-        labels = _labels(state.level)
-        threshold = thresholds.critical if state.level is Level.CRITICAL else thresholds.warn
-        if state.reason == "projection":
-            summary = f"Media volume projected full in {describe_seconds(projection.seconds_to_full)}."
-        else:
-            summary = f"Media volume {state.level.value}: {state.reason} at or above {threshold:.0%}."
-        description = f"{_describe_usage(usage)}; projection {projection.status}"
-        if projection.seconds_to_full is not None:
-            description += f", full in {describe_seconds(projection.seconds_to_full)} at the recent rate"
-        annotations = {**common, "summary": summary, "description": description + "."}
-        if sweep_note:
-            annotations["sweep"] = sweep_note
-        alerts.append({
-            "status": "firing",
-            "labels": labels,
-            "annotations": annotations,
-            "startsAt": _iso(state.since),
-            "endsAt": OPEN_ENDS_AT,
-            "generatorURL": "",
-            "fingerprint": _fingerprint(labels),
-        })
+        firing = _firing_alert(state, usage, projection, thresholds, common, sweep_note)
+        alerts.append({"status": "firing", **firing, "endsAt": OPEN_ENDS_AT, "generatorURL": "",
+                       "fingerprint": _fingerprint(firing["labels"])})
     group_labels = {"alertname": ALERT_NAME, "volume": VOLUME}
     common_labels = dict(set.intersection(*(set(a["labels"].items()) for a in alerts))) if alerts else {}
     common_annotations = dict(set.intersection(*(set(a["annotations"].items()) for a in alerts))) if alerts else {}
@@ -231,33 +248,88 @@ def alertmanager_payload(notification: Notification, usage: Usage, projection: P
     }
 
 
-# -- webhook sink --------------------------------------------------------------------------------
+def postable_alerts(state: AlertState, now: datetime, usage: Usage, projection: Projection, *, thresholds: Thresholds,
+                    storage_url: str, ends_in: timedelta, sweep_note: str | None = None,
+                    generator_url: str | None = None) -> list[dict]:
+    """What Alertmanager's `POST /api/v2/alerts` should hear from this check: the fleet's alert as it is now.
+
+    A raised level is firing until `now + ends_in`; the level a change replaced is resolved (its endsAt
+    the moment it cleared) for `ends_in` after the change, as long as a firing post may still be alive.
+    An empty list when there is nothing to say.
+    """
+    common = _usage_annotations(usage, projection, storage_url)
+    alerts = []
+    recent_change = state.since is not None and now - state.since < ends_in
+    if (recent_change and state.previous_level is not Level.OK and state.previous_level is not state.level
+            and state.previous_since is not None):
+        alerts.append(_resolved_alert(state, usage, common))
+    if state.level is not Level.OK:
+        firing = _firing_alert(state, usage, projection, thresholds, common, sweep_note)
+        alerts.append({**firing, "endsAt": _iso(now + ends_in)})
+    if generator_url:
+        for alert in alerts:
+            alert["generatorURL"] = generator_url
+    return alerts
 
 
-class WebhookSink:
-    """POSTs a payload with a per-attempt timeout and a bounded number of attempts; never raises."""
+# -- sinks ---------------------------------------------------------------------------------------
+
+
+def url_origin(url: str) -> str:
+    """`scheme://host[:port]` of a URL: all of it that may be logged (a token may live in the path,
+    the query or the user part)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
+def _redact(message: str, url: str) -> str:
+    """`message` without any part of `url` beyond its origin (requests puts the path and query in its errors)."""
+    parts = urlsplit(url)
+    hidden = [url, parts.path + (f"?{parts.query}" if parts.query else ""), parts.query, parts.path, parts.netloc]
+    for part in sorted((p for p in hidden if p and p != "/"), key=len, reverse=True):
+        message = message.replace(part, "…")
+    return message
+
+
+def is_alertmanager_api(url: str) -> bool:
+    """A URL whose path is Alertmanager's alert API: whoever set it means an Alertmanager."""
+    return urlsplit(url).path.rstrip("/").endswith(ALERTMANAGER_API_PATH)
+
+
+def alertmanager_api_url(base: str) -> str:
+    """`<base>/api/v2/alerts` for an Alertmanager base URL (one that already names the API is taken as it is);
+    a path prefix (`--web.route-prefix`) and a query are kept."""
+    if is_alertmanager_api(base):
+        return base
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + ALERTMANAGER_API_PATH))
+
+
+class HttpSink:
+    """POSTs JSON to one URL with a per-attempt timeout and a bounded number of attempts; never raises.
+
+    `sink` names it in the log events (`volume.<sink>_delivered`, `_attempt_failed`, `_failed`) and in
+    the failure counter's label; only the URL's origin is ever logged.
+    """
+
+    sink: str
 
     def __init__(self, url: str, *, timeout: float, attempts: int, backoff: float = WEBHOOK_BACKOFF_SECONDS):
         self.url = url
         self.timeout = timeout
         self.attempts = attempts
         self.backoff = backoff
-        # Only the host is logged: a webhook URL often carries a token in its path or query.
-        self.host = urlsplit(url).hostname or "?"
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> "WebhookSink | None":
-        if not settings.alert_webhook_url:
-            return None
-        return cls(settings.alert_webhook_url, timeout=settings.alert_webhook_timeout.total_seconds(),
-                   attempts=settings.alert_webhook_attempts)
+        self.target = url_origin(url)
 
     @property
     def worst_case_seconds(self) -> float:
         """How long `send` can take against an endpoint that accepts connections and never answers."""
         return self.attempts * self.timeout + sum(self.backoff * 2 ** i for i in range(self.attempts - 1))
 
-    def send(self, payload: dict) -> bool:
+    def send(self, payload: dict | list, *, alert_status: str) -> bool:
         """True once an attempt got a 2xx. Timeouts, connection errors, 5xx, 408 and 429 are retried."""
         error = "no attempt made"
         for attempt in range(1, self.attempts + 1):
@@ -267,25 +339,70 @@ class WebhookSink:
                 # No redirects: requests would turn a redirected POST into a GET and drop the body.
                 response = requests.post(self.url, json=payload, timeout=self.timeout, allow_redirects=False)
             except requests.RequestException as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                error = _redact(f"{type(exc).__name__}: {exc}", self.url)
             else:
                 if 200 <= response.status_code < 300:
-                    log.info("volume.webhook_delivered", host=self.host, status=response.status_code, attempt=attempt,
-                             alert_status=payload.get("status"), seconds=round(time.monotonic() - started, 3))
+                    log.info(f"volume.{self.sink}_delivered", target=self.target, status=response.status_code,
+                             attempt=attempt, alert_status=alert_status, seconds=round(time.monotonic() - started, 3))
                     return True
-                error = f"HTTP {response.status_code}"
+                # The start of the body says why (Alertmanager names the field it refused).
+                body = _redact(" ".join(response.text[:200].split()), self.url)
+                error = f"HTTP {response.status_code}" + (f": {body}" if body else "")
                 # Any other 4xx is the same request refused again: retrying cannot help.
                 retryable = response.status_code >= 500 or response.status_code in (408, 429)
-            log.warning("volume.webhook_attempt_failed", host=self.host, attempt=attempt, attempts=self.attempts,
-                        error=error, seconds=round(time.monotonic() - started, 3))
+            log.warning(f"volume.{self.sink}_attempt_failed", target=self.target, attempt=attempt,
+                        attempts=self.attempts, error=error, seconds=round(time.monotonic() - started, 3))
             if not retryable:
                 break
             if attempt < self.attempts:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-        log.error("volume.webhook_failed", host=self.host, error=error, attempts=self.attempts,
-                  alert_status=payload.get("status"))
-        metrics.ALERT_WEBHOOK_FAILURES.inc()
+        log.error(f"volume.{self.sink}_failed", target=self.target, error=error, attempts=self.attempts,
+                  alert_status=alert_status)
+        metrics.ALERT_DELIVERY_FAILURES.labels(sink=self.sink).inc()
         return False
+
+
+class WebhookSink(HttpSink):
+    """The generic webhook: one notice per crossing, reminder and recovery, in Alertmanager's webhook shape."""
+
+    sink = "webhook"
+
+    def send(self, payload: dict) -> bool:  # type: ignore[override]
+        return super().send(payload, alert_status=payload.get("status", "?"))
+
+
+class AlertmanagerSink(HttpSink):
+    """One Alertmanager's `POST /api/v2/alerts`: a JSON array of postable alerts."""
+
+    sink = "alertmanager"
+
+
+# Webhook URLs already told (in this process) that they name an Alertmanager: said once, not per check.
+_advised: set[str] = set()
+
+
+def sinks_from_settings(settings: Settings) -> tuple[WebhookSink | None, list[AlertmanagerSink]]:
+    """The generic webhook (if any) and one sink per Alertmanager.
+
+    A webhook URL whose path is `/api/v2/alerts` evidently means an Alertmanager, which refuses the
+    webhook shape (HTTP 400): it is spoken to in Alertmanager's own API instead, and the log says
+    once that MEDIA_RETENTION_ALERTMANAGER_URL is the setting for it.
+    """
+    options = {"timeout": settings.alert_webhook_timeout.total_seconds(), "attempts": settings.alert_webhook_attempts}
+    alertmanagers = [alertmanager_api_url(url) for url in settings.alertmanager_urls]
+    webhook = None
+    if settings.alert_webhook_url and is_alertmanager_api(settings.alert_webhook_url):
+        if settings.alert_webhook_url not in alertmanagers:
+            alertmanagers.append(settings.alert_webhook_url)
+        if settings.alert_webhook_url not in _advised:
+            _advised.add(settings.alert_webhook_url)
+            log.warning("volume.webhook_is_alertmanager", target=url_origin(settings.alert_webhook_url),
+                        hint="MEDIA_RETENTION_ALERT_WEBHOOK_URL names Alertmanager's alert API; alerts are posted "
+                             "there in that API's format. Set MEDIA_RETENTION_ALERTMANAGER_URL to the "
+                             "Alertmanager's base URL instead.")
+    elif settings.alert_webhook_url:
+        webhook = WebhookSink(settings.alert_webhook_url, **options)
+    return webhook, [AlertmanagerSink(url, **options) for url in alertmanagers]
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -352,12 +469,19 @@ class VolumeReport:
 
 class VolumeMonitor:
     def __init__(self, db: Database, settings: Settings, measure: Callable[[], Usage], *,
-                 enqueue_sweep: Callable[[], None] | None = None, webhook: WebhookSink | None = None):
+                 enqueue_sweep: Callable[[], None] | None = None, webhook: WebhookSink | None = None,
+                 alertmanagers: list[AlertmanagerSink] | None = None):
         self.db = db
         self.settings = settings
         self.measure = measure
         self.enqueue_sweep = enqueue_sweep
-        self.webhook = webhook if webhook is not None else WebhookSink.from_settings(settings)
+        configured_webhook, configured_alertmanagers = sinks_from_settings(settings)
+        self.webhook = webhook if webhook is not None else configured_webhook
+        self.alertmanagers = alertmanagers if alertmanagers is not None else configured_alertmanagers
+        self.alert_ends_in = ENDS_AT_CHECK_INTERVALS * settings.volume_check_interval
+        # The /metrics this worker serves the volume gauges on: Alertmanager links it as the alert's source.
+        self.generator_url = (f"http://{socket.gethostname()}:{settings.metrics_port}/metrics"
+                              if settings.metrics_port else None)
         self.thresholds = Thresholds.from_settings(settings)
         self.window = settings.volume_projection_window
         slack = self.webhook.worst_case_seconds + REDELIVERY_SLACK_SECONDS if self.webhook else 0
@@ -462,6 +586,8 @@ class VolumeMonitor:
             report.sweep = self._enqueue_sweep(evaluation)
         if notification is not None:
             self._announce(notification, usage, projection, report.sweep)
+        if self.alertmanagers:
+            self._post_to_alertmanagers(state, now, usage, projection, report.sweep)
         self._publish(usage, projection, state.level)
         return report
 
@@ -480,13 +606,24 @@ class VolumeMonitor:
         emit(notification.event, level=state.level.value, previous_level=state.previous_level.value, reason=state.reason,
              since=_iso(state.since), **{f"used_{r}_ratio": round(v, 4) for r, v in usage.ratios().items()},
              projection=projection.status, full_in=describe_seconds(projection.seconds_to_full), sweep=sweep_note,
-             webhook=self.webhook is not None)
+             webhook=self.webhook is not None, alertmanagers=len(self.alertmanagers))
         if self.webhook is None:
             return
         payload = alertmanager_payload(notification, usage, projection, thresholds=self.thresholds,
                                        storage_url=self.settings.storage_url, sweep_note=sweep_note)
         if self.webhook.send(payload):
             self._delivered(state.version)
+
+    def _post_to_alertmanagers(self, state: AlertState, now: datetime, usage: Usage, projection: Projection,
+                               sweep_note: str | None) -> None:
+        alerts = postable_alerts(state, now, usage, projection, thresholds=self.thresholds,
+                                 storage_url=self.settings.storage_url, ends_in=self.alert_ends_in,
+                                 sweep_note=sweep_note, generator_url=self.generator_url)
+        if not alerts:
+            return
+        alert_status = "resolved" if state.level is Level.OK else "firing"
+        for alertmanager in self.alertmanagers:
+            alertmanager.send(alerts, alert_status=alert_status)
 
     def _publish(self, usage: Usage, projection: Projection, level: Level) -> None:
         for resource, ratio in usage.ratios().items():

@@ -51,10 +51,14 @@ VOLUME_LAST_SAMPLE = Gauge(
     "Unix time of this process' last volume sample; alert rules use it to ignore stale processes.",
     multiprocess_mode="mostrecent",
 )
-ALERT_WEBHOOK_FAILURES = Counter(
-    "media_retention_alert_webhook_failures_total",
-    "Alert webhook deliveries that failed after every attempt.",
+ALERT_DELIVERY_FAILURES = Counter(
+    "media_retention_alert_delivery_failures_total",
+    "Volume alert deliveries that failed after every attempt, by sink: webhook or alertmanager.",
+    ["sink"],
 )
+# Both series exist from the start at 0, so `increase()` sees the first failure as one.
+for _sink in ("webhook", "alertmanager"):
+    ALERT_DELIVERY_FAILURES.labels(sink=_sink)
 
 # Settings as gauges, so Prometheus rules compare against the thresholds the workers use.
 VOLUME_WARN_RATIO = Gauge(

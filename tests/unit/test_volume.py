@@ -18,8 +18,12 @@ from worker.alerts import (
     AlertState,
     Notification,
     WebhookSink,
+    _redact,
+    alertmanager_api_url,
     alertmanager_payload,
     decide,
+    postable_alerts,
+    url_origin,
 )
 from worker.errors import BadInput
 from worker.volume import (
@@ -282,6 +286,83 @@ def test_a_reminder_carries_only_the_firing_alert_and_a_recovery_only_the_resolv
         ("resolved", "warning", "2026-11-01T14:00:00Z")]
 
 
+# -- Alertmanager's API (postable alerts) ----------------------------------------------------------
+
+ENDS_IN = timedelta(minutes=20)
+
+
+def postable(state: AlertState, minutes_later: float) -> list[dict]:
+    return postable_alerts(state, T0 + timedelta(minutes=minutes_later), usage(0.93), Projection("not_filling"),
+                           thresholds=THRESHOLDS, storage_url="file:///m", ends_in=ENDS_IN)
+
+
+def test_a_raised_level_is_posted_firing_with_ends_at_ahead_of_each_check():
+    """Each check posts the one raised alert: startsAt when it was raised, endsAt `ends_in` after this check."""
+    raised = AlertState(level=CRITICAL, reason="bytes", since=T0, notified_at=T0)
+    for minutes in (0, 5, 300):
+        [alert] = postable(raised, minutes)
+        assert alert["labels"] == {"alertname": "MediaVolumeFilling", "severity": "critical",
+                                   "service": "media-retention", "volume": "media"}
+        assert alert["startsAt"] == "2026-11-01T12:00:00Z"
+        assert alert["endsAt"] == (T0 + timedelta(minutes=minutes) + ENDS_IN).isoformat().replace("+00:00", "Z")
+        assert "status" not in alert and "fingerprint" not in alert and "generatorURL" not in alert
+        assert alert["annotations"]["summary"] == "Media volume critical: bytes at or above 90%."
+
+
+def test_a_recovery_is_posted_resolved_at_the_moment_it_cleared_until_a_firing_post_could_have_expired():
+    """After warning -> ok the warning is re-posted with endsAt = the recovery for `ends_in`, then nothing."""
+    cleared = AlertState(level=OK, since=T0 + timedelta(hours=2), previous_level=WARNING, previous_since=T0)
+    for minutes in (120, 125, 139):
+        [alert] = postable(cleared, minutes)
+        assert alert["labels"]["severity"] == "warning"
+        assert (alert["startsAt"], alert["endsAt"]) == ("2026-11-01T12:00:00Z", "2026-11-01T14:00:00Z")
+    assert postable(cleared, 140) == [] and postable(AlertState(), 0) == []
+
+
+def test_an_escalation_is_posted_as_the_old_level_resolved_and_the_new_one_firing():
+    """warning -> critical: the warning ends when critical begins; later checks post critical alone."""
+    escalated = AlertState(level=CRITICAL, reason="inodes", since=T0 + timedelta(hours=1), previous_level=WARNING,
+                           previous_since=T0)
+    resolved, firing = postable(escalated, 61)
+    assert (resolved["labels"]["severity"], resolved["endsAt"]) == ("warning", "2026-11-01T13:00:00Z")
+    assert (firing["labels"]["severity"], firing["startsAt"]) == ("critical", "2026-11-01T13:00:00Z")
+    assert [alert["labels"]["severity"] for alert in postable(escalated, 90)] == ["critical"]
+
+
+def test_a_generator_url_is_set_on_every_posted_alert_when_given():
+    """The alert's source link (the worker's /metrics) goes on each alert, resolved ones too."""
+    escalated = AlertState(level=CRITICAL, reason="bytes", since=T0, previous_level=WARNING, previous_since=T0 - timedelta(hours=1))
+    alerts = postable_alerts(escalated, T0, usage(0.95), Projection("not_filling"), thresholds=THRESHOLDS,
+                             storage_url="file:///m", ends_in=ENDS_IN, generator_url="http://worker-1:9808/metrics")
+    assert [alert["generatorURL"] for alert in alerts] == ["http://worker-1:9808/metrics"] * 2
+
+
+@pytest.mark.parametrize(
+    ("base", "api"),
+    [
+        ("http://alertmanager:9093", "http://alertmanager:9093/api/v2/alerts"),
+        ("http://alertmanager:9093/", "http://alertmanager:9093/api/v2/alerts"),
+        ("https://ops.example/alertmanager", "https://ops.example/alertmanager/api/v2/alerts"),
+        ("https://ops.example/am?tenant=t1", "https://ops.example/am/api/v2/alerts?tenant=t1"),
+        ("http://alertmanager:9093/api/v2/alerts", "http://alertmanager:9093/api/v2/alerts"),
+    ],
+)
+def test_an_alertmanager_base_url_becomes_its_alert_api(base, api):
+    """The API path goes after any route prefix and before any query; a URL naming the API is kept."""
+    assert alertmanager_api_url(base) == api
+
+
+def test_only_a_urls_scheme_and_host_survive_into_logs():
+    """User, password, path and query are dropped from what is logged, and cut out of error messages."""
+    url = "https://bot:pa55@hooks.example:8443/services/T0K3N/alerts?key=s3cret"
+    assert url_origin(url) == "https://hooks.example:8443"
+    message = ("HTTPSConnectionPool(host='hooks.example', port=8443): Max retries exceeded with url: "
+               "/services/T0K3N/alerts?key=s3cret (Caused by NewConnectionError('refused'))")
+    redacted = _redact(message, url)
+    assert "T0K3N" not in redacted and "s3cret" not in redacted and "pa55" not in redacted
+    assert redacted.startswith("HTTPSConnectionPool(host='hooks.example', port=8443)")
+
+
 def test_the_webhook_worst_case_is_attempts_times_timeout_plus_the_pauses():
     """3 attempts of 5 s with 1 s then 2 s between them: 18 s at most against a hung endpoint."""
     assert WebhookSink("http://x/", timeout=5, attempts=3).worst_case_seconds == 18
@@ -307,6 +388,8 @@ def test_volume_settings_have_documented_defaults(tmp_path):
     [
         ({"volume_hysteresis": 0.8}, "VOLUME_HYSTERESIS"),
         ({"alert_webhook_url": "ftp://alerts"}, "ALERT_WEBHOOK_URL"),
+        ({"alertmanager_url": "http://am-1:9093,alertmanager:9093"}, "ALERTMANAGER_URL"),
+        ({"alertmanager_url": "https://"}, "ALERTMANAGER_URL"),
         ({"alert_webhook_timeout": "5m"}, "ALERT_WEBHOOK_TIMEOUT"),
         ({"alert_webhook_attempts": 0}, "ALERT_WEBHOOK_ATTEMPTS"),
         ({"s3_capacity_bytes": 0}, "S3_CAPACITY_BYTES"),

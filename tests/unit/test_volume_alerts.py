@@ -8,6 +8,7 @@ tests/integration/test_volume.py does the same on PostgreSQL.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections import Counter
@@ -24,7 +25,7 @@ from sqlalchemy import insert, select, update
 from config.schedule import SWEEP_TASK
 from config.settings import Settings, get_settings, load_settings
 from tests.factories import bulk_expired
-from worker.alerts import VolumeMonitor, WebhookSink, store_usage
+from worker.alerts import AlertmanagerSink, VolumeMonitor, WebhookSink, store_usage
 from worker.catalog import Catalog
 from worker.cli import main
 from worker.db import Database, db_now
@@ -62,7 +63,8 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/alertmanager?token=s3cret"
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"{self.base}/hooks/alertmanager?token=s3cret"
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
@@ -334,12 +336,12 @@ def test_a_failing_webhook_is_retried_and_its_notice_redelivered_by_a_later_chec
     settings = volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url)
     monitor = VolumeMonitor(sqlite_database, settings, fixed(0.85),
                             webhook=WebhookSink(receiver.url, timeout=1, attempts=3, backoff=0.01))
-    failures = REGISTRY.get_sample_value("media_retention_alert_webhook_failures_total") or 0
+    failures = REGISTRY.get_sample_value("media_retention_alert_delivery_failures_total", {"sink": "webhook"})
     with structlog.testing.capture_logs() as logs:
         assert monitor.check().notification == "firing"
     assert len(receiver.posts) == 3
     assert events(logs, "volume.webhook") == ["volume.webhook_attempt_failed"] * 3 + ["volume.webhook_failed"]
-    assert REGISTRY.get_sample_value("media_retention_alert_webhook_failures_total") == failures + 1
+    assert REGISTRY.get_sample_value("media_retention_alert_delivery_failures_total", {"sink": "webhook"}) == failures + 1
     assert alert_row(sqlite_database).delivery_pending is True
 
     receiver.behaviour = "ok"
@@ -371,6 +373,112 @@ def test_a_broker_outage_while_enqueueing_the_sweep_does_not_stop_the_alert(tmp_
                             fixed(0.95), enqueue_sweep=broken)
     assert monitor.check().notification == "firing"
     assert receiver.payloads()[0]["alerts"][0]["annotations"]["sweep"].startswith("enqueueing an immediate sweep failed")
+
+
+# -- Alertmanager's own API ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def alertmanagers() -> Iterator[list[Receiver]]:
+    """Two stand-ins for an HA pair of Alertmanagers (real HTTP servers recording what is posted)."""
+    pair = [Receiver(), Receiver()]
+    yield pair
+    for server in pair:
+        server.close()
+
+
+def set_since(db: Database, seconds_ago: int) -> None:
+    """The alert's current level began `seconds` ago, by the database clock."""
+    with db.transaction() as session:
+        session.execute(update(VolumeAlert.__table__).values(since=db_time(db, seconds_ago)))
+
+
+def test_alertmanager_is_posted_the_alert_at_every_check_while_it_holds_then_the_resolve(tmp_path, sqlite_database,
+                                                                                         alertmanagers):
+    """Each check posts a JSON array to /api/v2/alerts of every Alertmanager: firing with endsAt four check
+    intervals ahead while raised, then the resolved alert (endsAt = its recovery) until a firing post could
+    have expired, then nothing."""
+    settings = volume_settings(tmp_path, sqlite_database, volume_check_interval="1m",
+                               alertmanager_url=",".join(server.base for server in alertmanagers))
+    monitor = VolumeMonitor(sqlite_database, settings, fixed(0.85, 0.86, 0.87, 0.40, 0.40, 0.40))
+    kinds = [monitor.check().notification for _ in range(3)]
+    started = time.time()
+    kinds += [monitor.check().notification, monitor.check().notification]
+    set_since(sqlite_database, 4 * 60)
+    kinds.append(monitor.check().notification)
+    assert kinds == ["firing", None, None, "resolved", None, None]
+    for server in alertmanagers:
+        assert {post["path"] for post in server.posts} == {"/api/v2/alerts"}
+        assert {post["content_type"] for post in server.posts} == {"application/json"}
+        posted = server.payloads()
+        assert len(posted) == 5 and all(isinstance(alerts, list) and len(alerts) == 1 for alerts in posted)
+        firing, resolved = [alerts[0] for alerts in posted[:3]], [alerts[0] for alerts in posted[3:]]
+        assert {alert["labels"]["severity"] for alert in firing + resolved} == {"warning"}
+        assert len({alert["startsAt"] for alert in firing + resolved}) == 1
+        for alert in firing:
+            ends_in = datetime.fromisoformat(alert["endsAt"]).timestamp() - started
+            assert 4 * 60 - 30 < ends_in < 4 * 60 + 30
+        assert resolved[0] == resolved[1] and datetime.fromisoformat(resolved[0]["endsAt"]).timestamp() <= time.time()
+        assert float(firing[2]["annotations"]["used_bytes_ratio"]) == 0.87
+
+
+def test_a_failing_alertmanager_is_counted_and_posted_again_at_the_next_check_while_its_peer_gets_every_post(
+        tmp_path, sqlite_database, alertmanagers):
+    """One of two Alertmanagers answers 500: its sink's failure counter rises, the other is unaffected, and
+    the next check's post reaches it once it is back."""
+    broken, healthy = alertmanagers
+    broken.behaviour = "fail"
+    settings = volume_settings(tmp_path, sqlite_database)
+    sinks = [AlertmanagerSink(f"{server.base}/api/v2/alerts", timeout=1, attempts=2, backoff=0.01) for server in alertmanagers]
+    monitor = VolumeMonitor(sqlite_database, settings, fixed(0.95), alertmanagers=sinks)
+    before = REGISTRY.get_sample_value("media_retention_alert_delivery_failures_total", {"sink": "alertmanager"})
+    with structlog.testing.capture_logs() as logs:
+        monitor.check()
+    assert (len(broken.posts), len(healthy.posts)) == (2, 1)
+    assert events(logs, "volume.alertmanager") == ["volume.alertmanager_attempt_failed"] * 2 + [
+        "volume.alertmanager_failed", "volume.alertmanager_delivered"]
+    assert REGISTRY.get_sample_value("media_retention_alert_delivery_failures_total", {"sink": "alertmanager"}) == before + 1
+    broken.behaviour = "ok"
+    monitor.check()
+    assert broken.payloads()[-1] == healthy.payloads()[-1]
+    assert broken.payloads()[-1][0]["labels"]["severity"] == "critical"
+
+
+def test_a_webhook_url_naming_alertmanagers_api_is_spoken_to_in_that_api_and_the_log_says_which_setting_to_use(
+        tmp_path, sqlite_database, receiver):
+    """ALERT_WEBHOOK_URL=.../api/v2/alerts gets arrays of postable alerts (not the webhook shape Alertmanager
+    refuses), and `volume.webhook_is_alertmanager` names MEDIA_RETENTION_ALERTMANAGER_URL once per process."""
+    url = f"{receiver.base}/api/v2/alerts"
+    settings = volume_settings(tmp_path, sqlite_database, alert_webhook_url=url)
+    with structlog.testing.capture_logs() as logs:
+        first = VolumeMonitor(sqlite_database, settings, fixed(0.95))
+        first.check()
+        VolumeMonitor(sqlite_database, settings, fixed(0.95)).check()
+    assert first.webhook is None and [sink.url for sink in first.alertmanagers] == [url]
+    assert all(isinstance(payload, list) and payload[0]["labels"]["severity"] == "critical" for payload in receiver.payloads())
+    assert len(receiver.posts) == 2
+    advice = [entry for entry in logs if entry["event"] == "volume.webhook_is_alertmanager"]
+    assert len(advice) == 1 and "MEDIA_RETENTION_ALERTMANAGER_URL" in advice[0]["hint"]
+    assert advice[0]["target"] == receiver.base
+    assert alert_row(sqlite_database).delivery_pending is False
+
+
+def test_an_unreachable_alertmanager_is_logged_by_origin_only(tmp_path, sqlite_database):
+    """Connection refused on a URL with a user, a password and a token: the log names scheme, host and port only."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://ops:pa55w0rd@127.0.0.1:{port}/t0k3n/api/v2/alerts?key=s3cret"
+    sink = AlertmanagerSink(url, timeout=1, attempts=2, backoff=0.01)
+    monitor = VolumeMonitor(sqlite_database, volume_settings(tmp_path, sqlite_database), fixed(0.95), alertmanagers=[sink])
+    with structlog.testing.capture_logs() as logs:
+        monitor.check()
+    failed = [entry for entry in logs if entry["event"].startswith("volume.alertmanager")]
+    assert [entry["event"] for entry in failed][-1] == "volume.alertmanager_failed"
+    assert {entry["target"] for entry in failed} == {f"http://127.0.0.1:{port}"}
+    assert "ConnectionError" in failed[-1]["error"]
+    text = json.dumps(logs, default=str)
+    assert not any(secret in text for secret in ("pa55w0rd", "t0k3n", "s3cret", "ops:"))
 
 
 # -- object stores -------------------------------------------------------------------------------
