@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 
 from tests.factories import bulk_expired
 from tests.fleet import all_swept, counts_by_state, fleet, private_redis, wait_until  # noqa: F401 - fixtures
+from worker.exporter import FLEET_STATUS_METRICS, HEALTH_PROBE_PATH
 from worker.models import State, SweepRun
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow,
@@ -140,3 +141,9 @@ def test_metrics_endpoint_sums_counters_across_prefork_processes_and_reports_fle
     assert samples[("media_retention_backlog_items", (("state", "due"),))] == 0
     assert samples[("media_retention_catalog_up", ())] == 1
     assert ("media_retention_last_sweep_finished_timestamp_seconds", ()) in samples
+    assert {name for name, _ in samples} >= set(FLEET_STATUS_METRICS)
+
+    # What the health probes ask for: one counter, summed from the pool's files, and no catalog query.
+    probe = urllib.request.urlopen(f"http://127.0.0.1:{port}{HEALTH_PROBE_PATH}", timeout=5)
+    families = {family.name for family in text_string_to_metric_families(probe.read().decode())}
+    assert probe.status == 200 and families == {"media_retention_freed_bytes"}
