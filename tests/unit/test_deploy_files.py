@@ -2,6 +2,7 @@
 
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ import yaml
 
 from config.settings import Settings
 from worker.cli import cli
+from worker.exporter import HEALTH_PROBE_PATH
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -73,3 +75,86 @@ def test_every_setting_named_in_deploy_files_exists():
     text = "\n".join(p.read_text() for p in DEPLOY.rglob("*") if p.is_file())
     named = set(re.findall(r"MEDIA_RETENTION_[A-Z0-9_]+", text))
     assert named and named <= fields, named - fields
+
+
+def _package_version() -> str:
+    return tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]["version"]
+
+
+def _images(node) -> list[str]:
+    if isinstance(node, dict):
+        return [value for key, value in node.items() if key == "image" and isinstance(value, str)] + \
+            [image for value in node.values() for image in _images(value)]
+    if isinstance(node, list):
+        return [image for value in node for image in _images(value)]
+    return []
+
+
+def test_every_media_retention_image_is_tagged_with_the_package_version():
+    """Compose and Kubernetes run `media-retention:<version of pyproject.toml>`, never :latest, and the
+    Dockerfile's build line tags the same; third-party images are pinned too."""
+    version = _package_version()
+    documents = [yaml.safe_load((DEPLOY / "compose.yaml").read_text()),
+                 *yaml.safe_load_all((DEPLOY / "kubernetes" / "media-retention.yaml").read_text())]
+    images = [image for document in documents for image in _images(document)]
+    ours = [image for image in images if image.startswith("media-retention")]
+    assert len(ours) >= 5 and set(ours) == {f"media-retention:{version}"}
+    for image in set(images) - set(ours):
+        tag = image.rpartition(":")[2]
+        assert re.search(r"\d", tag) and tag != "latest", f"{image} is not pinned"
+    assert f"-t media-retention:{version} " in (DEPLOY / "Dockerfile").read_text()
+
+
+def test_the_base_image_is_pinned_to_a_patch_release_and_the_image_runs_as_a_numeric_user():
+    """`FROM python:3.11.N-slim-…` and `USER uid:gid` (numbers, so runAsNonRoot can check them)."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.\d+\.\d+-slim-\w+$", dockerfile, re.M)
+    assert re.search(r"^USER \d+:\d+$", dockerfile, re.M)
+
+
+def test_health_checks_ask_the_exporter_for_the_probe_path_the_code_defines():
+    """Kubernetes' worker probes and the image's HEALTHCHECK request HEALTH_PROBE_PATH (no catalog query)."""
+    deployments = [doc for doc in yaml.safe_load_all((DEPLOY / "kubernetes" / "media-retention.yaml").read_text())
+                   if doc and doc["kind"] == "Deployment"]
+    [worker] = [doc for doc in deployments if doc["metadata"]["name"] == "media-retention-worker"]
+    [container] = worker["spec"]["template"]["spec"]["containers"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": HEALTH_PROBE_PATH, "port": "metrics"}
+    assert f"GET {HEALTH_PROBE_PATH} HTTP/1.0" in (DEPLOY / "Dockerfile").read_text()
+
+
+def test_kubernetes_migrates_in_an_init_container_of_every_deployment_and_has_no_job():
+    """Each Deployment runs `media-retention db upgrade` before its container; no one-shot Job to re-apply."""
+    documents = [doc for doc in yaml.safe_load_all((DEPLOY / "kubernetes" / "media-retention.yaml").read_text()) if doc]
+    assert "Job" not in {doc["kind"] for doc in documents}
+    for deployment in (doc for doc in documents if doc["kind"] == "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert [c["command"] for c in pod["initContainers"]] == [["media-retention", "db", "upgrade"]]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in (*pod["initContainers"], *pod["containers"]):
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            assert container["resources"]["limits"]["memory"]
+
+
+def _unit(name: str) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in (DEPLOY / "systemd" / name).read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+@pytest.mark.parametrize("name", ["media-retention-beat.service", "media-retention-worker@.service"])
+def test_systemd_units_keep_their_data_in_the_state_directory_systemd_creates(name):
+    """The data dir is the unit's StateDirectory and the working directory, never `./` of wherever it started."""
+    unit = _unit(name)
+    assert unit["StateDirectory"] == ["media-retention"]
+    assert unit["WorkingDirectory"] == ["%S/media-retention"]
+    assert "MEDIA_RETENTION_DATA_DIR=%S/media-retention" in unit["Environment"]
+
+
+def test_systemd_worker_instances_are_named_by_their_metrics_port():
+    """`media-retention-worker@9801` serves /metrics on 9801: any port, however many instances."""
+    unit = _unit("media-retention-worker@.service")
+    assert "MEDIA_RETENTION_METRICS_PORT=%i" in unit["Environment"]

@@ -26,6 +26,7 @@ from worker.alerts import (
     url_origin,
 )
 from worker.errors import BadInput
+from worker.exporter import FLEET_STATUS_METRICS
 from worker.volume import (
     Evaluation,
     Level,
@@ -409,7 +410,8 @@ def test_beat_checks_the_volume_on_its_own_interval(tmp_path):
 
 
 def _exported_metric_names() -> set[str]:
-    names = set()
+    """Names in worker/metrics.py and the exporter's fleet-status gauges (tests/field checks a real scrape too)."""
+    names = set(FLEET_STATUS_METRICS)
     for value in vars(metrics).values():
         if hasattr(value, "collect") and hasattr(value, "_name"):
             for family in value.collect():
@@ -434,3 +436,5 @@ def test_the_prometheus_rules_parse_and_name_only_metrics_the_workers_export():
         assert named <= exported, f"{rule['alert']} names unknown metrics {named - exported}"
     severities = {(rule["alert"], rule["labels"]["severity"]) for rule in rules}
     assert {("MediaVolumeFilling", "warning"), ("MediaVolumeFilling", "critical")} <= severities
+    identities = [(rule["alert"], tuple(sorted(rule["labels"].items()))) for rule in rules]
+    assert len(identities) == len(set(identities)), "two rules with one alert name and the same labels merge in Alertmanager"
