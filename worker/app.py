@@ -28,7 +28,37 @@ TASK_SOFT_TIME_LIMIT_S = 1500
 SWEEP_TASK_BUDGET_S = 600
 
 
-def _prepare_multiprocess_metrics(directory: Path) -> bool:
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def metrics_directory(parent: Path, pid: int) -> Path:
+    """A fresh directory for the multiprocess files of process `pid` and its pool, under `parent`.
+
+    One per process tree, because every process that loads the app (the worker, but also beat, the
+    operator's `media-retention` and `celery inspect` on the same machine and data dir) prepares
+    one: a shared directory emptied at each start would wipe a running worker's counters. Directories
+    of processes that are gone, and files of the older flat layout, are removed.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    for entry in parent.iterdir():
+        if entry.is_dir() and entry.name.isdigit():
+            if int(entry.name) == pid or not _process_alive(int(entry.name)):
+                shutil.rmtree(entry, ignore_errors=True)
+        elif entry.is_file():
+            entry.unlink(missing_ok=True)
+    directory = parent / str(pid)
+    directory.mkdir()
+    return directory
+
+
+def _prepare_multiprocess_metrics(parent: Path) -> bool:
     """Point prometheus-client at a fresh directory so pool processes count into shared files.
 
     prometheus-client picks its value store when first imported, so this runs before the task
@@ -39,9 +69,7 @@ def _prepare_multiprocess_metrics(directory: Path) -> bool:
         return True
     if "prometheus_client" in sys.modules:
         return False
-    shutil.rmtree(directory, ignore_errors=True)  # counters of a previous run's dead processes
-    directory.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_directory(parent, os.getpid()))
     return True
 
 
