@@ -23,13 +23,17 @@ PACKAGES = {
 }
 
 
-def require_tool(name: str) -> str:
-    """The path of `name` on PATH; skips loudly when it is missing, fails under CI=true."""
-    path = shutil.which(name)
-    if path:
-        return path
-    message = (f"{name} is not installed (Debian package {PACKAGES[name]}: "
-               f"apt-get install --no-install-recommends {PACKAGES[name]}, as .ci/run does)")
+def unavailable(message: str) -> None:
+    """Skip the test loudly; under CI=true, fail it: CI must never pass by skipping."""
     if ON_CI:
         pytest.fail(f"CI=true and {message}", pytrace=False)
     pytest.skip(f"SKIPPED LOUDLY: {message}")
+
+
+def require_tool(name: str) -> str:
+    """The path of `name` on PATH; skips loudly when it is missing, fails under CI=true."""
+    path = shutil.which(name)
+    if not path:
+        unavailable(f"{name} is not installed (Debian package {PACKAGES[name]}: "
+                    f"apt-get install --no-install-recommends {PACKAGES[name]}, as .ci/run does)")
+    return path

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import socket
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,10 +226,17 @@ def _in_data_dir(argv: list[str], one: Started) -> list[str]:
     return [part.replace(IMAGE_DATA_DIR, one.env.get("MEDIA_RETENTION_DATA_DIR", IMAGE_DATA_DIR)) for part in argv]
 
 
+def _node_name(argv: list[str]) -> str:
+    """The worker's node name as Celery expands it (`--hostname`, default `celery@%h`)."""
+    template = argv[argv.index("--hostname") + 1] if "--hostname" in argv else "celery@%h"
+    return template.replace("%h", socket.gethostname())
+
+
 def _check_worker(one: Started, installed: Installed, processes: Processes) -> None:
     def pong() -> bool:
         processes.assert_alive(one.name)
-        ping = run([installed.bin("celery"), "-A", "worker.app", "inspect", "ping", "--timeout", "2"], env=one.env, cwd=one.cwd)
+        ping = run([installed.bin("celery"), "-A", "worker.app", "inspect", "ping", "--timeout", "2",
+                    "--destination", _node_name(one.deployed.argv)], env=one.env, cwd=one.cwd)
         return "pong" in ping.stdout
 
     wait_until(pong, 90, f"{one.deployed.source} to answer ping", interval=0.5)

@@ -13,7 +13,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from sqlalchemy import insert, select, update
 from config.schedule import SWEEP_TASK
 from config.settings import Settings, get_settings, load_settings
 from tests.factories import bulk_expired
+from tests.receiver import Receiver
 from worker.alerts import AlertmanagerSink, VolumeMonitor, WebhookSink, store_usage
 from worker.catalog import Catalog
 from worker.cli import main
@@ -33,48 +33,6 @@ from worker.models import MediaItem, Organization, State, VolumeAlert, VolumeSam
 from worker.store import BlobStore
 from worker.store.fs import FilesystemStore
 from worker.volume import Usage, filesystem_usage
-
-
-class Receiver:
-    """A real HTTP endpoint on 127.0.0.1: records every POST and answers `ok` (200), `fail` (500),
-    `refuse` (400) or `hang` (reads the request, then never answers until the test ends)."""
-
-    def __init__(self) -> None:
-        self.posts: list[dict] = []
-        self.behaviour = "ok"
-        self.arrived = threading.Event()
-        self._release = threading.Event()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.posts.append({"path": self.path, "content_type": self.headers["Content-Type"],
-                                       "at": time.monotonic(), "json": json.loads(body)})
-                receiver.arrived.set()
-                if receiver.behaviour == "hang":
-                    receiver._release.wait(30)
-                    return
-                self.send_response({"ok": 200, "fail": 500, "refuse": 400}[receiver.behaviour])
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *_args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.url = f"{self.base}/hooks/alertmanager?token=s3cret"
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-
-    def payloads(self) -> list[dict]:
-        return [post["json"] for post in self.posts]
-
-    def close(self) -> None:
-        self._release.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
