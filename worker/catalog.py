@@ -123,7 +123,8 @@ class Catalog:
                 session.flush()
             elif new is not None and seconds != org.retention_seconds:
                 org.retention_seconds = seconds
-                org.updated_at = datetime.now(timezone.utc)
+                # The database's clock: `verify` compares it with claim times, which are the database's too.
+                org.updated_at = db_now()
             rewritten = 0
             if not created and old is not None and seconds != int(old.total_seconds()):
                 rewritten = session.execute(

@@ -23,6 +23,7 @@ from worker.catalog import Catalog, ManifestError, default_actor
 from worker.durations import parse_duration
 from worker.errors import BadInput, Gone, NotFound, RetentionError
 from worker.reconcile import DEFAULT_MAX_MISSING, DEFAULT_MAX_ORPHANS, Reconciler
+from worker.verify import DEFAULT_EXAMPLES, Verifier, default_stuck_after
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_FOUND = 0, 1, 2, 3
 
@@ -269,7 +270,7 @@ def sweep(catalog: Catalog, dry_run: bool, limit: int | None, enqueue: bool, out
     status.add_counts(catalog.db, run_id, counts, finished=True)
     out.result(counts.to_dict())
     if counts.failed:
-        sys.exit(EXIT_FAILURE)
+        raise click.exceptions.Exit(EXIT_FAILURE)
 
 
 @cli.command("status")
@@ -333,7 +334,7 @@ def purge(catalog: Catalog, ids, org_id, dry_run, yes, enqueue_it, actor, out: O
     summary = catalog.purge(ids=ids, org=org_id, dry_run=dry_run, actor=actor)
     out.result(summary)
     if summary.get("failed"):
-        sys.exit(EXIT_FAILURE)
+        raise click.exceptions.Exit(EXIT_FAILURE)
 
 
 @cli.command()
@@ -360,7 +361,42 @@ def reconcile(catalog: Catalog, dry_run, grace, max_orphans, max_missing, enqueu
         grace=grace_value, dry_run=dry_run, max_orphans=max_orphans, max_missing=max_missing, actor=actor)
     out.result(report.to_dict(), title=None if out.as_json or not dry_run else "dry run: nothing was changed")
     if report.orphan_delete_failures:
-        sys.exit(EXIT_FAILURE)
+        raise click.exceptions.Exit(EXIT_FAILURE)
+
+
+@cli.command()
+@click.option("--grace", default="1d", show_default=True,
+              help="Blobs with no item that are younger than this are uploads in flight, not orphans.")
+@click.option("--stuck-after", help="A deletion whose lease ran out longer ago than this is stuck "
+              "(default: two sweep intervals plus a minute).")
+@click.option("--examples", type=click.IntRange(min=0, max=1000), default=DEFAULT_EXAMPLES, show_default=True,
+              help="How many breaches of each kind to name (the counts cover all of them).")
+@json_option
+@with_catalog
+def verify(catalog: Catalog, grace: str, stuck_after: str | None, examples: int, out: Output) -> None:
+    """Check the catalog against the store; exit 1 on any breach of the invariants. Changes nothing."""
+    grace_value = parse_duration(grace)
+    stuck_value = parse_duration(stuck_after) if stuck_after is not None else default_stuck_after(settings().sweep_interval)
+    report = Verifier(catalog.db, catalog.store, progress=out.progress).run(
+        grace=grace_value, stuck_after=stuck_value, max_examples=examples)
+    if out.as_json:
+        out.result(report.to_dict())
+    else:
+        click.echo(f"checked {report.items_checked} items and {report.blobs_listed} blobs in {catalog.store.url} "
+                   f"at {report.checked_at}")
+        for kind, count in report.breaches.items():
+            click.echo(f"{kind}: {count}")
+            for example in report.examples[kind]:
+                click.echo(f"  - {json.dumps(example, default=str, sort_keys=True)}")
+        click.echo("notices: " + ", ".join(f"{kind} {count}" for kind, count in report.notices.items()))
+        if report.check_errors:
+            click.echo(f"check errors: {report.check_errors}")
+            for example in report.error_examples:
+                click.echo(f"  - {example['key']}: {example['error']}")
+        click.echo("verify: clean" if report.clean else
+                   f"verify: {report.total_breaches} breaches, {report.check_errors} keys not checked")
+    if not report.clean:
+        raise click.exceptions.Exit(EXIT_FAILURE)
 
 
 def _hold_command(held: bool) -> Callable:

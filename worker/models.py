@@ -76,7 +76,10 @@ class MediaItem(Base):
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
-    storage_key: Mapped[str] = mapped_column(String(KEY_LENGTH), unique=True)
+    # Byte order on PostgreSQL too (migration 0005), so the unique index lists keys the way stores do.
+    storage_key: Mapped[str] = mapped_column(
+        String(KEY_LENGTH).with_variant(String(KEY_LENGTH, collation="C"), "postgresql"), unique=True
+    )
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     mime_type: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str | None] = mapped_column(String(64))

@@ -95,3 +95,14 @@ def test_iter_keys_lists_every_blob_without_following_symlinks(store, outside):
     (store.root / ".incoming-abc").write_bytes(b"partial")
     os.symlink(outside, store.root / "link")
     assert sorted((info.key, info.size) for info in store.iter_keys()) == [("a/b/one", 1), ("two", 2)]
+
+
+def test_an_ordered_listing_comes_in_key_byte_order_across_directories(store):
+    """`a-c` sorts before `a/b` ('-' < '/'), as S3 and the catalog's key index order them."""
+    for key in ("a/b", "a-c", "a/a/z", "b", "a0", "Z/1", "é/x"):
+        path = store.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    keys = [blob.key for blob in store.iter_keys(ordered=True)]
+    assert keys == sorted(keys) and len(keys) == 7
+    assert keys.index("a-c") < keys.index("a/a/z") < keys.index("a/b") < keys.index("a0")

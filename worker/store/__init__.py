@@ -48,8 +48,10 @@ class BlobStore(abc.ABC):
         """Delete each key; a result per key, in order. A missing blob counts as deleted."""
 
     @abc.abstractmethod
-    def iter_keys(self) -> Iterator[BlobInfo]:
-        """Every blob under the root/prefix, lazily (for reconciliation)."""
+    def iter_keys(self, *, ordered: bool = False) -> Iterator[BlobInfo]:
+        """Every blob under the root/prefix, lazily. With `ordered`, in ascending key order (code
+        points, which is UTF-8 byte order: how S3 lists and how the catalog's key index is sorted),
+        so `verify` can merge the listing with the catalog instead of looking keys up one by one."""
 
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None

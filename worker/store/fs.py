@@ -120,21 +120,24 @@ class FilesystemStore(BlobStore):
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="fs-delete")
         return list(self._pool.map(self._delete_one, keys))
 
-    def iter_keys(self) -> Iterator[BlobInfo]:
-        stack = [""]
-        while stack:
-            prefix = stack.pop()
-            try:
-                entries = list(os.scandir(self.root / prefix if prefix else self.root))
-            except OSError as exc:
-                raise StoreError(f"cannot list {prefix or 'the media root'}: {exc.strerror}") from None
-            for entry in entries:
-                key = f"{prefix}/{entry.name}" if prefix else entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(key)
-                elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(_TEMP_PREFIX):
-                    info = entry.stat(follow_symlinks=False)
-                    yield BlobInfo(key=key, size=info.st_size, modified=datetime.fromtimestamp(info.st_mtime, timezone.utc))
+    def iter_keys(self, *, ordered: bool = False) -> Iterator[BlobInfo]:
+        yield from self._walk("", ordered)
+
+    def _walk(self, prefix: str, ordered: bool) -> Iterator[BlobInfo]:
+        try:
+            entries = list(os.scandir(self.root / prefix if prefix else self.root))
+        except OSError as exc:
+            raise StoreError(f"cannot list {prefix or 'the media root'}: {exc.strerror}") from None
+        if ordered:
+            # Every key under a directory starts with "name/", so the directory sorts as "name/".
+            entries.sort(key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name)
+        for entry in entries:
+            key = f"{prefix}/{entry.name}" if prefix else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._walk(key, ordered)
+            elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(_TEMP_PREFIX):
+                info = entry.stat(follow_symlinks=False)
+                yield BlobInfo(key=key, size=info.st_size, modified=datetime.fromtimestamp(info.st_mtime, timezone.utc))
 
     def close(self) -> None:
         if self._pool is not None:

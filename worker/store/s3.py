@@ -214,7 +214,8 @@ class S3Store(BlobStore):
             "get_object", Params={"Bucket": self.bucket, "Key": self._object_key(key)}, ExpiresIn=int(expires_in)
         )
 
-    def iter_keys(self) -> Iterator[BlobInfo]:
+    def iter_keys(self, *, ordered: bool = False) -> Iterator[BlobInfo]:
+        # ListObjectsV2 returns keys in UTF-8 byte order, so every listing is `ordered`.
         # The trailing slash keeps `media-old/...` out of a listing of prefix `media`.
         listed = f"{self.prefix}/" if self.prefix else ""
         skipped = 0
