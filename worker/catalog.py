@@ -106,7 +106,10 @@ class Catalog:
     # -- organizations -------------------------------------------------------------------------
 
     def set_org(self, org_id: str, retention: str | None = None, *, actor: str | None = None) -> dict:
-        """Create the org or change its retention; the change applies to stored items from the next sweep."""
+        """Create the org or change its retention; the change applies to stored items from the next sweep.
+
+        Without `retention` an existing org is left exactly as it is: the default retention only
+        applies to an org being created, and an operation that changes nothing reschedules nothing."""
         validate_id(org_id, "organization id")
         new = parse_retention(retention) if retention is not None else None
         items = MediaItem.__table__
@@ -115,33 +118,37 @@ class Catalog:
             # this update and the rewrite of expiry times below.
             org = session.get(Organization, org_id, with_for_update=True)
             created = org is None
-            old = None if created else timedelta(seconds=org.retention_seconds)
-            seconds = int((new or self.settings.default_retention).total_seconds())
+            old = None if created else org.retention_seconds
             if created:
+                seconds = int((new or self.settings.default_retention).total_seconds())
                 org = Organization(id=org_id, retention_seconds=seconds)
                 session.add(org)
                 session.flush()
-            elif new is not None and seconds != org.retention_seconds:
+            else:
+                seconds = int(new.total_seconds()) if new is not None else old
+            rewritten = 0
+            if not created and seconds != old:
                 org.retention_seconds = seconds
                 # The database's clock: `verify` compares it with claim times, which are the database's too.
                 org.updated_at = db_now()
-            rewritten = 0
-            if not created and old is not None and seconds != int(old.total_seconds()):
                 rewritten = session.execute(
                     update(items)
                     .where(items.c.org_id == org_id, items.c.state == State.ACTIVE.value, items.c.ttl_seconds.is_(None))
                     .values(expires_at=plus_seconds(items.c.created_at, seconds))
                 ).rowcount
-            if created or rewritten or (new is not None and old != new):
+            if created or seconds != old:
                 session.add(
                     AuditEvent(
                         action="org_create" if created else "org_set",
                         actor=actor or default_actor(),
                         org_id=org_id,
-                        details={"retention": describe(timedelta(seconds=seconds)), "previous": describe(old), "items_rescheduled": rewritten},
+                        details={"retention": describe(timedelta(seconds=seconds)),
+                                 "previous": None if old is None else describe(timedelta(seconds=old)),
+                                 "items_rescheduled": rewritten},
                     )
                 )
-        log.info("org.set", org=org_id, retention_s=seconds, created=created, items_rescheduled=rewritten)
+        log.info("org.set", org=org_id, retention_s=seconds, created=created, changed=created or seconds != old,
+                 items_rescheduled=rewritten)
         return self.show_org(org_id)
 
     def show_org(self, org_id: str) -> dict:
