@@ -296,6 +296,8 @@ def status_command(catalog: Catalog, out: Output) -> None:
     oldest = numbers["oldest_overdue"]
     click.echo(f"oldest overdue: {oldest['id']} expired {oldest['expires_at']} ({oldest['overdue_seconds']:.0f}s ago)" if oldest else "oldest overdue: none")
     click.echo(f"held expired:   {numbers['held_expired']}")
+    missing = numbers["missing_blob_items"]
+    click.echo(f"missing blobs:  {missing['count']} active items ({missing['held']} held, never tombstoned); see `reconcile`")
     click.echo(f"stuck:          {numbers['stuck']['count']}")
     for item in numbers["stuck"]["items"]:
         click.echo(f"  - {item['id']}: {item['attempts']} attempts, lease until {item['lease_until']}, last error: {item['last_error']}")

@@ -103,6 +103,9 @@ class MediaItem(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When reconcile first found this active item's blob missing (database clock); cleared when the
+    # blob is seen again. An unheld item is tombstoned once that is a grace period old or it expired.
+    missing_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (
         CheckConstraint("state IN ('active', 'deleting', 'deleted')", name="state_known"),
@@ -129,6 +132,12 @@ class MediaItem(Base):
             sqlite_where=text("state = 'deleting'"),
         ),
         Index("ix_media_items_org_id_state", "org_id", "state"),
+        Index(
+            "ix_media_items_missing_since",
+            "missing_since",
+            postgresql_where=text("missing_since IS NOT NULL"),
+            sqlite_where=text("missing_since IS NOT NULL"),
+        ),
     )
 
     def to_dict(self) -> dict:

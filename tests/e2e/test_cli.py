@@ -4,9 +4,12 @@ import hashlib
 import json
 import os
 import sqlite3
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
+from tests.factories import plant_blob, wait_until_older
 
 
 def snapshot(data_dir):
@@ -213,11 +216,9 @@ def test_walkthrough_from_the_readme_deletes_an_expired_file(shell, tmp_path, da
 
 def test_reconcile_cli_deletes_an_old_orphan_and_reports_json(cli, seeded, data_dir):
     """`reconcile --json` removes a stray blob older than the grace and keeps registered media."""
-    stray = data_dir / "media" / "stray.bin"
-    stray.write_bytes(b"left behind")
-    old = os.stat(stray).st_mtime - 3 * 86400
-    os.utime(stray, (old, old))
-    result = cli("reconcile", "--grace", "1d", "--json")
+    stray = plant_blob(data_dir / "media", "stray.bin", b"left behind")
+    wait_until_older([stray], timedelta(seconds=1))
+    result = cli("reconcile", "--grace", "1s", "--json")
     assert result.code == 0, result.stderr
     assert (result.json["orphans_deleted"], result.json["orphan_keys"]) == (1, ["stray.bin"])
     assert not stray.exists()

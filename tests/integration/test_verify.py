@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import update
 
-from tests.factories import register_aged
+from tests.factories import plant_blob, register_aged, wait_until_older
 from tests.integration.conftest import PREFIX
 from worker import verify as verify_module
 from worker.db import db_now
@@ -22,29 +20,40 @@ DAY = timedelta(days=1)
 
 
 class FsBlobs:
-    """Plants and removes blobs straight on the media root, behind the store's back."""
+    """Plants and removes blobs straight on the media root, behind the store's back. A blob's age is
+    its change time, which cannot be back-dated, so "old" here means older than a one-second grace."""
+
+    grace = timedelta(seconds=1)
 
     def __init__(self, root: Path):
         self.root = root
+        self._old: list[Path] = []
 
-    def put(self, key: str, content: bytes = b"planted", age: timedelta = timedelta(0)) -> None:
-        path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
-        stamp = time.time() - age.total_seconds()
-        os.utime(path, (stamp, stamp))
+    def put(self, key: str, content: bytes = b"planted", old: bool = False) -> None:
+        path = plant_blob(self.root, key, content)
+        if old:
+            self._old.append(path)
+
+    def wait_old(self) -> None:
+        """Return once every blob planted `old` is older than the grace."""
+        wait_until_older(self._old, self.grace)
 
     def remove(self, key: str) -> None:
         (self.root / key).unlink()
 
 
 class S3Blobs:
+    grace = DAY
+
     def __init__(self, objects, bucket: str):
         self.objects, self.bucket = objects, bucket
 
-    def put(self, key: str, content: bytes = b"planted", age: timedelta = timedelta(0)) -> None:
+    def put(self, key: str, content: bytes = b"planted", old: bool = False) -> None:
         self.objects.raw.delete_object(Bucket=self.bucket, Key=f"{PREFIX}/{key}")
-        self.objects.put(self.bucket, [f"{PREFIX}/{key}"], content, age=age)
+        self.objects.put(self.bucket, [f"{PREFIX}/{key}"], content, age=2 * DAY if old else None)
+
+    def wait_old(self) -> None:
+        """LastModified was set two days back when the blob was planted."""
 
     def remove(self, key: str) -> None:
         self.objects.raw.delete_object(Bucket=self.bucket, Key=f"{PREFIX}/{key}")
@@ -100,8 +109,8 @@ def test_a_catalog_in_step_with_its_store_is_clean(catalog_under_test, blobs, tm
     catalog.purge(ids=[purged["id"]])
     register_aged(catalog, "acme", timedelta(hours=3), ttl="1h", uploads=tmp_path)
     catalog.sweeper.claim_expired(10)  # claimed, blob still there, lease running: a deletion in flight
-    blobs.put("uploads/in-flight.jpg", age=timedelta(minutes=5))
-    report = run_verify(catalog)
+    blobs.put("uploads/in-flight.jpg")
+    report = run_verify(catalog, grace=blobs.grace)
     assert report.clean, report.to_dict()
     assert (report.items_checked, report.blobs_listed, report.notices["young_blobs"]) == (5, 4, 1)
 
@@ -136,10 +145,11 @@ def test_a_returned_blob_of_an_unexpired_missing_blob_tombstone_is_a_notice_not_
 
 
 def test_an_unregistered_blob_older_than_the_grace_is_an_orphan_and_a_younger_one_is_not(catalog_under_test, blobs):
-    """Age decides: two days old is an orphan, five minutes old is an upload in flight."""
-    blobs.put("stray/old.bin", age=2 * DAY)
-    blobs.put("stray/young.bin", age=timedelta(minutes=5))
-    report = run_verify(catalog_under_test)
+    """Age decides: older than the grace is an orphan, younger is an upload in flight."""
+    blobs.put("stray/old.bin", old=True)
+    blobs.wait_old()
+    blobs.put("stray/young.bin")
+    report = run_verify(catalog_under_test, grace=blobs.grace)
     assert only(report, "orphan_blob") and report.breaches["orphan_blob"] == 1
     assert report.examples["orphan_blob"][0]["key"] == "stray/old.bin" and report.notices["young_blobs"] == 1
 
@@ -147,7 +157,7 @@ def test_an_unregistered_blob_older_than_the_grace_is_an_orphan_and_a_younger_on
 def test_a_blob_of_another_size_than_recorded_is_a_size_mismatch(catalog_under_test, blobs, tmp_path):
     """The catalog says 11 bytes, the store holds 3."""
     item = register_aged(catalog_under_test, "acme", timedelta(hours=1), uploads=tmp_path)
-    blobs.put(item["key"], b"abc", age=timedelta(hours=1))
+    blobs.put(item["key"], b"abc")
     report = run_verify(catalog_under_test)
     assert only(report, "size_mismatch")
     assert (report.examples["size_mismatch"][0]["size"], report.examples["size_mismatch"][0]["blob_size"]) == (11, 3)
@@ -240,8 +250,9 @@ def test_a_blob_deleted_by_a_concurrent_sweep_is_not_reported_missing(catalog_un
 def test_counts_cover_every_breach_and_examples_stop_at_the_limit(catalog_under_test, blobs):
     """Twelve orphans, three named."""
     for number in range(12):
-        blobs.put(f"stray/{number:02d}", age=2 * DAY)
-    report = run_verify(catalog_under_test, max_examples=3)
+        blobs.put(f"stray/{number:02d}", old=True)
+    blobs.wait_old()
+    report = run_verify(catalog_under_test, max_examples=3, grace=blobs.grace)
     assert report.breaches["orphan_blob"] == 12 and len(report.examples["orphan_blob"]) == 3
 
 
@@ -258,8 +269,8 @@ class _Unordered:
 
 def test_a_listing_out_of_key_order_stops_verify_instead_of_misreporting(catalog, media_root):
     """A merge of unordered streams would report nonsense; verify refuses with one sentence."""
-    FsBlobs(media_root).put("a/1")
-    FsBlobs(media_root).put("b/1")
+    plant_blob(media_root, "a/1")
+    plant_blob(media_root, "b/1")
     with pytest.raises(OutOfOrder, match="byte order"):
         Verifier(catalog.db, _Unordered(catalog.store)).run(grace=DAY, stuck_after=DAY)
 
@@ -315,10 +326,8 @@ def test_verify_reads_only(cli, data_dir, tmp_path):
     """A verify that finds breaches changes nothing: the same breaches are found again."""
     assert cli("org", "set", "acme").code == 0
     stray = data_dir / "media" / "stray"
-    stray.mkdir(parents=True)
-    (stray / "old").write_bytes(b"x")
-    os.utime(stray / "old", (time.time() - 3 * 86400,) * 2)
-    first, second = cli("verify", "--json"), cli("verify", "--json")
+    wait_until_older([plant_blob(stray, "old")], timedelta(seconds=1))
+    first, second = cli("verify", "--grace", "1s", "--json"), cli("verify", "--grace", "1s", "--json")
     assert first.code == second.code == 1 and (stray / "old").exists()
     assert first.json["breaches"] == second.json["breaches"] and first.json["breaches"]["orphan_blob"] == 1
 

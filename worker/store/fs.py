@@ -26,6 +26,14 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_PREFIX = ".incoming-"
 
 
+def _written_at(info: os.stat_result) -> datetime:
+    """When a blob was last written, as far as anyone can tell: the later of its modification time,
+    which `touch -d` or `cp -p` can set to any moment, and its change time, which nobody can set
+    (the kernel stamps it on every write, rename or chmod). Reconcile deletes orphans by this age,
+    so a freshly copied file with an old mtime must not look old."""
+    return datetime.fromtimestamp(max(info.st_mtime, info.st_ctime), timezone.utc)
+
+
 class _Escape(Exception):
     """A key step is a symlink or not a directory: following it could leave the root."""
 
@@ -99,7 +107,7 @@ class FilesystemStore(BlobStore):
             raise BadInput(f"{exc}; refusing to follow it out of the media root.") from None
         if not stat_module.S_ISREG(info.st_mode):
             raise BadInput(f"storage key {key!r} is not a regular file (a directory or a symlink).")
-        return BlobInfo(key=key, size=info.st_size)
+        return BlobInfo(key=key, size=info.st_size, modified=_written_at(info))
 
     def _delete_one(self, key: str) -> DeleteResult:
         try:
@@ -137,7 +145,7 @@ class FilesystemStore(BlobStore):
                 yield from self._walk(key, ordered)
             elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(_TEMP_PREFIX):
                 info = entry.stat(follow_symlinks=False)
-                yield BlobInfo(key=key, size=info.st_size, modified=datetime.fromtimestamp(info.st_mtime, timezone.utc))
+                yield BlobInfo(key=key, size=info.st_size, modified=_written_at(info))
 
     def close(self) -> None:
         if self._pool is not None:
