@@ -34,6 +34,14 @@ def _written_at(info: os.stat_result) -> datetime:
     return datetime.fromtimestamp(max(info.st_mtime, info.st_ctime), timezone.utc)
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """A real directory (never a symlink to one); an entry gone since it was listed is not one."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+
+
 class _Escape(Exception):
     """A key step is a symlink or not a directory: following it could leave the root."""
 
@@ -129,23 +137,50 @@ class FilesystemStore(BlobStore):
         return list(self._pool.map(self._delete_one, keys))
 
     def iter_keys(self, *, ordered: bool = False) -> Iterator[BlobInfo]:
-        yield from self._walk("", ordered)
-
-    def _walk(self, prefix: str, ordered: bool) -> Iterator[BlobInfo]:
+        """Walk the root holding directory descriptors: each child directory is opened relative to
+        its parent's descriptor with O_NOFOLLOW, so a directory swapped for a symlink mid-walk is
+        not entered, and a renamed-away directory can only show names (every delete walks from the
+        root again). An entry that vanishes mid-walk (a concurrent sweep) is skipped, not an error."""
         try:
-            entries = list(os.scandir(self.root / prefix if prefix else self.root))
+            root_fd = os.open(self.root, _DIR_FLAGS)
         except OSError as exc:
-            raise StoreError(f"cannot list {prefix or 'the media root'}: {exc.strerror}") from None
-        if ordered:
-            # Every key under a directory starts with "name/", so the directory sorts as "name/".
-            entries.sort(key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name)
-        for entry in entries:
-            key = f"{prefix}/{entry.name}" if prefix else entry.name
-            if entry.is_dir(follow_symlinks=False):
-                yield from self._walk(key, ordered)
-            elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(_TEMP_PREFIX):
-                info = entry.stat(follow_symlinks=False)
-                yield BlobInfo(key=key, size=info.st_size, modified=_written_at(info))
+            raise StoreError(f"cannot list the media root {self.root}: {exc.strerror}") from None
+        yield from self._walk(root_fd, "", ordered)
+
+    def _walk(self, dir_fd: int, prefix: str, ordered: bool) -> Iterator[BlobInfo]:
+        """Blobs under the open directory `dir_fd` (closed when done), lazily unless `ordered`."""
+        try:
+            try:
+                entries = os.scandir(dir_fd)
+            except FileNotFoundError:
+                return  # removed after we opened it
+            except OSError as exc:
+                raise StoreError(f"cannot list {prefix or 'the media root'}: {exc.strerror}") from None
+            with entries:
+                if ordered:
+                    # Every key under a directory starts with "name/", so the directory sorts as "name/".
+                    # Sorting needs the directory's names at once; the store's own keys keep directories
+                    # small (ab/cd/<id>), and an unordered walk streams.
+                    entries = sorted(entries, key=lambda e: e.name + "/" if _is_dir(e) else e.name)
+                for entry in entries:
+                    key = f"{prefix}/{entry.name}" if prefix else entry.name
+                    if _is_dir(entry):
+                        try:
+                            child = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
+                        except OSError as exc:
+                            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                                continue  # vanished, or swapped for a symlink or a file since it was listed
+                            raise StoreError(f"cannot list {key}: {exc.strerror}") from None
+                        yield from self._walk(child, key, ordered)
+                    elif not entry.name.startswith(_TEMP_PREFIX):
+                        try:
+                            info = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        if stat_module.S_ISREG(info.st_mode):
+                            yield BlobInfo(key=key, size=info.st_size, modified=_written_at(info))
+        finally:
+            os.close(dir_fd)
 
     def close(self) -> None:
         if self._pool is not None:
