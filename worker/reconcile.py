@@ -6,7 +6,8 @@ Blobs (the store's listing, each key looked up in the catalog):
   (database clock) or was purged; the blob of a `missing_blob` tombstone whose item has not
   expired came back after reconcile gave up on it, and is kept (and reported) until the expiry;
 - a blob no row points at is an orphan, deleted only when older than the grace (a registration
-  writes its blob before its row). Its age is the store's: on a filesystem the later of the
+  writes its blob before its row); so is what a killed upload left (a `.incoming-*` temporary file,
+  an S3 multipart upload never completed), which every listing skips otherwise. Its age is the store's: on a filesystem the later of the
   modification and change times (`touch -d` back-dates the first but never the second, and any
   rename or chmod refreshes the change time), on S3 LastModified, set by the server.
 
@@ -37,7 +38,7 @@ from sqlalchemy import and_, or_, select, update
 from worker.db import Database, db_now
 from worker.errors import RetentionError
 from worker.models import AuditEvent, MediaItem, Reason, State
-from worker.store import BlobInfo, BlobStore, chunked
+from worker.store import BlobInfo, BlobStore, PartialUpload, chunked
 
 log = structlog.get_logger("worker.reconcile")
 
@@ -68,8 +69,10 @@ class ReconcileReport:
     leaks: int = 0  # blobs of tombstones whose item expired or was purged
     leaks_deleted: int = 0
     returned_blobs_kept: int = 0  # blobs of unexpired missing_blob tombstones, kept until the expiry
+    partial_uploads: int = 0  # leftovers of killed uploads older than the grace (temp files, multipart uploads)
+    partial_uploads_discarded: int = 0
     orphan_delete_failures: int = 0
-    young_blobs_skipped: int = 0
+    young_blobs_skipped: int = 0  # blobs and partial uploads younger than the grace: possibly in flight
     items_checked: int = 0
     check_errors: int = 0
     missing_blobs: int = 0  # active items whose blob is missing now
@@ -128,6 +131,7 @@ class Reconciler:
             with self.db.transaction() as session:
                 session.add(AuditEvent(action="reconcile", actor=actor, details={
                     "orphans_deleted": report.orphans_deleted, "leaks_deleted": report.leaks_deleted,
+                    "partial_uploads_discarded": report.partial_uploads_discarded,
                     "marked_missing": report.marked_missing, "orphan_keys": report.orphan_keys,
                     "leaked_keys": report.leaked_keys, "missing_ids": report.missing_ids,
                     "held_missing_ids": report.held_missing_ids}))
@@ -150,14 +154,23 @@ class Reconciler:
     def _leak_may_go(row, now: datetime) -> bool:
         return row.deletion_reason in _PURGED or row.expires_at <= now
 
-    def _find_doomed_blobs(self, report: ReconcileReport, now: datetime, cutoff: datetime, limit: int) -> list[_Doomed]:
-        doomed: list[_Doomed] = []
+    def _find_doomed_blobs(self, report: ReconcileReport, now: datetime, cutoff: datetime, limit: int) -> list[_Doomed | PartialUpload]:
+        doomed: list[_Doomed | PartialUpload] = []
         last_progress = time.monotonic()
-        for batch in chunked(self.store.iter_keys(), BATCH):
-            report.blobs_listed += len(batch)
-            _, rows = self._rows_by_key([blob.key for blob in batch])
-            for blob in batch:
-                found = self._classify_blob(report, blob, rows.get(blob.key), now, cutoff)
+        for batch in chunked(self.store.iter_keys(partial_uploads=True), BATCH):
+            blobs = [entry for entry in batch if isinstance(entry, BlobInfo)]
+            report.blobs_listed += len(blobs)
+            _, rows = self._rows_by_key([blob.key for blob in blobs])
+            for entry in batch:
+                if isinstance(entry, PartialUpload):
+                    # Ours by name (a temporary file, an unfinished multipart upload): only its age matters.
+                    if entry.started is None or entry.started > cutoff:
+                        report.young_blobs_skipped += 1
+                    else:
+                        report.partial_uploads += 1
+                        doomed.append(entry)
+                    continue
+                found = self._classify_blob(report, entry, rows.get(entry.key), now, cutoff)
                 if found is None:
                     continue
                 if not found.tombstone and report.orphans > limit:
@@ -167,8 +180,8 @@ class Reconciler:
             if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
                 self.progress(f"listed {report.blobs_listed} blobs, {report.orphans} orphans and {report.leaks} leaks so far")
                 last_progress = time.monotonic()
-        report.orphan_keys = [entry.key for entry in doomed if not entry.tombstone][:LISTED]
-        report.leaked_keys = [entry.key for entry in doomed if entry.tombstone][:LISTED]
+        report.orphan_keys = [entry.key for entry in doomed if isinstance(entry, _Doomed) and not entry.tombstone][:LISTED]
+        report.leaked_keys = [entry.key for entry in doomed if isinstance(entry, _Doomed) and entry.tombstone][:LISTED]
         return doomed
 
     def _classify_blob(self, report: ReconcileReport, blob: BlobInfo, row, now: datetime, cutoff: datetime) -> _Doomed | None:
@@ -188,8 +201,16 @@ class Reconciler:
         report.leaks += 1
         return _Doomed(blob.key, blob.size, tombstone=True)
 
-    def _delete_blobs(self, report: ReconcileReport, doomed: list[_Doomed]) -> None:
-        for batch in chunked(doomed, BATCH):
+    def _delete_blobs(self, report: ReconcileReport, doomed: list[_Doomed | PartialUpload]) -> None:
+        partial = [entry for entry in doomed if isinstance(entry, PartialUpload)]
+        for batch in chunked(partial, BATCH):
+            for result in self.store.discard_partial_uploads(batch):
+                if result.ok:
+                    report.partial_uploads_discarded += 1
+                else:
+                    report.orphan_delete_failures += 1
+                    log.warning("reconcile.partial_upload_discard_failed", key=result.key, error=result.error)
+        for batch in chunked([entry for entry in doomed if isinstance(entry, _Doomed)], BATCH):
             # Re-check just before deleting: a row registered since the listing makes an orphan live.
             now, rows = self._rows_by_key([entry.key for entry in batch])
             still = [entry for entry in batch if self._still_doomed(entry, rows.get(entry.key), now)]

@@ -29,6 +29,8 @@ Breaches (exit 1), each an invariant of the design's Part 1:
   (two sweep intervals plus a minute) only a fleet that stopped sweeping trips it.
 - `orphan_blob`: a blob no row (in any state) points at, older than the grace. Younger ones are
   counted as `young_blobs`: a registration writes its blob before its row.
+- `abandoned_upload`: what a killed upload left (a `.incoming-*` temporary file, an unfinished S3
+  multipart upload), older than the grace. Reconcile removes both.
 
 Store or catalog errors on single keys are counted as `check_errors`; they also make the result
 unclean, since what could not be checked cannot be called clean.
@@ -48,7 +50,7 @@ from sqlalchemy import select
 from worker.db import Database, db_now
 from worker.errors import RetentionError
 from worker.models import MediaItem, Organization, Reason, State
-from worker.store import BlobInfo, BlobStore
+from worker.store import BlobInfo, BlobStore, PartialUpload
 
 log = structlog.get_logger("worker.verify")
 
@@ -61,6 +63,7 @@ BREACH_KINDS = (
     "size_mismatch",
     "stuck_deletion",
     "orphan_blob",
+    "abandoned_upload",
 )
 NOTICE_KINDS = ("returned_blobs", "young_blobs", "failing_deletions")
 
@@ -209,9 +212,20 @@ class Verifier:
             previous = key
             yield entry
 
+    def _blobs(self) -> Iterator[BlobInfo]:
+        """The store's blobs in key order; leftovers of killed uploads are judged on the way."""
+        for entry in self.store.iter_keys(ordered=True, partial_uploads=True):
+            if not isinstance(entry, PartialUpload):
+                yield entry
+            elif entry.started is not None and entry.started <= self.orphan_cutoff:
+                self.report.breach("abandoned_upload", {"key": entry.key, "size": entry.size, "started": _iso(entry.started),
+                                                        "upload_id": entry.upload_id})
+            else:
+                self.report.notices["young_blobs"] += 1
+
     def _merge(self) -> None:
         rows = self._in_order(self._rows(), lambda row: row.storage_key, "catalog")
-        blobs = self._in_order(self.store.iter_keys(ordered=True), lambda blob: blob.key, "store")
+        blobs = self._in_order(self._blobs(), lambda blob: blob.key, "store")
         row, blob = next(rows, None), next(blobs, None)
         while row is not None or blob is not None:
             if blob is None or (row is not None and row.storage_key < blob.key):

@@ -255,3 +255,16 @@ def test_the_exporter_reports_active_items_whose_blob_is_missing(catalog, acme, 
     (media_root / lost["key"]).unlink()
     reconciler.run(grace=DAY)
     assert gauge() == 1
+
+
+def test_temporary_files_of_a_killed_upload_are_removed_once_older_than_the_grace(catalog, acme, media_root, reconciler):
+    """`.incoming-*` files are ours by name: every listing skips them, reconcile discards the old ones
+    (verify names them until then) and leaves a young one (an upload in flight) alone."""
+    old = plant_blob(media_root, "ab/cd/.incoming-0123456789abcdef", b"half a jpeg")
+    wait_until_older([old], GRACE)
+    young = plant_blob(media_root, "ab/ef/.incoming-fedcba9876543210", b"uploading")
+    assert verify(catalog).breaches["abandoned_upload"] == 1
+    report = reconciler.run(grace=GRACE)
+    assert (report.partial_uploads, report.partial_uploads_discarded, report.orphans) == (1, 1, 0)
+    assert not old.exists() and young.exists()
+    assert verify(catalog).clean

@@ -154,6 +154,22 @@ def test_reconcile_deletes_old_orphans_under_the_prefix_only_and_tombstones_miss
     assert gone.value.body["reason"] == "missing_blob"
 
 
+def test_reconcile_aborts_unfinished_multipart_uploads_under_the_prefix_only(s3_catalog, acme, raw_s3, bucket):
+    """A killed upload leaves a multipart upload whose parts S3 keeps (and bills) forever: reconcile
+    aborts it once it is older than the grace; one beside the prefix is not ours and stays."""
+    from worker.reconcile import Reconciler
+    from worker.verify import Verifier
+
+    ours = raw_s3.create_multipart_upload(Bucket=bucket, Key=f"{PREFIX}/ab/cd/big.mp4")["UploadId"]
+    raw_s3.upload_part(Bucket=bucket, Key=f"{PREFIX}/ab/cd/big.mp4", UploadId=ours, PartNumber=1, Body=b"x" * 1024)
+    theirs = raw_s3.create_multipart_upload(Bucket=bucket, Key="other/big.mp4")["UploadId"]
+    # moto reports every upload as initiated in 2010: old enough for any grace.
+    assert Verifier(s3_catalog.db, s3_catalog.store).run(grace=timedelta(days=1), stuck_after=timedelta(days=1)).breaches["abandoned_upload"] == 1
+    report = Reconciler(s3_catalog.db, s3_catalog.store).run(grace=timedelta(days=1))
+    assert (report.partial_uploads, report.partial_uploads_discarded) == (1, 1)
+    assert [upload["UploadId"] for upload in raw_s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])] == [theirs]
+
+
 def test_keys_that_would_escape_the_prefix_are_refused_without_a_request(s3_store, objects, bucket, faults):
     """`..`, absolute, empty-step, NUL and control-character keys are refused per key; valid keys still go."""
     objects.put(bucket, ["secret", f"{PREFIX}/ok/1"])

@@ -232,9 +232,9 @@ class _SweepsDuringListing:
     def __init__(self, catalog):
         self.catalog, self.store = catalog, catalog.store
 
-    def iter_keys(self, *, ordered=False):
+    def iter_keys(self, **options):
         self.catalog.sweeper.sweep()
-        yield from self.store.iter_keys(ordered=ordered)
+        yield from self.store.iter_keys(**options)
 
     def __getattr__(self, name):
         return getattr(self.store, name)
@@ -260,7 +260,7 @@ class _Unordered:
     def __init__(self, store):
         self.store = store
 
-    def iter_keys(self, *, ordered=False):
+    def iter_keys(self, **options):
         return iter(sorted(self.store.iter_keys(), key=lambda blob: blob.key, reverse=True))
 
     def __getattr__(self, name):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
 import shutil
@@ -18,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from worker.errors import BadInput, StoreError
-from worker.store import BlobInfo, BlobStore, DeleteResult
+from worker.errors import BadInput, BlobExists, StoreError
+from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload
 from worker.store.keys import validate_key
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -98,7 +99,7 @@ class FilesystemStore(BlobStore):
                     # link() never replaces an existing blob, unlike rename().
                     os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
                 except FileExistsError:
-                    raise BadInput(f"a blob already exists at storage key {key!r}; refusing to overwrite it.") from None
+                    raise BlobExists(f"a blob already exists at storage key {key!r}; refusing to overwrite it.") from None
                 finally:
                     os.unlink(temp, dir_fd=dir_fd)
                 return size
@@ -116,6 +117,34 @@ class FilesystemStore(BlobStore):
         if not stat_module.S_ISREG(info.st_mode):
             raise BadInput(f"storage key {key!r} is not a regular file (a directory or a symlink).")
         return BlobInfo(key=key, size=info.st_size, modified=_written_at(info))
+
+    def digest(self, key: str) -> BlobDigest | None:
+        try:
+            with self._parent_dir(key) as (dir_fd, name):
+                # O_NONBLOCK: a FIFO planted at a key must not hang the reader.
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        except _Escape as exc:
+            raise BadInput(f"{exc}; refusing to follow it out of the media root.") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise BadInput(f"storage key {key!r} is a symlink, not a blob.") from None
+            raise StoreError(f"cannot read storage key {key!r}: {exc.strerror}") from None
+        with open(fd, "rb") as handle:
+            info = os.fstat(fd)
+            if not stat_module.S_ISREG(info.st_mode):
+                raise BadInput(f"storage key {key!r} is not a regular file.")
+            return BlobDigest(size=info.st_size, sha256=hashlib.file_digest(handle, "sha256").hexdigest())
+
+    def discard_partial_uploads(self, uploads: list[PartialUpload]) -> list[DeleteResult]:
+        results = []
+        for upload in uploads:
+            if not upload.key.rsplit("/", 1)[-1].startswith(_TEMP_PREFIX):
+                results.append(DeleteResult(upload.key, ok=False, error="refused: not a temporary upload file"))
+            else:
+                results.append(self._delete_one(upload.key))
+        return results
 
     def _delete_one(self, key: str) -> DeleteResult:
         try:
@@ -136,7 +165,7 @@ class FilesystemStore(BlobStore):
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="fs-delete")
         return list(self._pool.map(self._delete_one, keys))
 
-    def iter_keys(self, *, ordered: bool = False) -> Iterator[BlobInfo]:
+    def iter_keys(self, *, ordered: bool = False, partial_uploads: bool = False) -> Iterator[BlobInfo | PartialUpload]:
         """Walk the root holding directory descriptors: each child directory is opened relative to
         its parent's descriptor with O_NOFOLLOW, so a directory swapped for a symlink mid-walk is
         not entered, and a renamed-away directory can only show names (every delete walks from the
@@ -145,9 +174,9 @@ class FilesystemStore(BlobStore):
             root_fd = os.open(self.root, _DIR_FLAGS)
         except OSError as exc:
             raise StoreError(f"cannot list the media root {self.root}: {exc.strerror}") from None
-        yield from self._walk(root_fd, "", ordered)
+        yield from self._walk(root_fd, "", ordered, partial_uploads)
 
-    def _walk(self, dir_fd: int, prefix: str, ordered: bool) -> Iterator[BlobInfo]:
+    def _walk(self, dir_fd: int, prefix: str, ordered: bool, partial_uploads: bool) -> Iterator[BlobInfo | PartialUpload]:
         """Blobs under the open directory `dir_fd` (closed when done), lazily unless `ordered`."""
         try:
             try:
@@ -171,14 +200,21 @@ class FilesystemStore(BlobStore):
                             if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
                                 continue  # vanished, or swapped for a symlink or a file since it was listed
                             raise StoreError(f"cannot list {key}: {exc.strerror}") from None
-                        yield from self._walk(child, key, ordered)
-                    elif not entry.name.startswith(_TEMP_PREFIX):
-                        try:
-                            info = entry.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue
-                        if stat_module.S_ISREG(info.st_mode):
-                            yield BlobInfo(key=key, size=info.st_size, modified=_written_at(info))
+                        yield from self._walk(child, key, ordered, partial_uploads)
+                        continue
+                    temporary = entry.name.startswith(_TEMP_PREFIX)
+                    if temporary and not partial_uploads:
+                        continue
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if not stat_module.S_ISREG(info.st_mode):
+                        continue
+                    if temporary:
+                        yield PartialUpload(key=key, started=_written_at(info), size=info.st_size)
+                    else:
+                        yield BlobInfo(key=key, size=info.st_size, modified=_written_at(info))
         finally:
             os.close(dir_fd)
 
