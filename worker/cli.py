@@ -200,8 +200,8 @@ def register(catalog: Catalog, org_id, file, key, media_id, ttl, created_at, mim
         except ManifestError as exc:
             for error in exc.errors[:100]:
                 click.echo(f"media-retention: {manifest}: line {error.line}: {error.message}", err=True)
-            if len(exc.errors) > 100:
-                click.echo(f"media-retention: ... {len(exc.errors) - 100} more bad lines", err=True)
+            if exc.bad_lines > 100:
+                click.echo(f"media-retention: ... {exc.bad_lines - 100} more bad lines", err=True)
             raise
         out.result(summary)
         return

@@ -160,7 +160,7 @@ def test_manifest_with_bad_lines_reports_each_by_number_and_imports_nothing(cli,
         {"org": "ghost", "id": "orphan", "file": str(seeded)},
         {"org": "acme", "id": "evil", "key": "../../etc/passwd"},
         {"org": "acme", "id": "nul", "key": "a\u0000b"},
-        {"org": "acme", "id": "img-1", "file": str(seeded)},
+        {"org": "acme", "id": "img-1", "file": str(seeded), "ttl": "1d"},
     ]
     before = snapshot(data_dir)
     result = cli("register", "--manifest", str(write_manifest(tmp_path / "bad.jsonl", rows)))
@@ -168,6 +168,7 @@ def test_manifest_with_bad_lines_reports_each_by_number_and_imports_nothing(cli,
     reported = [line.split(": line ")[1].split(":")[0] for line in result.stderr.splitlines() if ": line " in line]
     assert reported == ["3", "4", "5", "6", "7", "8", "9"]
     assert "duplicate id 'dup' (first on line 2)" in result.stderr
+    assert "media id 'img-1' already exists with other content" in result.stderr
     assert snapshot(data_dir) == before
 
 
