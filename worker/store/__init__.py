@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from worker.errors import BadInput, StoreError
+from worker.redact import redact_url
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def open_store(url: str, **options) -> BlobStore:
     parsed = urlparse(url)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise BadInput(f"invalid storage URL {url!r}: use file:///absolute/path.")
+            raise BadInput(f"invalid storage URL {redact_url(url)!r}: use file:///absolute/path.")
         from worker.store.fs import FilesystemStore
 
         return FilesystemStore(Path(unquote(parsed.path)), delete_threads=options.get("delete_threads", 8))
@@ -107,7 +108,7 @@ def open_store(url: str, **options) -> BlobStore:
         from worker.store.s3 import S3Store
 
         return S3Store.from_url(url, **options)
-    raise BadInput(f"unsupported storage URL {url!r}: use file:///absolute/path or s3://bucket/prefix.")
+    raise BadInput(f"unsupported storage URL {redact_url(url)!r}: use file:///absolute/path or s3://bucket/prefix.")
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:

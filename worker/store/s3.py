@@ -32,6 +32,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from worker.errors import BadInput, BlobExists, StoreError
+from worker.redact import redact_url
 from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload, chunked
 from worker.store.keys import validate_key
 
@@ -144,9 +145,9 @@ class S3Store(BlobStore):
         """`s3://bucket[/prefix]`; options meant for other backends (the settings pass one set) are ignored."""
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
-            raise BadInput(f"invalid storage URL {url!r}: use s3://bucket or s3://bucket/prefix.")
+            raise BadInput(f"invalid storage URL {redact_url(url)!r}: use s3://bucket or s3://bucket/prefix.")
         if parsed.username or parsed.password or parsed.port or parsed.query or parsed.fragment:
-            raise BadInput(f"invalid storage URL {url!r}: give only s3://bucket/prefix; credentials go where boto3 looks for them.")
+            raise BadInput(f"invalid storage URL {redact_url(url)!r}: give only s3://bucket/prefix; credentials go where boto3 looks for them.")
         return cls(parsed.netloc, parsed.path, endpoint_url=endpoint_url, delete_threads=delete_threads,
                    delete_mode=delete_mode, addressing_style=addressing_style)
 
