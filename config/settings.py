@@ -93,6 +93,44 @@ class Settings(BaseSettings):
                 raise ValueError("not a database URL SQLAlchemy can read; use e.g. postgresql+psycopg://user@host:5432/db") from None
         return value
 
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url_is_usable(cls, value: str) -> str:
+        if value:
+            from worker.store import check_storage_url
+
+            try:
+                check_storage_url(value)
+            except BadInput as exc:
+                raise ValueError(str(exc).rstrip(".")) from None
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_is_a_directory(cls, value: Path) -> Path:
+        if "\x00" in str(value):
+            raise ValueError("contains a NUL byte")
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{str(value)!r} exists and is not a directory")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level_is_known(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value.upper()
+
+    @field_validator("default_retention")
+    @classmethod
+    def _default_retention_fits(cls, value: timedelta) -> timedelta:
+        from worker.policy import check_retention
+
+        try:
+            return check_retention(value, f"{int(value.total_seconds())}s")
+        except BadInput as exc:
+            raise ValueError(str(exc).rstrip(".")) from None
+
     @field_validator("broker_url")
     @classmethod
     def _broker_url_parses(cls, value: str) -> str:
@@ -124,8 +162,6 @@ class Settings(BaseSettings):
             raise ValueError("ALERT_WEBHOOK_URL must be an http:// or https:// URL")
         if self.alert_webhook_timeout > timedelta(minutes=1):
             raise ValueError("ALERT_WEBHOOK_TIMEOUT must be at most 1m")
-        if self.default_retention < timedelta(hours=1):
-            raise ValueError("DEFAULT_RETENTION must be at least 1h")
         return self
 
     @property

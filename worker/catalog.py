@@ -34,12 +34,12 @@ from worker.errors import BadInput, BlobExists, Gone, NotFound, RetentionError
 from worker.models import AuditEvent, MediaItem, Organization, State
 from worker.policy import describe, effective_lifetime, parse_retention, parse_ttl
 from worker.store import BlobDigest, BlobStore, open_store
-from worker.store.keys import key_for_id, validate_id, validate_key
+from worker import validation
+from worker.store.keys import key_for_id, validate_id, validate_new_key
 from worker.sweep import Sweeper
 
 log = structlog.get_logger("worker.catalog")
 
-_MIME = re.compile(r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+$")
 # Manifest rows written per transaction: large enough to import millions of rows in minutes,
 # small enough that a failed batch is cheap to redo.
 MANIFEST_BATCH = 500
@@ -63,10 +63,10 @@ def default_actor() -> str:
 def parse_created_at(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
-    except (TypeError, ValueError):
-        raise BadInput(f"malformed --created-at {text!r}: use ISO-8601, e.g. 2026-01-31T12:00:00Z.") from None
-    # A timestamp without an offset is taken as UTC, the way the catalog stores every time.
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        # A timestamp without an offset is taken as UTC, the way the catalog stores every time.
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    except (TypeError, ValueError, OverflowError):
+        raise BadInput(f"malformed --created-at {text!r}: use ISO-8601 between 1970 and now, e.g. 2026-01-31T12:00:00Z.") from None
 
 
 @dataclass
@@ -103,6 +103,7 @@ class ManifestError(BadInput):
 class _ManifestCheck:
     """What checking a manifest has found so far."""
 
+    now: datetime  # the database's clock when the check began: created_at must not lie beyond it
     lines: int = 0
     bad_lines: int = 0
     ids: dict[str, int] = field(default_factory=dict)  # explicit media ID -> its line
@@ -183,6 +184,7 @@ class Catalog:
         applies to an org being created, and an operation that changes nothing reschedules nothing."""
         validate_id(org_id, "organization id")
         new = parse_retention(retention) if retention is not None else None
+        actor = validation.actor(actor or default_actor())
         items = MediaItem.__table__
         with self.db.transaction() as session:
             # Row lock: registrations read the retention under a share lock, so none slips between
@@ -211,7 +213,7 @@ class Catalog:
                 session.add(
                     AuditEvent(
                         action="org_create" if created else "org_set",
-                        actor=actor or default_actor(),
+                        actor=actor,
                         org_id=org_id,
                         details={"retention": describe(timedelta(seconds=seconds)),
                                  "previous": None if old is None else describe(timedelta(seconds=old)),
@@ -251,19 +253,27 @@ class Catalog:
 
     # -- registration --------------------------------------------------------------------------
 
+    def _db_now(self) -> datetime:
+        with self.db.transaction() as session:
+            return session.scalar(select(db_now()))
+
     def _validate_new(self, *, org: str, file: str | Path | None, key: str | None, media_id: str | None,
-                      ttl: str | None, created_at: str | datetime | None, mime: str | None, sha256: str | None = None) -> _NewItem:
+                      ttl: str | None, created_at: str | datetime | None, mime: str | None, sha256: str | None = None,
+                      now: datetime) -> _NewItem:
+        """Every field of a registration checked, `created_at` against the database clock `now`."""
         validate_id(org, "organization id")
         if (file is None) == (key is None):
             raise BadInput("give exactly one of a file to copy in or a key already in the store.")
         media_id = validate_id(media_id) if media_id is not None else secrets.token_urlsafe(18)
         ttl_value = parse_ttl(ttl) if ttl is not None else None
         created = parse_created_at(created_at) if isinstance(created_at, str) else created_at
-        if created is not None and created.tzinfo is None:
-            raise BadInput("created_at must carry a timezone.")
-        if mime is not None and not _MIME.match(mime):
-            raise BadInput(f"invalid MIME type {mime!r}: use type/subtype, e.g. image/jpeg.")
-        if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        if created is not None:
+            if created.tzinfo is None:
+                raise BadInput("created_at must carry a timezone.")
+            validation.created_at(created, now)
+        if mime is not None:
+            validation.mime_type(mime)
+        if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
             raise BadInput(f"invalid sha256 {sha256!r}: give 64 lowercase hex digits.")
         source = None
         if file is not None:
@@ -275,7 +285,7 @@ class Catalog:
             storage_key = key_for_id(media_id)
             mime = mime or mimetypes.guess_type(source.name)[0] or "application/octet-stream"
         else:
-            storage_key = validate_key(key)
+            storage_key = validate_new_key(key)
             mime = mime or mimetypes.guess_type(storage_key)[0] or "application/octet-stream"
         return _NewItem(media_id, org, storage_key, source, ttl_value, created, mime, sha256)
 
@@ -402,7 +412,8 @@ class Catalog:
                  ttl: str | None = None, created_at: str | datetime | None = None, mime: str | None = None,
                  sha256: str | None = None) -> dict:
         """Register one item: `file` is copied in under a new key, `key` adopts a blob already stored."""
-        new = self._validate_new(org=org, file=file, key=key, media_id=media_id, ttl=ttl, created_at=created_at, mime=mime, sha256=sha256)
+        new = self._validate_new(org=org, file=file, key=key, media_id=media_id, ttl=ttl, created_at=created_at, mime=mime,
+                                 sha256=sha256, now=self._db_now())
         item = self._register_batch([new])[0]
         log.info("media.registered", media_id=item["id"], org=org, key=item["key"], size=item["size"], expires_at=item["expires_at"])
         return item
@@ -442,7 +453,7 @@ class Catalog:
                 continue
             yield number, row
 
-    def _validate_manifest_row(self, row: dict, base: Path) -> _NewItem:
+    def _validate_manifest_row(self, row: dict, base: Path, now: datetime) -> _NewItem:
         if not isinstance(row.get("org"), str):
             raise BadInput("field 'org' is required and must be a string")
         for name in ("id", "file", "key", "ttl", "created_at", "mime", "sha256"):
@@ -452,7 +463,7 @@ class Catalog:
         if file is not None and not os.path.isabs(file):
             file = base / file  # relative paths are read from the manifest's directory
         return self._validate_new(org=row["org"], file=file, key=row.get("key"), media_id=row.get("id"), ttl=row.get("ttl"),
-                                  created_at=row.get("created_at"), mime=row.get("mime"), sha256=row.get("sha256"))
+                                  created_at=row.get("created_at"), mime=row.get("mime"), sha256=row.get("sha256"), now=now)
 
     def register_manifest(self, path: str | Path, *, batch_size: int = MANIFEST_BATCH,
                           progress: Callable[[int], None] | None = None) -> dict:
@@ -470,7 +481,7 @@ class Catalog:
         path = Path(path)
         with _open_regular(path, "manifest") as handle:
             seen = os.fstat(handle.fileno())
-            check = _ManifestCheck()
+            check = _ManifestCheck(now=self._db_now())
             chunk: list[tuple[int, _NewItem, bool]] = []
             with ThreadPoolExecutor(MANIFEST_STORE_CHECKS, thread_name_prefix="manifest-check") as pool:
                 for number, row in self._manifest_lines(handle):
@@ -495,7 +506,7 @@ class Catalog:
             if (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns):
                 raise BadInput(f"manifest {str(path)!r} changed while it was being checked; nothing was imported.")
             handle.seek(0)
-            summary = self._import_manifest(handle, path, batch_size, progress)
+            summary = self._import_manifest(handle, path, batch_size, progress, check.now)
         log.info("manifest.imported", path=str(path), items=summary["imported"], bytes=summary["bytes"],
                  already_registered=summary["already_registered"])
         return summary
@@ -506,7 +517,7 @@ class Catalog:
             check.error(number, row.message)
             return None
         try:
-            item = self._validate_manifest_row(row, base)
+            item = self._validate_manifest_row(row, base, check.now)
         except RetentionError as exc:
             check.error(number, str(exc).rstrip("."))
             return None
@@ -561,7 +572,8 @@ class Catalog:
         except RetentionError as exc:
             return str(exc).rstrip(".")
 
-    def _import_manifest(self, handle: BinaryIO, path: Path, batch_size: int, progress: Callable[[int], None] | None) -> dict:
+    def _import_manifest(self, handle: BinaryIO, path: Path, batch_size: int, progress: Callable[[int], None] | None,
+                         now: datetime) -> dict:
         summary = {"imported": 0, "already_registered": 0, "bytes": 0, "manifest": str(path)}
         batch: list[_NewItem] = []
 
@@ -584,7 +596,7 @@ class Catalog:
                 progress(summary["imported"])
 
         for _number, row in self._manifest_lines(handle):
-            item = self._validate_manifest_row(row, path.parent)
+            item = self._validate_manifest_row(row, path.parent, now)
             if row.get("id") is None:
                 item.id = None  # drawn at import, after the already-registered check
             batch.append(item)
@@ -641,12 +653,13 @@ class Catalog:
 
     def set_hold(self, *, held: bool, reason: str, ids: Sequence[str] = (), org: str | None = None, actor: str | None = None) -> dict:
         """Put items or a whole org on hold (or release them). Recorded with who and why."""
-        if not reason or not reason.strip():
+        if not isinstance(reason, str) or not reason.strip():
             raise BadInput("a --reason is required: say why media is held or released.")
+        validation.reason(reason)
         if bool(ids) == (org is not None):
             raise BadInput("give media IDs or --org, not both and not neither.")
         action = "hold" if held else "release"
-        actor = actor or default_actor()
+        actor = validation.actor(actor or default_actor())
         changed: list[str] = []
         with self.db.transaction() as session:
             stamp = session.scalar(select(db_now())) if held else None
@@ -688,7 +701,9 @@ class Catalog:
         """Delete now regardless of expiry; held media is never purged."""
         if bool(ids) == (org is not None):
             raise BadInput("give media IDs or --org, not both and not neither.")
-        actor = actor or default_actor()
+        actor = validation.actor(actor or default_actor())
+        if reason is not None:
+            validation.reason(reason)
         items = MediaItem.__table__
         with self.db.transaction() as session:
             if org is not None:

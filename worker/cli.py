@@ -13,12 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-from sqlalchemy.exc import OperationalError, ProgrammingError
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
 
 from config.logging import configure_logging
 from config.settings import Settings, get_settings
 from config.schedule import PURGE_TASK, RECONCILE_TASK, SWEEP_TASK
-from worker import schema, status
+from worker import schema, status, validation
 from worker.catalog import Catalog, ManifestError, default_actor
 from worker.durations import parse_duration
 from worker.errors import BadInput, Gone, NotFound, RetentionError
@@ -27,6 +28,8 @@ from worker.redact import redact_text, redact_url, remember_settings
 from worker.verify import DEFAULT_EXAMPLES, Verifier, default_stuck_after
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_FOUND = 0, 1, 2, 3
+
+log = structlog.get_logger("worker.cli")
 
 
 class Output:
@@ -56,8 +59,9 @@ class Output:
 
 
 def echo(message: str, err: bool = False) -> None:
-    """Print a line with every secret we know of masked (see worker.redact): the one way the CLI prints."""
-    click.echo(redact_text(message), err=err)
+    """Print a line with every secret we know of masked (see worker.redact): the one way the CLI prints.
+    Undecodable bytes from argv (surrogate escapes) are shown as \\udcXX rather than failing the write."""
+    click.echo(redact_text(message).encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
 
 
 def json_option(command: Callable) -> Callable:
@@ -327,6 +331,8 @@ def _scope(ids: tuple[str, ...], org_id: str | None) -> None:
 def purge(catalog: Catalog, ids, org_id, dry_run, yes, enqueue_it, actor, out: Output) -> None:
     """Delete media now regardless of expiry (never held media)."""
     _scope(ids, org_id)
+    if actor is not None:
+        validation.actor(actor)
     if dry_run and enqueue_it:
         raise BadInput("--dry-run runs here and changes nothing; there is nothing to --enqueue.")
     if enqueue_it or (not dry_run and not yes):
@@ -361,7 +367,7 @@ def purge(catalog: Catalog, ids, org_id, dry_run, yes, enqueue_it, actor, out: O
 def reconcile(catalog: Catalog, dry_run, grace, max_orphans, max_missing, enqueue_it, actor, out: Output) -> None:
     """Delete orphan blobs (no live item, older than --grace); tombstone items whose blob is missing."""
     grace_value = parse_duration(grace)
-    actor = actor or default_actor()
+    actor = validation.actor(actor or default_actor())
     if enqueue_it:
         send_to_fleet(RECONCILE_TASK, out, grace_seconds=int(grace_value.total_seconds()), max_orphans=max_orphans,
                       max_missing=max_missing, actor=actor, dry_run=dry_run)
@@ -477,12 +483,22 @@ def main(argv: list[str] | None = None) -> int:
     except RetentionError as exc:
         echo(f"media-retention: {_sentence(str(exc))}", err=True)
         return exc.exit_code
-    except (OperationalError, ProgrammingError) as exc:
-        echo(f"media-retention: database error: {_sentence(str(exc.orig).splitlines()[0])}", err=True)
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
+        echo(f"media-retention: database error: {_sentence(detail[0])}", err=True)
+        return EXIT_FAILURE
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        echo(f"media-retention: {_sentence((exc.strerror or str(exc) or type(exc).__name__) + where)}", err=True)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         echo("media-retention: interrupted.", err=True)
         return 130
+    except Exception as exc:  # noqa: BLE001 - no traceback ever reaches an operator; it goes to the debug log
+        log.debug("cli.unexpected_error", error_type=type(exc).__name__, exc_info=True)
+        echo(f"media-retention: unexpected error ({type(exc).__name__}); nothing was reported as done. "
+             f"Run with MEDIA_RETENTION_LOG_LEVEL=DEBUG to log the traceback.", err=True)
+        return EXIT_FAILURE
 
 
 def entry_point() -> None:

@@ -95,20 +95,34 @@ class BlobStore(abc.ABC):
         """Release pools and threads."""
 
 
-def open_store(url: str, **options) -> BlobStore:
-    """Build the store for `file:///abs/path` or `s3://bucket[/prefix]`."""
+def check_storage_url(url: str) -> None:
+    """Refuse a storage URL that names no usable store, before anything is opened."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise BadInput(f"invalid storage URL {redact_url(url)!r}: use file:///absolute/path.")
+        path = unquote(parsed.path)
+        if "\x00" in path:
+            raise BadInput(f"invalid storage URL {redact_url(url)!r}: the path contains a NUL byte (%00).")
+        if not path.startswith("/") or any(ord(c) < 32 or ord(c) == 127 for c in path):
+            raise BadInput(f"invalid storage URL {redact_url(url)!r}: use file:///absolute/path.")
+        return
+    if parsed.scheme == "s3":
+        return  # the bucket, prefix and credentials are checked where the store is built
+    raise BadInput(f"unsupported storage URL {redact_url(url)!r}: use file:///absolute/path or s3://bucket/prefix.")
+
+
+def open_store(url: str, **options) -> BlobStore:
+    """Build the store for `file:///abs/path` or `s3://bucket[/prefix]`."""
+    check_storage_url(url)
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
         from worker.store.fs import FilesystemStore
 
         return FilesystemStore(Path(unquote(parsed.path)), delete_threads=options.get("delete_threads", 8))
-    if parsed.scheme == "s3":
-        from worker.store.s3 import S3Store
+    from worker.store.s3 import S3Store
 
-        return S3Store.from_url(url, **options)
-    raise BadInput(f"unsupported storage URL {redact_url(url)!r}: use file:///absolute/path or s3://bucket/prefix.")
+    return S3Store.from_url(url, **options)
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:
