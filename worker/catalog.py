@@ -743,4 +743,17 @@ class Catalog:
 
 def store_options(settings: Settings) -> dict:
     return {"delete_threads": settings.delete_threads, "endpoint_url": settings.s3_endpoint_url,
-            "delete_mode": settings.s3_delete_mode, "addressing_style": settings.s3_addressing_style}
+            "delete_mode": settings.s3_delete_mode, "addressing_style": settings.s3_addressing_style,
+            "protected": protected_paths(settings)}
+
+
+def protected_paths(settings: Settings) -> dict[str, Path]:
+    """What a filesystem media root must never contain: the data dir and a SQLite catalog file."""
+    from sqlalchemy.engine import make_url
+
+    protected: dict[str, Path] = {}
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        protected["the catalog database"] = Path(url.database)
+    protected["the data dir (catalog, broker queue)"] = settings.data_dir
+    return protected

@@ -298,3 +298,45 @@ def test_sweep_dry_run_in_text_shows_what_is_due_and_deletes_nothing(cli, seeded
     assert lines[:3] == ["dry run: nothing was deleted", "due: 1", "due_bytes: 5"]
     assert "old-1" in result.stdout and "claimed" not in result.stdout
     assert snapshot(data_dir) == before
+
+
+DANGEROUS_ROOTS = [
+    ("the filesystem root", "file:///", "system directory"),
+    ("/etc", "file:///etc", "system directory"),
+    ("below /usr", "file:///usr/share/doc", "system directory"),
+    ("/var itself", "file:///var", "system directory"),
+    ("/tmp itself", "file:///tmp", "system directory"),
+    ("/home itself", "file:///home", "system directory"),
+    ("below /proc", "file:///proc/self", "system directory"),
+    ("the data dir", "file://{data_dir}", "catalog"),
+    ("a parent of the data dir", "file://{parent}", "catalog"),
+]
+
+
+@pytest.mark.parametrize(("case", "url", "message"), DANGEROUS_ROOTS, ids=[case for case, _, _ in DANGEROUS_ROOTS])
+def test_a_dangerous_media_root_is_refused_before_anything_is_touched(cli, seeded, data_dir, tmp_path, monkeypatch, case, url, message):
+    """reconcile would delete everything under the root that no item names: roots holding the system or the catalog are refused.
+
+    Only commands that change nothing are run here (reconcile with --dry-run): this test points the
+    worker at /etc, and must stay harmless on code that lacks the protection it checks."""
+    before = snapshot(data_dir)
+    monkeypatch.setenv("MEDIA_RETENTION_STORAGE_URL", url.format(data_dir=data_dir, parent=data_dir.parent))
+    get_settings.cache_clear()
+    for command in (("reconcile", "--dry-run", "--grace", "1s"), ("verify",), ("status",)):
+        result = cli(*command)
+        assert result.code == 2, (command, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+    assert snapshot(data_dir) == before
+
+
+def test_a_media_root_holding_a_sqlite_catalog_elsewhere_is_refused(cli, seeded, data_dir, tmp_path, monkeypatch):
+    """The catalog named by DATABASE_URL counts too, wherever it lives."""
+    elsewhere = tmp_path / "shared"
+    elsewhere.mkdir()
+    monkeypatch.setenv("MEDIA_RETENTION_DATABASE_URL", f"sqlite:///{elsewhere / 'catalog.sqlite3'}")
+    monkeypatch.setenv("MEDIA_RETENTION_STORAGE_URL", elsewhere.as_uri())
+    get_settings.cache_clear()
+    result = cli("status")
+    assert result.code == 2 and "catalog" in result.stderr
+    assert not (elsewhere / "catalog.sqlite3").exists()

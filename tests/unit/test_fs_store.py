@@ -143,3 +143,19 @@ def test_entries_deleted_during_the_listing_are_skipped_not_errors(store, ordere
     shutil.rmtree(store.root / there)
     rest = [blob.key for blob in listing]
     assert rest == []
+
+
+def test_a_media_root_that_is_a_symlink_to_a_system_directory_is_refused(tmp_path):
+    """The root is judged after resolving symlinks: a link to /etc is /etc."""
+    link = tmp_path / "media"
+    os.symlink("/etc", link)
+    with pytest.raises(BadInput, match="system directory"):
+        FilesystemStore(link)
+
+
+def test_a_media_root_holding_a_protected_file_is_refused_and_not_created(tmp_path):
+    """A root above the catalog is refused before the root directory is even made."""
+    root = tmp_path / "new-root"
+    with pytest.raises(BadInput, match="contains the catalog database"):
+        FilesystemStore(root, protected={"the catalog database": root / "data" / "catalog.sqlite3"})
+    assert not root.exists()

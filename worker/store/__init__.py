@@ -113,13 +113,15 @@ def check_storage_url(url: str) -> None:
 
 
 def open_store(url: str, **options) -> BlobStore:
-    """Build the store for `file:///abs/path` or `s3://bucket[/prefix]`."""
+    """Build the store for `file:///abs/path` or `s3://bucket[/prefix]`. `protected` (what -> path)
+    names files a filesystem root must not contain: the catalog, the data dir."""
     check_storage_url(url)
     parsed = urlparse(url)
     if parsed.scheme == "file":
         from worker.store.fs import FilesystemStore
 
-        return FilesystemStore(Path(unquote(parsed.path)), delete_threads=options.get("delete_threads", 8))
+        return FilesystemStore(Path(unquote(parsed.path)), delete_threads=options.get("delete_threads", 8),
+                               protected=options.get("protected"))
     from worker.store.s3 import S3Store
 
     return S3Store.from_url(url, **options)

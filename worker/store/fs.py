@@ -47,12 +47,41 @@ class _Escape(Exception):
     """A key step is a symlink or not a directory: following it could leave the root."""
 
 
+# A media root is a directory reconcile may empty of everything no item names, so it must never be
+# one that holds the system or everyone's files. These directories themselves are refused...
+_SYSTEM_DIRECTORIES = frozenset({
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt", "/opt",
+    "/proc", "/root", "/run", "/sbin", "/snap", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/cache", "/var/lib",
+    "/var/log", "/var/mail", "/var/spool", "/var/tmp",
+})
+# ...and so is anything below these, which only ever hold the operating system.
+_SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin", "/sys", "/usr")
+
+
+def check_media_root(root: Path, protected: dict[str, Path] | None = None) -> Path:
+    """The root, resolved, or BadInput when it is a system directory, a home directory, or one that
+    holds something the worker must never delete (`protected`: what it is -> where)."""
+    real = Path(os.path.realpath(Path(root).expanduser().absolute()))
+    text = str(real)
+    if text in _SYSTEM_DIRECTORIES or any(text.startswith(tree + "/") for tree in _SYSTEM_TREES):
+        raise BadInput(f"refusing media root {text}: it is a system directory; give the media a directory of its own, "
+                       f"e.g. /var/lib/media-retention/media.")
+    if real.parent == Path("/home") or real == Path(os.path.realpath(Path.home())):
+        raise BadInput(f"refusing media root {text}: it is a home directory; give the media a directory of its own.")
+    for what, path in (protected or {}).items():
+        held = Path(os.path.realpath(path))
+        if held == real or real in held.parents:
+            raise BadInput(f"refusing media root {text}: it contains {what} {held}, which reconcile would delete; "
+                           f"give the media a directory of its own.")
+    return real
+
+
 class FilesystemStore(BlobStore):
-    def __init__(self, root: Path, delete_threads: int = 8):
-        root = Path(root).expanduser().absolute()
-        root.mkdir(parents=True, exist_ok=True)
-        # The root itself may be a symlink (e.g. /mnt/wa/media): resolve it once, trust it from then on.
-        self.root = Path(os.path.realpath(root))
+    def __init__(self, root: Path, delete_threads: int = 8, protected: dict[str, Path] | None = None):
+        # Checked before the root is created: a refused root is not touched at all. The root itself
+        # may be a symlink (e.g. /mnt/wa/media): it is resolved once and trusted from then on.
+        self.root = check_media_root(root, protected)
+        self.root.mkdir(parents=True, exist_ok=True)
         self.url = self.root.as_uri()
         self._threads = delete_threads
         self._pool: ThreadPoolExecutor | None = None
