@@ -14,19 +14,30 @@ import isodate
 from worker.errors import BadInput
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_SHORT = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
+# ASCII digits only (`\d` would take any script's), and a number short enough to read back.
+_SHORT = re.compile(r"\s*([0-9]{1,15})\s*([smhdw])\s*", re.IGNORECASE)
+# No setting or policy here is longer than a retention can be (68 years, what the catalog's
+# integer column holds); a century leaves room and stays far inside what datetimes can add.
+DURATION_MAX = timedelta(days=36500)
 
 
 def parse_duration(text: str) -> timedelta:
     """Parse a positive duration or raise `BadInput` with a sentence naming the bad text."""
     if not isinstance(text, str) or not text.strip():
         raise BadInput(f"empty duration {text!r}; use e.g. 30s, 15m, 1h, 7d, 2w or PT1H.")
-    match = _SHORT.match(text)
+    too_long = f"duration {text[:40]!r}{'...' if len(text) > 40 else ''} is too long: at most {DURATION_MAX.days}d."
+    match = _SHORT.fullmatch(text)
     if match:
         seconds = int(match.group(1)) * _UNITS[match.group(2).lower()]
+    elif re.fullmatch(r"\s*[0-9]{16,}\s*[smhdw]\s*", text, re.IGNORECASE):
+        raise BadInput(too_long)
     elif text.strip().upper().startswith("P"):
+        if len(text) > 64:
+            raise BadInput(too_long)
         try:
             parsed = isodate.parse_duration(text.strip().upper())
+        except OverflowError:
+            raise BadInput(too_long) from None
         except (isodate.ISO8601Error, ValueError) as exc:
             raise BadInput(f"malformed ISO-8601 duration {text!r}.") from exc
         if not isinstance(parsed, timedelta):
@@ -40,6 +51,8 @@ def parse_duration(text: str) -> timedelta:
         raise BadInput(f"malformed duration {text!r}; use e.g. 30s, 15m, 1h, 7d, 2w or PT1H.")
     if seconds <= 0:
         raise BadInput(f"duration {text!r} must be longer than zero.")
+    if seconds > DURATION_MAX.total_seconds():
+        raise BadInput(too_long)
     return timedelta(seconds=seconds)
 
 

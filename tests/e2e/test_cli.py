@@ -4,9 +4,13 @@ import hashlib
 import json
 import os
 import sqlite3
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+
+from config.settings import get_settings
+from tests.factories import plant_blob, wait_until_older
 
 
 def snapshot(data_dir):
@@ -102,6 +106,28 @@ BAD_INPUTS = [
     ("lookup with a slash", ["lookup", "../img-1"], "invalid media id"),
     ("unknown option", ["sweep", "--now"], "--now"),
     ("manifest with other options", ["register", "--manifest", "{upload}", "--org", "acme"], "no other"),
+    ("huge retention", ["org", "set", "acme", "--retention", "99999999999999999999d"], "too long"),
+    ("huge iso retention", ["org", "set", "acme", "--retention", "P99999999999999999D"], "too long"),
+    ("retention past the column", ["org", "set", "acme", "--retention", "24856d"], "at most"),
+    ("huge ttl", ["register", "--org", "acme", "--file", "{upload}", "--ttl", "99999999999999999999d"], "too long"),
+    ("huge grace", ["reconcile", "--grace", "99999999999999999999d"], "too long"),
+    ("thousands of digits", ["org", "set", "acme", "--retention", "9" * 5000 + "d"], "too long"),
+    ("created in year 9999", ["register", "--org", "acme", "--file", "{upload}", "--created-at", "9999-12-31T23:59:59Z"], "future"),
+    ("created in year 1", ["register", "--org", "acme", "--file", "{upload}", "--created-at", "0001-01-01T00:00:00Z"], "1970"),
+    ("created in year 1 east of UTC", ["register", "--org", "acme", "--file", "{upload}", "--created-at", "0001-01-01T00:00:00+01:00"], "created-at"),
+    ("created two hours ahead", ["register", "--org", "acme", "--file", "{upload}", "--created-at", "{in_two_hours}"], "future"),
+    ("key component over 255 bytes", ["register", "--org", "acme", "--key", "legacy/" + "a" * 256], "255 bytes"),
+    ("key that is not UTF-8", ["register", "--org", "acme", "--key", "legacy/caf\udce9"], "UTF-8"),
+    ("key with a newline", ["register", "--org", "acme", "--key", "legacy/a\nb"], "control"),
+    ("mime over 255 characters", ["register", "--org", "acme", "--file", "{upload}", "--mime", "image/" + "a" * 250], "255"),
+    ("mime with a trailing newline", ["register", "--org", "acme", "--file", "{upload}", "--mime", "image/jpeg\n"], "MIME"),
+    ("id with a trailing newline", ["register", "--org", "acme", "--file", "{upload}", "--id", "img-9\n"], "invalid media id"),
+    ("lookup with a trailing newline", ["lookup", "img-1\n"], "invalid media id"),
+    ("org with a trailing newline", ["org", "set", "acme\n"], "invalid organization id"),
+    ("--by longer than the column", ["org", "set", "acme", "--retention", "2d", "--by", "x" * 129], "128"),
+    ("--by that is not UTF-8", ["hold", "img-1", "--reason", "r", "--by", "\udcff"], "UTF-8"),
+    ("reason of 3000 characters", ["hold", "img-1", "--reason", "r" * 3000], "2000"),
+    ("verify examples out of range", ["verify", "--examples", "1000000"], "1000000"),
 ]
 
 
@@ -113,13 +139,43 @@ def test_bad_input_is_one_sentence_exit_two_and_changes_nothing(cli, seeded, dat
     (outside / "victim").write_bytes(b"precious")
     os.symlink(outside, data_dir / "media" / "escape")
     before = snapshot(data_dir)
-    result = cli(*[arg.replace("{upload}", str(seeded)) for arg in argv])
+    in_two_hours = (datetime.now(timezone.utc) + timedelta(hours=2)).isoformat()
+    result = cli(*[arg.replace("{upload}", str(seeded)).replace("{in_two_hours}", in_two_hours) for arg in argv])
     assert result.code == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("media-retention: "), result.stderr
     assert message in lines[0]
     assert snapshot(data_dir) == before
     assert (outside / "victim").read_bytes() == b"precious"
+
+
+BAD_SETTINGS = [
+    ("MEDIA_RETENTION_LOG_LEVEL", "LOUD", "DEBUG, INFO"),
+    ("MEDIA_RETENTION_STORAGE_URL", "file:///srv/media%00evil", "NUL"),
+    ("MEDIA_RETENTION_STORAGE_URL", "file://relative/path", "file:///"),
+    ("MEDIA_RETENTION_STORAGE_URL", "ftp://host/media", "file:///"),
+    ("MEDIA_RETENTION_DATA_DIR", "{a_file}", "not a directory"),
+    ("MEDIA_RETENTION_DATABASE_URL", "postgresql://user@db:port/x", "SQLAlchemy"),
+    ("MEDIA_RETENTION_DATABASE_URL", "not a url at all", "SQLAlchemy"),
+    ("MEDIA_RETENTION_DEFAULT_RETENTION", "99999999999999999999d", "too long"),
+    ("MEDIA_RETENTION_DEFAULT_RETENTION", "25000d", "at most"),
+    ("MEDIA_RETENTION_SWEEP_INTERVAL", "P99999999999999999D", "too long"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), BAD_SETTINGS, ids=[f"{n}={v[:20]}" for n, v, _ in BAD_SETTINGS])
+def test_a_bad_setting_is_one_sentence_exit_two_and_changes_nothing(cli, seeded, data_dir, tmp_path, monkeypatch, name, value, message):
+    """Every command refuses a malformed setting before it touches anything."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    before = snapshot(data_dir)
+    monkeypatch.setenv(name, value.replace("{a_file}", str(a_file)))
+    get_settings.cache_clear()
+    result = cli("status")
+    assert result.code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0] and message in lines[0], result.stderr
+    assert snapshot(data_dir) == before and a_file.read_text() == "not a directory"
 
 
 def write_manifest(path, rows):
@@ -157,7 +213,7 @@ def test_manifest_with_bad_lines_reports_each_by_number_and_imports_nothing(cli,
         {"org": "ghost", "id": "orphan", "file": str(seeded)},
         {"org": "acme", "id": "evil", "key": "../../etc/passwd"},
         {"org": "acme", "id": "nul", "key": "a\u0000b"},
-        {"org": "acme", "id": "img-1", "file": str(seeded)},
+        {"org": "acme", "id": "img-1", "file": str(seeded), "ttl": "1d"},
     ]
     before = snapshot(data_dir)
     result = cli("register", "--manifest", str(write_manifest(tmp_path / "bad.jsonl", rows)))
@@ -165,6 +221,7 @@ def test_manifest_with_bad_lines_reports_each_by_number_and_imports_nothing(cli,
     reported = [line.split(": line ")[1].split(":")[0] for line in result.stderr.splitlines() if ": line " in line]
     assert reported == ["3", "4", "5", "6", "7", "8", "9"]
     assert "duplicate id 'dup' (first on line 2)" in result.stderr
+    assert "media id 'img-1' already exists with other content" in result.stderr
     assert snapshot(data_dir) == before
 
 
@@ -213,11 +270,9 @@ def test_walkthrough_from_the_readme_deletes_an_expired_file(shell, tmp_path, da
 
 def test_reconcile_cli_deletes_an_old_orphan_and_reports_json(cli, seeded, data_dir):
     """`reconcile --json` removes a stray blob older than the grace and keeps registered media."""
-    stray = data_dir / "media" / "stray.bin"
-    stray.write_bytes(b"left behind")
-    old = os.stat(stray).st_mtime - 3 * 86400
-    os.utime(stray, (old, old))
-    result = cli("reconcile", "--grace", "1d", "--json")
+    stray = plant_blob(data_dir / "media", "stray.bin", b"left behind")
+    wait_until_older([stray], timedelta(seconds=1))
+    result = cli("reconcile", "--grace", "1s", "--json")
     assert result.code == 0, result.stderr
     assert (result.json["orphans_deleted"], result.json["orphan_keys"]) == (1, ["stray.bin"])
     assert not stray.exists()
@@ -243,3 +298,45 @@ def test_sweep_dry_run_in_text_shows_what_is_due_and_deletes_nothing(cli, seeded
     assert lines[:3] == ["dry run: nothing was deleted", "due: 1", "due_bytes: 5"]
     assert "old-1" in result.stdout and "claimed" not in result.stdout
     assert snapshot(data_dir) == before
+
+
+DANGEROUS_ROOTS = [
+    ("the filesystem root", "file:///", "system directory"),
+    ("/etc", "file:///etc", "system directory"),
+    ("below /usr", "file:///usr/share/doc", "system directory"),
+    ("/var itself", "file:///var", "system directory"),
+    ("/tmp itself", "file:///tmp", "system directory"),
+    ("/home itself", "file:///home", "system directory"),
+    ("below /proc", "file:///proc/self", "system directory"),
+    ("the data dir", "file://{data_dir}", "catalog"),
+    ("a parent of the data dir", "file://{parent}", "catalog"),
+]
+
+
+@pytest.mark.parametrize(("case", "url", "message"), DANGEROUS_ROOTS, ids=[case for case, _, _ in DANGEROUS_ROOTS])
+def test_a_dangerous_media_root_is_refused_before_anything_is_touched(cli, seeded, data_dir, tmp_path, monkeypatch, case, url, message):
+    """reconcile would delete everything under the root that no item names: roots holding the system or the catalog are refused.
+
+    Only commands that change nothing are run here (reconcile with --dry-run): this test points the
+    worker at /etc, and must stay harmless on code that lacks the protection it checks."""
+    before = snapshot(data_dir)
+    monkeypatch.setenv("MEDIA_RETENTION_STORAGE_URL", url.format(data_dir=data_dir, parent=data_dir.parent))
+    get_settings.cache_clear()
+    for command in (("reconcile", "--dry-run", "--grace", "1s"), ("verify",), ("status",)):
+        result = cli(*command)
+        assert result.code == 2, (command, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+    assert snapshot(data_dir) == before
+
+
+def test_a_media_root_holding_a_sqlite_catalog_elsewhere_is_refused(cli, seeded, data_dir, tmp_path, monkeypatch):
+    """The catalog named by DATABASE_URL counts too, wherever it lives."""
+    elsewhere = tmp_path / "shared"
+    elsewhere.mkdir()
+    monkeypatch.setenv("MEDIA_RETENTION_DATABASE_URL", f"sqlite:///{elsewhere / 'catalog.sqlite3'}")
+    monkeypatch.setenv("MEDIA_RETENTION_STORAGE_URL", elsewhere.as_uri())
+    get_settings.cache_clear()
+    result = cli("status")
+    assert result.code == 2 and "catalog" in result.stderr
+    assert not (elsewhere / "catalog.sqlite3").exists()

@@ -44,11 +44,21 @@ def test_ttl_outside_one_hour_to_thirty_days_is_refused(text):
         parse_ttl(text)
 
 
-def test_org_retention_must_be_at_least_an_hour_but_has_no_upper_bound():
-    """Retention of 59 minutes is refused; ten years is fine."""
+def test_org_retention_is_at_least_an_hour_and_at_most_what_the_catalog_column_holds():
+    """59 minutes is refused, ten years is fine, and 2^31 seconds (one past the integer column) is refused."""
     with pytest.raises(BadInput, match="at least 1h"):
         parse_retention("59m")
     assert parse_retention("520w") == timedelta(weeks=520)
+    assert parse_retention(f"{2**31 - 1}s") == timedelta(seconds=2**31 - 1)
+    with pytest.raises(BadInput, match="too long"):
+        parse_retention(f"{2**31}s")
+
+
+@pytest.mark.parametrize("text", ["99999999999999999999d", "9" * 5000 + "s", "P99999999999999999D", "PT99999999999999H", "36501d"])
+def test_durations_beyond_a_century_are_refused_however_they_are_written(text):
+    """Huge numbers are one sentence, not an OverflowError or a ValueError from int()."""
+    with pytest.raises(BadInput, match="too long"):
+        parse_duration(text)
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,16 @@ import re
 from worker.errors import BadInput
 from worker.models import ID_LENGTH, KEY_LENGTH
 
-_ID = re.compile(r"^[A-Za-z0-9._-]{1,%d}$" % ID_LENGTH)
+_ID = re.compile(r"[A-Za-z0-9._-]{1,%d}" % ID_LENGTH)
+# NAME_MAX of Linux filesystems: a longer key step could never be a file name on a media volume.
+KEY_STEP_BYTES = 255
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def validate_id(value: str, what: str = "media id") -> str:
     """IDs are 1-128 chars of A-Za-z0-9._- ; an ID made only of dots or containing `..` is refused
     because it would read as a path step in logs, URLs and keys."""
-    if not isinstance(value, str) or not _ID.match(value) or ".." in value or set(value) == {"."}:
+    if not isinstance(value, str) or not _ID.fullmatch(value) or ".." in value or set(value) == {"."}:
         raise BadInput(f"invalid {what} {value!r}: use 1-{ID_LENGTH} characters of A-Z, a-z, 0-9, '.', '_' or '-' (no '..').")
     return value
 
@@ -29,10 +32,27 @@ def validate_key(key: str) -> str:
         raise BadInput(f"invalid storage key {key!r}: keys are relative to the store, not absolute paths.")
     if "\\" in key:
         raise BadInput(f"invalid storage key {key!r}: use '/' to separate key parts, not '\\'.")
-    if len(key.encode()) > KEY_LENGTH:
+    try:
+        encoded = key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(f"invalid storage key {key!r}: it is not valid UTF-8.") from None
+    if len(encoded) > KEY_LENGTH:
         raise BadInput(f"invalid storage key {key[:40]!r}...: longer than {KEY_LENGTH} bytes.")
-    if any(part in ("", ".", "..") for part in key.split("/")):
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts):
         raise BadInput(f"invalid storage key {key!r}: empty, '.' and '..' path steps are not allowed.")
+    if any(len(part.encode("utf-8")) > KEY_STEP_BYTES for part in parts):
+        raise BadInput(f"invalid storage key {key[:40]!r}...: a step between slashes is longer than {KEY_STEP_BYTES} bytes.")
+    return key
+
+
+def validate_new_key(key: str) -> str:
+    """A key for a new registration: valid, and free of control characters (a newline in a key would
+    split every log line and listing that names it). Existing odd blobs stay addressable by
+    `validate_key`, so reconcile can still remove them."""
+    validate_key(key)
+    if _CONTROL.search(key):
+        raise BadInput(f"invalid storage key {key!r}: it contains a control character.")
     return key
 
 
