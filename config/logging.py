@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 
 import structlog
 
@@ -19,8 +20,11 @@ _SHARED: list = [
 ]
 
 
-def configure_logging(log_format: str = "console", level: str = "INFO") -> None:
-    """Send every log line to stderr (stdout stays for machine-readable command output)."""
+def configure_logging(log_format: str = "console", level: str = "INFO", redact: Callable[[str], str] | None = None) -> None:
+    """Send every log line to stderr (stdout stays for machine-readable command output).
+
+    `redact` is applied to each rendered line, tracebacks included, whoever logged it (ours,
+    Celery, kombu, botocore, requests): the last guard before a secret reaches a log."""
     if log_format == "json":
         renderer = structlog.processors.JSONRenderer()
         extra = [structlog.processors.format_exc_info]
@@ -37,7 +41,8 @@ def configure_logging(log_format: str = "console", level: str = "INFO") -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=_SHARED,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *extra, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *extra, renderer,
+                        *([lambda _logger, _name, line: redact(line)] if redact else [])],
         )
     )
     root = logging.getLogger()

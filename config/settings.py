@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import functools
 from datetime import timedelta
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.durations import parse_duration
@@ -78,6 +79,32 @@ class Settings(BaseSettings):
     alert_webhook_attempts: int = Field(3, ge=1, le=10)
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
+
+    # URL checks never repeat the value: a URL may carry a password.
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_parses(cls, value: str) -> str:
+        if value:
+            from sqlalchemy.engine import make_url
+
+            try:
+                make_url(value)
+            except Exception:  # noqa: BLE001 - whatever SQLAlchemy objects to, the answer is the same
+                raise ValueError("not a database URL SQLAlchemy can read; use e.g. postgresql+psycopg://user@host:5432/db") from None
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url_parses(cls, value: str) -> str:
+        if value:
+            try:
+                parts = urlsplit(value)
+                parts.port  # noqa: B018 - raises on a port that is not a number
+            except ValueError:
+                raise ValueError("not a URL; use e.g. redis://host:6379/0") from None
+            if not parts.scheme:
+                raise ValueError("not a URL; use e.g. redis://host:6379/0")
+        return value
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> "Settings":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -61,3 +62,24 @@ def states(catalog: Catalog, ids: list[str]) -> dict[str, str]:
 
 def utc(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+def plant_blob(root: Path, key: str, content: bytes = b"orphan") -> Path:
+    """A blob written straight into a filesystem store's root, behind the catalog's back."""
+    path = root / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def wait_until_older(paths: list[Path], age: timedelta, timeout: float = 30.0) -> None:
+    """Wait until every file's age as the store judges it (change time, which nobody can set back
+    the way `touch -d` sets the modification time) exceeds `age`."""
+    deadline = time.monotonic() + timeout
+    for path in paths:
+        while True:
+            info = path.stat()
+            if time.time() - max(info.st_mtime, info.st_ctime) > age.total_seconds() + 0.05:
+                break
+            assert time.monotonic() < deadline, f"{path} did not age {age} within {timeout} s"
+            time.sleep(0.02)

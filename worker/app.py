@@ -88,10 +88,16 @@ def create_app(settings: Settings | None = None) -> Celery:
     return app
 
 
+def _configure_logging(settings: Settings) -> None:
+    from worker.redact import redact_text, remember_settings
+
+    remember_settings(settings)
+    configure_logging(settings.log_format, settings.log_level, redact=redact_text)
+
+
 @signals.setup_logging.connect
 def _setup_logging(**_kwargs) -> None:
-    settings = get_settings()
-    configure_logging(settings.log_format, settings.log_level)
+    _configure_logging(get_settings())
 
 
 @signals.worker_process_init.connect
@@ -108,7 +114,7 @@ def _serve_metrics(**_kwargs) -> None:
     if settings.metrics_port:
         from worker import exporter, runtime
 
-        configure_logging(settings.log_format, settings.log_level)  # worker_init comes before Celery's logging setup
+        _configure_logging(settings)  # worker_init comes before Celery's logging setup
 
         exporter.serve(runtime.catalog().db, settings.metrics_port)
         runtime.reset()  # the pool forks after this: children must not inherit its connections

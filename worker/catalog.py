@@ -16,10 +16,13 @@ import mimetypes
 import os
 import re
 import secrets
+import stat as stat_module
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 from sqlalchemy import func, insert, select, update
@@ -27,10 +30,10 @@ from sqlalchemy.exc import IntegrityError
 
 from config.settings import Settings
 from worker.db import Database, db_now, plus_seconds
-from worker.errors import BadInput, Gone, NotFound, RetentionError
+from worker.errors import BadInput, BlobExists, Gone, NotFound, RetentionError
 from worker.models import AuditEvent, MediaItem, Organization, State
 from worker.policy import describe, effective_lifetime, parse_retention, parse_ttl
-from worker.store import BlobStore, chunked, open_store
+from worker.store import BlobDigest, BlobStore, open_store
 from worker.store.keys import key_for_id, validate_id, validate_key
 from worker.sweep import Sweeper
 
@@ -40,6 +43,13 @@ _MIME = re.compile(r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+$")
 # Manifest rows written per transaction: large enough to import millions of rows in minutes,
 # small enough that a failed batch is cheap to redo.
 MANIFEST_BATCH = 500
+# A manifest line is a few hundred bytes; the bound keeps a file without newlines (a binary, a huge
+# single line) from being read into memory whole.
+MANIFEST_LINE_MAX = 64 * 1024
+# Bad lines kept by number for the report; the count covers all of them.
+MANIFEST_ERRORS_KEPT = 1000
+# Store lookups in flight while checking a manifest: an S3 HEAD is a round trip, a local stat is not.
+MANIFEST_STORE_CHECKS = 8
 _MANIFEST_FIELDS = {"org", "id", "file", "key", "ttl", "created_at", "mime", "sha256"}
 
 
@@ -81,11 +91,72 @@ class ManifestLineError:
 
 
 class ManifestError(BadInput):
-    def __init__(self, errors: list[ManifestLineError], total_lines: int):
+    def __init__(self, errors: list[ManifestLineError], total_lines: int, bad_lines: int | None = None):
         self.errors = errors
+        self.bad_lines = bad_lines if bad_lines is not None else len(errors)
         first = errors[0]
-        more = f" (and {len(errors) - 1} more bad lines)" if len(errors) > 1 else ""
+        more = f" (and {self.bad_lines - 1} more bad lines)" if self.bad_lines > 1 else ""
         super().__init__(f"manifest line {first.line}: {first.message}{more}; nothing was imported.")
+
+
+@dataclass
+class _ManifestCheck:
+    """What checking a manifest has found so far."""
+
+    lines: int = 0
+    bad_lines: int = 0
+    ids: dict[str, int] = field(default_factory=dict)  # explicit media ID -> its line
+    keys: dict[str, int] = field(default_factory=dict)  # storage key -> its line
+    orgs: dict[str, int] = field(default_factory=dict)  # org -> the first line naming it
+    errors: dict[int, str] = field(default_factory=dict)  # line -> its first error (the lowest lines kept)
+
+    def error(self, line: int, message: str) -> None:
+        if line in self.errors:
+            return
+        self.bad_lines += 1
+        self.errors[line] = message
+        if len(self.errors) > 2 * MANIFEST_ERRORS_KEPT:
+            # Lines are checked in order, chunks a batch late: keeping the lowest numbers is exact.
+            self.errors = dict(sorted(self.errors.items())[:MANIFEST_ERRORS_KEPT])
+
+    def sorted_errors(self) -> list[ManifestLineError]:
+        return [ManifestLineError(line, message) for line, message in sorted(self.errors.items())[:MANIFEST_ERRORS_KEPT]]
+
+
+def _open_regular(path: Path, what: str) -> BinaryIO:
+    """Open a file for reading only if it is a regular file. O_NONBLOCK: opening a FIFO without a
+    writer (or a device) must not hang; the check on the open descriptor cannot be raced."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BadInput(f"cannot read {what} {str(path)!r}: {exc.strerror}.") from None
+    mode = os.fstat(fd).st_mode
+    if not stat_module.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat_module.S_ISDIR(mode) else "a FIFO" if stat_module.S_ISFIFO(mode) else \
+            "a device" if stat_module.S_ISCHR(mode) or stat_module.S_ISBLK(mode) else "not a file"
+        raise BadInput(f"{what} {str(path)!r} is not a regular file ({kind}).")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _source_digest(path: Path) -> BlobDigest:
+    with _open_regular(path, "file") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        return BlobDigest(size=size, sha256=hashlib.file_digest(handle, "sha256").hexdigest())
+
+
+def _describes(item: _NewItem, row) -> bool:
+    """Whether a manifest line describes the registered row exactly (a re-run of the same import)."""
+    if (row.org_id, row.storage_key, row.mime_type) != (item.org, item.key, item.mime):
+        return False
+    if row.ttl_seconds != (int(item.ttl.total_seconds()) if item.ttl else None):
+        return False
+    if item.created_at is not None and row.created_at != item.created_at:
+        return False
+    if item.source is not None:
+        return row.sha256 == _source_digest(item.source).sha256
+    return item.sha256 is None or item.sha256 == row.sha256
 
 
 class Catalog:
@@ -106,7 +177,10 @@ class Catalog:
     # -- organizations -------------------------------------------------------------------------
 
     def set_org(self, org_id: str, retention: str | None = None, *, actor: str | None = None) -> dict:
-        """Create the org or change its retention; the change applies to stored items from the next sweep."""
+        """Create the org or change its retention; the change applies to stored items from the next sweep.
+
+        Without `retention` an existing org is left exactly as it is: the default retention only
+        applies to an org being created, and an operation that changes nothing reschedules nothing."""
         validate_id(org_id, "organization id")
         new = parse_retention(retention) if retention is not None else None
         items = MediaItem.__table__
@@ -115,32 +189,37 @@ class Catalog:
             # this update and the rewrite of expiry times below.
             org = session.get(Organization, org_id, with_for_update=True)
             created = org is None
-            old = None if created else timedelta(seconds=org.retention_seconds)
-            seconds = int((new or self.settings.default_retention).total_seconds())
+            old = None if created else org.retention_seconds
             if created:
+                seconds = int((new or self.settings.default_retention).total_seconds())
                 org = Organization(id=org_id, retention_seconds=seconds)
                 session.add(org)
                 session.flush()
-            elif new is not None and seconds != org.retention_seconds:
-                org.retention_seconds = seconds
-                org.updated_at = datetime.now(timezone.utc)
+            else:
+                seconds = int(new.total_seconds()) if new is not None else old
             rewritten = 0
-            if not created and old is not None and seconds != int(old.total_seconds()):
+            if not created and seconds != old:
+                org.retention_seconds = seconds
+                # The database's clock: `verify` compares it with claim times, which are the database's too.
+                org.updated_at = db_now()
                 rewritten = session.execute(
                     update(items)
                     .where(items.c.org_id == org_id, items.c.state == State.ACTIVE.value, items.c.ttl_seconds.is_(None))
                     .values(expires_at=plus_seconds(items.c.created_at, seconds))
                 ).rowcount
-            if created or rewritten or (new is not None and old != new):
+            if created or seconds != old:
                 session.add(
                     AuditEvent(
                         action="org_create" if created else "org_set",
                         actor=actor or default_actor(),
                         org_id=org_id,
-                        details={"retention": describe(timedelta(seconds=seconds)), "previous": describe(old), "items_rescheduled": rewritten},
+                        details={"retention": describe(timedelta(seconds=seconds)),
+                                 "previous": None if old is None else describe(timedelta(seconds=old)),
+                                 "items_rescheduled": rewritten},
                     )
                 )
-        log.info("org.set", org=org_id, retention_s=seconds, created=created, items_rescheduled=rewritten)
+        log.info("org.set", org=org_id, retention_s=seconds, created=created, changed=created or seconds != old,
+                 items_rescheduled=rewritten)
         return self.show_org(org_id)
 
     def show_org(self, org_id: str) -> dict:
@@ -224,16 +303,27 @@ class Catalog:
         return found
 
     def _store_blobs(self, new_items: Sequence[_NewItem]) -> list[str]:
-        """Copy in files / size adopted keys; return the keys this call wrote (to undo on failure)."""
+        """Copy in files / size adopted keys; return the keys this call wrote (to undo on failure).
+
+        A file whose key already holds a blob with exactly its bytes (size and sha256) adopts that
+        blob: it is what a killed run of the same command wrote before its row was committed (the
+        caller checked that no row claims the key), so re-running the command succeeds."""
         written: list[str] = []
         try:
             for item in new_items:
                 if item.source is not None:
-                    if item.sha256 is None:
-                        with open(item.source, "rb") as handle:
-                            item.sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
-                    item.size = self.store.put_file(item.key, item.source)
-                    written.append(item.key)
+                    source = _source_digest(item.source)
+                    if item.sha256 is not None and item.sha256 != source.sha256:
+                        raise BadInput(f"the sha256 given for {str(item.source)!r} does not match the file.")
+                    item.sha256 = source.sha256
+                    try:
+                        item.size = self.store.put_file(item.key, item.source)
+                        written.append(item.key)
+                    except BlobExists:
+                        if self.store.digest(item.key) != source:
+                            raise BadInput(f"storage key {item.key!r} already holds a different blob; refusing to overwrite it.") from None
+                        item.size = source.size
+                        log.info("register.blob_adopted", media_id=item.id, key=item.key, size=item.size)
                 else:
                     info = self.store.stat(item.key)
                     if info is None:
@@ -317,28 +407,40 @@ class Catalog:
         log.info("media.registered", media_id=item["id"], org=org, key=item["key"], size=item["size"], expires_at=item["expires_at"])
         return item
 
-    def _manifest_rows(self, path: Path) -> Iterator[tuple[int, dict | ManifestLineError]]:
-        try:
-            handle = open(path, encoding="utf-8")
-        except OSError as exc:
-            raise BadInput(f"cannot read manifest {str(path)!r}: {exc.strerror}.") from None
-        with handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield number, ManifestLineError(number, f"not valid JSON ({exc.msg})")
-                    continue
-                if not isinstance(row, dict):
-                    yield number, ManifestLineError(number, "each line must be a JSON object")
-                    continue
-                unknown = sorted(set(row) - _MANIFEST_FIELDS)
-                if unknown:
-                    yield number, ManifestLineError(number, f"unknown field {unknown[0]!r}")
-                    continue
-                yield number, row
+    def _manifest_lines(self, handle: BinaryIO) -> Iterator[tuple[int, dict | ManifestLineError]]:
+        """(line number, row or the line's error) for each non-blank line, reading at most
+        MANIFEST_LINE_MAX bytes at a time, so memory stays flat whatever the file holds."""
+        number = 0
+        while raw := handle.readline(MANIFEST_LINE_MAX + 1):
+            number += 1
+            if len(raw) > MANIFEST_LINE_MAX and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):
+                    raw = handle.readline(MANIFEST_LINE_MAX + 1)
+                yield number, ManifestLineError(number, f"longer than {MANIFEST_LINE_MAX // 1024} KiB")
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield number, ManifestLineError(number, "not valid UTF-8")
+                continue
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except RecursionError:
+                yield number, ManifestLineError(number, "not valid JSON (nested too deeply)")
+                continue
+            except ValueError as exc:
+                yield number, ManifestLineError(number, f"not valid JSON ({getattr(exc, 'msg', str(exc))})")
+                continue
+            if not isinstance(row, dict):
+                yield number, ManifestLineError(number, "each line must be a JSON object")
+                continue
+            unknown = sorted(set(row) - _MANIFEST_FIELDS)
+            if unknown:
+                yield number, ManifestLineError(number, f"unknown field {unknown[0]!r}")
+                continue
+            yield number, row
 
     def _validate_manifest_row(self, row: dict, base: Path) -> _NewItem:
         if not isinstance(row.get("org"), str):
@@ -354,72 +456,143 @@ class Catalog:
 
     def register_manifest(self, path: str | Path, *, batch_size: int = MANIFEST_BATCH,
                           progress: Callable[[int], None] | None = None) -> dict:
-        """Import a JSON-lines manifest. Every line is validated first: any bad line (reported by
-        number) imports nothing. Then rows go in batches, each batch all-or-nothing."""
-        path = Path(path)
-        errors: list[ManifestLineError] = []
-        seen_ids: dict[str, int] = {}
-        seen_keys: dict[str, int] = {}
-        orgs: dict[str, int] = {}  # org -> first line naming it
-        total = 0
-        for number, row in self._manifest_rows(path):
-            total += 1
-            if isinstance(row, ManifestLineError):
-                errors.append(row)
-                continue
-            try:
-                item = self._validate_manifest_row(row, path.parent)
-            except RetentionError as exc:
-                errors.append(ManifestLineError(number, str(exc).rstrip(".")))
-                continue
-            if row.get("id") is not None and item.id in seen_ids:
-                errors.append(ManifestLineError(number, f"duplicate id {item.id!r} (first on line {seen_ids[item.id]})"))
-                continue
-            if item.source is None and item.key in seen_keys:
-                errors.append(ManifestLineError(number, f"duplicate key {item.key!r} (first on line {seen_keys[item.key]})"))
-                continue
-            seen_ids[item.id] = number
-            seen_keys[item.key] = number
-            orgs.setdefault(item.org, number)
-        if total == 0:
-            raise BadInput(f"manifest {str(path)!r} has no lines; nothing was imported.")
-        with self.db.transaction() as session:
-            known = set(session.scalars(select(Organization.id).where(Organization.id.in_(sorted(orgs)))))
-            for media_ids in chunked(list(seen_ids), 900):
-                for taken in session.scalars(select(MediaItem.id).where(MediaItem.id.in_(media_ids))):
-                    errors.append(ManifestLineError(seen_ids[taken], f"media id {taken!r} already exists"))
-            for keys in chunked(list(seen_keys), 900):
-                for used in session.scalars(select(MediaItem.storage_key).where(MediaItem.storage_key.in_(keys))):
-                    errors.append(ManifestLineError(seen_keys[used], f"storage key {used!r} already belongs to another item"))
-        for org in sorted(orgs.keys() - known):
-            errors.append(ManifestLineError(orgs[org], f"organization {org!r} does not exist"))
-        if errors:
-            first_per_line = {error.line: error for error in reversed(errors)}  # one message a line: the first found
-            raise ManifestError(sorted(first_per_line.values(), key=lambda e: e.line), total)
+        """Import a JSON-lines manifest.
 
-        imported = 0
-        total_bytes = 0
+        First every line is checked, against the database *and* the store, and any bad line (each
+        reported by number) imports nothing. Then rows go in batches, each all-or-nothing. A line
+        whose ID is already registered exactly as the line describes is skipped, and a file whose
+        key already holds its very bytes adopts them, so re-running a manifest that a crash cut
+        short imports the rest.
+
+        Memory: the check keeps each line's media ID and storage key with its line number, to find
+        duplicates within the file (about 300 bytes a line: some 300 MB for a million lines); rows
+        themselves are read, checked and written a batch at a time."""
+        path = Path(path)
+        with _open_regular(path, "manifest") as handle:
+            seen = os.fstat(handle.fileno())
+            check = _ManifestCheck()
+            chunk: list[tuple[int, _NewItem, bool]] = []
+            with ThreadPoolExecutor(MANIFEST_STORE_CHECKS, thread_name_prefix="manifest-check") as pool:
+                for number, row in self._manifest_lines(handle):
+                    check.lines += 1
+                    item = self._check_manifest_line(check, number, row, path.parent)
+                    if item is not None:
+                        chunk.append((number, item, row.get("id") is not None))
+                    if len(chunk) == batch_size:
+                        self._check_manifest_chunk(check, chunk, pool)
+                        chunk = []
+                if chunk:
+                    self._check_manifest_chunk(check, chunk, pool)
+            if check.lines == 0:
+                raise BadInput(f"manifest {str(path)!r} has no lines; nothing was imported.")
+            with self.db.transaction() as session:
+                known = set(session.scalars(select(Organization.id).where(Organization.id.in_(sorted(check.orgs)))))
+            for org in sorted(check.orgs.keys() - known):
+                check.error(check.orgs[org], f"organization {org!r} does not exist")
+            if check.errors:
+                raise ManifestError(check.sorted_errors(), check.lines, check.bad_lines)
+            now = os.fstat(handle.fileno())
+            if (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns):
+                raise BadInput(f"manifest {str(path)!r} changed while it was being checked; nothing was imported.")
+            handle.seek(0)
+            summary = self._import_manifest(handle, path, batch_size, progress)
+        log.info("manifest.imported", path=str(path), items=summary["imported"], bytes=summary["bytes"],
+                 already_registered=summary["already_registered"])
+        return summary
+
+    def _check_manifest_line(self, check: "_ManifestCheck", number: int, row: dict | ManifestLineError, base: Path) -> _NewItem | None:
+        """What one line alone (and the lines before it) can tell; None when the line is bad."""
+        if isinstance(row, ManifestLineError):
+            check.error(number, row.message)
+            return None
+        try:
+            item = self._validate_manifest_row(row, base)
+        except RetentionError as exc:
+            check.error(number, str(exc).rstrip("."))
+            return None
+        if row.get("id") is not None:
+            if item.id in check.ids:
+                check.error(number, f"duplicate id {item.id!r} (first on line {check.ids[item.id]})")
+                return None
+            check.ids[item.id] = number
+        if row.get("id") is not None or item.source is None:  # a file line without an ID gets a fresh random key
+            if item.key in check.keys:
+                check.error(number, f"duplicate key {item.key!r} (first on line {check.keys[item.key]})")
+                return None
+            check.keys[item.key] = number
+        check.orgs.setdefault(item.org, number)
+        return item
+
+    def _check_manifest_chunk(self, check: "_ManifestCheck", chunk: list[tuple[int, _NewItem, bool]], pool: ThreadPoolExecutor) -> None:
+        """Check a chunk of lines against the catalog (IDs and keys taken) and the store (a key's blob
+        exists; a file's target key is free or already holds its very bytes)."""
+        items = MediaItem.__table__
+        with self.db.transaction() as session:
+            by_id = {row.id: row for row in session.execute(
+                select(items).where(items.c.id.in_([item.id for _, item, explicit in chunk if explicit])))}
+            key_owner = dict(session.execute(
+                select(items.c.storage_key, items.c.id).where(items.c.storage_key.in_([item.key for _, item, _ in chunk]))).all())
+        to_store: list[tuple[int, _NewItem]] = []
+        for number, item, explicit in chunk:
+            existing = by_id.get(item.id) if explicit else None
+            if existing is not None:
+                if not _describes(item, existing):
+                    check.error(number, f"media id {item.id!r} already exists with other content")
+                continue  # already registered exactly so: the import skips it
+            if key_owner.get(item.key) is not None:
+                check.error(number, f"storage key {item.key!r} already belongs to another item")
+                continue
+            if item.source is None or explicit:
+                to_store.append((number, item))
+        for (number, item), problem in zip(to_store, pool.map(self._store_problem, [item for _, item in to_store]), strict=True):
+            if problem:
+                check.error(number, problem)
+
+    def _store_problem(self, item: _NewItem) -> str | None:
+        """Why the store cannot take this line, or None."""
+        try:
+            if item.source is None:
+                return None if self.store.stat(item.key) is not None else f"no blob at storage key {item.key!r}"
+            if self.store.stat(item.key) is None:
+                return None
+            if self.store.digest(item.key) != _source_digest(item.source):
+                return f"storage key {item.key!r} already holds a different blob"
+            return None  # the very bytes, left by a run that was cut short: adopted at import
+        except RetentionError as exc:
+            return str(exc).rstrip(".")
+
+    def _import_manifest(self, handle: BinaryIO, path: Path, batch_size: int, progress: Callable[[int], None] | None) -> dict:
+        summary = {"imported": 0, "already_registered": 0, "bytes": 0, "manifest": str(path)}
         batch: list[_NewItem] = []
-        for _line, row in self._manifest_rows(path):
+
+        def flush() -> None:
+            explicit = [item.id for item in batch if item.id is not None]
+            with self.db.transaction() as session:
+                registered = set(session.scalars(select(MediaItem.id).where(MediaItem.id.in_(explicit))))
+            fresh = [item for item in batch if item.id not in registered]
+            for item in fresh:
+                if item.id is None:
+                    item.id = secrets.token_urlsafe(18)
+                    if item.source is not None:
+                        item.key = key_for_id(item.id)
+            if fresh:
+                summary["bytes"] += sum(row["size"] for row in self._register_batch(fresh))
+            summary["imported"] += len(fresh)
+            summary["already_registered"] += len(batch) - len(fresh)
+            batch.clear()
+            if progress:
+                progress(summary["imported"])
+
+        for _number, row in self._manifest_lines(handle):
             item = self._validate_manifest_row(row, path.parent)
             if row.get("id") is None:
-                item.id = secrets.token_urlsafe(18)
-                if item.source is not None:
-                    item.key = key_for_id(item.id)
+                item.id = None  # drawn at import, after the already-registered check
             batch.append(item)
             if len(batch) == batch_size:
-                total_bytes += sum(r["size"] for r in self._register_batch(batch))
-                imported += len(batch)
-                batch = []
-                if progress:
-                    progress(imported)
+                flush()
         if batch:
-            total_bytes += sum(r["size"] for r in self._register_batch(batch))
-            imported += len(batch)
-            if progress:
-                progress(imported)
-        log.info("manifest.imported", path=str(path), items=imported, bytes=total_bytes)
-        return {"imported": imported, "bytes": total_bytes, "manifest": str(path)}
+            flush()
+        return summary
 
     # -- lookup --------------------------------------------------------------------------------
 

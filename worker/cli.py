@@ -23,6 +23,8 @@ from worker.catalog import Catalog, ManifestError, default_actor
 from worker.durations import parse_duration
 from worker.errors import BadInput, Gone, NotFound, RetentionError
 from worker.reconcile import DEFAULT_MAX_MISSING, DEFAULT_MAX_ORPHANS, Reconciler
+from worker.redact import redact_text, redact_url, remember_settings
+from worker.verify import DEFAULT_EXAMPLES, Verifier, default_stuck_after
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_FOUND = 0, 1, 2, 3
 
@@ -35,22 +37,27 @@ class Output:
 
     def result(self, data: dict, title: str | None = None) -> None:
         if self.as_json:
-            click.echo(json.dumps(data, default=str, sort_keys=True))
+            echo(json.dumps(data, default=str, sort_keys=True))
             return
         if title:
-            click.echo(title)
+            echo(title)
         for name, value in data.items():
             if isinstance(value, list):
-                click.echo(f"{name}: {len(value)}")
+                echo(f"{name}: {len(value)}")
                 for entry in value:
-                    click.echo(f"  - {json.dumps(entry, default=str) if isinstance(entry, dict) else entry}")
+                    echo(f"  - {json.dumps(entry, default=str) if isinstance(entry, dict) else entry}")
             elif isinstance(value, dict):
-                click.echo(f"{name}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
+                echo(f"{name}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
             else:
-                click.echo(f"{name}: {value}")
+                echo(f"{name}: {value}")
 
     def progress(self, message: str) -> None:
-        click.echo(message, err=True)
+        echo(message, err=True)
+
+
+def echo(message: str, err: bool = False) -> None:
+    """Print a line with every secret we know of masked (see worker.redact): the one way the CLI prints."""
+    click.echo(redact_text(message), err=err)
 
 
 def json_option(command: Callable) -> Callable:
@@ -98,7 +105,8 @@ def with_catalog(command: Callable) -> Callable:
 def cli() -> None:
     """Enforce media retention: expire media by TTL or org retention, on a filesystem or S3."""
     current = settings()
-    configure_logging(current.log_format, current.log_level)
+    remember_settings(current)
+    configure_logging(current.log_format, current.log_level, redact=redact_text)
 
 
 # -- run and schema ----------------------------------------------------------------------------
@@ -117,7 +125,7 @@ def run(loglevel: str | None, out: Output) -> None:
     finally:
         catalog.close()
     out.progress(
-        f"media-retention: data dir {current.data_dir}, schema {revision}, store {current.storage_url}, "
+        f"media-retention: data dir {current.data_dir}, schema {revision}, store {redact_url(current.storage_url)}, "
         f"sweeping every {int(current.sweep_interval.total_seconds())}s"
     )
     from worker.app import app
@@ -144,7 +152,7 @@ def upgrade(out: Output) -> None:
         after = schema.upgrade(catalog.db)
     finally:
         catalog.close()
-    out.result({"from": before, "to": after, "database": catalog.db.engine.url.render_as_string(hide_password=True)})
+    out.result({"from": before, "to": after, "database": redact_url(catalog.db.url)})
 
 
 # -- organizations -------------------------------------------------------------------------------
@@ -198,9 +206,9 @@ def register(catalog: Catalog, org_id, file, key, media_id, ttl, created_at, mim
             summary = catalog.register_manifest(manifest, progress=lambda n: out.progress(f"imported {n} items"))
         except ManifestError as exc:
             for error in exc.errors[:100]:
-                click.echo(f"media-retention: {manifest}: line {error.line}: {error.message}", err=True)
-            if len(exc.errors) > 100:
-                click.echo(f"media-retention: ... {len(exc.errors) - 100} more bad lines", err=True)
+                echo(f"media-retention: {manifest}: line {error.line}: {error.message}", err=True)
+            if exc.bad_lines > 100:
+                echo(f"media-retention: ... {exc.bad_lines - 100} more bad lines", err=True)
             raise
         out.result(summary)
         return
@@ -220,10 +228,10 @@ def lookup(catalog: Catalog, media_id: str, presign: bool, out: Output) -> None:
     try:
         out.result(catalog.presigned_url(media_id) if presign else catalog.lookup(media_id))
     except Gone as exc:
-        click.echo(json.dumps(exc.body, sort_keys=True))
+        echo(json.dumps(exc.body, sort_keys=True))
         raise
     except NotFound:
-        click.echo(json.dumps({"id": media_id, "status": 404, "error": "not_found"}, sort_keys=True))
+        echo(json.dumps({"id": media_id, "status": 404, "error": "not_found"}, sort_keys=True))
         raise
 
 
@@ -238,7 +246,7 @@ def send_to_fleet(task_name: str, out: Output, **kwargs) -> None:
         result = app.send_task(task_name, kwargs=kwargs, retry=True,
                                retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
     except BrokerError as exc:
-        raise RetentionError(f"cannot reach the broker at {settings().broker_url}: {exc}") from None
+        raise RetentionError(f"cannot reach the broker at {redact_url(settings().broker_url)}: {exc}") from None
     out.result({"enqueued": task_name, "task_id": result.id, **{k: v for k, v in kwargs.items() if v is not None}})
 
 
@@ -269,7 +277,7 @@ def sweep(catalog: Catalog, dry_run: bool, limit: int | None, enqueue: bool, out
     status.add_counts(catalog.db, run_id, counts, finished=True)
     out.result(counts.to_dict())
     if counts.failed:
-        sys.exit(EXIT_FAILURE)
+        raise click.exceptions.Exit(EXIT_FAILURE)
 
 
 @cli.command("status")
@@ -282,22 +290,24 @@ def status_command(catalog: Catalog, out: Output) -> None:
         out.result(numbers)
         return
     last = numbers["last_sweep"]
-    click.echo(f"now:            {numbers['now']}")
+    echo(f"now:            {numbers['now']}")
     if last:
-        click.echo(f"last sweep:     #{last['id']} {last['kind']} on {last['worker']}, started {last['started_at']}, "
+        echo(f"last sweep:     #{last['id']} {last['kind']} on {last['worker']}, started {last['started_at']}, "
                    f"finished {last['finished_at'] or '(running)'}")
-        click.echo(f"                claimed {last['claimed']}, deleted {last['deleted']}, failed {last['failed']}, "
+        echo(f"                claimed {last['claimed']}, deleted {last['deleted']}, failed {last['failed']}, "
                    f"freed {last['bytes_freed']} bytes, held {last['held_skipped']}, fan-out {last['fanout']}")
     else:
-        click.echo("last sweep:     never")
+        echo("last sweep:     never")
     backlog = numbers["backlog"]
-    click.echo(f"backlog:        {backlog['due']} due ({backlog['due_bytes']} bytes), {backlog['deleting']} being deleted")
+    echo(f"backlog:        {backlog['due']} due ({backlog['due_bytes']} bytes), {backlog['deleting']} being deleted")
     oldest = numbers["oldest_overdue"]
-    click.echo(f"oldest overdue: {oldest['id']} expired {oldest['expires_at']} ({oldest['overdue_seconds']:.0f}s ago)" if oldest else "oldest overdue: none")
-    click.echo(f"held expired:   {numbers['held_expired']}")
-    click.echo(f"stuck:          {numbers['stuck']['count']}")
+    echo(f"oldest overdue: {oldest['id']} expired {oldest['expires_at']} ({oldest['overdue_seconds']:.0f}s ago)" if oldest else "oldest overdue: none")
+    echo(f"held expired:   {numbers['held_expired']}")
+    missing = numbers["missing_blob_items"]
+    echo(f"missing blobs:  {missing['count']} active items ({missing['held']} held, never tombstoned); see `reconcile`")
+    echo(f"stuck:          {numbers['stuck']['count']}")
     for item in numbers["stuck"]["items"]:
-        click.echo(f"  - {item['id']}: {item['attempts']} attempts, lease until {item['lease_until']}, last error: {item['last_error']}")
+        echo(f"  - {item['id']}: {item['attempts']} attempts, lease until {item['lease_until']}, last error: {item['last_error']}")
 
 
 def _scope(ids: tuple[str, ...], org_id: str | None) -> None:
@@ -333,7 +343,7 @@ def purge(catalog: Catalog, ids, org_id, dry_run, yes, enqueue_it, actor, out: O
     summary = catalog.purge(ids=ids, org=org_id, dry_run=dry_run, actor=actor)
     out.result(summary)
     if summary.get("failed"):
-        sys.exit(EXIT_FAILURE)
+        raise click.exceptions.Exit(EXIT_FAILURE)
 
 
 @cli.command()
@@ -360,7 +370,42 @@ def reconcile(catalog: Catalog, dry_run, grace, max_orphans, max_missing, enqueu
         grace=grace_value, dry_run=dry_run, max_orphans=max_orphans, max_missing=max_missing, actor=actor)
     out.result(report.to_dict(), title=None if out.as_json or not dry_run else "dry run: nothing was changed")
     if report.orphan_delete_failures:
-        sys.exit(EXIT_FAILURE)
+        raise click.exceptions.Exit(EXIT_FAILURE)
+
+
+@cli.command()
+@click.option("--grace", default="1d", show_default=True,
+              help="Blobs with no item that are younger than this are uploads in flight, not orphans.")
+@click.option("--stuck-after", help="A deletion whose lease ran out longer ago than this is stuck "
+              "(default: two sweep intervals plus a minute).")
+@click.option("--examples", type=click.IntRange(min=0, max=1000), default=DEFAULT_EXAMPLES, show_default=True,
+              help="How many breaches of each kind to name (the counts cover all of them).")
+@json_option
+@with_catalog
+def verify(catalog: Catalog, grace: str, stuck_after: str | None, examples: int, out: Output) -> None:
+    """Check the catalog against the store; exit 1 on any breach of the invariants. Changes nothing."""
+    grace_value = parse_duration(grace)
+    stuck_value = parse_duration(stuck_after) if stuck_after is not None else default_stuck_after(settings().sweep_interval)
+    report = Verifier(catalog.db, catalog.store, progress=out.progress).run(
+        grace=grace_value, stuck_after=stuck_value, max_examples=examples)
+    if out.as_json:
+        out.result(report.to_dict())
+    else:
+        echo(f"checked {report.items_checked} items and {report.blobs_listed} blobs in {catalog.store.url} "
+                   f"at {report.checked_at}")
+        for kind, count in report.breaches.items():
+            echo(f"{kind}: {count}")
+            for example in report.examples[kind]:
+                echo(f"  - {json.dumps(example, default=str, sort_keys=True)}")
+        echo("notices: " + ", ".join(f"{kind} {count}" for kind, count in report.notices.items()))
+        if report.check_errors:
+            echo(f"check errors: {report.check_errors}")
+            for example in report.error_examples:
+                echo(f"  - {example['key']}: {example['error']}")
+        echo("verify: clean" if report.clean else
+                   f"verify: {report.total_breaches} breaches, {report.check_errors} keys not checked")
+    if not report.clean:
+        raise click.exceptions.Exit(EXIT_FAILURE)
 
 
 def _hold_command(held: bool) -> Callable:
@@ -419,24 +464,24 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:
-        click.echo("media-retention: aborted; nothing was changed.", err=True)
+        echo("media-retention: aborted; nothing was changed.", err=True)
         return EXIT_FAILURE
     except click.UsageError as exc:
         command = exc.ctx.command_path.replace("media-retention", "", 1).strip() if exc.ctx else ""
         hint = f" (see `media-retention {command + ' ' if command else ''}--help`)"
-        click.echo(f"media-retention: {_sentence(exc.format_message())}{hint}", err=True)
+        echo(f"media-retention: {_sentence(exc.format_message())}{hint}", err=True)
         return EXIT_BAD_INPUT
     except click.ClickException as exc:
-        click.echo(f"media-retention: {_sentence(exc.format_message())}", err=True)
+        echo(f"media-retention: {_sentence(exc.format_message())}", err=True)
         return EXIT_BAD_INPUT
     except RetentionError as exc:
-        click.echo(f"media-retention: {_sentence(str(exc))}", err=True)
+        echo(f"media-retention: {_sentence(str(exc))}", err=True)
         return exc.exit_code
     except (OperationalError, ProgrammingError) as exc:
-        click.echo(f"media-retention: database error: {_sentence(str(exc.orig).splitlines()[0])}", err=True)
+        echo(f"media-retention: database error: {_sentence(str(exc.orig).splitlines()[0])}", err=True)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        click.echo("media-retention: interrupted.", err=True)
+        echo("media-retention: interrupted.", err=True)
         return 130
 
 

@@ -13,6 +13,10 @@ class BadInput(RetentionError):
     exit_code = 2
 
 
+class BlobExists(BadInput):
+    """A write found a blob already at its key (no upload ever replaces one)."""
+
+
 class NotFound(RetentionError):
     """The media ID or organization was never seen (exit 3)."""
 

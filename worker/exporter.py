@@ -55,6 +55,9 @@ class FleetStatusCollector(Collector):
                                 value=numbers["stuck"]["count"])
         yield GaugeMetricFamily("media_retention_held_expired_items", "Expired items kept because they or their org are on hold.",
                                 value=numbers["held_expired"])
+        yield GaugeMetricFamily("media_retention_missing_blob_items",
+                                "Active items whose blob reconcile found missing (held ones are never tombstoned).",
+                                value=numbers["missing_blob_items"]["count"])
         last = numbers["last_finished_sweep"]
         if last:
             from datetime import datetime

@@ -76,7 +76,10 @@ class MediaItem(Base):
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
-    storage_key: Mapped[str] = mapped_column(String(KEY_LENGTH), unique=True)
+    # Byte order on PostgreSQL too (migration 0005), so the unique index lists keys the way stores do.
+    storage_key: Mapped[str] = mapped_column(
+        String(KEY_LENGTH).with_variant(String(KEY_LENGTH, collation="C"), "postgresql"), unique=True
+    )
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     mime_type: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str | None] = mapped_column(String(64))
@@ -100,6 +103,9 @@ class MediaItem(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When reconcile first found this active item's blob missing (database clock); cleared when the
+    # blob is seen again. An unheld item is tombstoned once that is a grace period old or it expired.
+    missing_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (
         CheckConstraint("state IN ('active', 'deleting', 'deleted')", name="state_known"),
@@ -126,6 +132,12 @@ class MediaItem(Base):
             sqlite_where=text("state = 'deleting'"),
         ),
         Index("ix_media_items_org_id_state", "org_id", "state"),
+        Index(
+            "ix_media_items_missing_since",
+            "missing_since",
+            postgresql_where=text("missing_since IS NOT NULL"),
+            sqlite_where=text("missing_since IS NOT NULL"),
+        ),
     )
 
     def to_dict(self) -> dict:

@@ -1,14 +1,27 @@
-"""Reconcile the catalog with the store, in both directions.
+"""Reconcile the catalog with the store, in both directions. Holds win over reconcile in every path.
 
-- orphan blobs: blobs under the root/prefix that no live (active or deleting) item points at, and
-  older than a grace period (a registration writes its blob before its row) -> deleted;
-- missing blobs: active items whose blob is gone -> tombstones with reason `missing_blob`, so their
-  IDs answer 404 instead of pointing at nothing.
+Blobs (the store's listing, each key looked up in the catalog):
+- a blob whose key belongs to an active or deleting row is live and never touched;
+- a blob whose key belongs to a `deleted` row is a leak, deleted only when that row's item expired
+  (database clock) or was purged; the blob of a `missing_blob` tombstone whose item has not
+  expired came back after reconcile gave up on it, and is kept (and reported) until the expiry;
+- a blob no row points at is an orphan, deleted only when older than the grace (a registration
+  writes its blob before its row); so is what a killed upload left (a `.incoming-*` temporary file,
+  an S3 multipart upload never completed), which every listing skips otherwise. Its age is the store's: on a filesystem the later of the
+  modification and change times (`touch -d` back-dates the first but never the second, and any
+  rename or chmod refreshes the change time), on S3 LastModified, set by the server.
 
-Both passes stream in fixed-size batches (flat memory however large the store). Neither changes
-anything until it has counted what it would change: a wrong database URL or an unmounted volume
-would otherwise look like "every blob is an orphan" or "every blob is missing", so a count above
-the limits aborts with nothing changed.
+Items (active rows, each blob checked):
+- held (item or org) with a missing blob: never tombstoned; surfaced (report, `status`, metric,
+  `verify`) until the blob is back or the hold is released;
+- unheld with a missing blob: the first sighting is recorded (`missing_since`, database clock) and
+  the item is tombstoned (`missing_blob`, audited with its ID) only when it has expired or was
+  already missing at a reconcile at least a grace period earlier, so an unmounted shard or an
+  operator's `mv` that is undone in time costs nothing. A blob seen again clears the record.
+
+Both passes stream in fixed-size batches. Neither changes anything until it has counted what it
+would change: a wrong database URL or an unmounted volume would otherwise look like "every blob is
+an orphan" or "every blob is missing", so a count above the limits aborts with nothing changed.
 """
 
 from __future__ import annotations
@@ -20,12 +33,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 
 from worker.db import Database, db_now
 from worker.errors import RetentionError
 from worker.models import AuditEvent, MediaItem, Reason, State
-from worker.store import BlobStore, chunked
+from worker.store import BlobInfo, BlobStore, PartialUpload, chunked
 
 log = structlog.get_logger("worker.reconcile")
 
@@ -39,8 +52,10 @@ PROGRESS_EVERY_S = 5.0
 # likely a misconfiguration (wrong database, wrong prefix, unmounted volume) than real drift.
 DEFAULT_MAX_ORPHANS = 10_000
 DEFAULT_MAX_MISSING = 1_000
-# How many orphan keys / missing IDs the summary names (the counts cover all of them).
+# How many keys / IDs the summary names per list (the counts cover all of them).
 LISTED = 50
+# Tombstones whose blobs may be deleted as leaks: the operator asked for these to go now.
+_PURGED = (Reason.PURGE.value, Reason.ORG_PURGE.value)
 
 
 @dataclass
@@ -48,17 +63,28 @@ class ReconcileReport:
     dry_run: bool
     grace_seconds: int
     blobs_listed: int = 0
-    orphans: int = 0
+    orphans: int = 0  # blobs no row points at, older than the grace
     orphan_bytes: int = 0
     orphans_deleted: int = 0
+    leaks: int = 0  # blobs of tombstones whose item expired or was purged
+    leaks_deleted: int = 0
+    returned_blobs_kept: int = 0  # blobs of unexpired missing_blob tombstones, kept until the expiry
+    partial_uploads: int = 0  # leftovers of killed uploads older than the grace (temp files, multipart uploads)
+    partial_uploads_discarded: int = 0
     orphan_delete_failures: int = 0
-    young_blobs_skipped: int = 0
+    young_blobs_skipped: int = 0  # blobs and partial uploads younger than the grace: possibly in flight
     items_checked: int = 0
     check_errors: int = 0
-    missing_blobs: int = 0
-    marked_missing: int = 0
+    missing_blobs: int = 0  # active items whose blob is missing now
+    missing_held: int = 0  # ... of them held: never tombstoned, surfaced
+    missing_first_seen: int = 0  # ... recorded as missing for the first time by this run
+    missing_waiting: int = 0  # ... unheld, unexpired, not yet missing for a grace: a later run decides
+    marked_missing: int = 0  # tombstoned with reason missing_blob
+    blobs_back: int = 0  # items whose blob was missing at an earlier run and is back
     orphan_keys: list[str] = field(default_factory=list)
+    leaked_keys: list[str] = field(default_factory=list)
     missing_ids: list[str] = field(default_factory=list)
+    held_missing_ids: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +92,22 @@ class ReconcileReport:
 
 class TooMany(RetentionError):
     """More drift than the limits allow: probably a misconfiguration, so nothing was changed."""
+
+
+@dataclass(frozen=True)
+class _Doomed:
+    key: str
+    size: int
+    tombstone: bool  # a leak (the key belongs to a deleted row) rather than an orphan (no row)
+
+
+@dataclass
+class _ItemPlan:
+    """What the item pass decided, applied only after the counts passed the limits."""
+
+    record: list[str] = field(default_factory=list)  # first sighting: set missing_since
+    tombstone: list[tuple[str, str]] = field(default_factory=list)  # (id, key), expired or confirmed: missing_blob tombstones
+    clear: list[str] = field(default_factory=list)  # blob back: clear missing_since
 
 
 class Reconciler:
@@ -78,58 +120,135 @@ class Reconciler:
             max_missing: int = DEFAULT_MAX_MISSING, actor: str = "reconcile") -> ReconcileReport:
         report = ReconcileReport(dry_run=dry_run, grace_seconds=int(grace.total_seconds()))
         with self.db.transaction() as session:
-            cutoff = session.scalar(select(db_now())) - grace
-        orphans = self._find_orphans(report, cutoff, max_orphans)
+            now = session.scalar(select(db_now()))
+        doomed = self._find_doomed_blobs(report, now, now - grace, max_orphans)
         with ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="reconcile-check") as self._pool:
-            missing = self._find_missing(report, max_missing)
+            plan = self._check_items(report, now, now - grace, max_missing)
+            if not dry_run:
+                self._delete_blobs(report, doomed)
+                self._apply(report, plan, grace, actor)
         if not dry_run:
-            self._delete_orphans(report, orphans)
-            self._mark_missing(report, missing)
             with self.db.transaction() as session:
                 session.add(AuditEvent(action="reconcile", actor=actor, details={
-                    "orphans_deleted": report.orphans_deleted, "marked_missing": report.marked_missing,
-                    "orphan_keys": report.orphan_keys, "missing_ids": report.missing_ids}))
+                    "orphans_deleted": report.orphans_deleted, "leaks_deleted": report.leaks_deleted,
+                    "partial_uploads_discarded": report.partial_uploads_discarded,
+                    "marked_missing": report.marked_missing, "orphan_keys": report.orphan_keys,
+                    "leaked_keys": report.leaked_keys, "missing_ids": report.missing_ids,
+                    "held_missing_ids": report.held_missing_ids}))
         log.info("reconcile.finished", **{k: v for k, v in report.to_dict().items() if not isinstance(v, list)})
         return report
 
-    def _live_keys(self, keys: list[str]) -> set[str]:
+    # -- blobs -----------------------------------------------------------------------------------
+
+    def _rows_by_key(self, keys: list[str]) -> tuple[datetime, dict]:
+        """The database's time and the rows (any state) that the keys belong to."""
         with self.db.transaction() as session:
-            return set(session.scalars(
-                select(MediaItem.storage_key).where(MediaItem.storage_key.in_(keys), MediaItem.state != State.DELETED.value)
-            ))
+            now = session.scalar(select(db_now()))
+            rows = session.execute(
+                select(MediaItem.storage_key, MediaItem.state, MediaItem.deletion_reason, MediaItem.expires_at)
+                .where(MediaItem.storage_key.in_(keys))
+            ).all()
+        return now, {row.storage_key: row for row in rows}
 
-    def _find_orphans(self, report: ReconcileReport, cutoff: datetime, limit: int) -> list[tuple[str, int]]:
-        orphans: list[tuple[str, int]] = []
+    @staticmethod
+    def _leak_may_go(row, now: datetime) -> bool:
+        return row.deletion_reason in _PURGED or row.expires_at <= now
+
+    def _find_doomed_blobs(self, report: ReconcileReport, now: datetime, cutoff: datetime, limit: int) -> list[_Doomed | PartialUpload]:
+        doomed: list[_Doomed | PartialUpload] = []
         last_progress = time.monotonic()
-        for batch in chunked(self.store.iter_keys(), BATCH):
-            report.blobs_listed += len(batch)
-            live = self._live_keys([blob.key for blob in batch])
-            for blob in batch:
-                if blob.key in live:
+        for batch in chunked(self.store.iter_keys(partial_uploads=True), BATCH):
+            blobs = [entry for entry in batch if isinstance(entry, BlobInfo)]
+            report.blobs_listed += len(blobs)
+            _, rows = self._rows_by_key([blob.key for blob in blobs])
+            for entry in batch:
+                if isinstance(entry, PartialUpload):
+                    # Ours by name (a temporary file, an unfinished multipart upload): only its age matters.
+                    if entry.started is None or entry.started > cutoff:
+                        report.young_blobs_skipped += 1
+                    else:
+                        report.partial_uploads += 1
+                        doomed.append(entry)
                     continue
-                if blob.modified is None or blob.modified > cutoff:
-                    report.young_blobs_skipped += 1
+                found = self._classify_blob(report, entry, rows.get(entry.key), now, cutoff)
+                if found is None:
                     continue
-                report.orphans += 1
-                report.orphan_bytes += blob.size
-                if report.orphans > limit:
-                    raise TooMany(f"more than {limit} orphan blobs (no live item points at them); that looks like the wrong "
+                if not found.tombstone and report.orphans > limit:
+                    raise TooMany(f"more than {limit} orphan blobs (no item points at them); that looks like the wrong "
                                   f"database or store, so nothing was changed (raise --max-orphans if it is real).")
-                orphans.append((blob.key, blob.size))
+                doomed.append(found)
             if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
-                self.progress(f"listed {report.blobs_listed} blobs, {report.orphans} orphans so far")
+                self.progress(f"listed {report.blobs_listed} blobs, {report.orphans} orphans and {report.leaks} leaks so far")
                 last_progress = time.monotonic()
-        report.orphan_keys = [key for key, _ in orphans[:LISTED]]
-        return orphans
+        report.orphan_keys = [entry.key for entry in doomed if isinstance(entry, _Doomed) and not entry.tombstone][:LISTED]
+        report.leaked_keys = [entry.key for entry in doomed if isinstance(entry, _Doomed) and entry.tombstone][:LISTED]
+        return doomed
 
-    def _find_missing(self, report: ReconcileReport, limit: int) -> list[str]:
-        missing: list[str] = []
+    def _classify_blob(self, report: ReconcileReport, blob: BlobInfo, row, now: datetime, cutoff: datetime) -> _Doomed | None:
+        if row is None:
+            if blob.modified is None or blob.modified > cutoff:
+                report.young_blobs_skipped += 1
+                return None
+            report.orphans += 1
+            report.orphan_bytes += blob.size
+            return _Doomed(blob.key, blob.size, tombstone=False)
+        if row.state != State.DELETED.value:
+            return None  # live: an active item's blob, or one a sweep is deleting right now
+        if not self._leak_may_go(row, now):
+            report.returned_blobs_kept += 1
+            log.warning("reconcile.returned_blob_kept", key=blob.key, expires_at=row.expires_at.isoformat())
+            return None
+        report.leaks += 1
+        return _Doomed(blob.key, blob.size, tombstone=True)
+
+    def _delete_blobs(self, report: ReconcileReport, doomed: list[_Doomed | PartialUpload]) -> None:
+        partial = [entry for entry in doomed if isinstance(entry, PartialUpload)]
+        for batch in chunked(partial, BATCH):
+            for result in self.store.discard_partial_uploads(batch):
+                if result.ok:
+                    report.partial_uploads_discarded += 1
+                else:
+                    report.orphan_delete_failures += 1
+                    log.warning("reconcile.partial_upload_discard_failed", key=result.key, error=result.error)
+        for batch in chunked([entry for entry in doomed if isinstance(entry, _Doomed)], BATCH):
+            # Re-check just before deleting: a row registered since the listing makes an orphan live.
+            now, rows = self._rows_by_key([entry.key for entry in batch])
+            still = [entry for entry in batch if self._still_doomed(entry, rows.get(entry.key), now)]
+            is_leak = {entry.key: entry.tombstone for entry in still}
+            for result in self.store.delete_many(list(is_leak)):
+                if not result.ok:
+                    report.orphan_delete_failures += 1
+                    log.warning("reconcile.blob_delete_failed", key=result.key, error=result.error)
+                elif is_leak[result.key]:
+                    report.leaks_deleted += 1
+                else:
+                    report.orphans_deleted += 1
+
+    def _still_doomed(self, entry: _Doomed, row, now: datetime) -> bool:
+        if not entry.tombstone:
+            return row is None
+        return row is not None and row.state == State.DELETED.value and self._leak_may_go(row, now)
+
+    # -- items -----------------------------------------------------------------------------------
+
+    def _blob_present(self, key: str) -> bool | None:
+        """True/False when the store answers; None when it cannot say (never counted as missing)."""
+        try:
+            return self.store.exists(key)
+        except Exception as exc:  # noqa: BLE001 - one unreadable key must not stop the pass
+            log.warning("reconcile.check_failed", key=key, error=str(exc))
+            return None
+
+    def _check_items(self, report: ReconcileReport, now: datetime, confirmed_before: datetime, limit: int) -> _ItemPlan:
+        plan = _ItemPlan()
         after = ""
         last_progress = time.monotonic()
+        held_ids: list[str] = []
         while True:
             with self.db.transaction() as session:
                 rows = session.execute(
-                    select(MediaItem.id, MediaItem.storage_key)
+                    select(MediaItem.id, MediaItem.storage_key, MediaItem.held_at, MediaItem.org_held, MediaItem.expires_at,
+                           MediaItem.missing_since)
                     .where(MediaItem.state == State.ACTIVE.value, MediaItem.id > after)
                     .order_by(MediaItem.id)
                     .limit(BATCH)
@@ -141,49 +260,75 @@ class Reconciler:
                 report.items_checked += 1
                 if present is None:
                     report.check_errors += 1
-                elif not present:
+                elif present:
+                    if row.missing_since is not None:
+                        report.blobs_back += 1
+                        plan.clear.append(row.id)
+                else:
                     report.missing_blobs += 1
                     if report.missing_blobs > limit:
                         raise TooMany(f"more than {limit} active items have no blob; that looks like an unmounted volume or "
                                       f"the wrong store, so nothing was changed (raise --max-missing if it is real).")
-                    missing.append(row.id)
+                    self._plan_missing(report, plan, row, now, confirmed_before, held_ids)
             if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
                 self.progress(f"checked {report.items_checked} items, {report.missing_blobs} missing blobs so far")
                 last_progress = time.monotonic()
-        report.missing_ids = missing[:LISTED]
-        return missing
+        report.held_missing_ids = held_ids[:LISTED]
+        return plan
 
-    def _blob_present(self, key: str) -> bool | None:
-        """True/False when the store answers; None when it cannot say (never counted as missing)."""
-        try:
-            return self.store.exists(key)
-        except Exception as exc:  # noqa: BLE001 - one unreadable key must not stop the pass
-            log.warning("reconcile.check_failed", key=key, error=str(exc))
-            return None
+    @staticmethod
+    def _plan_missing(report: ReconcileReport, plan: _ItemPlan, row, now: datetime, confirmed_before: datetime,
+                      held_ids: list[str]) -> None:
+        if row.missing_since is None:
+            report.missing_first_seen += 1
+            plan.record.append(row.id)
+        if row.held_at is not None or row.org_held:
+            report.missing_held += 1
+            held_ids.append(row.id)
+            log.warning("reconcile.held_blob_missing", media_id=row.id, key=row.storage_key)
+        elif row.expires_at <= now or (row.missing_since is not None and row.missing_since <= confirmed_before):
+            plan.tombstone.append((row.id, row.storage_key))
+        else:
+            report.missing_waiting += 1
 
-    def _delete_orphans(self, report: ReconcileReport, orphans: list[tuple[str, int]]) -> None:
-        for batch in chunked(orphans, BATCH):
-            # Re-check just before deleting: a row registered since the listing makes the blob live again.
-            live = self._live_keys([key for key, _ in batch])
-            doomed = [key for key, _ in batch if key not in live]
-            for result in self.store.delete_many(doomed):
-                if result.ok:
-                    report.orphans_deleted += 1
-                else:
-                    report.orphan_delete_failures += 1
-                    log.warning("reconcile.orphan_delete_failed", key=result.key, error=result.error)
-
-    def _mark_missing(self, report: ReconcileReport, missing: list[str]) -> None:
+    def _apply(self, report: ReconcileReport, plan: _ItemPlan, grace: timedelta, actor: str) -> None:
         items = MediaItem.__table__
-        for batch in chunked(missing, BATCH):
+        for batch in chunked(plan.record, BATCH):
             with self.db.transaction() as session:
-                # Only rows still active: one a sweep claimed meanwhile is that sweep's to finish.
-                result = session.execute(
-                    update(items)
-                    .where(items.c.id.in_(batch), items.c.state == State.ACTIVE.value)
-                    .values(state=State.DELETED.value, deletion_reason=Reason.MISSING_BLOB.value, deleted_at=db_now(),
-                            claimed_at=db_now())
-                )
-                report.marked_missing += result.rowcount
-            for media_id in batch:
-                log.warning("reconcile.missing_blob", media_id=media_id)
+                session.execute(update(items).where(items.c.id.in_(batch), items.c.state == State.ACTIVE.value,
+                                                    items.c.missing_since.is_(None)).values(missing_since=db_now()))
+        for batch in chunked(plan.clear, BATCH):
+            with self.db.transaction() as session:
+                session.execute(update(items).where(items.c.id.in_(batch)).values(missing_since=None))
+        marked: list[str] = []
+        for batch in chunked(plan.tombstone, BATCH):
+            marked.extend(self._mark_missing(report, batch, grace, actor))
+        report.missing_ids = marked[:LISTED]
+
+    def _mark_missing(self, report: ReconcileReport, batch: list[tuple[str, str]], grace: timedelta, actor: str) -> list[str]:
+        """Tombstone the items whose blob is still missing, in one statement that re-checks every
+        condition on the row itself, so a hold or a claim committed since the check wins."""
+        keys = dict(batch)
+        present = self._pool.map(self._blob_present, keys.values())
+        still_missing = [media_id for media_id, found in zip(keys, present, strict=True) if found is False]
+        if not still_missing:
+            return []
+        items = MediaItem.__table__
+        with self.db.transaction() as session:
+            marked = list(session.scalars(
+                update(items)
+                .where(items.c.id.in_(still_missing), items.c.state == State.ACTIVE.value,
+                       items.c.held_at.is_(None), items.c.org_held.is_(False),
+                       or_(items.c.expires_at <= db_now(),
+                           and_(items.c.missing_since.is_not(None),
+                                items.c.missing_since <= db_now(-int(grace.total_seconds())))))
+                .values(state=State.DELETED.value, deletion_reason=Reason.MISSING_BLOB.value, deleted_at=db_now(),
+                        claimed_at=db_now())
+                .returning(items.c.id)
+            ))
+            if marked:
+                session.add(AuditEvent(action="reconcile_missing_blob", actor=actor, details={"ids": sorted(marked)}))
+        report.marked_missing += len(marked)
+        for media_id in marked:
+            log.warning("reconcile.missing_blob_tombstoned", media_id=media_id, key=keys[media_id])
+        return marked

@@ -106,6 +106,11 @@ def fleet_status(db: Database) -> dict:
             .limit(STUCK_LISTING)
         ).all()
         held_expired = session.scalar(select(func.count()).where(held_predicate(items), items.c.expires_at <= db_now())) or 0
+        # Active items whose blob reconcile found missing (read by the partial index on missing_since).
+        missing = items.c.missing_since.is_not(None) & (items.c.state == State.ACTIVE.value)
+        missing_count = session.scalar(select(func.count()).where(missing)) or 0
+        missing_held = session.scalar(
+            select(func.count()).where(missing, or_(items.c.held_at.is_not(None), items.c.org_held.is_(True)))) or 0
 
     def run_dict(row) -> dict | None:
         if row is None:
@@ -133,4 +138,5 @@ def fleet_status(db: Database) -> dict:
             ],
         },
         "held_expired": int(held_expired),
+        "missing_blob_items": {"count": int(missing_count), "held": int(missing_held)},
     }

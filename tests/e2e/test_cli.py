@@ -4,9 +4,12 @@ import hashlib
 import json
 import os
 import sqlite3
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
+from tests.factories import plant_blob, wait_until_older
 
 
 def snapshot(data_dir):
@@ -157,7 +160,7 @@ def test_manifest_with_bad_lines_reports_each_by_number_and_imports_nothing(cli,
         {"org": "ghost", "id": "orphan", "file": str(seeded)},
         {"org": "acme", "id": "evil", "key": "../../etc/passwd"},
         {"org": "acme", "id": "nul", "key": "a\u0000b"},
-        {"org": "acme", "id": "img-1", "file": str(seeded)},
+        {"org": "acme", "id": "img-1", "file": str(seeded), "ttl": "1d"},
     ]
     before = snapshot(data_dir)
     result = cli("register", "--manifest", str(write_manifest(tmp_path / "bad.jsonl", rows)))
@@ -165,6 +168,7 @@ def test_manifest_with_bad_lines_reports_each_by_number_and_imports_nothing(cli,
     reported = [line.split(": line ")[1].split(":")[0] for line in result.stderr.splitlines() if ": line " in line]
     assert reported == ["3", "4", "5", "6", "7", "8", "9"]
     assert "duplicate id 'dup' (first on line 2)" in result.stderr
+    assert "media id 'img-1' already exists with other content" in result.stderr
     assert snapshot(data_dir) == before
 
 
@@ -213,11 +217,9 @@ def test_walkthrough_from_the_readme_deletes_an_expired_file(shell, tmp_path, da
 
 def test_reconcile_cli_deletes_an_old_orphan_and_reports_json(cli, seeded, data_dir):
     """`reconcile --json` removes a stray blob older than the grace and keeps registered media."""
-    stray = data_dir / "media" / "stray.bin"
-    stray.write_bytes(b"left behind")
-    old = os.stat(stray).st_mtime - 3 * 86400
-    os.utime(stray, (old, old))
-    result = cli("reconcile", "--grace", "1d", "--json")
+    stray = plant_blob(data_dir / "media", "stray.bin", b"left behind")
+    wait_until_older([stray], timedelta(seconds=1))
+    result = cli("reconcile", "--grace", "1s", "--json")
     assert result.code == 0, result.stderr
     assert (result.json["orphans_deleted"], result.json["orphan_keys"]) == (1, ["stray.bin"])
     assert not stray.exists()

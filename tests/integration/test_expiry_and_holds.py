@@ -5,6 +5,7 @@ from datetime import timedelta
 import pytest
 
 from tests.factories import register_aged, states
+from worker.catalog import Catalog
 from worker.errors import BadInput, Gone, NotFound
 
 
@@ -85,6 +86,43 @@ def test_lengthening_org_retention_saves_items_that_were_due(catalog, uploads):
     catalog.set_org("grow", "30d")
     assert catalog.sweeper.sweep().claimed == 0
     assert catalog.lookup(item["id"])["expires_at"] > item["expires_at"]
+
+
+def org_audit(catalog, org):
+    from sqlalchemy import select
+
+    from worker.models import AuditEvent
+
+    with catalog.db.transaction() as session:
+        return session.execute(select(AuditEvent.action, AuditEvent.details).where(AuditEvent.org_id == org).order_by(AuditEvent.id)).all()
+
+
+def test_org_set_without_a_retention_reschedules_nothing_whatever_the_default(catalog, acme, uploads, settings):
+    """The audit's repro: a 30d org, items 2 h old, `org set acme` under a 1 h default retention;
+    the org keeps 30d, its items keep their expiry, the sweep deletes nothing, nothing is audited."""
+    items = [register_aged(catalog, acme, timedelta(hours=2), uploads=uploads) for _ in range(3)]
+    before = org_audit(catalog, acme)
+    short_default = Catalog(catalog.db, catalog.store, settings.model_copy(update={"default_retention": timedelta(hours=1)}))
+    assert short_default.set_org(acme)["retention"] == "30d"
+    assert [catalog.lookup(item["id"])["expires_at"] for item in items] == [item["expires_at"] for item in items]
+    assert catalog.sweeper.sweep().claimed == 0
+    assert org_audit(catalog, acme) == before
+
+
+def test_org_set_to_the_retention_it_already_has_changes_and_audits_nothing(catalog, acme, uploads):
+    """`org set acme --retention 30d` on a 30d org: no rescheduling, no audit event."""
+    item = register_aged(catalog, acme, timedelta(days=1), uploads=uploads)
+    before = org_audit(catalog, acme)
+    catalog.set_org(acme, "720h")
+    assert catalog.lookup(item["id"])["expires_at"] == item["expires_at"] and org_audit(catalog, acme) == before
+
+
+def test_a_real_retention_change_is_audited_with_the_old_and_new_value(catalog, acme, uploads):
+    """30d -> 7d records previous, new and how many items were rescheduled."""
+    register_aged(catalog, acme, timedelta(days=1), uploads=uploads)
+    catalog.set_org(acme, "7d")
+    action, details = org_audit(catalog, acme)[-1]
+    assert (action, details["previous"], details["retention"], details["items_rescheduled"]) == ("org_set", "30d", "1w", 1)
 
 
 def test_held_item_survives_sweeps_and_purges_until_released(catalog, acme, uploads):

@@ -5,11 +5,14 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 import urllib3
+from sqlalchemy import update
 
 from config.settings import load_settings
 from tests.factories import register_aged, states
 from tests.integration.conftest import PREFIX, insert_items
+from worker.db import db_now
 from worker.errors import BadInput, Gone, NotFound
+from worker.models import MediaItem
 from worker.store.keys import key_for_id
 
 
@@ -124,8 +127,8 @@ def test_reconcile_deletes_old_orphans_under_the_prefix_only_and_tombstones_miss
     s3_catalog, acme, objects, bucket, raw_s3
 ):
     """Reconcile on s3://: an old unregistered object under the prefix goes, a young one stays, the same
-    names outside the prefix and in another bucket stay, and an item whose object vanished becomes a
-    missing_blob tombstone."""
+    names outside the prefix and in another bucket stay; an item whose object vanished is recorded at
+    the first run and becomes a missing_blob tombstone once it has been missing for the grace."""
     from worker.reconcile import Reconciler
 
     insert_items(s3_catalog, acme, {"live": "live/1", "lost": "lost/1"}, expired=False)
@@ -136,13 +139,35 @@ def test_reconcile_deletes_old_orphans_under_the_prefix_only_and_tombstones_miss
     raw_s3.create_bucket(Bucket=other_bucket)
     objects.put(other_bucket, [f"{PREFIX}/stray/old"], age=timedelta(days=2))
 
-    report = Reconciler(s3_catalog.db, s3_catalog.store).run(grace=timedelta(days=1))
-    assert (report.orphans_deleted, report.young_blobs_skipped, report.marked_missing) == (1, 1, 1)
+    reconciler = Reconciler(s3_catalog.db, s3_catalog.store)
+    report = reconciler.run(grace=timedelta(days=1))
+    assert (report.orphans_deleted, report.young_blobs_skipped, report.missing_first_seen, report.marked_missing) == (1, 1, 1, 0)
     assert objects.names(bucket) == {f"{PREFIX}/live/1", f"{PREFIX}/stray/young", "stray/old", "media-old/stray/old"}
     assert objects.names(other_bucket) == {f"{PREFIX}/stray/old"}
+    assert s3_catalog.lookup("lost")["state"] == "active"
+    table = MediaItem.__table__
+    with s3_catalog.db.transaction() as session:
+        session.execute(update(table).where(table.c.id == "lost").values(missing_since=db_now(-2 * 86400)))
+    assert reconciler.run(grace=timedelta(days=1)).marked_missing == 1
     with pytest.raises(Gone) as gone:
         s3_catalog.lookup("lost")
     assert gone.value.body["reason"] == "missing_blob"
+
+
+def test_reconcile_aborts_unfinished_multipart_uploads_under_the_prefix_only(s3_catalog, acme, raw_s3, bucket):
+    """A killed upload leaves a multipart upload whose parts S3 keeps (and bills) forever: reconcile
+    aborts it once it is older than the grace; one beside the prefix is not ours and stays."""
+    from worker.reconcile import Reconciler
+    from worker.verify import Verifier
+
+    ours = raw_s3.create_multipart_upload(Bucket=bucket, Key=f"{PREFIX}/ab/cd/big.mp4")["UploadId"]
+    raw_s3.upload_part(Bucket=bucket, Key=f"{PREFIX}/ab/cd/big.mp4", UploadId=ours, PartNumber=1, Body=b"x" * 1024)
+    theirs = raw_s3.create_multipart_upload(Bucket=bucket, Key="other/big.mp4")["UploadId"]
+    # moto reports every upload as initiated in 2010: old enough for any grace.
+    assert Verifier(s3_catalog.db, s3_catalog.store).run(grace=timedelta(days=1), stuck_after=timedelta(days=1)).breaches["abandoned_upload"] == 1
+    report = Reconciler(s3_catalog.db, s3_catalog.store).run(grace=timedelta(days=1))
+    assert (report.partial_uploads, report.partial_uploads_discarded) == (1, 1)
+    assert [upload["UploadId"] for upload in raw_s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])] == [theirs]
 
 
 def test_keys_that_would_escape_the_prefix_are_refused_without_a_request(s3_store, objects, bucket, faults):

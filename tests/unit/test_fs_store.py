@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 
@@ -95,3 +96,50 @@ def test_iter_keys_lists_every_blob_without_following_symlinks(store, outside):
     (store.root / ".incoming-abc").write_bytes(b"partial")
     os.symlink(outside, store.root / "link")
     assert sorted((info.key, info.size) for info in store.iter_keys()) == [("a/b/one", 1), ("two", 2)]
+
+
+def test_an_ordered_listing_comes_in_key_byte_order_across_directories(store):
+    """`a-c` sorts before `a/b` ('-' < '/'), as S3 and the catalog's key index order them."""
+    for key in ("a/b", "a-c", "a/a/z", "b", "a0", "Z/1", "é/x"):
+        path = store.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    keys = [blob.key for blob in store.iter_keys(ordered=True)]
+    assert keys == sorted(keys) and len(keys) == 7
+    assert keys.index("a-c") < keys.index("a/a/z") < keys.index("a/b") < keys.index("a0")
+
+
+def _tree(root, keys):
+    for key in keys:
+        path = root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_directory_swapped_for_a_symlink_during_the_listing_is_not_followed(store, outside, ordered):
+    """After the root was read, `b/` becomes a symlink to a directory outside: the walk does not enter it."""
+    _tree(store.root, ["a/1", "b/1", "b/2"])
+    (outside / "b").mkdir()
+    (outside / "b" / "secret").write_bytes(b"outside")
+    listing = store.iter_keys(ordered=ordered)
+    first = next(listing)
+    swapped = "b" if first.key.startswith("a/") else "a"
+    shutil.rmtree(store.root / swapped)
+    os.symlink(outside / "b", store.root / swapped)
+    rest = [blob.key for blob in listing]
+    assert not any(key.startswith(f"{swapped}/") or key.endswith("secret") for key in rest)
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_entries_deleted_during_the_listing_are_skipped_not_errors(store, ordered):
+    """A concurrent sweep removes blobs and a whole shard directory while the walk is in it."""
+    _tree(store.root, [f"aa/{n}" for n in range(50)] + [f"bb/{n}" for n in range(50)])
+    listing = store.iter_keys(ordered=ordered)
+    first = next(listing)
+    here, there = ("aa", "bb") if first.key.startswith("aa/") else ("bb", "aa")
+    for n in range(50):
+        (store.root / here / str(n)).unlink(missing_ok=True)
+    shutil.rmtree(store.root / there)
+    rest = [blob.key for blob in listing]
+    assert rest == []

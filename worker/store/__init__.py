@@ -9,7 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from worker.errors import BadInput
+from worker.errors import BadInput, StoreError
+from worker.redact import redact_url
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,23 @@ class BlobInfo:
     modified: datetime | None = None
 
 
+@dataclass(frozen=True)
+class PartialUpload:
+    """What a killed upload leaves behind: a filesystem temporary file (`key` is its path in the
+    root) or an S3 multipart upload never completed (`key` is its target, `upload_id` names it)."""
+
+    key: str
+    started: datetime | None
+    size: int = 0
+    upload_id: str | None = None
+
+
+@dataclass(frozen=True)
+class BlobDigest:
+    size: int
+    sha256: str
+
+
 class BlobStore(abc.ABC):
     """Where media bytes live. Every key is validated; nothing outside the root/prefix is touched."""
 
@@ -48,8 +66,20 @@ class BlobStore(abc.ABC):
         """Delete each key; a result per key, in order. A missing blob counts as deleted."""
 
     @abc.abstractmethod
-    def iter_keys(self) -> Iterator[BlobInfo]:
-        """Every blob under the root/prefix, lazily (for reconciliation)."""
+    def iter_keys(self, *, ordered: bool = False, partial_uploads: bool = False) -> Iterator[BlobInfo | PartialUpload]:
+        """Every blob under the root/prefix, lazily. With `ordered`, in ascending key order (code
+        points, which is UTF-8 byte order: how S3 lists and how the catalog's key index is sorted),
+        so `verify` can merge the listing with the catalog instead of looking keys up one by one.
+        With `partial_uploads`, the leftovers of killed uploads come too (in no particular order),
+        so reconcile finds them in the same walk."""
+
+    def discard_partial_uploads(self, uploads: list[PartialUpload]) -> list[DeleteResult]:
+        """Remove leftovers of killed uploads; a result per upload. Never touches a blob."""
+        return [DeleteResult(upload.key, ok=False, error="this store leaves no partial uploads") for upload in uploads]
+
+    def digest(self, key: str) -> BlobDigest | None:
+        """Size and sha256 of the blob at `key` (reads it whole), or None when there is none."""
+        raise StoreError(f"{self.url} cannot read blobs back")
 
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
@@ -70,7 +100,7 @@ def open_store(url: str, **options) -> BlobStore:
     parsed = urlparse(url)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise BadInput(f"invalid storage URL {url!r}: use file:///absolute/path.")
+            raise BadInput(f"invalid storage URL {redact_url(url)!r}: use file:///absolute/path.")
         from worker.store.fs import FilesystemStore
 
         return FilesystemStore(Path(unquote(parsed.path)), delete_threads=options.get("delete_threads", 8))
@@ -78,7 +108,7 @@ def open_store(url: str, **options) -> BlobStore:
         from worker.store.s3 import S3Store
 
         return S3Store.from_url(url, **options)
-    raise BadInput(f"unsupported storage URL {url!r}: use file:///absolute/path or s3://bucket/prefix.")
+    raise BadInput(f"unsupported storage URL {redact_url(url)!r}: use file:///absolute/path or s3://bucket/prefix.")
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:

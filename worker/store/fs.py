@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
 import shutil
@@ -18,12 +19,28 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from worker.errors import BadInput, StoreError
-from worker.store import BlobInfo, BlobStore, DeleteResult
+from worker.errors import BadInput, BlobExists, StoreError
+from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload
 from worker.store.keys import validate_key
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_PREFIX = ".incoming-"
+
+
+def _written_at(info: os.stat_result) -> datetime:
+    """When a blob was last written, as far as anyone can tell: the later of its modification time,
+    which `touch -d` or `cp -p` can set to any moment, and its change time, which nobody can set
+    (the kernel stamps it on every write, rename or chmod). Reconcile deletes orphans by this age,
+    so a freshly copied file with an old mtime must not look old."""
+    return datetime.fromtimestamp(max(info.st_mtime, info.st_ctime), timezone.utc)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """A real directory (never a symlink to one); an entry gone since it was listed is not one."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except FileNotFoundError:
+        return False
 
 
 class _Escape(Exception):
@@ -82,7 +99,7 @@ class FilesystemStore(BlobStore):
                     # link() never replaces an existing blob, unlike rename().
                     os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
                 except FileExistsError:
-                    raise BadInput(f"a blob already exists at storage key {key!r}; refusing to overwrite it.") from None
+                    raise BlobExists(f"a blob already exists at storage key {key!r}; refusing to overwrite it.") from None
                 finally:
                     os.unlink(temp, dir_fd=dir_fd)
                 return size
@@ -99,7 +116,35 @@ class FilesystemStore(BlobStore):
             raise BadInput(f"{exc}; refusing to follow it out of the media root.") from None
         if not stat_module.S_ISREG(info.st_mode):
             raise BadInput(f"storage key {key!r} is not a regular file (a directory or a symlink).")
-        return BlobInfo(key=key, size=info.st_size)
+        return BlobInfo(key=key, size=info.st_size, modified=_written_at(info))
+
+    def digest(self, key: str) -> BlobDigest | None:
+        try:
+            with self._parent_dir(key) as (dir_fd, name):
+                # O_NONBLOCK: a FIFO planted at a key must not hang the reader.
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        except _Escape as exc:
+            raise BadInput(f"{exc}; refusing to follow it out of the media root.") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise BadInput(f"storage key {key!r} is a symlink, not a blob.") from None
+            raise StoreError(f"cannot read storage key {key!r}: {exc.strerror}") from None
+        with open(fd, "rb") as handle:
+            info = os.fstat(fd)
+            if not stat_module.S_ISREG(info.st_mode):
+                raise BadInput(f"storage key {key!r} is not a regular file.")
+            return BlobDigest(size=info.st_size, sha256=hashlib.file_digest(handle, "sha256").hexdigest())
+
+    def discard_partial_uploads(self, uploads: list[PartialUpload]) -> list[DeleteResult]:
+        results = []
+        for upload in uploads:
+            if not upload.key.rsplit("/", 1)[-1].startswith(_TEMP_PREFIX):
+                results.append(DeleteResult(upload.key, ok=False, error="refused: not a temporary upload file"))
+            else:
+                results.append(self._delete_one(upload.key))
+        return results
 
     def _delete_one(self, key: str) -> DeleteResult:
         try:
@@ -120,21 +165,58 @@ class FilesystemStore(BlobStore):
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="fs-delete")
         return list(self._pool.map(self._delete_one, keys))
 
-    def iter_keys(self) -> Iterator[BlobInfo]:
-        stack = [""]
-        while stack:
-            prefix = stack.pop()
+    def iter_keys(self, *, ordered: bool = False, partial_uploads: bool = False) -> Iterator[BlobInfo | PartialUpload]:
+        """Walk the root holding directory descriptors: each child directory is opened relative to
+        its parent's descriptor with O_NOFOLLOW, so a directory swapped for a symlink mid-walk is
+        not entered, and a renamed-away directory can only show names (every delete walks from the
+        root again). An entry that vanishes mid-walk (a concurrent sweep) is skipped, not an error."""
+        try:
+            root_fd = os.open(self.root, _DIR_FLAGS)
+        except OSError as exc:
+            raise StoreError(f"cannot list the media root {self.root}: {exc.strerror}") from None
+        yield from self._walk(root_fd, "", ordered, partial_uploads)
+
+    def _walk(self, dir_fd: int, prefix: str, ordered: bool, partial_uploads: bool) -> Iterator[BlobInfo | PartialUpload]:
+        """Blobs under the open directory `dir_fd` (closed when done), lazily unless `ordered`."""
+        try:
             try:
-                entries = list(os.scandir(self.root / prefix if prefix else self.root))
+                entries = os.scandir(dir_fd)
+            except FileNotFoundError:
+                return  # removed after we opened it
             except OSError as exc:
                 raise StoreError(f"cannot list {prefix or 'the media root'}: {exc.strerror}") from None
-            for entry in entries:
-                key = f"{prefix}/{entry.name}" if prefix else entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(key)
-                elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(_TEMP_PREFIX):
-                    info = entry.stat(follow_symlinks=False)
-                    yield BlobInfo(key=key, size=info.st_size, modified=datetime.fromtimestamp(info.st_mtime, timezone.utc))
+            with entries:
+                if ordered:
+                    # Every key under a directory starts with "name/", so the directory sorts as "name/".
+                    # Sorting needs the directory's names at once; the store's own keys keep directories
+                    # small (ab/cd/<id>), and an unordered walk streams.
+                    entries = sorted(entries, key=lambda e: e.name + "/" if _is_dir(e) else e.name)
+                for entry in entries:
+                    key = f"{prefix}/{entry.name}" if prefix else entry.name
+                    if _is_dir(entry):
+                        try:
+                            child = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
+                        except OSError as exc:
+                            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                                continue  # vanished, or swapped for a symlink or a file since it was listed
+                            raise StoreError(f"cannot list {key}: {exc.strerror}") from None
+                        yield from self._walk(child, key, ordered, partial_uploads)
+                        continue
+                    temporary = entry.name.startswith(_TEMP_PREFIX)
+                    if temporary and not partial_uploads:
+                        continue
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if not stat_module.S_ISREG(info.st_mode):
+                        continue
+                    if temporary:
+                        yield PartialUpload(key=key, started=_written_at(info), size=info.st_size)
+                    else:
+                        yield BlobInfo(key=key, size=info.st_size, modified=_written_at(info))
+        finally:
+            os.close(dir_fd)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -13,6 +13,7 @@ retry later with its own, longer backoff. No store error escapes `delete_many` a
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import random
 import re
 import threading
@@ -30,8 +31,9 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from worker.errors import BadInput, StoreError
-from worker.store import BlobInfo, BlobStore, DeleteResult, chunked
+from worker.errors import BadInput, BlobExists, StoreError
+from worker.redact import redact_url
+from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload, chunked
 from worker.store.keys import validate_key
 
 log = structlog.get_logger("worker.store.s3")
@@ -143,9 +145,9 @@ class S3Store(BlobStore):
         """`s3://bucket[/prefix]`; options meant for other backends (the settings pass one set) are ignored."""
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
-            raise BadInput(f"invalid storage URL {url!r}: use s3://bucket or s3://bucket/prefix.")
+            raise BadInput(f"invalid storage URL {redact_url(url)!r}: use s3://bucket or s3://bucket/prefix.")
         if parsed.username or parsed.password or parsed.port or parsed.query or parsed.fragment:
-            raise BadInput(f"invalid storage URL {url!r}: give only s3://bucket/prefix; credentials go where boto3 looks for them.")
+            raise BadInput(f"invalid storage URL {redact_url(url)!r}: give only s3://bucket/prefix; credentials go where boto3 looks for them.")
         return cls(parsed.netloc, parsed.path, endpoint_url=endpoint_url, delete_threads=delete_threads,
                    delete_mode=delete_mode, addressing_style=addressing_style)
 
@@ -184,7 +186,7 @@ class S3Store(BlobStore):
         # Asking first gives a clear error on endpoints that ignore conditional writes; the
         # If-None-Match on the upload itself closes the race with a concurrent writer.
         if self.stat(key) is not None:
-            raise BadInput(f"a blob already exists at storage key {key!r}; refusing to overwrite it.")
+            raise BlobExists(f"a blob already exists at storage key {key!r}; refusing to overwrite it.")
         with self._lock:
             if self._transfer is None:
                 self._transfer = create_transfer_manager(self.client, self._transfer_config)
@@ -194,7 +196,7 @@ class S3Store(BlobStore):
         except ClientError as exc:
             code, status, message = _error_of(exc)
             if code in _ALREADY_EXISTS or status in (409, 412):
-                raise BadInput(f"a blob already exists at storage key {key!r}; refusing to overwrite it.") from None
+                raise BlobExists(f"a blob already exists at storage key {key!r}; refusing to overwrite it.") from None
             raise StoreError(f"cannot upload {key!r} to {self.url}: {code} {message}".strip() + ".") from None
         except BotoCoreError as exc:
             raise StoreError(f"cannot upload {key!r} to {self.url}: {exc}") from None
@@ -214,7 +216,8 @@ class S3Store(BlobStore):
             "get_object", Params={"Bucket": self.bucket, "Key": self._object_key(key)}, ExpiresIn=int(expires_in)
         )
 
-    def iter_keys(self) -> Iterator[BlobInfo]:
+    def iter_keys(self, *, ordered: bool = False, partial_uploads: bool = False) -> Iterator[BlobInfo | PartialUpload]:
+        # ListObjectsV2 returns keys in UTF-8 byte order, so every listing is `ordered`.
         # The trailing slash keeps `media-old/...` out of a listing of prefix `media`.
         listed = f"{self.prefix}/" if self.prefix else ""
         skipped = 0
@@ -241,6 +244,60 @@ class S3Store(BlobStore):
             raise StoreError(f"cannot list {self.url}: {exc}") from None
         if skipped:
             log.warning("store.s3.unaddressable_keys_skipped", store=self.url, count=skipped)
+        if partial_uploads:
+            yield from self._multipart_uploads(listed)
+
+    def _multipart_uploads(self, listed: str) -> Iterator[PartialUpload]:
+        """Multipart uploads started under the prefix and never completed (a killed upload): S3 keeps
+        and bills their parts until they are aborted."""
+        try:
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=listed):
+                for upload in page.get("Uploads", []):
+                    name = upload["Key"]
+                    if name.startswith(listed):
+                        yield PartialUpload(key=name[len(listed):], started=upload.get("Initiated"), upload_id=upload["UploadId"])
+        except ClientError as exc:
+            code, _, message = _error_of(exc)
+            raise StoreError(f"cannot list unfinished uploads in {self.url}: {code} {message}".strip() + ".") from None
+        except BotoCoreError as exc:
+            raise StoreError(f"cannot list unfinished uploads in {self.url}: {exc}") from None
+
+    def discard_partial_uploads(self, uploads: list[PartialUpload]) -> list[DeleteResult]:
+        results = []
+        for upload in uploads:
+            try:
+                if upload.upload_id is None:
+                    raise BadInput("not a multipart upload")
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._object_key(upload.key), UploadId=upload.upload_id)
+                results.append(DeleteResult(upload.key, ok=True))
+            except BadInput as exc:
+                results.append(DeleteResult(upload.key, ok=False, error=f"refused: {exc}"))
+            except ClientError as exc:
+                code, _, message = _error_of(exc)
+                if code == "NoSuchUpload":
+                    results.append(DeleteResult(upload.key, ok=True, missing=True))
+                else:
+                    results.append(DeleteResult(upload.key, ok=False, error=f"{code}: {message}" if message else code))
+            except BotoCoreError as exc:
+                results.append(DeleteResult(upload.key, ok=False, error=f"{type(exc).__name__}: {exc}"))
+        return results
+
+    def digest(self, key: str) -> BlobDigest | None:
+        full = self._object_key(key)
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
+            hasher, size = hashlib.sha256(), 0
+            for chunk in body.iter_chunks(1024 * 1024):
+                hasher.update(chunk)
+                size += len(chunk)
+        except ClientError as exc:
+            code, status, message = _error_of(exc)
+            if status == 404 or code in _MISSING:
+                return None
+            raise StoreError(f"cannot read {key!r} in {self.url}: {code} {message}".strip() + ".") from None
+        except BotoCoreError as exc:
+            raise StoreError(f"cannot read {key!r} in {self.url}: {exc}") from None
+        return BlobDigest(size=size, sha256=hasher.hexdigest())
 
     # -- deletes -------------------------------------------------------------------------------
 

@@ -1,0 +1,166 @@
+"""Manifest imports and re-runs: validate everything (database and store) first, import nothing on a
+bad manifest, and let the same command succeed again after a crash. SQLite and PostgreSQL, filesystem store."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.factories import make_file, plant_blob
+from worker.catalog import MANIFEST_LINE_MAX, Catalog, ManifestError
+from worker.errors import BadInput
+from worker.models import MediaItem
+from worker.store.keys import key_for_id
+from worker.verify import Verifier
+
+
+@pytest.fixture
+def acme(catalog):
+    catalog.set_org("acme", "30d")
+    return "acme"
+
+
+@pytest.fixture
+def upload(tmp_path) -> Path:
+    return make_file(tmp_path / "uploads", b"\xff\xd8 a photo")
+
+
+def manifest(path: Path, rows: list) -> Path:
+    with open(path, "wb") as handle:
+        for row in rows:
+            line = row if isinstance(row, bytes) else (row if isinstance(row, str) else json.dumps(row)).encode()
+            handle.write(line + b"\n")
+    return path
+
+
+def item_count(catalog) -> int:
+    with catalog.db.transaction() as session:
+        return session.scalar(select(func.count()).select_from(MediaItem))
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()}
+
+
+def bad_lines(excinfo) -> dict[int, str]:
+    return {error.line: error.message for error in excinfo.value.errors}
+
+
+def test_a_key_with_no_blob_after_full_batches_imports_nothing(catalog, acme, upload, media_root, tmp_path):
+    """Five good lines (two batches' worth) and then a key the store does not have: nothing is
+    imported, no blob is copied in, and the bad line is named."""
+    rows = [{"org": acme, "id": f"good-{n}", "file": str(upload)} for n in range(5)]
+    rows.append({"org": acme, "id": "ghost", "key": "legacy/never-uploaded.jpg"})
+    with pytest.raises(ManifestError) as excinfo:
+        catalog.register_manifest(manifest(tmp_path / "m.jsonl", rows), batch_size=2)
+    assert bad_lines(excinfo) == {6: "no blob at storage key 'legacy/never-uploaded.jpg'"}
+    assert item_count(catalog) == 0 and files_under(media_root) == set()
+
+
+def test_every_bad_line_is_reported_by_number_across_batches(catalog, acme, upload, media_root, tmp_path):
+    """Store-detected errors in different batches, a key line colliding with a later file line's key,
+    and a file line whose target already holds other bytes: each named, nothing imported."""
+    plant_blob(media_root, key_for_id("taken"), b"someone else's bytes")
+    plant_blob(media_root, "legacy/ok.jpg", b"fine")
+    rows = [
+        {"org": acme, "id": "a", "key": "legacy/ok.jpg"},
+        {"org": acme, "id": "b", "key": "legacy/missing-1.jpg"},
+        {"org": acme, "id": "c", "key": key_for_id("d")},
+        {"org": acme, "id": "d", "file": str(upload)},
+        {"org": acme, "id": "taken", "file": str(upload)},
+        {"org": acme, "id": "f", "key": "legacy/missing-2.jpg"},
+    ]
+    with pytest.raises(ManifestError) as excinfo:
+        catalog.register_manifest(manifest(tmp_path / "m.jsonl", rows), batch_size=2)
+    assert bad_lines(excinfo) == {
+        2: "no blob at storage key 'legacy/missing-1.jpg'",
+        3: f"no blob at storage key {key_for_id('d')!r}",
+        4: f"duplicate key {key_for_id('d')!r} (first on line 3)",
+        5: f"storage key {key_for_id('taken')!r} already holds a different blob",
+        6: "no blob at storage key 'legacy/missing-2.jpg'",
+    }
+    assert item_count(catalog) == 0
+    assert files_under(media_root) == {key_for_id("taken"), "legacy/ok.jpg"}
+
+
+def test_the_same_manifest_succeeds_again_after_a_crash_mid_import(catalog, acme, upload, media_root, tmp_path, monkeypatch):
+    """Killed after the first batch committed and the second batch's blobs were copied (no cleanup
+    runs under SIGKILL): re-running the same command imports the rest, skips what is already there
+    and adopts the blobs it wrote before; verify then finds nothing."""
+    path = manifest(tmp_path / "m.jsonl", [{"org": acme, "id": f"item-{n}", "file": str(upload), "ttl": "7d"} for n in range(5)])
+    real_insert = Catalog._insert
+    calls = []
+
+    def killed_on_second_batch(self, items):
+        calls.append(len(items))
+        if len(calls) == 2:
+            raise SystemExit("SIGKILL")
+        return real_insert(self, items)
+
+    monkeypatch.setattr(Catalog, "_insert", killed_on_second_batch)
+    monkeypatch.setattr(Catalog, "_discard", lambda self, keys: None)  # a killed process cleans nothing up
+    with pytest.raises(SystemExit):
+        catalog.register_manifest(path, batch_size=2)
+    monkeypatch.undo()
+    assert item_count(catalog) == 2 and len(files_under(media_root)) == 4
+    summary = catalog.register_manifest(path, batch_size=2)
+    assert (summary["imported"], summary["already_registered"]) == (3, 2)
+    assert item_count(catalog) == 5 and len(files_under(media_root)) == 5
+    assert Verifier(catalog.db, catalog.store).run(grace=timedelta(days=1), stuck_after=timedelta(days=1)).clean
+
+
+def test_an_already_registered_id_with_other_content_is_a_bad_line(catalog, acme, upload, tmp_path):
+    """Re-running is only skipping when the line describes what is registered; otherwise it is a clash."""
+    catalog.register(org=acme, file=upload, media_id="img-1", ttl="7d")
+    with pytest.raises(ManifestError) as excinfo:
+        catalog.register_manifest(manifest(tmp_path / "m.jsonl", [{"org": acme, "id": "img-1", "file": str(upload), "ttl": "1d"}]))
+    assert bad_lines(excinfo) == {1: "media id 'img-1' already exists with other content"}
+
+
+def test_register_file_again_adopts_the_identical_blob_a_killed_run_left(catalog, acme, upload, media_root):
+    """The blob at the ID's key holds exactly the file's bytes and no row claims it: adopted, not refused."""
+    plant_blob(media_root, key_for_id("img-9"), upload.read_bytes())
+    item = catalog.register(org=acme, file=upload, media_id="img-9")
+    assert (item["size"], catalog.lookup("img-9")["state"]) == (upload.stat().st_size, "active")
+
+
+def test_register_file_refuses_a_different_blob_at_its_key_and_leaves_it(catalog, acme, upload, media_root):
+    """Same key, other bytes: refused with a sentence, the stored blob untouched, nothing registered."""
+    stored = plant_blob(media_root, key_for_id("img-9"), b"other bytes")
+    with pytest.raises(BadInput, match="already holds a different blob"):
+        catalog.register(org=acme, file=upload, media_id="img-9")
+    assert stored.read_bytes() == b"other bytes" and item_count(catalog) == 0
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_a_manifest_that_is_not_a_regular_file_is_refused_without_blocking(catalog, acme, tmp_path, kind):
+    """A FIFO with no writer would block a plain open forever; /dev/zero would never end."""
+    path = {"fifo": tmp_path / "m.fifo", "directory": tmp_path, "device": Path("/dev/zero")}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    outcome: list[BaseException] = []
+    worker = threading.Thread(target=lambda: outcome.append(pytest.raises(BadInput, catalog.register_manifest, path).value), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "register_manifest blocked on a non-regular file"
+    assert "is not a regular file" in str(outcome[0])
+
+
+def test_lines_too_long_not_utf8_or_nested_too_deep_are_bad_lines_not_crashes(catalog, acme, upload, tmp_path):
+    """Each is reported by number; the good line after them is still checked, nothing imported."""
+    rows = [
+        b'{"org": "acme", "id": "x", "file": "' + b"a" * (MANIFEST_LINE_MAX + 10) + b'"}',
+        b'{"org": "acme", "id": "caf\xe9"}',
+        b"[" * 60_000,
+        {"org": acme, "id": "fine", "file": str(upload)},
+    ]
+    with pytest.raises(ManifestError) as excinfo:
+        catalog.register_manifest(manifest(tmp_path / "m.jsonl", rows))
+    assert bad_lines(excinfo) == {1: "longer than 64 KiB", 2: "not valid UTF-8", 3: "not valid JSON (nested too deeply)"}
+    assert item_count(catalog) == 0
