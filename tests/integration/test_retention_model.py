@@ -22,6 +22,7 @@ tip an item over its expiry.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -232,14 +233,18 @@ class RetentionModel(RuleBasedStateMachine):
         store = self.system.store
         listing = FilesystemStore.iter_keys.__get__(store)
 
-        def iter_keys():
-            for info in listing():
-                if info.modified is None:
-                    yield info
-                    continue
-                written = info.modified.timestamp()
-                moved_since = sum(seconds for at, seconds in self.shifts if at >= written)
-                yield BlobInfo(info.key, info.size, info.modified - timedelta(seconds=moved_since))
+        def aged(stamp: datetime | None) -> datetime | None:
+            if stamp is None:
+                return None
+            moved_since = sum(seconds for at, seconds in self.shifts if at >= stamp.timestamp())
+            return stamp - timedelta(seconds=moved_since)
+
+        def iter_keys(**options):
+            for info in listing(**options):
+                if isinstance(info, BlobInfo):
+                    yield dataclasses.replace(info, modified=aged(info.modified))
+                else:
+                    yield dataclasses.replace(info, started=aged(info.started))
 
         store.iter_keys = iter_keys
 
