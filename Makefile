@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench install clean
+.PHONY: run test bench soak install clean
 
 $(BIN)/media-retention: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) media-retention-data
+
+# The model-based test of the retention promises with many more examples than the default suite runs.
+soak: install
+	MEDIA_RETENTION_TEST_MODEL_EXAMPLES=5000 $(BIN)/pytest tests/integration/test_retention_model.py -p no:cacheprovider
