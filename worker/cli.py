@@ -454,6 +454,87 @@ def volume(catalog: Catalog, out: Output) -> None:
     out.result(report.to_dict())
 
 
+# -- the HTTP lookup service and its keys ---------------------------------------------------------
+
+
+@cli.group()
+def apikey() -> None:
+    """Org-scoped API keys of the HTTP lookup service (`serve`)."""
+
+
+@apikey.command("create")
+@click.option("--org", "org_id", required=True, help="The organization whose media the key may look up.")
+@click.option("--name", help="What the key is for (shown in listings).")
+@click.option("--by", "actor", help="Who creates it (recorded; default: the OS user).")
+@json_option
+@with_catalog
+def apikey_create(catalog: Catalog, org_id: str, name: str | None, actor: str | None, out: Output) -> None:
+    """Create a key for ORG and print its token: the only time it is shown."""
+    from worker.apikeys import ApiKeys
+
+    created = ApiKeys(catalog.db).create(org_id, name=name, actor=actor or default_actor())
+    # Printed without `echo`: its redaction masks API tokens, and this is the one line that must show one.
+    if out.as_json:
+        click.echo(json.dumps(created.to_dict(), default=str, sort_keys=True))
+        return
+    click.echo(f"id: {created.key.id}\norg: {created.key.org}\nname: {created.key.name or ''}\ntoken: {created.token}")
+    echo("Store the token now: it is not shown again (only its hash is kept).", err=True)
+
+
+@apikey.command("list")
+@click.option("--org", "org_id", help="Only this organization's keys.")
+@json_option
+@with_catalog
+def apikey_list(catalog: Catalog, org_id: str | None, out: Output) -> None:
+    """List keys (never their secrets), revoked ones included."""
+    from worker.apikeys import ApiKeys
+
+    keys = ApiKeys(catalog.db).list(org_id)
+    if out.as_json:
+        for key in keys:
+            echo(json.dumps(key.to_dict(), sort_keys=True))
+        return
+    for key in keys:
+        state = f"revoked {key.revoked_at.isoformat()}" if key.revoked_at else "active"
+        echo(f"{key.id}  org={key.org}  name={key.name or '-'}  created={key.created_at.isoformat()} by {key.created_by}  {state}")
+    if not keys:
+        echo("no API keys", err=True)
+
+
+@apikey.command("revoke")
+@click.argument("key_id", metavar="KEY_ID")
+@click.option("--by", "actor", help="Who revokes it (recorded; default: the OS user).")
+@json_option
+@with_catalog
+def apikey_revoke(catalog: Catalog, key_id: str, actor: str | None, out: Output) -> None:
+    """Revoke a key: the next request presenting it gets 401."""
+    from worker.apikeys import ApiKeys
+
+    out.result(ApiKeys(catalog.db).revoke(key_id, actor=actor or default_actor()).to_dict())
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 in a container).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
+def serve(host: str, port: int) -> None:
+    """Serve GET /v1/media/{id} over HTTP (org API keys), with /healthz, /readyz, /metrics and /openapi.json."""
+    import uvicorn
+
+    from worker.apikeys import ApiKeys
+    from worker.http.app import CatalogMediaLookup, create_app, database_ping
+
+    current = settings()
+    catalog = open_catalog()
+    try:
+        app = create_app(lookup=CatalogMediaLookup(catalog.db, catalog.store, current.presign_ttl),
+                         keys=ApiKeys(catalog.db), ping=database_ping(catalog.db))
+        log.info("serve.starting", host=host, port=port, store=redact_url(current.storage_url))
+        # Our own access log line (worker.http) replaces uvicorn's; logging stays as configured above.
+        uvicorn.run(app, host=host, port=port, access_log=False, log_config=None, server_header=False)
+    finally:
+        catalog.close()
+
+
 # -- entry point ---------------------------------------------------------------------------------
 
 

@@ -232,3 +232,21 @@ class VolumeAlert(Base):
         CheckConstraint("level IN ('ok', 'warning', 'critical')", name="level_known"),
         CheckConstraint("previous_level IN ('ok', 'warning', 'critical')", name="previous_level_known"),
     )
+
+
+class ApiKey(Base):
+    """An org-scoped key for the HTTP lookup service. Only a hash of its secret is stored."""
+
+    __tablename__ = "api_keys"
+
+    # The public half of a key: named in listings and revocations, and the first part of the token.
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    name: Mapped[str | None] = mapped_column(String(128))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=db_now())
+    created_by: Mapped[str] = mapped_column(String(128))
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_by: Mapped[str | None] = mapped_column(String(128))
+
+    __table_args__ = (Index("ix_api_keys_org_id", "org_id"),)

@@ -124,11 +124,19 @@ def remember_settings(settings) -> None:
     remember(urls)
 
 
+# The HTTP service's credentials: an `Authorization` value and our API tokens (`mrk_<key id>_<secret>`,
+# see worker.apikeys), wherever a library or a careless log line quotes them. The key id stays readable.
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+_API_TOKEN = re.compile(r"\b(mrk_k[0-9a-f]{16}_)[A-Za-z0-9_-]+")
+
+
 def redact_text(text: str) -> str:
-    """`text` with every URL in it redacted and every remembered secret masked."""
+    """`text` with every URL in it redacted, every remembered secret and every bearer credential masked."""
     if not isinstance(text, str) or not text:
         return text
     text = _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
+    text = _BEARER.sub(lambda match: f"{match.group(1)} {MASK}", text)
+    text = _API_TOKEN.sub(lambda match: match.group(1) + MASK, text)
     for secret in _ordered:
         if secret in text:
             text = text.replace(secret, MASK)

@@ -1,0 +1,284 @@
+"""`media-retention serve` as an integrating service meets it: a real server process on a free port,
+spoken to over HTTP with `requests`, on SQLite and PostgreSQL (and an object store for presigned URLs)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import jsonschema
+import pytest
+import requests
+from openapi_spec_validator import validate as validate_openapi
+
+from tests.integration.conftest import PREFIX
+from worker.apikeys import ApiKeys
+from worker.catalog import Catalog
+from worker.db import Database
+from worker.models import ApiKey
+
+pytestmark = pytest.mark.slow
+SCRIPT = Path(sys.executable).with_name("media-retention")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running `media-retention serve` and what it logged."""
+
+    url: str
+    process: subprocess.Popen
+    log_lines: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
+
+    def get(self, path: str, token: str | None = None, **headers) -> requests.Response:
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return requests.get(self.url + path, headers=headers, timeout=10)
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.log_lines)
+
+
+def start_server(env: dict[str, str], tmp_path: Path) -> Server:
+    port = free_port()
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("MEDIA_RETENTION_")}
+    environment.update({"MEDIA_RETENTION_DATA_DIR": str(tmp_path / "data"), "MEDIA_RETENTION_LOG_FORMAT": "json", **env})
+    process = subprocess.Popen([str(SCRIPT), "serve", "--port", str(port)], env=environment, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = Server(f"http://127.0.0.1:{port}", process)
+    server.reader = threading.Thread(target=lambda: server.log_lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    server.reader.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"serve exited with {process.returncode}:\n{server.log}")
+        try:
+            if requests.get(server.url + "/healthz", timeout=1).status_code == 200:
+                return server
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    stop_server(server)
+    raise AssertionError(f"serve did not answer /healthz within 30 s:\n{server.log}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+    server.reader.join(timeout=10)
+    server.process.stdout.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start `media-retention serve` processes with the given settings; all are stopped afterwards."""
+    servers: list[Server] = []
+
+    def start(**env: str) -> Server:
+        server = start_server(env, tmp_path)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        stop_server(server)
+
+
+@pytest.fixture
+def server(serve, database: Database, media_root: Path) -> Server:
+    """A server on this test's catalog (SQLite or PostgreSQL) and filesystem store."""
+    return serve(MEDIA_RETENTION_DATABASE_URL=database.url, MEDIA_RETENTION_STORAGE_URL=media_root.as_uri())
+
+
+@pytest.fixture
+def orgs(catalog: Catalog) -> dict[str, str]:
+    """Two orgs, acme and globex, and an API key of each: {org: token}."""
+    keys = ApiKeys(catalog.db)
+    tokens = {}
+    for org in ("acme", "globex"):
+        catalog.set_org(org, "30d")
+        tokens[org] = keys.create(org, name=f"{org} app", actor="test").token
+    return tokens
+
+
+def register(catalog: Catalog, tmp_path: Path, org: str, media_id: str, **options) -> dict:
+    source = tmp_path / f"{media_id}.bin"
+    source.write_bytes(media_id.encode() * 10)
+    return catalog.register(org=org, file=source, media_id=media_id, **options)
+
+
+def test_an_active_item_answers_200_then_404_gone_with_reason_once_expired_and_swept(server, catalog, orgs, tmp_path):
+    """A lookup returns the item while active and `gone` with reason and deletion time after the sweep."""
+    two_hours_ago = (datetime.now(timezone.utc) - timedelta(hours=2)).isoformat()
+    register(catalog, tmp_path, "acme", "photo-1")
+    register(catalog, tmp_path, "acme", "voice-1", ttl="1h", created_at=two_hours_ago)
+
+    active = server.get("/v1/media/photo-1", orgs["acme"])
+    assert active.status_code == 200
+    body = active.json()
+    assert (body["id"], body["org"], body["state"], body["size"]) == ("photo-1", "acme", "active", 70)
+    assert body["url"] is None  # a filesystem store hands out no URLs
+    assert server.get("/v1/media/voice-1", orgs["acme"]).status_code == 200  # expired, not yet swept: still there
+
+    catalog.sweeper.sweep()
+    gone = server.get("/v1/media/voice-1", orgs["acme"])
+    assert gone.status_code == 404
+    assert gone.headers["content-type"] == "application/json"
+    assert gone.json()["error"] == "gone" and gone.json()["reason"] == "ttl"
+    assert datetime.fromisoformat(gone.json()["deleted_at"]) <= datetime.now(timezone.utc)
+
+    catalog.purge(ids=["photo-1"], actor="test")
+    purged = server.get("/v1/media/photo-1", orgs["acme"]).json()
+    assert (purged["status"], purged["error"], purged["reason"]) == (404, "gone", "purge")
+
+
+def test_an_id_never_seen_answers_404_not_found_and_a_malformed_one_400(server, orgs):
+    """Unknown IDs are `not_found`; an ID outside the alphabet is a bad request with one sentence."""
+    unknown = server.get("/v1/media/never-registered", orgs["acme"])
+    assert unknown.status_code == 404
+    assert unknown.json() == {"id": "never-registered", "status": 404, "error": "not_found"}
+    malformed = server.get("/v1/media/bad%20id!", orgs["acme"])
+    assert malformed.status_code == 400
+    assert malformed.json()["error"] == "bad_request" and "invalid media id" in malformed.json()["message"]
+    too_long = server.get("/v1/media/" + "a" * 129, orgs["acme"])
+    assert too_long.status_code == 400
+
+
+def test_another_orgs_media_answers_exactly_like_media_never_seen(server, catalog, orgs, tmp_path):
+    """A key of one org gets 404 not_found for another org's active and deleted media, never 403 or `gone`."""
+    register(catalog, tmp_path, "globex", "secret-plan")
+    register(catalog, tmp_path, "globex", "old-plan")
+    catalog.purge(ids=["old-plan"], actor="test")
+    for media_id in ("secret-plan", "old-plan"):
+        answer = server.get(f"/v1/media/{media_id}", orgs["acme"])
+        assert answer.status_code == 404
+        assert answer.json() == {"id": media_id, "status": 404, "error": "not_found"}
+    assert server.get("/v1/media/secret-plan", orgs["globex"]).status_code == 200
+
+
+def test_requests_without_a_valid_key_get_401_and_a_revoked_key_stops_working_at_once(server, catalog, orgs, tmp_path):
+    """No key, another scheme, a wrong secret, an unknown key id and a revoked key all answer 401."""
+    register(catalog, tmp_path, "acme", "photo-1")
+    token = orgs["acme"]
+    prefix, key_id, secret = token.split("_", 2)
+    wrong_secret = f"{prefix}_{key_id}_{'A' * len(secret)}"
+    unknown_key = f"{prefix}_k{'0' * 16}_{secret}"
+    for headers in ({}, {"Authorization": f"Basic {token}"}, {"Authorization": "Bearer"},
+                    {"Authorization": f"Bearer {wrong_secret}"}, {"Authorization": f"Bearer {unknown_key}"},
+                    {"Authorization": "Bearer not-a-key"}):
+        answer = server.get("/v1/media/photo-1", **headers)
+        assert answer.status_code == 401, headers
+        assert answer.headers["www-authenticate"] == "Bearer"
+        assert answer.json()["error"] == "unauthorized"
+
+    assert server.get("/v1/media/photo-1", token).status_code == 200
+    ApiKeys(catalog.db).revoke(key_id, actor="test")
+    assert server.get("/v1/media/photo-1", token).status_code == 401
+
+
+def test_health_readiness_and_metrics_answer_with_request_counts_and_latency(server, orgs):
+    """/healthz and /readyz answer 200; /metrics counts lookups by route and status and times them."""
+    assert server.get("/healthz").json() == {"status": "ok"}
+    assert server.get("/readyz").json() == {"status": "ready"}
+    for _ in range(3):
+        server.get("/v1/media/nothing-here", orgs["acme"])
+    server.get("/v1/media/nothing-here")
+    metrics = server.get("/metrics").text
+    assert 'media_retention_http_requests_total{method="GET",route="/v1/media/{media_id}",status="404"} 3.0' in metrics
+    assert 'media_retention_http_requests_total{method="GET",route="/v1/media/{media_id}",status="401"} 1.0' in metrics
+    assert 'media_retention_http_request_duration_seconds_count{method="GET",route="/v1/media/{media_id}"} 4.0' in metrics
+
+
+def test_no_key_or_secret_reaches_the_server_log(server, catalog, orgs, tmp_path):
+    """The access log names method, route, status and org, never the Authorization header or the token."""
+    register(catalog, tmp_path, "acme", "photo-1")
+    token = orgs["acme"]
+    secret = token.split("_", 2)[2]
+    server.get("/v1/media/photo-1", token)
+    server.get("/v1/media/photo-1", token.replace(secret[:8], "AAAAAAAA"))
+    server.get("/v1/media/photo-1?access_token=" + secret)
+    time.sleep(0.3)  # the log reader is a thread
+    assert '"event": "http.request"' in server.log and '"org": "acme"' in server.log
+    assert secret not in server.log and secret[:16] not in server.log
+    assert "Bearer" not in server.log
+
+
+def test_the_openapi_description_is_valid_and_answers_match_its_schemas(server, catalog, orgs, tmp_path):
+    """/openapi.json is a valid OpenAPI document; 200, 404 (both kinds), 400 and 401 bodies fit its schemas."""
+    register(catalog, tmp_path, "acme", "photo-1")
+    register(catalog, tmp_path, "acme", "photo-2")
+    catalog.purge(ids=["photo-2"], actor="test")
+    document = server.get("/openapi.json").json()
+    validate_openapi(document)
+    operation = document["paths"]["/v1/media/{media_id}"]["get"]
+    assert {"bearerAuth", "HTTPBearer"} & {name for req in operation.get("security", []) for name in req}
+
+    def schema_for(status: int) -> dict:
+        schema = operation["responses"][str(status)]["content"]["application/json"]["schema"]
+        return {**schema, "components": document["components"]}
+
+    for path, token, status in [("/v1/media/photo-1", orgs["acme"], 200), ("/v1/media/photo-2", orgs["acme"], 404),
+                                ("/v1/media/unknown", orgs["acme"], 404), ("/v1/media/bad%20id", orgs["acme"], 400),
+                                ("/v1/media/photo-1", None, 401)]:
+        answer = server.get(path, token)
+        assert answer.status_code == status
+        jsonschema.validate(answer.json(), schema_for(status),
+                            format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+
+def test_an_object_store_item_comes_with_a_working_presigned_url_valid_at_most_an_hour(
+        serve, database, bucket, s3_endpoint, tmp_path, raw_s3):
+    """On S3 the 200 body carries a fresh presigned URL that fetches the blob and expires within the hour."""
+    from tests.integration.conftest import s3_settings_for
+    from worker.store.s3 import S3Store
+
+    store = S3Store(bucket, PREFIX, endpoint_url=s3_endpoint)
+    catalog = Catalog(database, store, s3_settings_for(tmp_path, database, bucket, s3_endpoint))
+    try:
+        catalog.set_org("acme", "30d")
+        token = ApiKeys(database).create("acme", actor="test").token
+        register(catalog, tmp_path, "acme", "photo-1")
+        server = serve(MEDIA_RETENTION_DATABASE_URL=database.url, MEDIA_RETENTION_STORAGE_URL=f"s3://{bucket}/{PREFIX}",
+                       MEDIA_RETENTION_S3_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="testing",
+                       AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        body = server.get("/v1/media/photo-1", token).json()
+        assert requests.get(body["url"], timeout=10).content == b"photo-1" * 10
+        lifetime = datetime.fromisoformat(body["url_expires_at"]) - datetime.now(timezone.utc)
+        assert timedelta(minutes=55) < lifetime <= timedelta(hours=1)
+        catalog.purge(ids=["photo-1"], actor="test")
+        gone = server.get("/v1/media/photo-1", token)
+        assert gone.status_code == 404 and "url" not in gone.json()
+    finally:
+        store.close()
+
+
+def test_api_keys_are_stored_only_as_a_hash_of_their_secret(catalog):
+    """The database row holds the SHA-256 of the secret, never the secret or the token."""
+    import hashlib
+
+    catalog.set_org("acme", "30d")
+    created = ApiKeys(catalog.db).create("acme", actor="test")
+    secret = created.token.split("_", 2)[2]
+    with catalog.db.transaction() as session:
+        row = session.get(ApiKey, created.key.id)
+        values = [str(getattr(row, column.name)) for column in ApiKey.__table__.columns]
+    assert row.secret_sha256 == hashlib.sha256(secret.encode()).hexdigest()
+    assert not any(secret in value for value in values)

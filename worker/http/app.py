@@ -1,0 +1,279 @@
+"""`GET /v1/media/{id}` for upstream services in any language, scoped by org API keys.
+
+The app renders what one seam answers (`MediaLookup.find_for_org`): the item while active (200),
+its tombstone once claimed or deleted, or nothing (404 either way). Another org's media is answered
+exactly like media never seen, so a key cannot even learn that an ID exists elsewhere.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Literal, Protocol
+
+import structlog
+from fastapi import Depends, FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from worker.errors import BadInput
+
+log = structlog.get_logger("worker.http")
+
+# Lookups are one primary-key read: most answer in a few milliseconds, so the buckets are fine at the
+# low end and stop at 5 s, past any timeout a caller would keep waiting.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class FoundItem(Protocol):
+    def to_dict(self) -> dict: ...
+
+
+class Found:
+    """What the seam answers: `item` (a dict) while active, else `gone` (reason, deleted_at, state)."""
+
+    def __init__(self, *, item: dict | None = None, gone: dict | None = None, key: str | None = None):
+        self.item, self.gone, self.key = item, gone, key
+
+
+class MediaLookup(Protocol):
+    """The one question the HTTP layer asks the engine."""
+
+    def find_for_org(self, org: str, media_id: str) -> Found | None: ...
+
+    def presigned_url(self, key: str) -> tuple[str, datetime] | None: ...
+
+
+class KeyCheck(Protocol):
+    def authenticate(self, token: str | None) -> str | None: ...
+
+
+# -- response bodies (they are the OpenAPI description's schemas) ------------------------------------
+
+
+class MediaItemBody(BaseModel):
+    id: str
+    org: str
+    key: str
+    size: int
+    mime: str | None
+    sha256: str | None
+    created_at: datetime
+    ttl_seconds: int | None
+    expires_at: datetime
+    state: Literal["active"]
+    held: bool
+    # A presigned GET URL on an object store (null on a filesystem store), valid until url_expires_at.
+    url: str | None = None
+    url_expires_at: datetime | None = None
+
+
+class GoneBody(BaseModel):
+    id: str
+    status: Literal[404]
+    error: Literal["gone"]
+    reason: str | None
+    deleted_at: datetime
+    state: Literal["deleting", "deleted"]
+
+
+class NotFoundBody(BaseModel):
+    id: str
+    status: Literal[404]
+    error: Literal["not_found"]
+
+
+class ErrorBody(BaseModel):
+    status: int
+    error: str
+    message: str
+
+
+class HealthBody(BaseModel):
+    status: str
+
+
+def _error(status: int, error: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"status": status, "error": error, "message": message}, status_code=status, headers=headers)
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+# -- metrics and the access log ------------------------------------------------------------------------
+
+
+class _Instrumented:
+    """Counts and times every request by route template (never by raw path: IDs would explode the series),
+    and writes the access log line: method, route, status, duration, org — never a header."""
+
+    def __init__(self, app, registry: CollectorRegistry):
+        self.app = app
+        self.requests = Counter("media_retention_http_requests_total", "HTTP requests answered, by route and status.",
+                                ["method", "route", "status"], registry=registry)
+        self.latency = Histogram("media_retention_http_request_duration_seconds", "Time to answer an HTTP request.",
+                                 ["method", "route"], buckets=LATENCY_BUCKETS, registry=registry)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.requests.labels(scope["method"], route, str(status)).inc()
+            self.latency.labels(scope["method"], route).observe(elapsed)
+            state = scope.get("state") or {}
+            log.info("http.request", method=scope["method"], route=route, path=scope["path"], status=status,
+                     duration_ms=round(elapsed * 1000, 2), org=state.get("org"))
+
+
+# -- the app -----------------------------------------------------------------------------------------------
+
+
+def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None]) -> FastAPI:
+    """The ASGI app. `ping` raises when the database is unreachable (for /readyz)."""
+    app = FastAPI(
+        title="media-retention lookup",
+        version="1",
+        description="Look media up by ID with an org-scoped API key: 200 while active, 404 once it expired, "
+                    "was purged, or belongs to another org.",
+    )
+    registry = CollectorRegistry()
+    bearer = HTTPBearer(auto_error=False, description="An org API key from `media-retention apikey create`.")
+
+    def authenticated_org(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+        org = keys.authenticate(credentials.credentials if credentials else None)
+        if org is None:
+            raise _Unauthorized()
+        request.scope.setdefault("state", {})["org"] = org
+        return org
+
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(_request, _exc) -> JSONResponse:
+        return _error(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>.",
+                      headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(BadInput)
+    async def bad_input(_request, exc: BadInput) -> JSONResponse:
+        return _error(400, "bad_request", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_request, _exc) -> JSONResponse:
+        return _error(400, "bad_request", "the request is malformed.")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, "not_found" if exc.status_code == 404 else "http_error", str(exc.detail),
+                      headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(_request, exc: Exception) -> JSONResponse:
+        # The type only: a driver's message can quote a connection URL.
+        log.error("http.server_error", error_type=type(exc).__name__)
+        return _error(500, "internal_error", "the lookup failed; see the service log.")
+
+    @app.get(
+        "/v1/media/{media_id}",
+        response_model=MediaItemBody,
+        summary="Look up a media item",
+        responses={
+            400: {"model": ErrorBody, "description": "The ID is malformed."},
+            401: {"model": ErrorBody, "description": "No API key, or one that is unknown or revoked."},
+            404: {"model": GoneBody | NotFoundBody,
+                  "description": "Gone (claimed for deletion or deleted), never seen, or another org's."},
+        },
+    )
+    def get_media(media_id: str = Path(description="The media ID (1-128 of A-Za-z0-9._-)."),
+                  org: str = Depends(authenticated_org)):
+        found = lookup.find_for_org(org, media_id)
+        if found is None:
+            return JSONResponse({"id": media_id, "status": 404, "error": "not_found"}, status_code=404)
+        if found.gone is not None:
+            return JSONResponse({"id": media_id, "status": 404, "error": "gone", **found.gone}, status_code=404)
+        body = dict(found.item)
+        signed = lookup.presigned_url(found.key)
+        if signed is not None:
+            body["url"], body["url_expires_at"] = signed[0], signed[1].isoformat()
+        return body
+
+    @app.get("/healthz", response_model=HealthBody, summary="The process is up")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=HealthBody, summary="The database is reachable",
+             responses={503: {"model": ErrorBody, "description": "The database cannot be reached."}})
+    def readyz():
+        try:
+            ping()
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the database means "not ready"
+            log.warning("http.not_ready", error_type=type(exc).__name__)
+            return _error(503, "unavailable", "the catalog database cannot be reached.")
+        return {"status": "ready"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return _with_middleware(app, registry)
+
+
+def _with_middleware(app: FastAPI, registry: CollectorRegistry) -> FastAPI:
+    app.add_middleware(_Instrumented, registry=registry)
+    return app
+
+
+# -- the seam on today's catalog ------------------------------------------------------------------------------
+
+
+class CatalogMediaLookup:
+    """`find_for_org` on the catalog's database and store."""
+
+    def __init__(self, db, store, presign_ttl: timedelta):
+        self.db, self.store, self.presign_ttl = db, store, presign_ttl
+
+    def find_for_org(self, org: str, media_id: str) -> Found | None:
+        from worker.models import MediaItem, State
+        from worker.store.keys import validate_id
+
+        validate_id(media_id)
+        with self.db.transaction() as session:
+            row = session.get(MediaItem, media_id)
+        if row is None or row.org_id != org:
+            return None
+        if row.state != State.ACTIVE.value:
+            return Found(gone={"reason": row.deletion_reason, "deleted_at": (row.deleted_at or row.claimed_at).isoformat(),
+                               "state": row.state})
+        return Found(item=row.to_dict(), key=row.storage_key)
+
+    def presigned_url(self, key: str) -> tuple[str, datetime] | None:
+        if not self.store.can_presign:
+            return None
+        seconds = int(self.presign_ttl.total_seconds())
+        return self.store.presigned_url(key, seconds), datetime.now(timezone.utc) + timedelta(seconds=seconds)
+
+
+def database_ping(db) -> Callable[[], None]:
+    def ping() -> None:
+        with db.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    return ping
