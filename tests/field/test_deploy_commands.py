@@ -15,7 +15,7 @@ import re
 import shlex
 import socket
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -53,6 +53,8 @@ class Deployed:
     def role(self) -> str:
         if Path(self.argv[0]).name == "media-retention" and self.argv[1:] == ["db", "upgrade"]:
             return "upgrade"
+        if Path(self.argv[0]).name == "media-retention" and self.argv[1:2] == ["serve"]:
+            return "serve"
         if Path(self.argv[0]).name == "celery" and self.argv[1:3] == ["-A", "worker.app"]:
             return self.argv[3]
         raise AssertionError(f"{self.source}: not a command of ours: {self.argv}")
@@ -91,9 +93,10 @@ def from_compose() -> list[Deployed]:
         if not str(service.get("image", "")).startswith("media-retention:"):
             continue
         env = {**built["env"], **{key: _interpolate(str(value)) for key, value in service.get("environment", {}).items()}}
-        disabled = service.get("healthcheck", {}).get("disable", False)
-        deployed.append(Deployed(f"compose {name}", service["command"], env, built["workdir"],
-                                 healthcheck=None if disabled else built["healthcheck"]))
+        own = service.get("healthcheck", {})
+        # A service's own `test` replaces the image's HEALTHCHECK, as compose does.
+        healthcheck = None if own.get("disable", False) else own["test"][1:] if "test" in own else built["healthcheck"]
+        deployed.append(Deployed(f"compose {name}", service["command"], env, built["workdir"], healthcheck=healthcheck))
     return deployed
 
 
@@ -178,6 +181,14 @@ def _prepare(deployed: Deployed, number: int, *, base: Path, installed: Installe
                MEDIA_RETENTION_STORAGE_URL=media.as_uri(), MEDIA_RETENTION_SWEEP_INTERVAL="1s")
     for directory in deployed.make_dirs:
         Path(directory).mkdir(parents=True, exist_ok=True)
+    if deployed.role == "serve":
+        # The file's port (8080) may be taken on this machine: each server gets a free one, its
+        # health check asks that one.
+        port = free_port()
+        given = deployed.argv[deployed.argv.index("--port") + 1]
+        deployed = replace(deployed, argv=[str(port) if part == given else part for part in deployed.argv],
+                           healthcheck=[part.replace(f":{given}/", f":{port}/") for part in deployed.healthcheck]
+                           if deployed.healthcheck else None)
     cwd = Path(deployed.cwd.replace(IMAGE_DATA_DIR, str(data)))
     cwd.mkdir(parents=True, exist_ok=True)
     return Started(deployed, name, {**installed.env(), **env}, cwd, database, port)
@@ -193,6 +204,7 @@ def test_every_deploy_command_starts_from_the_installed_venv(installed, fresh_sc
                 *from_systemd(instance, tmp_path / "state", tmp_path / "runtime")]
     roles = [d.role for d in deployed]
     assert roles.count("upgrade") >= 4 and roles.count("worker") >= 4 and roles.count("beat") >= 3, roles
+    assert roles.count("serve") >= 3, roles
     assert len(deployed) <= 15, "each process needs a Redis database of its own (1-15)"
     started = [_prepare(d, n, base=tmp_path, installed=installed, database_url=fresh_schema, redis_url=redis_server.url,
                         media=media) for n, d in enumerate(deployed)]
@@ -210,12 +222,14 @@ def test_every_deploy_command_starts_from_the_installed_venv(installed, fresh_sc
         for process, one in zip(upgrades, [s for s in started if s.deployed.role == "upgrade"]):
             assert process.wait(timeout=120) == 0, f"{one.deployed.source}:\n{processes.log(one.name)}"
 
-        services = [one for one in started if one.deployed.role in ("worker", "beat")]
+        services = [one for one in started if one.deployed.role in ("worker", "beat", "serve")]
         for one in services:
             processes.start(one.name, one.deployed.argv, env=one.env, cwd=one.cwd)
         for one in services:
             if one.deployed.role == "worker":
                 _check_worker(one, installed, processes)
+            elif one.deployed.role == "serve":
+                _check_serve(one, processes)
             else:
                 _check_beat(one, redis_server, processes)
     finally:
@@ -257,6 +271,20 @@ def _scrape(port: int) -> str | None:
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     except OSError:
         return None
+
+
+def _check_serve(one: Started, processes: Processes) -> None:
+    """The lookup service answers /readyz (catalog reachable) and its probes and health check pass."""
+    def ready() -> bool:
+        processes.assert_alive(one.name)
+        return _get(one.port, "/readyz") == 200
+
+    wait_until(ready, 60, f"{one.deployed.source} /readyz on port {one.port}", interval=0.3)
+    for path in one.deployed.http_probes:
+        assert _get(one.port, path) == 200, f"{one.deployed.source}: probe {path}"
+    if one.deployed.healthcheck:
+        checked = run(one.deployed.healthcheck, env=one.env, cwd=one.cwd)
+        assert checked.returncode == 0, f"{one.deployed.source} health check: {checked.stdout}{checked.stderr}"
 
 
 def _get(port: int, path: str) -> int | None:

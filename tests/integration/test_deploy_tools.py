@@ -95,7 +95,7 @@ def test_the_kubernetes_manifests_are_valid_against_the_kubernetes_schemas_stric
     """Every document validates against the bundled OpenAPI schemas, unknown fields refused (strict)."""
     documents = [doc for doc in yaml.safe_load_all((DEPLOY / "kubernetes" / "media-retention.yaml").read_text()) if doc]
     kinds = [doc["kind"] for doc in documents]
-    assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Deployment"]
+    assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Deployment", "Deployment", "Service"]
     for document in documents:
         kubernetes_validate.validate(document, version, strict=True)
 
@@ -107,10 +107,10 @@ def test_docker_compose_renders_the_stack_and_minio_only_in_the_s3_profile():
     assert rendered.returncode == 0, rendered.stderr
     services = yaml.safe_load(rendered.stdout)["services"]
     by_default = {name for name, service in services.items() if not service.get("profiles")}
-    assert by_default == {"postgres", "redis", "alertmanager", "migrate", "worker", "beat"}
+    assert by_default == {"postgres", "redis", "alertmanager", "migrate", "worker", "beat", "lookup"}
     assert {name: services[name]["profiles"] for name in set(services) - by_default} == {"minio": ["s3"],
                                                                                           "minio-bucket": ["s3"]}
-    for name in ("migrate", "worker", "beat"):
+    for name in ("migrate", "worker", "beat", "lookup"):
         environment = services[name]["environment"]
         assert environment["MEDIA_RETENTION_ALERTMANAGER_URL"] == "http://alertmanager:9093"
         assert environment["MEDIA_RETENTION_STORAGE_URL"] == "file:///mnt/wa/media"
@@ -126,5 +126,5 @@ def test_systemd_analyze_verifies_the_units_with_the_commands_they_run(tmp_path)
         (tmp_path / unit.name).write_text(unit.read_text().replace("/opt/media-retention/.venv", str(venv)))
     (tmp_path / "media-retention-worker@9801.service").symlink_to(tmp_path / "media-retention-worker@.service")
     verified = run(analyze, "verify", "--man=no", "./media-retention-beat.service", "./media-retention-worker@9801.service",
-                   cwd=tmp_path)
+                   "./media-retention-serve.service", cwd=tmp_path)
     assert (verified.returncode, verified.stdout + verified.stderr) == (0, "")

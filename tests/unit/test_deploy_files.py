@@ -53,6 +53,7 @@ def test_deploy_files_parse_and_run_the_worker_beat_and_schema_commands():
     assert any("worker.app worker" in command for command in joined)
     assert any("worker.app beat" in command for command in joined)
     assert any(command.startswith("media-retention db upgrade") for command in joined)
+    assert any(command.startswith("media-retention serve") for command in joined)
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
