@@ -282,3 +282,76 @@ def test_api_keys_are_stored_only_as_a_hash_of_their_secret(catalog):
         values = [str(getattr(row, column.name)) for column in ApiKey.__table__.columns]
     assert row.secret_sha256 == hashlib.sha256(secret.encode()).hexdigest()
     assert not any(secret in value for value in values)
+
+
+class Relay:
+    """A TCP relay to the database that the test can cut and restore: an outage without touching the server."""
+
+    def __init__(self, upstream: tuple[str, int], port: int = 0):
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", port), reuse_port=False)
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.listener.fileno() == -1:
+                client.close()
+                return
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            for source, target in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, target):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        # shutdown first: a bare close() does not wake the thread blocked in accept(), which keeps listening.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        for connection in self.sockets:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            connection.close()
+
+
+def test_readyz_answers_503_while_the_database_is_unreachable_and_200_again_after(serve, pg_database, media_root):
+    """Cut the connection to PostgreSQL: /readyz turns 503 (healthz stays 200), and recovers with the database."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_database.url)
+    relay = Relay((url.host, url.port or 5432))
+    server = serve(MEDIA_RETENTION_DATABASE_URL=url.set(host="127.0.0.1", port=relay.port).render_as_string(hide_password=False),
+                   MEDIA_RETENTION_STORAGE_URL=media_root.as_uri())
+    assert server.get("/readyz").status_code == 200
+    relay.cut()
+    not_ready = server.get("/readyz")
+    assert not_ready.status_code == 503 and not_ready.json()["error"] == "unavailable"
+    assert server.get("/healthz").status_code == 200
+    relay = Relay((url.host, url.port or 5432), port=relay.port)
+    try:
+        assert server.get("/readyz").status_code == 200
+    finally:
+        relay.cut()
