@@ -171,10 +171,25 @@ def org() -> None:
 @click.argument("org_id", metavar="ORG")
 @click.option("--retention", help="Retention period, e.g. 90d, 2w, P30D (at least 1h).")
 @click.option("--by", "actor", help="Who makes the change (recorded; default: the OS user).")
+@click.option("--dry-run", is_flag=True, help="Only show what the new --retention would make due at the next sweep.")
 @json_option
 @with_catalog
-def org_set(catalog: Catalog, org_id: str, retention: str | None, actor: str | None, out: Output) -> None:
+def org_set(catalog: Catalog, org_id: str, retention: str | None, actor: str | None, dry_run: bool, out: Output) -> None:
     """Create ORG or change its retention (applies to stored items from the next sweep)."""
+    if dry_run:
+        from worker.policy_preview import preview_retention
+
+        preview = preview_retention(catalog.db, org_id, retention)
+        if out.as_json:
+            out.result(preview.to_dict())
+            return
+        echo(f"dry run: nothing was changed. Retention of {preview.org}: {preview.retention} -> {preview.new_retention}")
+        echo(f"due at the next sweep:  {preview.due} items ({preview.due_bytes} bytes), "
+             f"{preview.newly_due} of them ({preview.newly_due_bytes} bytes) because of this change")
+        echo(f"kept longer:            {preview.kept_longer} items")
+        echo(f"held (not deleted):     {preview.held} items that would be due" + (" (the org is on hold)" if preview.org_held else ""))
+        echo(f"with their own TTL:     {preview.ttl_items} items (the retention does not apply to them)")
+        return
     out.result(catalog.set_org(org_id, retention, actor=actor))
 
 
