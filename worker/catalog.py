@@ -350,7 +350,9 @@ class Catalog:
                 if not result.ok:
                     log.error("register.cleanup_failed", key=result.key, error=result.error)
 
-    def _insert(self, new_items: Sequence[_NewItem]) -> list[dict]:
+    def _insert(self, new_items: Sequence[_NewItem], audit: dict | None = None) -> list[dict]:
+        """Insert the rows in one transaction; with `audit` (action, actor, details), one audit event per
+        org in the same transaction, counting that org's rows: the trail of an import is exactly what committed."""
         with self.db.transaction() as session:
             now = session.scalar(select(db_now()))
             policies = self._org_policies(session, {item.org for item in new_items}, lock=True)
@@ -376,6 +378,16 @@ class Catalog:
                     }
                 )
             session.execute(insert(MediaItem), rows)
+            if audit is not None:
+                by_org: dict[str, list[dict]] = {}
+                for row in rows:
+                    by_org.setdefault(row["org_id"], []).append(row)
+                session.execute(insert(AuditEvent.__table__), [
+                    {"action": audit["action"], "actor": audit["actor"], "org_id": org_id,
+                     "details": {**audit.get("details", {}), "count": len(org_rows),
+                                 "bytes": sum(row["size_bytes"] for row in org_rows)}}
+                    for org_id, org_rows in sorted(by_org.items())
+                ])
         return [self._public(row) for row in rows]
 
     @staticmethod
@@ -393,14 +405,14 @@ class Catalog:
             "state": row["state"],
         }
 
-    def _register_batch(self, new_items: Sequence[_NewItem]) -> list[dict]:
+    def _register_batch(self, new_items: Sequence[_NewItem], audit: dict | None = None) -> list[dict]:
         """Store blobs, then insert rows in one transaction; on any failure remove the blobs written."""
         with self.db.transaction() as session:
             self._org_policies(session, {item.org for item in new_items}, lock=False)
             self._check_free(session, new_items)
         written = self._store_blobs(new_items)
         try:
-            return self._insert(new_items)
+            return self._insert(new_items, audit)
         except IntegrityError:
             self._discard(written)
             raise BadInput("a media id or storage key in this request was registered concurrently; nothing was imported.") from None
@@ -576,6 +588,7 @@ class Catalog:
                          now: datetime) -> dict:
         summary = {"imported": 0, "already_registered": 0, "bytes": 0, "manifest": str(path)}
         batch: list[_NewItem] = []
+        actor = validation.actor(default_actor())
 
         def flush() -> None:
             explicit = [item.id for item in batch if item.id is not None]
@@ -588,7 +601,8 @@ class Catalog:
                     if item.source is not None:
                         item.key = key_for_id(item.id)
             if fresh:
-                summary["bytes"] += sum(row["size"] for row in self._register_batch(fresh))
+                audit = {"action": "import", "actor": actor, "details": {"manifest": path.name}}
+                summary["bytes"] += sum(row["size"] for row in self._register_batch(fresh, audit))
             summary["imported"] += len(fresh)
             summary["already_registered"] += len(batch) - len(fresh)
             batch.clear()
@@ -718,7 +732,7 @@ class Catalog:
                 found = self._require_items(session, ids)
                 scope = items.c.id.in_(list(found))
             rows = session.execute(
-                select(items.c.id, items.c.state, items.c.held_at, items.c.org_held, items.c.size_bytes).where(scope)
+                select(items.c.id, items.c.org_id, items.c.state, items.c.held_at, items.c.org_held, items.c.size_bytes).where(scope)
             ).all()
         eligible = [r for r in rows if r.state == State.ACTIVE.value and r.held_at is None and not r.org_held]
         summary = {
@@ -732,9 +746,18 @@ class Catalog:
         if dry_run:
             summary["would_delete"] = [r.id for r in eligible[:1000]]
             return summary
+        # One event per org whose media is purged, each naming only that org's IDs: a purge by IDs
+        # that spans orgs never shows one org's media under another in the audit trail.
+        ids_by_org: dict[str, list[str]] = {}
+        for row in rows:
+            ids_by_org.setdefault(row.org_id, [])
+            if not org:
+                ids_by_org[row.org_id].append(row.id)
         with self.db.transaction() as session:
-            session.add(AuditEvent(action="purge", actor=actor, org_id=org, reason=reason,
-                                   details={"ids": list(dict.fromkeys(ids))[:1000], "eligible": len(eligible)}))
+            for org_id, org_ids in sorted(ids_by_org.items()) if not org else [(org, [])]:
+                session.add(AuditEvent(action="purge", actor=actor, org_id=org_id, reason=reason,
+                                       details={"ids": org_ids[:1000],
+                                                "eligible": sum(1 for r in eligible if r.org_id == org_id)}))
         counts = self.sweeper.purge_org(org) if org else self.sweeper.purge_ids([r.id for r in eligible])
         # The pipeline counts what it claimed and deleted; holds were tallied above, per item.
         summary.update({name: value for name, value in counts.to_dict().items() if name != "held_skipped"})

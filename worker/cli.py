@@ -469,6 +469,34 @@ def volume(catalog: Catalog, out: Output) -> None:
     out.result(report.to_dict())
 
 
+# -- the audit trail ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--org", "org_id", help="Only this organization's entries.")
+@click.option("--since", help="Only entries from this time on: ISO-8601, or a duration back from now (7d).")
+@click.option("--action", help="Only this action (deleted, purge, hold, release, org_set, reconcile, import, adopt, ...).")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="Entries per page.")
+@click.option("--before", type=click.IntRange(min=1), help="Page on: only entries older than this entry id.")
+@json_option
+@with_catalog
+def audit(catalog: Catalog, org_id, since, action, limit, before, out: Output) -> None:
+    """The audit trail, newest first: deletions, purges, holds, policy changes, reconciles, imports."""
+    from worker.audit import AuditTrail
+
+    page = AuditTrail(catalog.db).read(org=org_id, since=since, action=action, limit=limit, before=before)
+    for entry in page.entries:
+        if out.as_json:
+            echo(json.dumps(entry.to_dict(), default=str, sort_keys=True))
+            continue
+        details = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in (entry.details or {}).items())
+        echo(f"#{entry.id} {entry.at.isoformat()} {entry.action} by {entry.actor}"
+             + (f" org={entry.org}" if entry.org else "") + (f" media={entry.media_id}" if entry.media_id else "")
+             + (f" reason={json.dumps(entry.reason)}" if entry.reason else "") + (f" {details}" if details else ""))
+    if page.more:
+        echo(f"more entries: add --before {page.next_before}", err=True)
+
+
 # -- the HTTP lookup service and its keys ---------------------------------------------------------
 
 

@@ -315,7 +315,7 @@ class Reconciler:
             return []
         items = MediaItem.__table__
         with self.db.transaction() as session:
-            marked = list(session.scalars(
+            tombstoned = session.execute(
                 update(items)
                 .where(items.c.id.in_(still_missing), items.c.state == State.ACTIVE.value,
                        items.c.held_at.is_(None), items.c.org_held.is_(False),
@@ -324,10 +324,16 @@ class Reconciler:
                                 items.c.missing_since <= db_now(-int(grace.total_seconds())))))
                 .values(state=State.DELETED.value, deletion_reason=Reason.MISSING_BLOB.value, deleted_at=db_now(),
                         claimed_at=db_now())
-                .returning(items.c.id)
-            ))
-            if marked:
-                session.add(AuditEvent(action="reconcile_missing_blob", actor=actor, details={"ids": sorted(marked)}))
+                .returning(items.c.id, items.c.org_id)
+            ).all()
+            marked = [media_id for media_id, _ in tombstoned]
+            # One event per org, naming only its own IDs, so each org's trail shows its own tombstones.
+            ids_by_org: dict[str, list[str]] = {}
+            for media_id, org_id in tombstoned:
+                ids_by_org.setdefault(org_id, []).append(media_id)
+            for org_id, org_ids in sorted(ids_by_org.items()):
+                session.add(AuditEvent(action="reconcile_missing_blob", actor=actor, org_id=org_id, reason=Reason.MISSING_BLOB.value,
+                                       details={"ids": sorted(org_ids), "count": len(org_ids)}))
         report.marked_missing += len(marked)
         for media_id in marked:
             log.warning("reconcile.missing_blob_tombstoned", media_id=media_id, key=keys[media_id])

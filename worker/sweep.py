@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextvars
 import secrets
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -28,12 +29,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import BigInteger, Integer, String, and_, any_, bindparam, func, or_, select, text, update
+from sqlalchemy import BigInteger, Integer, String, and_, any_, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql
 
 from worker import metrics
 from worker.db import Database, db_now, plus_seconds
-from worker.models import MediaItem, Reason, State
+from worker.models import AuditEvent, MediaItem, Reason, State
 from worker.store import BlobStore, DeleteResult
 
 log = structlog.get_logger("worker.sweep")
@@ -140,6 +141,8 @@ class Sweeper:
         self.store = store
         self.lease_seconds = int(claim_lease.total_seconds())
         self.batch_size = batch_size
+        # Who the audit trail names for deletions this process finalizes.
+        self.actor = f"sweeper@{socket.gethostname()}"[:128]
         self._now_sql = self._compile(db_now())
         self._lease_sql = self._compile(db_now(self.lease_seconds))
 
@@ -230,15 +233,31 @@ class Sweeper:
                 ids_by_token: dict[str, list[str]] = {}
                 for item, _ in done:
                     ids_by_token.setdefault(item.token, []).append(item.id)
+                # The rows this statement really tombstoned (still under our claim), for the audit trail.
+                tombstoned: Counter[tuple[str, str]] = Counter()
+                tombstoned_bytes: Counter[tuple[str, str]] = Counter()
                 for token, ids in ids_by_token.items():
                     finalized = session.execute(
                         update(table)
                         .where(self._id_in(table.c.id, ids), table.c.claim_token == token, table.c.state == State.DELETING.value)
                         .values(state=State.DELETED.value, deleted_at=db_now(), lease_until=None, claim_token=None, last_error=None)
-                    )
-                    counts.deleted += finalized.rowcount if finalized.rowcount >= 0 else len(ids)
+                        .returning(table.c.org_id, table.c.deletion_reason, table.c.size_bytes)
+                    ).all()
+                    counts.deleted += len(finalized)
+                    for org_id, reason, size in finalized:
+                        tombstoned[(org_id, reason)] += 1
+                        tombstoned_bytes[(org_id, reason)] += size
                 counts.already_missing = sum(1 for _, result in done if result.missing)
                 counts.bytes_freed = sum(item.size_bytes for item, result in done if not result.missing)
+                # Counts by org and reason, in the finalize's own transaction: the trail records exactly the
+                # deletions that committed (a finalize lost in a crash loses its audit rows with it, and the
+                # sweep that finishes those items records them then).
+                if tombstoned:
+                    session.execute(insert(AuditEvent.__table__), [
+                        {"action": "deleted", "actor": self.actor, "org_id": org_id, "reason": reason,
+                         "details": {"count": count, "bytes": tombstoned_bytes[(org_id, reason)]}}
+                        for (org_id, reason), count in sorted(tombstoned.items())
+                    ])
             if failed:
                 session.execute(
                     update(table)

@@ -97,11 +97,11 @@ def test_the_same_manifest_succeeds_again_after_a_crash_mid_import(catalog, acme
     real_insert = Catalog._insert
     calls = []
 
-    def killed_on_second_batch(self, items):
+    def killed_on_second_batch(self, items, *rest):
         calls.append(len(items))
         if len(calls) == 2:
             raise SystemExit("SIGKILL")
-        return real_insert(self, items)
+        return real_insert(self, items, *rest)
 
     monkeypatch.setattr(Catalog, "_insert", killed_on_second_batch)
     monkeypatch.setattr(Catalog, "_discard", lambda self, keys: None)  # a killed process cleans nothing up
