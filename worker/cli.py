@@ -469,6 +469,49 @@ def volume(catalog: Catalog, out: Output) -> None:
     out.result(report.to_dict())
 
 
+# -- adopting a store without a catalog -------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--org", "org_id", required=True, help="The organization the adopted media belongs to (must exist).")
+@click.option("--ttl", help="Give every adopted item this TTL (1h to 30d) instead of the org's retention.")
+@click.option("--under", help="Only blobs under this key prefix (a directory of the volume, a prefix of the bucket).")
+@click.option("--grace", default="10m", show_default=True,
+              help="Leave blobs modified more recently than this alone: an upstream service may still be writing them.")
+@click.option("--dry-run", is_flag=True, help="Only count what would be adopted and what the next sweep would then delete.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--by", "actor", help="Who adopts (recorded; default: the OS user).")
+@json_option
+@with_catalog
+def adopt(catalog: Catalog, org_id, ttl, under, grace, dry_run, yes, actor, out: Output) -> None:
+    """Register every blob in the store the catalog does not know, created_at from its modification time."""
+    from worker.adopt import Adopter
+    from worker.policy import parse_ttl
+
+    ttl_value = parse_ttl(ttl) if ttl is not None else None
+    grace_value = parse_duration(grace)
+    actor = validation.actor(actor or default_actor())
+
+    def report(summary) -> None:
+        out.progress(f"adopt: listed {summary.listed} blobs, {summary.known} known, "
+                     f"{summary.adopted} {'to adopt' if summary.dry_run else 'adopted'} ({summary.adopted_bytes} bytes)")
+
+    adopter = Adopter(catalog, progress=report)
+    options = dict(org=org_id, ttl=ttl_value, under=under, grace=grace_value, actor=actor)
+    if dry_run or not yes:
+        preview = adopter.run(**options, dry_run=True)
+        if dry_run:
+            out.result(preview.to_dict(), title=None if out.as_json else "dry run: nothing was registered")
+            return
+        what = (f"adopt {preview.adopted} blobs ({preview.adopted_bytes} bytes) into {org_id}; "
+                f"{preview.due} of them ({preview.due_bytes} bytes) are already past their retention and the next sweep deletes them")
+        if not sys.stdin.isatty():
+            raise BadInput(f"this would {what}; pass --yes to confirm or --dry-run to preview.")
+        if not click.confirm(f"This will {what}. Continue?", err=True):
+            raise click.Abort()
+    out.result(adopter.run(**options).to_dict())
+
+
 # -- the audit trail ------------------------------------------------------------------------------
 
 

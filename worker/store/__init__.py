@@ -29,6 +29,13 @@ class BlobInfo:
     size: int
     # When the blob was last written; reconciliation leaves blobs younger than its grace alone.
     modified: datetime | None = None
+    # Its modification time as the store reports it (filesystem st_mtime; S3 LastModified, which is
+    # `modified` too): what `adopt` takes for the creation time of media that has no catalog row.
+    mtime: datetime | None = None
+
+    @property
+    def modification_time(self) -> datetime | None:
+        return self.mtime or self.modified
 
 
 @dataclass(frozen=True)

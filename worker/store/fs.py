@@ -243,7 +243,8 @@ class FilesystemStore(BlobStore):
                     if temporary:
                         yield PartialUpload(key=key, started=_written_at(info), size=info.st_size)
                     else:
-                        yield BlobInfo(key=key, size=info.st_size, modified=_written_at(info))
+                        yield BlobInfo(key=key, size=info.st_size, modified=_written_at(info),
+                                       mtime=datetime.fromtimestamp(info.st_mtime, timezone.utc))
         finally:
             os.close(dir_fd)
 

@@ -1,0 +1,129 @@
+"""`adopt`: take over a media volume (or bucket) that has no catalog.
+
+Every blob the catalog does not know becomes an item of one org, `created_at` its modification
+time, so media already past its retention is deleted by the next sweep (the command says how much
+before anything is registered). Streaming: the store's listing is read in pages of ADOPT_BATCH
+keys, each page checked against the catalog with one query and registered in one transaction, so
+memory stays flat on millions of files. Idempotent and resumable: a key the catalog knows is
+skipped, so a re-run after a crash registers only the rest.
+
+Never adopted: leftovers of uploads in flight (the filesystem store's `.incoming-*` files and S3's
+unfinished multipart uploads, which listings leave out), blobs modified within the grace (an
+upstream service may still be writing them), and keys the catalog cannot hold (control characters).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import select
+
+from worker.catalog import Catalog, _NewItem
+from worker.db import db_now
+from worker.errors import BadInput, NotFound
+from worker.models import MediaItem, Organization
+from worker.store import BlobInfo
+from worker.store.keys import validate_id, validate_key, validate_new_key
+
+log = structlog.get_logger("worker.adopt")
+
+# Keys per catalog query and per registering transaction: one `IN` list and one insert of this many
+# rows take milliseconds, and a failed batch is cheap to redo.
+ADOPT_BATCH = 500
+# Progress is reported this often (seconds), whatever the listing's pace.
+PROGRESS_EVERY_S = 5.0
+
+
+@dataclass
+class AdoptSummary:
+    org: str
+    dry_run: bool
+    listed: int = 0  # blobs under --under
+    known: int = 0  # already in the catalog (live or tombstone): left alone
+    adopted: int = 0  # registered (dry run: would be)
+    adopted_bytes: int = 0
+    due: int = 0  # of those, already past their retention/TTL: the next sweep deletes them
+    due_bytes: int = 0
+    too_young: int = 0  # modified within the grace: possibly still being written
+    unusable_keys: int = 0  # keys the catalog cannot hold
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Adopter:
+    def __init__(self, catalog: Catalog, *, progress: Callable[[AdoptSummary], None] | None = None):
+        self.catalog = catalog
+        self.progress = progress or (lambda summary: None)
+
+    def run(self, *, org: str, ttl: timedelta | None = None, under: str | None = None, grace: timedelta,
+            dry_run: bool = False, actor: str) -> AdoptSummary:
+        validate_id(org, "organization id")
+        prefix = validate_key(under.strip("/")) + "/" if under else ""
+        db = self.catalog.db
+        with db.transaction() as session:
+            target = session.get(Organization, org)
+            if target is None:
+                raise NotFound(f"organization {org!r} does not exist; create it with `media-retention org set {org}` first.")
+            retention = timedelta(seconds=target.retention_seconds)
+            org_held = target.held_at is not None
+            now = session.scalar(select(db_now()))
+        lifetime = ttl if ttl is not None else retention
+        summary = AdoptSummary(org=org, dry_run=dry_run)
+        last_progress = time.monotonic()
+        for page in self._pages(prefix):
+            summary.listed += len(page)
+            with db.transaction() as session:
+                known = set(session.scalars(select(MediaItem.storage_key).where(MediaItem.storage_key.in_([b.key for b in page]))))
+            summary.known += len(known)
+            fresh: list[_NewItem] = []
+            for blob in page:
+                if blob.key in known:
+                    continue
+                # The modification time, not the later change time reconcile judges by: every write
+                # moves it, so a file still being written is always young, while a volume copied with
+                # its times kept (`cp -p`, rsync -t) keeps the ages its media really has.
+                written = blob.modification_time
+                if written is None or written > now - grace:
+                    summary.too_young += 1
+                    continue
+                try:
+                    key = validate_new_key(blob.key)
+                except BadInput:
+                    summary.unusable_keys += 1
+                    continue
+                created = min(written, now)
+                fresh.append(_NewItem(id=secrets.token_urlsafe(18), org=org, key=key, source=None, ttl=ttl,
+                                      created_at=created, mime=mimetypes.guess_type(key)[0] or "application/octet-stream",
+                                      sha256=None, size=blob.size))
+                if created + lifetime <= now and not org_held:
+                    summary.due += 1
+                    summary.due_bytes += blob.size
+            if fresh and not dry_run:
+                self.catalog._insert(fresh, {"action": "adopt", "actor": actor,
+                                             "details": {"under": prefix or None, "ttl_seconds": int(ttl.total_seconds()) if ttl else None}})
+            summary.adopted += len(fresh)
+            summary.adopted_bytes += sum(item.size for item in fresh)
+            if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
+                self.progress(summary)
+                last_progress = time.monotonic()
+        log.info("adopt.finished", **summary.to_dict())
+        return summary
+
+    def _pages(self, prefix: str) -> Iterator[list[BlobInfo]]:
+        page: list[BlobInfo] = []
+        for blob in self.catalog.store.iter_keys():
+            if not isinstance(blob, BlobInfo) or not blob.key.startswith(prefix):
+                continue
+            page.append(blob)
+            if len(page) == ADOPT_BATCH:
+                yield page
+                page = []
+        if page:
+            yield page
