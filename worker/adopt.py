@@ -61,6 +61,8 @@ class Adopter:
     def __init__(self, catalog: Catalog, *, progress: Callable[[AdoptSummary], None] | None = None):
         self.catalog = catalog
         self.progress = progress or (lambda summary: None)
+        # Seconds between progress reports: a bar on a terminal wants every page (0), a log every few seconds.
+        self.progress_every = PROGRESS_EVERY_S
 
     def run(self, *, org: str, ttl: timedelta | None = None, under: str | None = None, grace: timedelta,
             dry_run: bool = False, actor: str) -> AdoptSummary:
@@ -110,7 +112,7 @@ class Adopter:
                                              "details": {"under": prefix or None, "ttl_seconds": int(ttl.total_seconds()) if ttl else None}})
             summary.adopted += len(fresh)
             summary.adopted_bytes += sum(item.size for item in fresh)
-            if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
+            if time.monotonic() - last_progress >= self.progress_every:
                 self.progress(summary)
                 last_progress = time.monotonic()
         log.info("adopt.finished", **summary.to_dict())

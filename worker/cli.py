@@ -55,7 +55,33 @@ class Output:
                 echo(f"{name}: {value}")
 
     def progress(self, message: str) -> None:
-        echo(message, err=True)
+        """Where a long command is: one line rewritten in place on a terminal, a log event otherwise
+        (a log collector gets periodic counts, not carriage returns)."""
+        if sys.stderr.isatty():
+            click.echo("\r\033[K" + redact_text(message), err=True, nl=False)
+        else:
+            log.info("cli.progress", progress=message)
+
+
+class ProgressBar:
+    """click's progress bar on a terminal, for work whose total is known; periodic log events otherwise."""
+
+    def __init__(self, event: str, total: int, label: str):
+        self.event, self.total, self.done = event, total, 0
+        self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) if sys.stderr.isatty() else None
+        if self.bar is not None:
+            self.bar.__enter__()
+
+    def update(self, done: int, **counts) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.done)
+        else:
+            log.info(self.event, done=done, total=self.total, **counts)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
 
 
 def echo(message: str, err: bool = False) -> None:
@@ -500,6 +526,8 @@ def adopt(catalog: Catalog, org_id, ttl, under, grace, dry_run, yes, actor, out:
     options = dict(org=org_id, ttl=ttl_value, under=under, grace=grace_value, actor=actor)
     if dry_run or not yes:
         preview = adopter.run(**options, dry_run=True)
+        if sys.stderr.isatty():
+            click.echo("", err=True)  # end the progress line
         if dry_run:
             out.result(preview.to_dict(), title=None if out.as_json else "dry run: nothing was registered")
             return
@@ -509,6 +537,16 @@ def adopt(catalog: Catalog, org_id, ttl, under, grace, dry_run, yes, actor, out:
             raise BadInput(f"this would {what}; pass --yes to confirm or --dry-run to preview.")
         if not click.confirm(f"This will {what}. Continue?", err=True):
             raise click.Abort()
+        # The counting pass gave the total: the real pass shows a bar of it.
+        bar = ProgressBar("adopt.progress", preview.listed, "adopting")
+        adopter.progress = lambda summary: bar.update(summary.listed, adopted=summary.adopted, known=summary.known)
+        adopter.progress_every = 0 if bar.bar is not None else adopter.progress_every
+        try:
+            summary = adopter.run(**options)
+        finally:
+            bar.close()
+        out.result(summary.to_dict())
+        return
     out.result(adopter.run(**options).to_dict())
 
 
