@@ -37,8 +37,10 @@ class Output:
 
     def __init__(self, as_json: bool):
         self.as_json = as_json
+        self.line_open = False
 
     def result(self, data: dict, title: str | None = None) -> None:
+        self.end_progress()
         if self.as_json:
             echo(json.dumps(data, default=str, sort_keys=True))
             return
@@ -59,8 +61,19 @@ class Output:
         (a log collector gets periodic counts, not carriage returns)."""
         if sys.stderr.isatty():
             click.echo("\r\033[K" + redact_text(message), err=True, nl=False)
+            self.line_open = True
         else:
             log.info("cli.progress", progress=message)
+
+    def end_progress(self) -> None:
+        """Finish a progress line on a terminal, so what follows starts on a line of its own."""
+        if self.line_open:
+            click.echo("", err=True)
+            self.line_open = False
+
+    def notice(self, message: str) -> None:
+        """A sentence for the operator on stderr (not a result, not progress)."""
+        echo(message, err=True)
 
 
 class ProgressBar:
@@ -154,7 +167,7 @@ def run(loglevel: str | None, out: Output) -> None:
         revision = schema.upgrade(catalog.db)
     finally:
         catalog.close()
-    out.progress(
+    out.notice(
         f"media-retention: data dir {current.data_dir}, schema {revision}, store {redact_url(current.storage_url)}, "
         f"sweeping every {int(current.sweep_interval.total_seconds())}s"
     )
@@ -250,6 +263,7 @@ def register(catalog: Catalog, org_id, file, key, media_id, ttl, created_at, mim
         try:
             summary = catalog.register_manifest(manifest, progress=lambda n: out.progress(f"imported {n} items"))
         except ManifestError as exc:
+            out.end_progress()
             for error in exc.errors[:100]:
                 echo(f"media-retention: {manifest}: line {error.line}: {error.message}", err=True)
             if exc.bad_lines > 100:
@@ -435,6 +449,7 @@ def verify(catalog: Catalog, grace: str, stuck_after: str | None, examples: int,
     stuck_value = parse_duration(stuck_after) if stuck_after is not None else default_stuck_after(settings().sweep_interval)
     report = Verifier(catalog.db, catalog.store, progress=out.progress).run(
         grace=grace_value, stuck_after=stuck_value, max_examples=examples)
+    out.end_progress()
     if out.as_json:
         out.result(report.to_dict())
     else:
@@ -491,7 +506,7 @@ def volume(catalog: Catalog, out: Output) -> None:
 
     report = VolumeMonitor.for_catalog(catalog).status()
     if report.message:
-        out.progress(f"media-retention: {_sentence(report.message)}")
+        out.notice(f"media-retention: {_sentence(report.message)}")
     out.result(report.to_dict())
 
 
@@ -526,8 +541,7 @@ def adopt(catalog: Catalog, org_id, ttl, under, grace, dry_run, yes, actor, out:
     options = dict(org=org_id, ttl=ttl_value, under=under, grace=grace_value, actor=actor)
     if dry_run or not yes:
         preview = adopter.run(**options, dry_run=True)
-        if sys.stderr.isatty():
-            click.echo("", err=True)  # end the progress line
+        out.end_progress()
         if dry_run:
             out.result(preview.to_dict(), title=None if out.as_json else "dry run: nothing was registered")
             return
