@@ -8,13 +8,11 @@ from config.schedule import RECONCILE_TASK
 from tasks import task_context
 from worker import runtime
 from worker.app import app
-from worker.reconcile import Reconciler
 
 
 @app.task(name=RECONCILE_TASK)
 def reconcile(grace_seconds: int, max_orphans: int, max_missing: int, actor: str, dry_run: bool = False) -> dict:
     with task_context(reconcile):
-        catalog = runtime.catalog()
-        report = Reconciler(catalog.db, catalog.store).run(
+        report = runtime.engine().reconciler.run(
             grace=timedelta(seconds=grace_seconds), dry_run=dry_run, max_orphans=max_orphans, max_missing=max_missing, actor=actor)
         return report.to_dict()

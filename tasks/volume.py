@@ -6,7 +6,6 @@ from config.schedule import SWEEP_TASK, VOLUME_TASK
 from config.settings import get_settings
 from tasks import task_context
 from worker import runtime
-from worker.alerts import VolumeMonitor
 from worker.app import app
 
 
@@ -19,4 +18,4 @@ def _enqueue_sweep() -> None:
 def check_volume() -> dict:
     """One fleet-wide volume check; at critical it also enqueues an immediate sweep."""
     with task_context(check_volume):
-        return VolumeMonitor.for_catalog(runtime.catalog(), enqueue_sweep=_enqueue_sweep).check().to_dict()
+        return runtime.engine().volume_monitor(enqueue_sweep=_enqueue_sweep).check().to_dict()

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from config.settings import Settings, get_settings, load_settings
 from worker import schema
 from worker.catalog import Catalog
+from worker.engine import Engine, build
 from worker.cli import main
 from worker.db import Database
 from worker.store.fs import FilesystemStore
@@ -107,10 +108,16 @@ def settings(tmp_path: Path, database: Database, media_root: Path) -> Settings:
 
 
 @pytest.fixture
-def catalog(database: Database, media_root: Path, settings: Settings) -> Iterator[Catalog]:
-    catalog = Catalog(database, FilesystemStore(media_root, delete_threads=4), settings)
-    yield catalog
-    catalog.store.close()
+def engine(database: Database, media_root: Path, settings: Settings) -> Iterator[Engine]:
+    """The engine on this test's database and a filesystem store in its media root."""
+    engine = build(settings, database=database, store=FilesystemStore(media_root, delete_threads=4))
+    yield engine
+    engine.store.close()
+
+
+@pytest.fixture
+def catalog(engine: Engine) -> Catalog:
+    return engine.catalog
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import insert, select
 
-from worker.catalog import Catalog
+from worker.catalog import Catalog, Item
 from worker.db import db_now
 from worker.models import MediaItem, State
 from worker.store.keys import key_for_id
@@ -30,7 +30,7 @@ def make_file(directory: Path, content: bytes = b"media bytes") -> Path:
 
 
 def register_aged(catalog: Catalog, org: str, age: timedelta, *, ttl: str | None = None, media_id: str | None = None,
-                  uploads: Path, content: bytes = b"media bytes") -> dict:
+                  uploads: Path, content: bytes = b"media bytes") -> Item:
     """Register a real file whose created_at lies `age` in the past (by the database clock)."""
     created = db_time(catalog) - age
     return catalog.register(org=org, file=make_file(uploads, content), media_id=media_id, ttl=ttl, created_at=created)

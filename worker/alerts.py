@@ -417,15 +417,14 @@ def live_media_bytes(db: Database) -> int:
         ))
 
 
-def store_usage(catalog) -> Callable[[], Usage]:
-    """How to measure the catalog's store: `statvfs` of a filesystem root, else live bytes against the capacity."""
+def store_usage(db: Database, store, *, capacity_bytes: int | None) -> Callable[[], Usage]:
+    """How to measure a store: `statvfs` of a filesystem root, else live bytes against the capacity."""
     from worker.store.fs import FilesystemStore
 
-    if isinstance(catalog.store, FilesystemStore):
-        root = catalog.store.root
+    if isinstance(store, FilesystemStore):
+        root = store.root
         return lambda: filesystem_usage(root)
-    capacity = catalog.settings.s3_capacity_bytes
-    return lambda: Usage(used_bytes=live_media_bytes(catalog.db), total_bytes=capacity)
+    return lambda: Usage(used_bytes=live_media_bytes(db), total_bytes=capacity_bytes)
 
 
 # -- the monitor ---------------------------------------------------------------------------------
@@ -487,10 +486,6 @@ class VolumeMonitor:
         slack = self.webhook.worst_case_seconds + REDELIVERY_SLACK_SECONDS if self.webhook else 0
         self.redeliver_after = timedelta(seconds=slack)
         metrics.publish_volume_settings(settings)
-
-    @classmethod
-    def for_catalog(cls, catalog, *, enqueue_sweep: Callable[[], None] | None = None) -> "VolumeMonitor":
-        return cls(catalog.db, catalog.settings, store_usage(catalog), enqueue_sweep=enqueue_sweep)
 
     # -- database steps, each its own short transaction --
 

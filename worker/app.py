@@ -144,7 +144,7 @@ def _serve_metrics(**_kwargs) -> None:
 
         _configure_logging(settings)  # worker_init comes before Celery's logging setup
 
-        exporter.serve(runtime.catalog().db, settings.metrics_port)
+        exporter.serve(runtime.engine().db, settings.metrics_port)
         runtime.reset()  # the pool forks after this: children must not inherit its connections
 
 

@@ -19,13 +19,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from config.logging import configure_logging
 from config.settings import Settings, get_settings
 from config.schedule import PURGE_TASK, RECONCILE_TASK, SWEEP_TASK
-from worker import schema, status, validation
-from worker.catalog import Catalog, ManifestError, default_actor
+from worker import runtime, schema, status, validation
+from worker.catalog import ManifestError, default_actor
 from worker.durations import parse_duration
 from worker.errors import BadInput, Gone, NotFound, RetentionError
-from worker.reconcile import DEFAULT_MAX_MISSING, DEFAULT_MAX_ORPHANS, Reconciler
+from worker.reconcile import DEFAULT_MAX_MISSING, DEFAULT_MAX_ORPHANS
+from worker.engine import Engine
 from worker.redact import redact_text, redact_url, remember_settings
-from worker.verify import DEFAULT_EXAMPLES, Verifier, default_stuck_after
+from worker.responses import not_found_body
+from worker.verify import DEFAULT_EXAMPLES, default_stuck_after
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_FOUND = 0, 1, 2, 3
 
@@ -118,28 +120,30 @@ def settings() -> Settings:
     return get_settings()
 
 
-def open_catalog() -> Catalog:
-    """The catalog on a current schema; the embedded SQLite catalog is created on first use."""
+def open_engine() -> Engine:
+    """This process's engine on a current schema; the embedded SQLite catalog is created on first use."""
     current = settings()
     current.data_dir.mkdir(parents=True, exist_ok=True)
-    catalog = Catalog.from_settings(current)
-    if not schema.is_current(catalog.db):
-        if catalog.db.dialect == "sqlite":
-            schema.upgrade(catalog.db)
+    engine = runtime.engine()
+    if not schema.is_current(engine.db):
+        if engine.db.dialect == "sqlite":
+            schema.upgrade(engine.db)
         else:
-            catalog.close()
+            runtime.close()
             raise RetentionError("the database schema is not current; run `media-retention db upgrade` first.")
-    return catalog
+    return engine
 
 
-def with_catalog(command: Callable) -> Callable:
+def with_engine(command: Callable) -> Callable:
+    """Hand the command this process's engine (`engine: Engine`), closed when the command is done."""
+
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        catalog = open_catalog()
+        engine = open_engine()
         try:
-            return command(catalog, *args, **kwargs)
+            return command(engine, *args, **kwargs)
         finally:
-            catalog.close()
+            runtime.close()
 
     return wrapper
 
@@ -162,11 +166,7 @@ def run(loglevel: str | None, out: Output) -> None:
     """Run worker and beat in one foreground process (creates the data dir and schema)."""
     current = settings()
     current.data_dir.mkdir(parents=True, exist_ok=True)
-    catalog = Catalog.from_settings(current)
-    try:
-        revision = schema.upgrade(catalog.db)
-    finally:
-        catalog.close()
+    revision = schema.upgrade(runtime.engine().db)
     out.notice(
         f"media-retention: data dir {current.data_dir}, schema {revision}, store {redact_url(current.storage_url)}, "
         f"sweeping every {int(current.sweep_interval.total_seconds())}s"
@@ -189,13 +189,13 @@ def upgrade(out: Output) -> None:
     """Create or migrate the schema to the newest revision."""
     current = settings()
     current.data_dir.mkdir(parents=True, exist_ok=True)
-    catalog = Catalog.from_settings(current)
+    db = runtime.engine().db
     try:
-        before = schema.current_revision(catalog.db)
-        after = schema.upgrade(catalog.db)
+        before = schema.current_revision(db)
+        after = schema.upgrade(db)
     finally:
-        catalog.close()
-    out.result({"from": before, "to": after, "database": redact_url(catalog.db.url)})
+        runtime.close()
+    out.result({"from": before, "to": after, "database": redact_url(db.url)})
 
 
 # -- organizations -------------------------------------------------------------------------------
@@ -212,13 +212,11 @@ def org() -> None:
 @click.option("--by", "actor", help="Who makes the change (recorded; default: the OS user).")
 @click.option("--dry-run", is_flag=True, help="Only show what the new --retention would make due at the next sweep.")
 @json_option
-@with_catalog
-def org_set(catalog: Catalog, org_id: str, retention: str | None, actor: str | None, dry_run: bool, out: Output) -> None:
+@with_engine
+def org_set(engine: Engine, org_id: str, retention: str | None, actor: str | None, dry_run: bool, out: Output) -> None:
     """Create ORG or change its retention (applies to stored items from the next sweep)."""
     if dry_run:
-        from worker.policy_preview import preview_retention
-
-        preview = preview_retention(catalog.db, org_id, retention)
+        preview = engine.catalog.preview_retention(org_id, retention)
         if out.as_json:
             out.result(preview.to_dict())
             return
@@ -229,16 +227,16 @@ def org_set(catalog: Catalog, org_id: str, retention: str | None, actor: str | N
         echo(f"held (not deleted):     {preview.held} items that would be due" + (" (the org is on hold)" if preview.org_held else ""))
         echo(f"with their own TTL:     {preview.ttl_items} items (the retention does not apply to them)")
         return
-    out.result(catalog.set_org(org_id, retention, actor=actor))
+    out.result(engine.catalog.set_org(org_id, retention, actor=actor).to_dict())
 
 
 @org.command("show")
 @click.argument("org_id", metavar="ORG")
 @json_option
-@with_catalog
-def org_show(catalog: Catalog, org_id: str, out: Output) -> None:
+@with_engine
+def org_show(engine: Engine, org_id: str, out: Output) -> None:
     """Show ORG's retention, hold and item counts."""
-    out.result(catalog.show_org(org_id))
+    out.result(engine.catalog.show_org(org_id).to_dict())
 
 
 # -- media ---------------------------------------------------------------------------------------
@@ -254,14 +252,14 @@ def org_show(catalog: Catalog, org_id: str, out: Output) -> None:
 @click.option("--mime", help="MIME type (default: guessed from the name).")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), help="Register every line of a JSON-lines file.")
 @json_option
-@with_catalog
-def register(catalog: Catalog, org_id, file, key, media_id, ttl, created_at, mime, manifest, out: Output) -> None:
+@with_engine
+def register(engine: Engine, org_id, file, key, media_id, ttl, created_at, mime, manifest, out: Output) -> None:
     """Register media: one item (--file or --key) or a whole --manifest."""
     if manifest is not None:
         if any(v is not None for v in (org_id, file, key, media_id, ttl, created_at, mime)):
             raise BadInput("--manifest takes every field from the file; give no other register options with it.")
         try:
-            summary = catalog.register_manifest(manifest, progress=lambda n: out.progress(f"imported {n} items"))
+            summary = engine.catalog.register_manifest(manifest, progress=lambda n: out.progress(f"imported {n} items"))
         except ManifestError as exc:
             out.end_progress()
             for error in exc.errors[:100]:
@@ -269,11 +267,12 @@ def register(catalog: Catalog, org_id, file, key, media_id, ttl, created_at, mim
             if exc.bad_lines > 100:
                 echo(f"media-retention: ... {exc.bad_lines - 100} more bad lines", err=True)
             raise
-        out.result(summary)
+        out.result(summary.to_dict())
         return
     if org_id is None:
         raise BadInput("--org is required (or use --manifest).")
-    out.result(catalog.register(org=org_id, file=file, key=key, media_id=media_id, ttl=ttl, created_at=created_at, mime=mime))
+    item = engine.catalog.register(org=org_id, file=file, key=key, media_id=media_id, ttl=ttl, created_at=created_at, mime=mime)
+    out.result(item.to_dict())
 
 
 @cli.command()
@@ -281,17 +280,18 @@ def register(catalog: Catalog, org_id, file, key, media_id, ttl, created_at, mim
 @click.option("--url", "presign", is_flag=True,
               help="Print a presigned GET URL instead (object store only; valid MEDIA_RETENTION_PRESIGN_TTL, at most 1h).")
 @json_option
-@with_catalog
-def lookup(catalog: Catalog, media_id: str, presign: bool, out: Output) -> None:
+@with_engine
+def lookup(engine: Engine, media_id: str, presign: bool, out: Output) -> None:
     """Show an active item; exit 3 with a 404 body once it is claimed, deleted or never seen."""
     try:
-        out.result(catalog.presigned_url(media_id) if presign else catalog.lookup(media_id))
+        found = engine.catalog.presigned_url(media_id) if presign else engine.catalog.lookup(media_id)
     except Gone as exc:
-        echo(json.dumps(exc.body, sort_keys=True))
+        echo(json.dumps(not_found_body(media_id, exc.tombstone), sort_keys=True))
         raise
     except NotFound:
-        echo(json.dumps({"id": media_id, "status": 404, "error": "not_found"}, sort_keys=True))
+        echo(json.dumps(not_found_body(media_id, None), sort_keys=True))
         raise
+    out.result(found.to_dict())
 
 
 def send_to_fleet(task_name: str, out: Output, **kwargs) -> None:
@@ -314,8 +314,8 @@ def send_to_fleet(task_name: str, out: Output, **kwargs) -> None:
 @click.option("--limit", type=click.IntRange(min=1), help="Claim at most N items.")
 @click.option("--enqueue", is_flag=True, help="Send the sweep to the workers instead of running it here.")
 @json_option
-@with_catalog
-def sweep(catalog: Catalog, dry_run: bool, limit: int | None, enqueue: bool, out: Output) -> None:
+@with_engine
+def sweep(engine: Engine, dry_run: bool, limit: int | None, enqueue: bool, out: Output) -> None:
     """Run one sweep now, inline (or on the fleet with --enqueue), and print its counts."""
     if enqueue:
         if dry_run:
@@ -323,7 +323,7 @@ def sweep(catalog: Catalog, dry_run: bool, limit: int | None, enqueue: bool, out
         send_to_fleet(SWEEP_TASK, out, limit=limit)
         return
     if dry_run:
-        preview = catalog.sweeper.sweep(limit=limit, dry_run=True).to_dict()
+        preview = engine.sweeper.sweep(limit=limit, dry_run=True).to_dict()
         if out.as_json:
             out.result(preview)
         else:
@@ -331,9 +331,7 @@ def sweep(catalog: Catalog, dry_run: bool, limit: int | None, enqueue: bool, out
             out.result({name: preview[name] for name in ("due", "due_bytes", "held_skipped", "would_delete")},
                        title="dry run: nothing was deleted")
         return
-    run_id = status.start_run(catalog.db, kind="manual", worker=f"{socket.gethostname()} (cli)")
-    counts = catalog.sweeper.sweep(limit=limit)
-    status.add_counts(catalog.db, run_id, counts, finished=True)
+    counts = engine.runs.manual(worker=f"{socket.gethostname()} (cli)", limit=limit)
     out.result(counts.to_dict())
     if counts.failed:
         raise click.exceptions.Exit(EXIT_FAILURE)
@@ -341,10 +339,10 @@ def sweep(catalog: Catalog, dry_run: bool, limit: int | None, enqueue: bool, out
 
 @cli.command("status")
 @json_option
-@with_catalog
-def status_command(catalog: Catalog, out: Output) -> None:
+@with_engine
+def status_command(engine: Engine, out: Output) -> None:
     """Last sweep, backlog, the oldest overdue item and stuck deletions, fleet-wide."""
-    numbers = status.fleet_status(catalog.db)
+    numbers = status.fleet_status(engine.db)
     if out.as_json:
         out.result(numbers)
         return
@@ -382,8 +380,8 @@ def _scope(ids: tuple[str, ...], org_id: str | None) -> None:
 @click.option("--enqueue", "enqueue_it", is_flag=True, help="Send the purge to the workers instead of running it here.")
 @click.option("--by", "actor", help="Who purges (recorded; default: the OS user).")
 @json_option
-@with_catalog
-def purge(catalog: Catalog, ids, org_id, dry_run, yes, enqueue_it, actor, out: Output) -> None:
+@with_engine
+def purge(engine: Engine, ids, org_id, dry_run, yes, enqueue_it, actor, out: Output) -> None:
     """Delete media now regardless of expiry (never held media)."""
     _scope(ids, org_id)
     if actor is not None:
@@ -392,8 +390,8 @@ def purge(catalog: Catalog, ids, org_id, dry_run, yes, enqueue_it, actor, out: O
         raise BadInput("--dry-run runs here and changes nothing; there is nothing to --enqueue.")
     if enqueue_it or (not dry_run and not yes):
         # The preview validates IDs, org and holds, so nothing is asked or sent for bad input.
-        preview = catalog.purge(ids=ids, org=org_id, dry_run=True)
-        what = f"{preview['eligible']} items ({preview['eligible_bytes']} bytes)"
+        preview = engine.catalog.purge(ids=ids, org=org_id, dry_run=True)
+        what = f"{preview.eligible} items ({preview.eligible_bytes} bytes)"
         if not yes and not sys.stdin.isatty():
             raise BadInput(f"purge would delete {what} now; pass --yes to confirm or --dry-run to preview.")
         if not yes and not click.confirm(f"Delete {what} now?", err=True):
@@ -401,9 +399,9 @@ def purge(catalog: Catalog, ids, org_id, dry_run, yes, enqueue_it, actor, out: O
     if enqueue_it:
         send_to_fleet(PURGE_TASK, out, ids=list(ids) or None, org=org_id, actor=actor or default_actor())
         return
-    summary = catalog.purge(ids=ids, org=org_id, dry_run=dry_run, actor=actor)
-    out.result(summary)
-    if summary.get("failed"):
+    summary = engine.catalog.purge(ids=ids, org=org_id, dry_run=dry_run, actor=actor)
+    out.result(summary.to_dict())
+    if summary.failed:
         raise click.exceptions.Exit(EXIT_FAILURE)
 
 
@@ -418,8 +416,8 @@ def purge(catalog: Catalog, ids, org_id, dry_run, yes, enqueue_it, actor, out: O
 @click.option("--enqueue", "enqueue_it", is_flag=True, help="Send the reconcile to the workers instead of running it here.")
 @click.option("--by", "actor", help="Who reconciles (recorded; default: the OS user).")
 @json_option
-@with_catalog
-def reconcile(catalog: Catalog, dry_run, grace, max_orphans, max_missing, enqueue_it, actor, out: Output) -> None:
+@with_engine
+def reconcile(engine: Engine, dry_run, grace, max_orphans, max_missing, enqueue_it, actor, out: Output) -> None:
     """Delete orphan blobs (no live item, older than --grace); tombstone items whose blob is missing."""
     grace_value = parse_duration(grace)
     actor = validation.actor(actor or default_actor())
@@ -427,8 +425,8 @@ def reconcile(catalog: Catalog, dry_run, grace, max_orphans, max_missing, enqueu
         send_to_fleet(RECONCILE_TASK, out, grace_seconds=int(grace_value.total_seconds()), max_orphans=max_orphans,
                       max_missing=max_missing, actor=actor, dry_run=dry_run)
         return
-    report = Reconciler(catalog.db, catalog.store, progress=out.progress).run(
-        grace=grace_value, dry_run=dry_run, max_orphans=max_orphans, max_missing=max_missing, actor=actor)
+    report = engine.reconciler.run(grace=grace_value, dry_run=dry_run, max_orphans=max_orphans, max_missing=max_missing,
+                                   actor=actor, progress=out.progress)
     out.result(report.to_dict(), title=None if out.as_json or not dry_run else "dry run: nothing was changed")
     if report.orphan_delete_failures:
         raise click.exceptions.Exit(EXIT_FAILURE)
@@ -442,18 +440,17 @@ def reconcile(catalog: Catalog, dry_run, grace, max_orphans, max_missing, enqueu
 @click.option("--examples", type=click.IntRange(min=0, max=1000), default=DEFAULT_EXAMPLES, show_default=True,
               help="How many breaches of each kind to name (the counts cover all of them).")
 @json_option
-@with_catalog
-def verify(catalog: Catalog, grace: str, stuck_after: str | None, examples: int, out: Output) -> None:
+@with_engine
+def verify(engine: Engine, grace: str, stuck_after: str | None, examples: int, out: Output) -> None:
     """Check the catalog against the store; exit 1 on any breach of the invariants. Changes nothing."""
     grace_value = parse_duration(grace)
     stuck_value = parse_duration(stuck_after) if stuck_after is not None else default_stuck_after(settings().sweep_interval)
-    report = Verifier(catalog.db, catalog.store, progress=out.progress).run(
-        grace=grace_value, stuck_after=stuck_value, max_examples=examples)
+    report = engine.verifier.run(grace=grace_value, stuck_after=stuck_value, max_examples=examples, progress=out.progress)
     out.end_progress()
     if out.as_json:
         out.result(report.to_dict())
     else:
-        echo(f"checked {report.items_checked} items and {report.blobs_listed} blobs in {catalog.store.url} "
+        echo(f"checked {report.items_checked} items and {report.blobs_listed} blobs in {engine.store.url} "
                    f"at {report.checked_at}")
         for kind, count in report.breaches.items():
             echo(f"{kind}: {count}")
@@ -478,10 +475,10 @@ def _hold_command(held: bool) -> Callable:
     @click.option("--reason", required=True, help="Why (recorded in the audit trail).")
     @click.option("--by", "actor", help="Who (recorded; default: the OS user).")
     @json_option
-    @with_catalog
-    def command(catalog: Catalog, ids, org_id, reason, actor, out: Output) -> None:
+    @with_engine
+    def command(engine: Engine, ids, org_id, reason, actor, out: Output) -> None:
         _scope(ids, org_id)
-        out.result(catalog.set_hold(held=held, reason=reason, ids=ids, org=org_id, actor=actor))
+        out.result(engine.catalog.set_hold(held=held, reason=reason, ids=ids, org=org_id, actor=actor).to_dict())
 
     command.__doc__ = (
         "Put media or an org on hold: held media is never deleted." if held else "Release a hold placed with `hold`."
@@ -498,13 +495,10 @@ release = _hold_command(False)
 
 @cli.command()
 @json_option
-@with_catalog
-def volume(catalog: Catalog, out: Output) -> None:
+@with_engine
+def volume(engine: Engine, out: Output) -> None:
     """Show used/total bytes and inodes, projected time to full and the alert state (exit 0 at any level)."""
-    # Imported here so the other commands do not pay for the webhook client at start-up.
-    from worker.alerts import VolumeMonitor
-
-    report = VolumeMonitor.for_catalog(catalog).status()
+    report = engine.volume_monitor().status()
     if report.message:
         out.notice(f"media-retention: {_sentence(report.message)}")
     out.result(report.to_dict())
@@ -523,10 +517,9 @@ def volume(catalog: Catalog, out: Output) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--by", "actor", help="Who adopts (recorded; default: the OS user).")
 @json_option
-@with_catalog
-def adopt(catalog: Catalog, org_id, ttl, under, grace, dry_run, yes, actor, out: Output) -> None:
+@with_engine
+def adopt(engine: Engine, org_id, ttl, under, grace, dry_run, yes, actor, out: Output) -> None:
     """Register every blob in the store the catalog does not know, created_at from its modification time."""
-    from worker.adopt import Adopter
     from worker.policy import parse_ttl
 
     ttl_value = parse_ttl(ttl) if ttl is not None else None
@@ -537,7 +530,7 @@ def adopt(catalog: Catalog, org_id, ttl, under, grace, dry_run, yes, actor, out:
         out.progress(f"adopt: listed {summary.listed} blobs, {summary.known} known, "
                      f"{summary.adopted} {'to adopt' if summary.dry_run else 'adopted'} ({summary.adopted_bytes} bytes)")
 
-    adopter = Adopter(catalog, progress=report)
+    adopter = engine.catalog.adopter(progress=report)
     options = dict(org=org_id, ttl=ttl_value, under=under, grace=grace_value, actor=actor)
     if dry_run or not yes:
         preview = adopter.run(**options, dry_run=True)
@@ -574,12 +567,10 @@ def adopt(catalog: Catalog, org_id, ttl, under, grace, dry_run, yes, actor, out:
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="Entries per page.")
 @click.option("--before", type=click.IntRange(min=1), help="Page on: only entries older than this entry id.")
 @json_option
-@with_catalog
-def audit(catalog: Catalog, org_id, since, action, limit, before, out: Output) -> None:
+@with_engine
+def audit(engine: Engine, org_id, since, action, limit, before, out: Output) -> None:
     """The audit trail, newest first: deletions, purges, holds, policy changes, reconciles, imports."""
-    from worker.audit import AuditTrail
-
-    page = AuditTrail(catalog.db).read(org=org_id, since=since, action=action, limit=limit, before=before)
+    page = engine.catalog.audit.read(org=org_id, since=since, action=action, limit=limit, before=before)
     for entry in page.entries:
         if out.as_json:
             echo(json.dumps(entry.to_dict(), default=str, sort_keys=True))
@@ -605,12 +596,10 @@ def apikey() -> None:
 @click.option("--name", help="What the key is for (shown in listings).")
 @click.option("--by", "actor", help="Who creates it (recorded; default: the OS user).")
 @json_option
-@with_catalog
-def apikey_create(catalog: Catalog, org_id: str, name: str | None, actor: str | None, out: Output) -> None:
+@with_engine
+def apikey_create(engine: Engine, org_id: str, name: str | None, actor: str | None, out: Output) -> None:
     """Create a key for ORG and print its token: the only time it is shown."""
-    from worker.apikeys import ApiKeys
-
-    created = ApiKeys(catalog.db).create(org_id, name=name, actor=actor or default_actor())
+    created = engine.catalog.api_keys.create(org_id, name=name, actor=actor or default_actor())
     # Printed without `echo`: its redaction masks API tokens, and this is the one line that must show one.
     if out.as_json:
         click.echo(json.dumps(created.to_dict(), default=str, sort_keys=True))
@@ -622,12 +611,10 @@ def apikey_create(catalog: Catalog, org_id: str, name: str | None, actor: str | 
 @apikey.command("list")
 @click.option("--org", "org_id", help="Only this organization's keys.")
 @json_option
-@with_catalog
-def apikey_list(catalog: Catalog, org_id: str | None, out: Output) -> None:
+@with_engine
+def apikey_list(engine: Engine, org_id: str | None, out: Output) -> None:
     """List keys (never their secrets), revoked ones included."""
-    from worker.apikeys import ApiKeys
-
-    keys = ApiKeys(catalog.db).list(org_id)
+    keys = engine.catalog.api_keys.list(org_id)
     if out.as_json:
         for key in keys:
             echo(json.dumps(key.to_dict(), sort_keys=True))
@@ -643,12 +630,10 @@ def apikey_list(catalog: Catalog, org_id: str | None, out: Output) -> None:
 @click.argument("key_id", metavar="KEY_ID")
 @click.option("--by", "actor", help="Who revokes it (recorded; default: the OS user).")
 @json_option
-@with_catalog
-def apikey_revoke(catalog: Catalog, key_id: str, actor: str | None, out: Output) -> None:
+@with_engine
+def apikey_revoke(engine: Engine, key_id: str, actor: str | None, out: Output) -> None:
     """Revoke a key: the next request presenting it gets 401."""
-    from worker.apikeys import ApiKeys
-
-    out.result(ApiKeys(catalog.db).revoke(key_id, actor=actor or default_actor()).to_dict())
+    out.result(engine.catalog.api_keys.revoke(key_id, actor=actor or default_actor()).to_dict())
 
 
 @cli.command()
@@ -658,19 +643,17 @@ def serve(host: str, port: int) -> None:
     """Serve GET /v1/media/{id} over HTTP (org API keys), with /healthz, /readyz, /metrics and /openapi.json."""
     import uvicorn
 
-    from worker.apikeys import ApiKeys
-    from worker.http.app import CatalogMediaLookup, create_app, database_ping
+    from worker.http.app import create_app, database_ping
 
     current = settings()
-    catalog = open_catalog()
+    engine = open_engine()
     try:
-        app = create_app(lookup=CatalogMediaLookup(catalog.db, catalog.store, current.presign_ttl),
-                         keys=ApiKeys(catalog.db), ping=database_ping(catalog.db))
+        app = create_app(lookup=engine.catalog.lookups, keys=engine.catalog.api_keys, ping=database_ping(engine.db))
         log.info("serve.starting", host=host, port=port, store=redact_url(current.storage_url))
         # Our own access log line (worker.http) replaces uvicorn's; logging stays as configured above.
         uvicorn.run(app, host=host, port=port, access_log=False, log_config=None, server_header=False)
     finally:
-        catalog.close()
+        runtime.close()
 
 
 # -- entry point ---------------------------------------------------------------------------------

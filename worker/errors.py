@@ -28,9 +28,11 @@ class Gone(RetentionError):
 
     exit_code = 3
 
-    def __init__(self, message: str, body: dict):
+    def __init__(self, message: str, tombstone=None):
         super().__init__(message)
-        self.body = body
+        # The `worker.catalog.Tombstone` a lookup found (None when a hold refused a deleted item):
+        # the edges (CLI, HTTP) render their 404 body from it.
+        self.tombstone = tombstone
 
 
 class StoreError(RetentionError):

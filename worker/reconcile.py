@@ -115,9 +115,13 @@ class Reconciler:
         self.db = db
         self.store = store
         self.progress = progress or (lambda message: None)
+        self._progress = self.progress
 
     def run(self, *, grace: timedelta, dry_run: bool = False, max_orphans: int = DEFAULT_MAX_ORPHANS,
-            max_missing: int = DEFAULT_MAX_MISSING, actor: str = "reconcile") -> ReconcileReport:
+            max_missing: int = DEFAULT_MAX_MISSING, actor: str = "reconcile",
+            progress: Callable[[str], None] | None = None) -> ReconcileReport:
+        # A caller's progress for this run (the CLI's), else the one given at construction.
+        self._progress = progress or self.progress
         report = ReconcileReport(dry_run=dry_run, grace_seconds=int(grace.total_seconds()))
         with self.db.transaction() as session:
             now = session.scalar(select(db_now()))
@@ -178,7 +182,7 @@ class Reconciler:
                                   f"database or store, so nothing was changed (raise --max-orphans if it is real).")
                 doomed.append(found)
             if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
-                self.progress(f"listed {report.blobs_listed} blobs, {report.orphans} orphans and {report.leaks} leaks so far")
+                self._progress(f"listed {report.blobs_listed} blobs, {report.orphans} orphans and {report.leaks} leaks so far")
                 last_progress = time.monotonic()
         report.orphan_keys = [entry.key for entry in doomed if isinstance(entry, _Doomed) and not entry.tombstone][:LISTED]
         report.leaked_keys = [entry.key for entry in doomed if isinstance(entry, _Doomed) and entry.tombstone][:LISTED]
@@ -271,7 +275,7 @@ class Reconciler:
                                       f"the wrong store, so nothing was changed (raise --max-missing if it is real).")
                     self._plan_missing(report, plan, row, now, confirmed_before, held_ids)
             if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
-                self.progress(f"checked {report.items_checked} items, {report.missing_blobs} missing blobs so far")
+                self._progress(f"checked {report.items_checked} items, {report.missing_blobs} missing blobs so far")
                 last_progress = time.monotonic()
         report.held_missing_ids = held_ids[:LISTED]
         return plan

@@ -125,7 +125,7 @@ def remember_settings(settings) -> None:
 
 
 # The HTTP service's credentials: an `Authorization` value and our API tokens (`mrk_<key id>_<secret>`,
-# see worker.apikeys), wherever a library or a careless log line quotes them. The key id stays readable.
+# see worker.catalog.apikeys), wherever a library or a careless log line quotes them. The key id stays readable.
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 _API_TOKEN = re.compile(r"\b(mrk_k[0-9a-f]{16}_)[A-Za-z0-9_-]+")
 

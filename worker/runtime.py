@@ -1,20 +1,50 @@
-"""Per-process engine objects for tasks: built lazily, after any fork, once per process."""
+"""The engine of this process: built lazily from the settings, after any fork, once per process.
+
+The Celery app (tasks, the metrics exporter) and the CLI both take their engine from here.
+"""
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 
-from config.settings import get_settings
-from worker.catalog import Catalog
+from config.settings import Settings, get_settings
+from worker.engine import Engine, build
+from worker.store import BlobStore
+
+_engine: Engine | None = None
+_built_from: Settings | None = None
+_store_factory: Callable[[Settings], BlobStore] | None = None
 
 
-@functools.cache
-def catalog() -> Catalog:
-    return Catalog.from_settings(get_settings())
+def engine() -> Engine:
+    """This process's engine, rebuilt if the settings were reloaded since (tests reload them)."""
+    global _engine, _built_from
+    settings = get_settings()
+    if _engine is None or _built_from is not settings:
+        close()
+        store = _store_factory(settings) if _store_factory is not None else None
+        _engine, _built_from = build(settings, store=store), settings
+    return _engine
+
+
+def use_store(factory: Callable[[Settings], BlobStore] | None) -> None:
+    """Build this process's store with `factory` instead of from the storage URL (test fleets)."""
+    global _store_factory
+    _store_factory = factory
+    reset()
 
 
 def reset() -> None:
     """Forget objects inherited across a fork (connection pools must never be shared)."""
-    if catalog.cache_info().currsize:
-        catalog().db.engine.dispose(close=False)
-    catalog.cache_clear()
+    global _engine, _built_from
+    if _engine is not None:
+        _engine.db.engine.dispose(close=False)
+    _engine, _built_from = None, None
+
+
+def close() -> None:
+    """Close this process's engine (its pool and store), if one was built."""
+    global _engine, _built_from
+    if _engine is not None:
+        _engine.close()
+    _engine, _built_from = None, None

@@ -164,8 +164,12 @@ class Verifier:
         self.db = db
         self.store = store
         self.progress = progress or (lambda message: None)
+        self._progress = self.progress
 
-    def run(self, *, grace: timedelta = DEFAULT_GRACE, stuck_after: timedelta, max_examples: int = DEFAULT_EXAMPLES) -> VerifyReport:
+    def run(self, *, grace: timedelta = DEFAULT_GRACE, stuck_after: timedelta, max_examples: int = DEFAULT_EXAMPLES,
+            progress: Callable[[str], None] | None = None) -> VerifyReport:
+        # A caller's progress for this run (the CLI's), else the one given at construction.
+        self._progress = progress or self.progress
         report = VerifyReport(grace_seconds=int(grace.total_seconds()), stuck_after_seconds=int(stuck_after.total_seconds()),
                               max_examples=max_examples)
         started = time.monotonic()
@@ -240,7 +244,7 @@ class Verifier:
             if len(self._pending) >= CONFIRM_BATCH:
                 self._confirm()
             if time.monotonic() - self._last_progress >= PROGRESS_EVERY_S:
-                self.progress(f"verified {self.report.items_checked} items and {self.report.blobs_listed} blobs, "
+                self._progress(f"verified {self.report.items_checked} items and {self.report.blobs_listed} blobs, "
                               f"{self.report.total_breaches} breaches so far")
                 self._last_progress = time.monotonic()
 

@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 
 from config.settings import Settings, load_settings
 from tests.integration.conftest import MOTO_ACCOUNT, _free_port, insert_items
-from worker.catalog import Catalog
+from worker.engine import build
 from worker.store.keys import key_for_id
 from worker.store.s3 import MAX_DELETE_KEYS, S3Store
 
@@ -109,7 +109,7 @@ def test_sweep_on_s3_keeps_up_with_a_raw_delete_objects_loop(moto_process, pg_da
     settings = load_settings(data_dir=tmp_path / "data", database_url=pg_database.url, storage_url=f"s3://{BUCKET}/media",
                              s3_endpoint_url=endpoint, sweep_batch_size=default_batch)
     store = S3Store.from_url(settings.storage_url, endpoint_url=endpoint)
-    catalog = Catalog(pg_database, store, settings)
+    catalog = build(settings, database=pg_database, store=store).catalog
     catalog.set_org("bench", "30d")
 
     raw_rates, sweep_rates = [], []

@@ -22,7 +22,7 @@ import requests
 from sqlalchemy import text
 
 from tests.integration.test_serve import start_server, stop_server
-from worker.apikeys import ApiKeys
+from worker.catalog.apikeys import ApiKeys
 
 pytestmark = pytest.mark.postgres
 

@@ -16,7 +16,8 @@ from pathlib import Path
 # worker.app first, as `celery -A worker.app` does: it prepares prometheus-client's multiprocess
 # mode, which only works before anything imports prometheus-client.
 from worker.app import app  # noqa: F401, I001 - the Celery app this module exposes
-import worker.catalog  # noqa: I001
+from worker import runtime  # noqa: I001
+from worker.engine import store_options
 from worker.store import open_store
 from worker.store.fs import FilesystemStore
 
@@ -31,9 +32,9 @@ class JournalingStore(FilesystemStore):
         return results
 
 
-def _open_store(url: str, **options):
-    store = open_store(url, **options)
+def _journaling_store(settings):
+    store = open_store(settings.storage_url, **store_options(settings))
     return JournalingStore(store.root, delete_threads=2) if isinstance(store, FilesystemStore) else store
 
 
-worker.catalog.open_store = _open_store
+runtime.use_store(_journaling_store)

@@ -36,7 +36,7 @@ def test_two_workers_and_beat_delete_thousands_once_each_and_spare_unexpired(fle
 
     with pytest.raises(Gone):
         catalog.lookup(expired[1234])
-    assert catalog.lookup(fresh[0])["state"] == "active"
+    assert catalog.lookup(fresh[0]).state == "active"
     with database.transaction() as session:
         assert session.scalar(select(func.max(SweepRun.fanout))) > 0
 

@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from worker import adopt as adopt_module
+from worker.catalog import adopt as adopt_module
 
 SCRIPT = Path(sys.executable).with_name("media-retention")
 

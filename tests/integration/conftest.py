@@ -27,6 +27,7 @@ from urllib3.exceptions import ProtocolError
 
 from config.settings import Settings, load_settings
 from worker.catalog import Catalog
+from worker.engine import build
 from worker.db import Database, db_now
 from worker.models import MediaItem, State
 from worker.store.s3 import S3Store
@@ -118,13 +119,13 @@ def s3_settings_for(tmp_path: Path, database: Database, bucket: str, endpoint: s
 @pytest.fixture
 def s3_catalog(tmp_path: Path, database: Database, bucket: str, s3_endpoint: str, s3_store: S3Store) -> Catalog:
     """A catalog on `s3://<bucket>/media` (runs on SQLite and on PostgreSQL, like `database`)."""
-    return Catalog(database, s3_store, s3_settings_for(tmp_path, database, bucket, s3_endpoint))
+    return build(s3_settings_for(tmp_path, database, bucket, s3_endpoint), database=database, store=s3_store).catalog
 
 
 @pytest.fixture
 def pg_s3_catalog(tmp_path: Path, pg_database: Database, bucket: str, s3_endpoint: str, s3_store: S3Store) -> Catalog:
     """The same on PostgreSQL only, for tests whose subject is the store, not the database."""
-    return Catalog(pg_database, s3_store, s3_settings_for(tmp_path, pg_database, bucket, s3_endpoint))
+    return build(s3_settings_for(tmp_path, pg_database, bucket, s3_endpoint), database=pg_database, store=s3_store).catalog
 
 
 class Objects:

@@ -9,9 +9,8 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.integration.conftest import PREFIX
-from worker import adopt as adopt_module
-from worker.adopt import Adopter
-from worker.audit import AuditTrail
+from worker.catalog import adopt as adopt_module
+from worker.catalog.audit import AuditTrail
 from worker.errors import NotFound
 from worker.models import MediaItem
 
@@ -51,7 +50,7 @@ def volume(catalog, media_root):
 def test_adopt_registers_unknown_blobs_with_their_modification_time_and_the_sweep_deletes_the_due_ones(catalog, volume):
     """Old and recent files become items created at their mtime; the count of due ones is what the next sweep deletes;
     in-flight uploads, files still being written and catalogued keys are left alone."""
-    summary = Adopter(catalog).run(org="acme", grace=timedelta(minutes=10), actor="ops")
+    summary = catalog.adopter().run(org="acme", grace=timedelta(minutes=10), actor="ops")
     assert (summary.listed, summary.known, summary.adopted, summary.too_young) == (5, 1, 3, 1)
     assert (summary.due, summary.due_bytes, summary.adopted_bytes) == (2, 150, 170)
     rows = items_by_key(catalog)
@@ -70,16 +69,16 @@ def test_adopt_registers_unknown_blobs_with_their_modification_time_and_the_swee
 
 def test_adopt_is_idempotent_and_a_dry_run_changes_nothing(catalog, volume):
     """A dry run registers nothing; a second real run finds every blob known and adopts nothing."""
-    preview = Adopter(catalog).run(org="acme", grace=timedelta(minutes=10), actor="ops", dry_run=True)
+    preview = catalog.adopter().run(org="acme", grace=timedelta(minutes=10), actor="ops", dry_run=True)
     assert preview.adopted == 3 and len(items_by_key(catalog)) == 1
-    Adopter(catalog).run(org="acme", grace=timedelta(minutes=10), actor="ops")
-    again = Adopter(catalog).run(org="acme", grace=timedelta(minutes=10), actor="ops")
+    catalog.adopter().run(org="acme", grace=timedelta(minutes=10), actor="ops")
+    again = catalog.adopter().run(org="acme", grace=timedelta(minutes=10), actor="ops")
     assert (again.adopted, again.known) == (0, 4)
 
 
 def test_adopt_under_a_prefix_and_with_a_ttl(catalog, volume):
     """--under limits the adoption to one directory; --ttl sets each item's TTL instead of the org retention."""
-    summary = Adopter(catalog).run(org="acme", under="2026/01/", ttl=timedelta(days=30), grace=timedelta(minutes=10), actor="ops")
+    summary = catalog.adopter().run(org="acme", under="2026/01/", ttl=timedelta(days=30), grace=timedelta(minutes=10), actor="ops")
     assert summary.adopted == 2
     rows = items_by_key(catalog)
     assert {key for key in rows if key.startswith("2026/")} == {"2026/01/old-1.jpg", "2026/01/old-2.ogg"}
@@ -92,7 +91,7 @@ def test_adopt_resumes_after_a_crash_without_duplicates(catalog, media_root, mon
     for number in range(7):
         put(media_root, f"m/{number}.bin", timedelta(days=1))
     monkeypatch.setattr(adopt_module, "ADOPT_BATCH", 3)
-    real_insert, calls = catalog._insert, []
+    real_insert, calls = catalog.registration._insert, []
 
     def killed_on_second_batch(items, audit=None):
         calls.append(len(items))
@@ -100,12 +99,12 @@ def test_adopt_resumes_after_a_crash_without_duplicates(catalog, media_root, mon
             raise SystemExit("SIGKILL")
         return real_insert(items, audit)
 
-    monkeypatch.setattr(catalog, "_insert", killed_on_second_batch)
+    monkeypatch.setattr(catalog.registration, "_insert", killed_on_second_batch)
     with pytest.raises(SystemExit):
-        Adopter(catalog).run(org="acme", grace=timedelta(minutes=10), actor="ops")
+        catalog.adopter().run(org="acme", grace=timedelta(minutes=10), actor="ops")
     assert len(items_by_key(catalog)) == 3
-    monkeypatch.setattr(catalog, "_insert", real_insert)
-    resumed = Adopter(catalog).run(org="acme", grace=timedelta(minutes=10), actor="ops")
+    monkeypatch.setattr(catalog.registration, "_insert", real_insert)
+    resumed = catalog.adopter().run(org="acme", grace=timedelta(minutes=10), actor="ops")
     assert (resumed.known, resumed.adopted) == (3, 4)
     with catalog.db.transaction() as session:
         assert session.scalar(select(func.count(func.distinct(MediaItem.storage_key)))) == 7
@@ -114,7 +113,7 @@ def test_adopt_resumes_after_a_crash_without_duplicates(catalog, media_root, mon
 def test_adopt_into_an_unknown_org_is_refused(catalog):
     """The org must exist: nothing is listed or registered otherwise."""
     with pytest.raises(NotFound):
-        Adopter(catalog).run(org="nobody", grace=timedelta(minutes=10), actor="ops")
+        catalog.adopter().run(org="nobody", grace=timedelta(minutes=10), actor="ops")
 
 
 def test_adopt_on_an_object_store_uses_last_modified(s3_catalog, bucket, objects):
@@ -123,7 +122,7 @@ def test_adopt_on_an_object_store_uses_last_modified(s3_catalog, bucket, objects
     objects.put(bucket, [f"{PREFIX}/a/old.jpg"], age=timedelta(days=40))
     objects.put(bucket, [f"{PREFIX}/a/new.jpg"], age=timedelta(days=1))
     objects.put(bucket, ["elsewhere/x.jpg", f"{PREFIX}-old/y.jpg"], age=timedelta(days=40))
-    summary = Adopter(s3_catalog).run(org="acme", grace=timedelta(minutes=10), actor="ops")
+    summary = s3_catalog.adopter().run(org="acme", grace=timedelta(minutes=10), actor="ops")
     assert (summary.adopted, summary.due) == (2, 1)
     assert set(items_by_key(s3_catalog)) == {"a/old.jpg", "a/new.jpg"}
     assert s3_catalog.sweeper.sweep().deleted == 1
@@ -175,15 +174,15 @@ def test_adopt_memory_stays_flat_however_many_blobs_the_store_lists(catalog):
             raise NotImplementedError
 
     catalog.set_org("acme", "30d")
-    peaks, real_store = {}, catalog.store
+    peaks, real_store = {}, catalog.registration.store
     try:
         for count in (4_000, 40_000):
-            catalog.store = GeneratedListing(count)
+            catalog.registration.store = GeneratedListing(count)
             tracemalloc.start()
-            summary = Adopter(catalog).run(org="acme", grace=timedelta(minutes=10), actor="ops", dry_run=True)
+            summary = catalog.adopter().run(org="acme", grace=timedelta(minutes=10), actor="ops", dry_run=True)
             peaks[count] = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
             assert summary.adopted == count
     finally:
-        catalog.store = real_store
+        catalog.registration.store = real_store
     assert peaks[40_000] < 2 * peaks[4_000], peaks

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import update
 
 from tests.factories import register_aged
-from worker.audit import AuditTrail
+from worker.catalog.audit import AuditTrail
 from worker.errors import BadInput
 from worker.models import MediaItem
 
@@ -60,21 +60,21 @@ def test_a_purge_by_ids_across_orgs_records_each_orgs_ids_under_that_org_only(ca
     """Purging an acme and a globex item at once: acme's trail names only acme's ID, and globex's only its own."""
     a = register_aged(catalog, "acme", timedelta(hours=1), uploads=uploads)
     g = register_aged(catalog, "globex", timedelta(hours=1), uploads=uploads)
-    catalog.purge(ids=[a["id"], g["id"]], actor="alice", reason="GDPR request 42")
+    catalog.purge(ids=[a.id, g.id], actor="alice", reason="GDPR request 42")
     acme_purges = entries(trail, org="acme", action="purge")
     globex_purges = entries(trail, org="globex", action="purge")
-    assert [e["details"]["ids"] for e in acme_purges] == [[a["id"]]]
-    assert [e["details"]["ids"] for e in globex_purges] == [[g["id"]]]
+    assert [e["details"]["ids"] for e in acme_purges] == [[a.id]]
+    assert [e["details"]["ids"] for e in globex_purges] == [[g.id]]
     assert acme_purges[0]["actor"] == "alice" and acme_purges[0]["reason"] == "GDPR request 42"
     assert {(e["org"], e["reason"]) for e in entries(trail, action="deleted")} == {("acme", "purge"), ("globex", "purge")}
-    assert g["id"] not in json.dumps(entries(trail, org="acme"))
+    assert g.id not in json.dumps(entries(trail, org="acme"))
 
 
 def test_holds_releases_and_policy_changes_appear_under_their_own_org_only(catalog, trail, uploads):
     """An org hold and an item hold of acme are in acme's trail with who and why, and not in globex's."""
     item = register_aged(catalog, "acme", timedelta(hours=1), uploads=uploads)
     catalog.set_hold(held=True, reason="litigation", org="acme", actor="legal")
-    catalog.set_hold(held=True, reason="ticket 7", ids=[item["id"]], actor="bob")
+    catalog.set_hold(held=True, reason="ticket 7", ids=[item.id], actor="bob")
     catalog.set_hold(held=False, reason="settled", org="acme", actor="legal")
     catalog.set_org("acme", "7d", actor="carol")
     acme = entries(trail, org="acme")

@@ -5,8 +5,9 @@ from datetime import timedelta
 import pytest
 
 from tests.factories import register_aged, states
-from worker.catalog import Catalog
+from worker.engine import build
 from worker.errors import BadInput, Gone, NotFound
+from worker.responses import not_found_body
 
 
 @pytest.fixture
@@ -21,25 +22,26 @@ def acme(catalog):
 
 
 def blob_exists(catalog, item):
-    return catalog.store.exists(item["key"])
+    return catalog.store.exists(item.key)
 
 
 def test_ttl_item_is_deleted_once_its_ttl_passed_and_lookups_answer_gone(catalog, acme, uploads):
     """An item with TTL 1h created 2h ago is swept: blob removed, lookup raises Gone with reason ttl."""
     item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
     counts = catalog.sweeper.sweep()
-    assert (counts.claimed, counts.deleted, counts.bytes_freed) == (1, 1, item["size"])
+    assert (counts.claimed, counts.deleted, counts.bytes_freed) == (1, 1, item.size)
     assert not blob_exists(catalog, item)
     with pytest.raises(Gone) as gone:
-        catalog.lookup(item["id"])
-    assert gone.value.body["status"] == 404 and gone.value.body["reason"] == "ttl" and gone.value.body["deleted_at"]
+        catalog.lookup(item.id)
+    assert not_found_body(item.id, gone.value.tombstone)["status"] == 404 and gone.value.tombstone.reason == "ttl"
+    assert gone.value.tombstone.deleted_at is not None
 
 
 def test_item_is_never_deleted_before_its_expiry(catalog, acme, uploads):
     """An item one minute short of its TTL survives a sweep untouched."""
     item = register_aged(catalog, acme, timedelta(minutes=59), ttl="1h", uploads=uploads)
     assert catalog.sweeper.sweep().claimed == 0
-    assert catalog.lookup(item["id"])["state"] == "active" and blob_exists(catalog, item)
+    assert catalog.lookup(item.id).state == "active" and blob_exists(catalog, item)
 
 
 def test_item_without_ttl_follows_its_org_retention(catalog, acme, uploads):
@@ -47,10 +49,10 @@ def test_item_without_ttl_follows_its_org_retention(catalog, acme, uploads):
     young = register_aged(catalog, acme, timedelta(days=29), uploads=uploads)
     old = register_aged(catalog, acme, timedelta(days=31), uploads=uploads)
     catalog.sweeper.sweep()
-    assert states(catalog, [young["id"], old["id"]]) == {young["id"]: "active", old["id"]: "deleted"}
+    assert states(catalog, [young.id, old.id]) == {young.id: "active", old.id: "deleted"}
     with pytest.raises(Gone) as gone:
-        catalog.lookup(old["id"])
-    assert gone.value.body["reason"] == "retention"
+        catalog.lookup(old.id)
+    assert gone.value.tombstone.reason == "retention"
 
 
 def test_ttl_longer_than_org_retention_keeps_the_item(catalog, uploads):
@@ -58,14 +60,14 @@ def test_ttl_longer_than_org_retention_keeps_the_item(catalog, uploads):
     catalog.set_org("short", "1d")
     item = register_aged(catalog, "short", timedelta(days=3), ttl="7d", uploads=uploads)
     catalog.sweeper.sweep()
-    assert catalog.lookup(item["id"])["state"] == "active"
+    assert catalog.lookup(item.id).state == "active"
 
 
 def test_ttl_shorter_than_org_retention_deletes_the_item_early(catalog, acme, uploads):
     """A 1h TTL beats a 30d org retention: a 2-hour-old item goes."""
     item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
     catalog.sweeper.sweep()
-    assert states(catalog, [item["id"]]) == {item["id"]: "deleted"}
+    assert states(catalog, [item.id]) == {item.id: "deleted"}
 
 
 def test_shortening_org_retention_applies_to_stored_items_on_the_next_sweep(catalog, acme, uploads):
@@ -76,7 +78,7 @@ def test_shortening_org_retention_applies_to_stored_items_on_the_next_sweep(cata
     assert catalog.sweeper.sweep().claimed == 0
     catalog.set_org(acme, "7d")
     catalog.sweeper.sweep()
-    assert states(catalog, [aged["id"], with_ttl["id"]]) == {aged["id"]: "deleted", with_ttl["id"]: "active"}
+    assert states(catalog, [aged.id, with_ttl.id]) == {aged.id: "deleted", with_ttl.id: "active"}
 
 
 def test_lengthening_org_retention_saves_items_that_were_due(catalog, uploads):
@@ -85,7 +87,7 @@ def test_lengthening_org_retention_saves_items_that_were_due(catalog, uploads):
     item = register_aged(catalog, "grow", timedelta(days=3), uploads=uploads)
     catalog.set_org("grow", "30d")
     assert catalog.sweeper.sweep().claimed == 0
-    assert catalog.lookup(item["id"])["expires_at"] > item["expires_at"]
+    assert catalog.lookup(item.id).expires_at > item.expires_at
 
 
 def org_audit(catalog, org):
@@ -102,9 +104,10 @@ def test_org_set_without_a_retention_reschedules_nothing_whatever_the_default(ca
     the org keeps 30d, its items keep their expiry, the sweep deletes nothing, nothing is audited."""
     items = [register_aged(catalog, acme, timedelta(hours=2), uploads=uploads) for _ in range(3)]
     before = org_audit(catalog, acme)
-    short_default = Catalog(catalog.db, catalog.store, settings.model_copy(update={"default_retention": timedelta(hours=1)}))
-    assert short_default.set_org(acme)["retention"] == "30d"
-    assert [catalog.lookup(item["id"])["expires_at"] for item in items] == [item["expires_at"] for item in items]
+    short_default = build(settings.model_copy(update={"default_retention": timedelta(hours=1)}), database=catalog.db,
+                          store=catalog.store).catalog
+    assert short_default.set_org(acme).retention == "30d"
+    assert [catalog.lookup(item.id).expires_at for item in items] == [item.expires_at for item in items]
     assert catalog.sweeper.sweep().claimed == 0
     assert org_audit(catalog, acme) == before
 
@@ -114,7 +117,7 @@ def test_org_set_to_the_retention_it_already_has_changes_and_audits_nothing(cata
     item = register_aged(catalog, acme, timedelta(days=1), uploads=uploads)
     before = org_audit(catalog, acme)
     catalog.set_org(acme, "720h")
-    assert catalog.lookup(item["id"])["expires_at"] == item["expires_at"] and org_audit(catalog, acme) == before
+    assert catalog.lookup(item.id).expires_at == item.expires_at and org_audit(catalog, acme) == before
 
 
 def test_a_real_retention_change_is_audited_with_the_old_and_new_value(catalog, acme, uploads):
@@ -128,13 +131,13 @@ def test_a_real_retention_change_is_audited_with_the_old_and_new_value(catalog, 
 def test_held_item_survives_sweeps_and_purges_until_released(catalog, acme, uploads):
     """A hold stops both the sweep and a purge; after release the next sweep deletes it."""
     item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
-    catalog.set_hold(held=True, reason="litigation 42", ids=[item["id"]], actor="legal")
+    catalog.set_hold(held=True, reason="litigation 42", ids=[item.id], actor="legal")
     counts = catalog.sweeper.sweep()
     assert (counts.claimed, counts.held_skipped) == (0, 1)
-    purge = catalog.purge(ids=[item["id"]])
-    assert (purge["held_skipped"], purge.get("deleted", 0)) == (1, 0)
+    purge = catalog.purge(ids=[item.id])
+    assert (purge.held_skipped, purge.counts.deleted) == (1, 0)
     assert blob_exists(catalog, item)
-    catalog.set_hold(held=False, reason="case closed", ids=[item["id"]], actor="legal")
+    catalog.set_hold(held=False, reason="case closed", ids=[item.id], actor="legal")
     assert catalog.sweeper.sweep().deleted == 1
     assert not blob_exists(catalog, item)
 
@@ -161,11 +164,11 @@ def test_holds_and_releases_are_recorded_with_who_and_why(catalog, acme, uploads
     from worker.models import AuditEvent
 
     item = register_aged(catalog, acme, timedelta(hours=1), uploads=uploads)
-    catalog.set_hold(held=True, reason="subpoena", ids=[item["id"]], actor="alice")
-    catalog.set_hold(held=False, reason="withdrawn", ids=[item["id"]], actor="bob")
+    catalog.set_hold(held=True, reason="subpoena", ids=[item.id], actor="alice")
+    catalog.set_hold(held=False, reason="withdrawn", ids=[item.id], actor="bob")
     with catalog.db.transaction() as session:
         trail = session.execute(
-            select(AuditEvent.action, AuditEvent.actor, AuditEvent.reason).where(AuditEvent.media_id == item["id"]).order_by(AuditEvent.id)
+            select(AuditEvent.action, AuditEvent.actor, AuditEvent.reason).where(AuditEvent.media_id == item.id).order_by(AuditEvent.id)
         ).all()
     assert [tuple(row) for row in trail] == [("hold", "alice", "subpoena"), ("release", "bob", "withdrawn")]
 
@@ -175,17 +178,17 @@ def test_holding_an_item_already_being_deleted_is_refused(catalog, acme, uploads
     item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
     catalog.sweeper.claim_expired(10)
     with pytest.raises(Gone):
-        catalog.set_hold(held=True, reason="too late", ids=[item["id"]])
+        catalog.set_hold(held=True, reason="too late", ids=[item.id])
 
 
 def test_purge_deletes_unexpired_items_now_with_reason_purge(catalog, acme, uploads):
     """A purge ignores expiry: a fresh item is deleted at once and its tombstone says purge."""
     item = register_aged(catalog, acme, timedelta(minutes=1), uploads=uploads)
-    summary = catalog.purge(ids=[item["id"]], actor="ops")
-    assert summary["deleted"] == 1 and not blob_exists(catalog, item)
+    summary = catalog.purge(ids=[item.id], actor="ops")
+    assert summary.counts.deleted == 1 and not blob_exists(catalog, item)
     with pytest.raises(Gone) as gone:
-        catalog.lookup(item["id"])
-    assert gone.value.body["reason"] == "purge"
+        catalog.lookup(item.id)
+    assert gone.value.tombstone.reason == "purge"
 
 
 def test_purge_of_an_org_deletes_all_its_unheld_items_and_nothing_else(catalog, acme, uploads):
@@ -193,22 +196,22 @@ def test_purge_of_an_org_deletes_all_its_unheld_items_and_nothing_else(catalog, 
     catalog.set_org("other", "30d")
     doomed = [register_aged(catalog, acme, timedelta(minutes=5), uploads=uploads) for _ in range(120)]
     kept = register_aged(catalog, acme, timedelta(minutes=5), uploads=uploads)
-    catalog.set_hold(held=True, reason="keep", ids=[kept["id"]])
+    catalog.set_hold(held=True, reason="keep", ids=[kept.id])
     bystander = register_aged(catalog, "other", timedelta(minutes=5), uploads=uploads)
     summary = catalog.purge(org=acme)
-    assert (summary["deleted"], summary["held_skipped"]) == (120, 1)
-    assert set(states(catalog, [d["id"] for d in doomed]).values()) == {"deleted"}
+    assert (summary.counts.deleted, summary.held_skipped) == (120, 1)
+    assert set(states(catalog, [d.id for d in doomed]).values()) == {"deleted"}
     assert blob_exists(catalog, kept) and blob_exists(catalog, bystander)
     with pytest.raises(Gone) as gone:
-        catalog.lookup(doomed[0]["id"])
-    assert gone.value.body["reason"] == "org_purge"
+        catalog.lookup(doomed[0].id)
+    assert gone.value.tombstone.reason == "org_purge"
 
 
 def test_purge_dry_run_changes_nothing(catalog, acme, uploads):
     """--dry-run reports what would go and leaves every item active."""
     item = register_aged(catalog, acme, timedelta(minutes=1), uploads=uploads)
-    summary = catalog.purge(ids=[item["id"]], dry_run=True)
-    assert summary["would_delete"] == [item["id"]] and catalog.lookup(item["id"])["state"] == "active"
+    summary = catalog.purge(ids=[item.id], dry_run=True)
+    assert summary.would_delete == (item.id,) and catalog.lookup(item.id).state == "active"
 
 
 def test_sweep_dry_run_lists_due_items_without_claiming_them(catalog, acme, uploads):
@@ -216,8 +219,8 @@ def test_sweep_dry_run_lists_due_items_without_claiming_them(catalog, acme, uplo
     item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
     register_aged(catalog, acme, timedelta(minutes=5), ttl="1h", uploads=uploads)
     preview = catalog.sweeper.sweep(dry_run=True)
-    assert (preview.due, preview.due_bytes, preview.claimed) == (1, item["size"], 0)
-    assert [entry["id"] for entry in preview.would_delete] == [item["id"]]
+    assert (preview.due, preview.due_bytes, preview.claimed) == (1, item.size, 0)
+    assert [entry["id"] for entry in preview.would_delete] == [item.id]
     assert catalog.sweeper.sweep().deleted == 1
 
 
@@ -232,7 +235,7 @@ def test_sweep_limit_caps_how_many_items_one_sweep_claims(catalog, acme, uploads
 def test_blob_already_missing_counts_as_deleted(catalog, acme, uploads):
     """If the blob vanished before the sweep, the item still becomes a tombstone and counts as deleted."""
     item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
-    (catalog.store.root / item["key"]).unlink()
+    (catalog.store.root / item.key).unlink()
     counts = catalog.sweeper.sweep()
     assert (counts.deleted, counts.already_missing, counts.bytes_freed) == (1, 1, 0)
 
@@ -248,7 +251,7 @@ def test_ids_are_never_reused_even_after_deletion(catalog, acme, uploads):
     item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
     catalog.sweeper.sweep()
     with pytest.raises(BadInput, match="already exists"):
-        register_aged(catalog, acme, timedelta(0), media_id=item["id"], uploads=uploads)
+        register_aged(catalog, acme, timedelta(0), media_id=item.id, uploads=uploads)
 
 
 def test_media_registered_into_a_held_org_is_held_until_the_org_is_released(catalog, acme, uploads):
@@ -257,9 +260,9 @@ def test_media_registered_into_a_held_org_is_held_until_the_org_is_released(cata
     catalog.set_hold(held=True, reason="audit", org=acme)
     item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
     assert catalog.sweeper.sweep().held_skipped == 1
-    purge = catalog.purge(ids=[item["id"]])
-    assert (purge["eligible"], purge["held_skipped"]) == (0, 1)
-    assert catalog.lookup(item["id"])["state"] == "active"
+    purge = catalog.purge(ids=[item.id])
+    assert (purge.eligible, purge.held_skipped) == (0, 1)
+    assert catalog.lookup(item.id).state == "active"
     catalog.set_hold(held=False, reason="audit done", org=acme)
     assert catalog.sweeper.sweep().deleted == 1
 

@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.factories import make_file, plant_blob
-from worker.catalog import MANIFEST_LINE_MAX, Catalog, ManifestError
+from worker.catalog import MANIFEST_LINE_MAX, ManifestError
+from worker.catalog.registration import Registration
 from worker.errors import BadInput
 from worker.models import MediaItem
 from worker.store.keys import key_for_id
@@ -94,7 +95,7 @@ def test_the_same_manifest_succeeds_again_after_a_crash_mid_import(catalog, acme
     runs under SIGKILL): re-running the same command imports the rest, skips what is already there
     and adopts the blobs it wrote before; verify then finds nothing."""
     path = manifest(tmp_path / "m.jsonl", [{"org": acme, "id": f"item-{n}", "file": str(upload), "ttl": "7d"} for n in range(5)])
-    real_insert = Catalog._insert
+    real_insert = Registration._insert
     calls = []
 
     def killed_on_second_batch(self, items, *rest):
@@ -103,14 +104,14 @@ def test_the_same_manifest_succeeds_again_after_a_crash_mid_import(catalog, acme
             raise SystemExit("SIGKILL")
         return real_insert(self, items, *rest)
 
-    monkeypatch.setattr(Catalog, "_insert", killed_on_second_batch)
-    monkeypatch.setattr(Catalog, "_discard", lambda self, keys: None)  # a killed process cleans nothing up
+    monkeypatch.setattr(Registration, "_insert", killed_on_second_batch)
+    monkeypatch.setattr(Registration, "_discard", lambda self, keys: None)  # a killed process cleans nothing up
     with pytest.raises(SystemExit):
         catalog.register_manifest(path, batch_size=2)
     monkeypatch.undo()
     assert item_count(catalog) == 2 and len(files_under(media_root)) == 4
     summary = catalog.register_manifest(path, batch_size=2)
-    assert (summary["imported"], summary["already_registered"]) == (3, 2)
+    assert (summary.imported, summary.already_registered) == (3, 2)
     assert item_count(catalog) == 5 and len(files_under(media_root)) == 5
     assert Verifier(catalog.db, catalog.store).run(grace=timedelta(days=1), stuck_after=timedelta(days=1)).clean
 
@@ -127,7 +128,7 @@ def test_register_file_again_adopts_the_identical_blob_a_killed_run_left(catalog
     """The blob at the ID's key holds exactly the file's bytes and no row claims it: adopted, not refused."""
     plant_blob(media_root, key_for_id("img-9"), upload.read_bytes())
     item = catalog.register(org=acme, file=upload, media_id="img-9")
-    assert (item["size"], catalog.lookup("img-9")["state"]) == (upload.stat().st_size, "active")
+    assert (item.size, catalog.lookup("img-9").state) == (upload.stat().st_size, "active")
 
 
 def test_register_file_refuses_a_different_blob_at_its_key_and_leaves_it(catalog, acme, upload, media_root):

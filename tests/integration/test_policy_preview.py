@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from tests.factories import register_aged, states
 from worker.errors import BadInput, NotFound
 from worker.models import AuditEvent, MediaItem
-from worker.policy_preview import preview_retention
+from worker.catalog.preview import preview_retention
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_the_preview_counts_exactly_what_the_next_sweep_deletes_after_the_change
     ttl_kept = register_aged(catalog, "acme", timedelta(days=10), ttl="30d", uploads=uploads)
     ttl_due = register_aged(catalog, "acme", timedelta(hours=2), ttl="1h", uploads=uploads, content=b"y" * 7)
     register_aged(catalog, "other", timedelta(days=2), uploads=uploads)  # another org: not in acme's preview
-    catalog.set_hold(held=True, reason="legal", ids=[old[0]["id"]], actor="test")
+    catalog.set_hold(held=True, reason="legal", ids=[old[0].id], actor="test")
     before = snapshot(catalog)
 
     preview = preview_retention(catalog.db, "acme", "7d")
@@ -44,11 +44,11 @@ def test_the_preview_counts_exactly_what_the_next_sweep_deletes_after_the_change
 
     catalog.set_org("acme", "7d")
     counts = catalog.sweeper.sweep()
-    deleted = [media_id for media_id, state in states(catalog, [*(i["id"] for i in old), ttl_due["id"], ttl_kept["id"]]).items()
+    deleted = [media_id for media_id, state in states(catalog, [*(i.id for i in old), ttl_due.id, ttl_kept.id]).items()
                if state == "deleted"]
     other_deleted = 1  # the other org's item was due under its own 1d retention all along
     assert counts.deleted - other_deleted == preview.due == len(deleted)
-    assert sorted(deleted) == sorted([old[1]["id"], old[2]["id"], ttl_due["id"]])
+    assert sorted(deleted) == sorted([old[1].id, old[2].id, ttl_due.id])
 
 
 def test_lengthening_the_period_shows_the_items_kept_longer_and_no_new_deletions(catalog, uploads):

@@ -38,6 +38,7 @@ from sqlalchemy import delete, literal, select, update
 
 from config.settings import load_settings
 from worker.catalog import Catalog
+from worker.engine import build
 from worker.db import Database, UTCDateTime, db_now, plus_seconds
 from worker.errors import BadInput, Gone, NotFound
 from worker.models import Base, MediaItem, Organization, State
@@ -116,7 +117,7 @@ class System:
         self.store = FilesystemStore(root, delete_threads=2)
         self.settings = load_settings(data_dir=root.parent / "data", database_url=url, storage_url=root.as_uri(),
                                       sweep_batch_size=3)
-        self.catalog = Catalog(self.db, self.store, self.settings)
+        self.catalog = build(self.settings, database=self.db, store=self.store).catalog
 
     def close(self) -> None:
         self.store.close()
@@ -124,7 +125,7 @@ class System:
 
     def with_default(self, default_retention: str) -> Catalog:
         """The same catalog as a process started with another MEDIA_RETENTION_DEFAULT_RETENTION would see it."""
-        return Catalog(self.db, self.store, replace_settings(self.settings, default_retention))
+        return build(replace_settings(self.settings, default_retention), database=self.db, store=self.store).catalog
 
     def arm(self, plan: CrashPlan) -> None:
         """Route every transaction and store mutation through the crash plan."""
@@ -365,7 +366,7 @@ class RetentionModel(RuleBasedStateMachine):
             self.pending = (media_id, org, ttl, age_hours, content)
             return
         if result is not None:
-            assert result["id"] == media_id and result["state"] == State.ACTIVE.value
+            assert result.id == media_id and result.state == State.ACTIVE.value
         self.crash_orphans.pop(row.storage_key, None)
         self.items[media_id] = Item(media_id, org, row.storage_key, row.created_at, TTLS[ttl] if ttl else None,
                                     content=content)
@@ -529,7 +530,7 @@ class RetentionModel(RuleBasedStateMachine):
                 with pytest.raises(Gone):
                     catalog.lookup(item.id)
             else:
-                assert catalog.lookup(item.id)["state"] == State.ACTIVE.value
+                assert catalog.lookup(item.id).state == State.ACTIVE.value
         with pytest.raises(NotFound):
             catalog.lookup("never-registered")
 

@@ -137,11 +137,11 @@ def test_deleting_10000_expired_items_sends_at_most_10_delete_objects_requests(
     DeleteObjects requests, counted at the last hook before the wire, and leaves the prefix empty."""
     from config.settings import Settings
     from tests.integration.conftest import s3_settings_for
-    from worker.catalog import Catalog
+    from worker.engine import build
 
     default_batch = Settings.model_fields["sweep_batch_size"].default
     settings = s3_settings_for(tmp_path, pg_database, bucket, s3_endpoint, sweep_batch_size=default_batch)
-    catalog = Catalog(pg_database, s3_store, settings)
+    catalog = build(settings, database=pg_database, store=s3_store).catalog
     catalog.set_org("acme", "30d")
     keys = {f"bulk-{n:05d}": key_for_id(f"bulk-{n:05d}") for n in range(10_000)}
     expired_items(catalog, objects, bucket, "acme", keys)

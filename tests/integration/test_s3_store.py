@@ -13,6 +13,7 @@ from tests.integration.conftest import PREFIX, insert_items
 from worker.db import db_now
 from worker.errors import BadInput, Gone, NotFound
 from worker.models import MediaItem
+from worker.responses import not_found_body
 from worker.store.keys import key_for_id
 
 
@@ -34,15 +35,15 @@ def object_body(raw_s3, bucket, name):
 def test_register_file_uploads_the_blob_under_the_prefix(s3_catalog, acme, uploads, raw_s3, bucket):
     """register --file puts the bytes at media/<key> and records the size the store holds."""
     item = register_aged(s3_catalog, acme, timedelta(0), uploads=uploads, content=b"jpeg bytes")
-    assert item["size"] == 10
-    assert object_body(raw_s3, bucket, f"{PREFIX}/{item['key']}") == b"jpeg bytes"
+    assert item.size == 10
+    assert object_body(raw_s3, bucket, f"{PREFIX}/{item.key}") == b"jpeg bytes"
 
 
 def test_register_key_adopts_an_existing_object_with_its_size_from_the_store(s3_catalog, acme, objects, bucket):
     """register --key takes the size from HeadObject; a key with no object is bad input."""
     objects.put(bucket, [f"{PREFIX}/legacy/a.jpg"], b"y" * 1234)
     item = s3_catalog.register(org=acme, key="legacy/a.jpg", media_id="legacy-a")
-    assert (item["size"], item["mime"]) == (1234, "image/jpeg")
+    assert (item.size, item.mime) == (1234, "image/jpeg")
     with pytest.raises(BadInput, match="no blob at storage key"):
         s3_catalog.register(org=acme, key="legacy/missing.jpg")
 
@@ -52,9 +53,9 @@ def test_a_sweep_deletes_expired_objects_and_keeps_unexpired_ones(s3_catalog, ac
     old = register_aged(s3_catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
     young = register_aged(s3_catalog, acme, timedelta(minutes=59), ttl="1h", uploads=uploads)
     counts = s3_catalog.sweeper.sweep()
-    assert (counts.claimed, counts.deleted, counts.failed, counts.bytes_freed) == (1, 1, 0, old["size"])
-    assert objects.names(bucket, f"{PREFIX}/") == {f"{PREFIX}/{young['key']}"}
-    assert states(s3_catalog, [old["id"], young["id"]]) == {old["id"]: "deleted", young["id"]: "active"}
+    assert (counts.claimed, counts.deleted, counts.failed, counts.bytes_freed) == (1, 1, 0, old.size)
+    assert objects.names(bucket, f"{PREFIX}/") == {f"{PREFIX}/{young.key}"}
+    assert states(s3_catalog, [old.id, young.id]) == {old.id: "deleted", young.id: "active"}
 
 
 def test_lookup_answers_gone_after_the_sweep_and_not_found_for_unknown_ids(s3_catalog, acme, uploads):
@@ -62,8 +63,8 @@ def test_lookup_answers_gone_after_the_sweep_and_not_found_for_unknown_ids(s3_ca
     item = register_aged(s3_catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
     s3_catalog.sweeper.sweep()
     with pytest.raises(Gone) as gone:
-        s3_catalog.lookup(item["id"])
-    assert {k: gone.value.body[k] for k in ("status", "error", "reason")} == {"status": 404, "error": "gone", "reason": "ttl"}
+        s3_catalog.lookup(item.id)
+    assert {k: not_found_body(item.id, gone.value.tombstone)[k] for k in ("status", "error", "reason")} == {"status": 404, "error": "gone", "reason": "ttl"}
     with pytest.raises(NotFound):
         s3_catalog.lookup("never-seen")
 
@@ -73,14 +74,14 @@ def test_held_items_and_held_orgs_survive_sweeps_and_purges(s3_catalog, acme, up
     s3_catalog.set_org("frozen", "30d")
     held = register_aged(s3_catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
     in_held_org = register_aged(s3_catalog, "frozen", timedelta(hours=2), ttl="1h", uploads=uploads)
-    s3_catalog.set_hold(held=True, reason="litigation", ids=[held["id"]])
+    s3_catalog.set_hold(held=True, reason="litigation", ids=[held.id])
     s3_catalog.set_hold(held=True, reason="audit", org="frozen")
     s3_catalog.sweeper.sweep()
-    s3_catalog.purge(ids=[held["id"]])
+    s3_catalog.purge(ids=[held.id])
     with pytest.raises(BadInput):
         s3_catalog.purge(org="frozen")
-    assert objects.names(bucket, f"{PREFIX}/") == {f"{PREFIX}/{held['key']}", f"{PREFIX}/{in_held_org['key']}"}
-    s3_catalog.set_hold(held=False, reason="settled", ids=[held["id"]])
+    assert objects.names(bucket, f"{PREFIX}/") == {f"{PREFIX}/{held.key}", f"{PREFIX}/{in_held_org.key}"}
+    s3_catalog.set_hold(held=False, reason="settled", ids=[held.id])
     s3_catalog.set_hold(held=False, reason="done", org="frozen")
     assert s3_catalog.sweeper.sweep().deleted == 2
     assert objects.names(bucket, f"{PREFIX}/") == set()
@@ -90,14 +91,14 @@ def test_purge_deletes_unexpired_objects_now(s3_catalog, acme, uploads, objects,
     """A purge by ID and by org removes objects regardless of expiry, with reasons purge and org_purge."""
     one = register_aged(s3_catalog, acme, timedelta(0), uploads=uploads)
     rest = [register_aged(s3_catalog, acme, timedelta(0), uploads=uploads) for _ in range(3)]
-    assert s3_catalog.purge(ids=[one["id"]])["deleted"] == 1
-    assert s3_catalog.purge(org=acme)["deleted"] == 3
+    assert s3_catalog.purge(ids=[one.id]).counts.deleted == 1
+    assert s3_catalog.purge(org=acme).counts.deleted == 3
     assert objects.names(bucket, f"{PREFIX}/") == set()
     reasons = set()
     for item in [one, *rest]:
         with pytest.raises(Gone) as gone:
-            s3_catalog.lookup(item["id"])
-        reasons.add(gone.value.body["reason"])
+            s3_catalog.lookup(item.id)
+        reasons.add(gone.value.tombstone.reason)
     assert reasons == {"purge", "org_purge"}
 
 
@@ -118,7 +119,7 @@ def test_objects_outside_the_prefix_and_in_other_buckets_survive_sweep_purge_and
 
     assert sorted(info.key for info in s3_catalog.store.iter_keys()) == sorted(keys.values())
     assert s3_catalog.sweeper.sweep().deleted == 2
-    assert s3_catalog.purge(org=acme)["deleted"] == 2
+    assert s3_catalog.purge(org=acme).counts.deleted == 2
     assert objects.names(bucket) == bystanders
     assert objects.names(other_bucket) == {f"{PREFIX}/{key}" for key in keys.values()}
 
@@ -144,14 +145,14 @@ def test_reconcile_deletes_old_orphans_under_the_prefix_only_and_tombstones_miss
     assert (report.orphans_deleted, report.young_blobs_skipped, report.missing_first_seen, report.marked_missing) == (1, 1, 1, 0)
     assert objects.names(bucket) == {f"{PREFIX}/live/1", f"{PREFIX}/stray/young", "stray/old", "media-old/stray/old"}
     assert objects.names(other_bucket) == {f"{PREFIX}/stray/old"}
-    assert s3_catalog.lookup("lost")["state"] == "active"
+    assert s3_catalog.lookup("lost").state == "active"
     table = MediaItem.__table__
     with s3_catalog.db.transaction() as session:
         session.execute(update(table).where(table.c.id == "lost").values(missing_since=db_now(-2 * 86400)))
     assert reconciler.run(grace=timedelta(days=1)).marked_missing == 1
     with pytest.raises(Gone) as gone:
         s3_catalog.lookup("lost")
-    assert gone.value.body["reason"] == "missing_blob"
+    assert gone.value.tombstone.reason == "missing_blob"
 
 
 def test_reconcile_aborts_unfinished_multipart_uploads_under_the_prefix_only(s3_catalog, acme, raw_s3, bucket):
@@ -250,14 +251,14 @@ def test_single_mode_deletes_with_one_request_per_key(make_store, objects, bucke
 def test_lookup_url_is_a_presigned_get_that_downloads_the_blob_and_none_once_gone(s3_catalog, acme, uploads):
     """Catalog.presigned_url: a working GET URL valid presign_ttl (1h) for an active item; Gone after a purge."""
     item = register_aged(s3_catalog, acme, timedelta(0), uploads=uploads, content=b"voice note")
-    answer = s3_catalog.presigned_url(item["id"])
-    assert answer["expires_in"] == 3600
-    assert parse_qs(urlparse(answer["url"]).query)["X-Amz-Expires"] == ["3600"]
-    response = urllib3.request("GET", answer["url"])
+    answer = s3_catalog.presigned_url(item.id)
+    assert answer.expires_in == 3600
+    assert parse_qs(urlparse(answer.url).query)["X-Amz-Expires"] == ["3600"]
+    response = urllib3.request("GET", answer.url)
     assert (response.status, response.data) == (200, b"voice note")
-    s3_catalog.purge(ids=[item["id"]])
+    s3_catalog.purge(ids=[item.id])
     with pytest.raises(Gone):
-        s3_catalog.presigned_url(item["id"])
+        s3_catalog.presigned_url(item.id)
     with pytest.raises(NotFound):
         s3_catalog.presigned_url("never-seen")
 

@@ -20,8 +20,8 @@ import requests
 from openapi_spec_validator import validate as validate_openapi
 
 from tests.integration.conftest import PREFIX
-from worker.apikeys import ApiKeys
 from worker.catalog import Catalog
+from worker.catalog.apikeys import ApiKeys
 from worker.db import Database
 from worker.models import ApiKey
 
@@ -119,7 +119,7 @@ def orgs(catalog: Catalog) -> dict[str, str]:
     return tokens
 
 
-def register(catalog: Catalog, tmp_path: Path, org: str, media_id: str, **options) -> dict:
+def register(catalog: Catalog, tmp_path: Path, org: str, media_id: str, **options):
     source = tmp_path / f"{media_id}.bin"
     source.write_bytes(media_id.encode() * 10)
     return catalog.register(org=org, file=source, media_id=media_id, **options)
@@ -245,29 +245,22 @@ def test_the_openapi_description_is_valid_and_answers_match_its_schemas(server, 
 
 
 def test_an_object_store_item_comes_with_a_working_presigned_url_valid_at_most_an_hour(
-        serve, database, bucket, s3_endpoint, tmp_path, raw_s3):
+        serve, database, s3_catalog, bucket, s3_endpoint, tmp_path):
     """On S3 the 200 body carries a fresh presigned URL that fetches the blob and expires within the hour."""
-    from tests.integration.conftest import s3_settings_for
-    from worker.store.s3 import S3Store
-
-    store = S3Store(bucket, PREFIX, endpoint_url=s3_endpoint)
-    catalog = Catalog(database, store, s3_settings_for(tmp_path, database, bucket, s3_endpoint))
-    try:
-        catalog.set_org("acme", "30d")
-        token = ApiKeys(database).create("acme", actor="test").token
-        register(catalog, tmp_path, "acme", "photo-1")
-        server = serve(MEDIA_RETENTION_DATABASE_URL=database.url, MEDIA_RETENTION_STORAGE_URL=f"s3://{bucket}/{PREFIX}",
-                       MEDIA_RETENTION_S3_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="testing",
-                       AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-        body = server.get("/v1/media/photo-1", token).json()
-        assert requests.get(body["url"], timeout=10).content == b"photo-1" * 10
-        lifetime = datetime.fromisoformat(body["url_expires_at"]) - datetime.now(timezone.utc)
-        assert timedelta(minutes=55) < lifetime <= timedelta(hours=1)
-        catalog.purge(ids=["photo-1"], actor="test")
-        gone = server.get("/v1/media/photo-1", token)
-        assert gone.status_code == 404 and "url" not in gone.json()
-    finally:
-        store.close()
+    catalog = s3_catalog
+    catalog.set_org("acme", "30d")
+    token = ApiKeys(database).create("acme", actor="test").token
+    register(catalog, tmp_path, "acme", "photo-1")
+    server = serve(MEDIA_RETENTION_DATABASE_URL=database.url, MEDIA_RETENTION_STORAGE_URL=f"s3://{bucket}/{PREFIX}",
+                   MEDIA_RETENTION_S3_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="testing",
+                   AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    body = server.get("/v1/media/photo-1", token).json()
+    assert requests.get(body["url"], timeout=10).content == b"photo-1" * 10
+    lifetime = datetime.fromisoformat(body["url_expires_at"]) - datetime.now(timezone.utc)
+    assert timedelta(minutes=55) < lifetime <= timedelta(hours=1)
+    catalog.purge(ids=["photo-1"], actor="test")
+    gone = server.get("/v1/media/photo-1", token)
+    assert gone.status_code == 404 and "url" not in gone.json()
 
 
 def test_api_keys_are_stored_only_as_a_hash_of_their_secret(catalog):

@@ -102,11 +102,11 @@ def test_a_catalog_in_step_with_its_store_is_clean(catalog_under_test, blobs, tm
     catalog = catalog_under_test
     register_aged(catalog, "acme", timedelta(hours=1), uploads=tmp_path)
     held = register_aged(catalog, "acme", timedelta(hours=3), ttl="1h", uploads=tmp_path)
-    catalog.set_hold(held=True, reason="case 7", ids=[held["id"]])
+    catalog.set_hold(held=True, reason="case 7", ids=[held.id])
     register_aged(catalog, "acme", timedelta(hours=3), ttl="1h", uploads=tmp_path)
     purged = register_aged(catalog, "acme", timedelta(hours=1), uploads=tmp_path)
     catalog.sweeper.sweep()
-    catalog.purge(ids=[purged["id"]])
+    catalog.purge(ids=[purged.id])
     register_aged(catalog, "acme", timedelta(hours=3), ttl="1h", uploads=tmp_path)
     catalog.sweeper.claim_expired(10)  # claimed, blob still there, lease running: a deletion in flight
     blobs.put("uploads/in-flight.jpg")
@@ -118,17 +118,17 @@ def test_a_catalog_in_step_with_its_store_is_clean(catalog_under_test, blobs, tm
 def test_an_active_item_without_its_blob_is_a_missing_blob_breach(catalog_under_test, blobs, tmp_path):
     """The blob of an active item vanished: reported by id, with whether it is held."""
     item = register_aged(catalog_under_test, "acme", timedelta(hours=1), uploads=tmp_path)
-    blobs.remove(item["key"])
+    blobs.remove(item.key)
     report = run_verify(catalog_under_test)
     assert only(report, "missing_blob") and report.breaches["missing_blob"] == 1
-    assert (report.examples["missing_blob"][0]["id"], report.examples["missing_blob"][0]["held"]) == (item["id"], False)
+    assert (report.examples["missing_blob"][0]["id"], report.examples["missing_blob"][0]["held"]) == (item.id, False)
 
 
 def test_a_tombstone_whose_blob_exists_is_a_leak(catalog_under_test, blobs, tmp_path):
     """A purged item's blob written back at its key: tombstone_with_blob."""
     item = register_aged(catalog_under_test, "acme", timedelta(hours=1), uploads=tmp_path)
-    catalog_under_test.purge(ids=[item["id"]])
-    blobs.put(item["key"], b"media bytes")
+    catalog_under_test.purge(ids=[item.id])
+    blobs.put(item.key, b"media bytes")
     report = run_verify(catalog_under_test)
     assert only(report, "tombstone_with_blob")
     assert report.examples["tombstone_with_blob"][0]["reason"] == "purge"
@@ -137,10 +137,10 @@ def test_a_tombstone_whose_blob_exists_is_a_leak(catalog_under_test, blobs, tmp_
 def test_a_returned_blob_of_an_unexpired_missing_blob_tombstone_is_a_notice_not_a_breach(catalog_under_test, blobs, tmp_path):
     """Reconcile keeps such a blob until the item's expiry, so before it verify only counts it."""
     item = register_aged(catalog_under_test, "acme", timedelta(hours=1), uploads=tmp_path)
-    set_row(catalog_under_test, item["id"], state="deleted", deletion_reason="missing_blob", claimed_at=db_now(), deleted_at=db_now())
+    set_row(catalog_under_test, item.id, state="deleted", deletion_reason="missing_blob", claimed_at=db_now(), deleted_at=db_now())
     report = run_verify(catalog_under_test)
     assert report.clean and report.notices["returned_blobs"] == 1
-    set_row(catalog_under_test, item["id"], expires_at=db_now(-60), created_at=db_now(-60 - 30 * 86400))
+    set_row(catalog_under_test, item.id, expires_at=db_now(-60), created_at=db_now(-60 - 30 * 86400))
     assert only(run_verify(catalog_under_test), "tombstone_with_blob")
 
 
@@ -157,7 +157,7 @@ def test_an_unregistered_blob_older_than_the_grace_is_an_orphan_and_a_younger_on
 def test_a_blob_of_another_size_than_recorded_is_a_size_mismatch(catalog_under_test, blobs, tmp_path):
     """The catalog says 11 bytes, the store holds 3."""
     item = register_aged(catalog_under_test, "acme", timedelta(hours=1), uploads=tmp_path)
-    blobs.put(item["key"], b"abc")
+    blobs.put(item.key, b"abc")
     report = run_verify(catalog_under_test)
     assert only(report, "size_mismatch")
     assert (report.examples["size_mismatch"][0]["size"], report.examples["size_mismatch"][0]["blob_size"]) == (11, 3)
@@ -166,8 +166,8 @@ def test_a_blob_of_another_size_than_recorded_is_a_size_mismatch(catalog_under_t
 def test_a_ttl_item_deleted_before_its_ttl_ran_out_is_an_early_deletion(catalog_under_test, blobs, tmp_path):
     """Tombstoned for `ttl` one hour after creation with a 2 h TTL: early by about an hour."""
     item = register_aged(catalog_under_test, "acme", timedelta(hours=1), ttl="2h", uploads=tmp_path)
-    blobs.remove(item["key"])
-    set_row(catalog_under_test, item["id"], state="deleted", deletion_reason="ttl", claimed_at=db_now(), deleted_at=db_now())
+    blobs.remove(item.key)
+    set_row(catalog_under_test, item.id, state="deleted", deletion_reason="ttl", claimed_at=db_now(), deleted_at=db_now())
     report = run_verify(catalog_under_test)
     assert only(report, "early_deletion")
     assert 3500 < report.examples["early_deletion"][0]["early_by_seconds"] <= 3600
@@ -177,7 +177,7 @@ def test_a_sweep_after_a_wrongly_rewritten_expiry_is_an_early_deletion(catalog_u
     """The org keeps 30 d but the item's expiry was moved to the past: first wrong_expiry, and once a
     real sweep deleted it, early_deletion (the org's retention did not change since)."""
     item = register_aged(catalog_under_test, "acme", timedelta(hours=2), uploads=tmp_path)
-    set_row(catalog_under_test, item["id"], expires_at=db_now(-3600))
+    set_row(catalog_under_test, item.id, expires_at=db_now(-3600))
     assert only(run_verify(catalog_under_test), "wrong_expiry")
     assert catalog_under_test.sweeper.sweep().deleted == 1
     report = run_verify(catalog_under_test)
@@ -196,9 +196,9 @@ def test_a_retention_change_after_the_deletion_is_not_an_early_deletion(catalog_
 def test_an_item_deleted_while_it_carries_a_hold_is_a_held_deleted_breach(catalog_under_test, blobs, tmp_path):
     """A row with held_at set that is no longer active."""
     item = register_aged(catalog_under_test, "acme", timedelta(hours=1), uploads=tmp_path)
-    catalog_under_test.set_hold(held=True, reason="litigation", ids=[item["id"]])
-    blobs.remove(item["key"])
-    set_row(catalog_under_test, item["id"], state="deleted", deletion_reason="purge", claimed_at=db_now(), deleted_at=db_now())
+    catalog_under_test.set_hold(held=True, reason="litigation", ids=[item.id])
+    blobs.remove(item.key)
+    set_row(catalog_under_test, item.id, state="deleted", deletion_reason="purge", claimed_at=db_now(), deleted_at=db_now())
     assert only(run_verify(catalog_under_test), "held_deleted")
 
 
@@ -206,23 +206,23 @@ def test_an_item_of_a_held_org_claimed_after_the_hold_is_a_breach_and_one_claime
     """The documented exception: an item already claimed when its org was held finishes its deletion."""
     before = register_aged(catalog_under_test, "acme", timedelta(hours=1), uploads=tmp_path)
     after = register_aged(catalog_under_test, "acme", timedelta(hours=1), uploads=tmp_path)
-    catalog_under_test.purge(ids=[before["id"]])
+    catalog_under_test.purge(ids=[before.id])
     catalog_under_test.set_hold(held=True, reason="audit", org="acme")
     assert run_verify(catalog_under_test).clean
-    blobs.remove(after["key"])
-    set_row(catalog_under_test, after["id"], state="deleted", deletion_reason="missing_blob", org_held=False,
+    blobs.remove(after.key)
+    set_row(catalog_under_test, after.id, state="deleted", deletion_reason="missing_blob", org_held=False,
             claimed_at=db_now(5), deleted_at=db_now(5))
     report = run_verify(catalog_under_test)
-    assert only(report, "held_deleted") and report.examples["held_deleted"][0]["id"] == after["id"]
+    assert only(report, "held_deleted") and report.examples["held_deleted"][0]["id"] == after.id
 
 
 def test_a_deletion_whose_lease_ran_out_long_ago_is_stuck(catalog_under_test, tmp_path):
     """Claimed, then nobody swept for longer than stuck_after: stuck_deletion; within it, fine."""
     item = register_aged(catalog_under_test, "acme", timedelta(hours=3), ttl="1h", uploads=tmp_path)
     catalog_under_test.sweeper.claim_expired(10)
-    set_row(catalog_under_test, item["id"], lease_until=db_now(-60))
+    set_row(catalog_under_test, item.id, lease_until=db_now(-60))
     assert run_verify(catalog_under_test).clean
-    set_row(catalog_under_test, item["id"], lease_until=db_now(-600))
+    set_row(catalog_under_test, item.id, lease_until=db_now(-600))
     assert only(run_verify(catalog_under_test), "stuck_deletion")
 
 

@@ -21,8 +21,8 @@ from tests.unit.test_volume_alerts import (  # noqa: F401 - `receiver` is a fixt
     thresholds_below,
     volume_settings,
 )
-from worker.alerts import VolumeMonitor, store_usage
-from worker.catalog import Catalog
+from worker.alerts import VolumeMonitor
+from worker.engine import build
 from worker.db import Database
 from worker.store.fs import FilesystemStore
 
@@ -82,8 +82,7 @@ def test_real_filesystem_thresholds_raise_and_clear_the_alert_on_postgresql(tmp_
     ratio = real_ratio(store.root)
     for thresholds, expected in ((thresholds_below(ratio), ("critical", "firing")), (thresholds_above(ratio), ("ok", "resolved"))):
         settings = volume_settings(tmp_path, pg_database, alert_webhook_url=receiver.url, **thresholds)
-        report = VolumeMonitor(pg_database, settings, store_usage(Catalog(pg_database, store, settings)),
-                               enqueue_sweep=lambda: None).check()
+        report = build(settings, database=pg_database, store=store).volume_monitor(enqueue_sweep=lambda: None).check()
         assert (report.evaluation.level.value, report.notification) == expected
     assert [p["status"] for p in receiver.payloads()] == ["firing", "resolved"]
     assert receiver.payloads()[0]["alerts"][0]["annotations"]["sweep"].startswith("an immediate sweep was enqueued")

@@ -25,8 +25,8 @@ from config.schedule import SWEEP_TASK
 from config.settings import Settings, get_settings, load_settings
 from tests.factories import bulk_expired
 from tests.receiver import Receiver
-from worker.alerts import AlertmanagerSink, VolumeMonitor, WebhookSink, store_usage
-from worker.catalog import Catalog
+from worker.alerts import AlertmanagerSink, VolumeMonitor, WebhookSink
+from worker.engine import Engine, build
 from worker.cli import main
 from worker.db import Database, db_now
 from worker.models import MediaItem, Organization, State, VolumeAlert, VolumeSample
@@ -106,12 +106,12 @@ def events(logs: list[dict], prefix: str = "volume.alert_") -> list[str]:
 def test_thresholds_below_the_real_usage_raise_an_alert_and_thresholds_above_it_clear_it(tmp_path, sqlite_database, receiver):
     """statvfs of the media root against the settings: critical fires once (with a sweep), then resolves."""
     media = tmp_path / "media"
-    catalog = Catalog(sqlite_database, FilesystemStore(media, delete_threads=1), volume_settings(tmp_path, sqlite_database))
+    store = FilesystemStore(media, delete_threads=1)
     ratio = real_ratio(media)
     sweeps: list[float] = []
     raised = volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url, **thresholds_below(ratio))
     with structlog.testing.capture_logs() as logs:
-        report = VolumeMonitor(sqlite_database, raised, store_usage(catalog), enqueue_sweep=lambda: sweeps.append(1)).check()
+        report = build(raised, database=sqlite_database, store=store).volume_monitor(enqueue_sweep=lambda: sweeps.append(1)).check()
     assert (report.evaluation.level.value, report.notification) == ("critical", "firing")
     assert sweeps == [1] and events(logs) == ["volume.alert_firing"]
     assert "volume.sweep_enqueued" in events(logs, "volume.sweep")
@@ -119,7 +119,7 @@ def test_thresholds_below_the_real_usage_raise_an_alert_and_thresholds_above_it_
 
     cleared = volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url, **thresholds_above(ratio))
     with structlog.testing.capture_logs() as logs:
-        report = VolumeMonitor.for_catalog(Catalog(sqlite_database, catalog.store, cleared)).check()
+        report = build(cleared, database=sqlite_database, store=store).volume_monitor().check()
     assert (report.evaluation.level.value, report.notification) == ("ok", "resolved")
     assert events(logs) == ["volume.alert_resolved"]
 
@@ -245,22 +245,22 @@ def test_several_workers_sampling_at_once_notify_once_not_once_each(tmp_path, sq
 # -- a webhook that fails never holds anything up ------------------------------------------------
 
 
-def critical_catalog(tmp_path: Path, db: Database, **overrides) -> Catalog:
+def critical_engine(tmp_path: Path, db: Database, **overrides) -> Engine:
     media = tmp_path / "media"
     settings = volume_settings(tmp_path, db, **thresholds_below(real_ratio(tmp_path)), **overrides)
-    return Catalog(db, FilesystemStore(media, delete_threads=2), settings)
+    return build(settings, database=db, store=FilesystemStore(media, delete_threads=2))
 
 
 def test_a_hanging_webhook_does_not_delay_a_sweep_and_is_retried(tmp_path, sqlite_database, receiver):
     """While the check waits on a receiver that never answers, a sweep runs at full speed; the check
     enqueues its sweep before the first attempt, tries twice, and gives up after timeout x attempts."""
     receiver.behaviour = "hang"
-    catalog = critical_catalog(tmp_path, sqlite_database, alert_webhook_url=receiver.url)
+    engine = critical_engine(tmp_path, sqlite_database, alert_webhook_url=receiver.url)
     with sqlite_database.transaction() as session:
         session.add(Organization(id="acme", retention_seconds=3600))
-    expired = bulk_expired(catalog, "acme", 40, root=catalog.store.root)
+    expired = bulk_expired(engine, "acme", 40, root=engine.store.root)
     enqueued: list[float] = []
-    monitor = VolumeMonitor.for_catalog(catalog, enqueue_sweep=lambda: enqueued.append(time.monotonic()))
+    monitor = engine.volume_monitor(enqueue_sweep=lambda: enqueued.append(time.monotonic()))
     monitor.webhook = WebhookSink(receiver.url, timeout=1, attempts=2, backoff=0.2)
     outcome: dict = {}
 
@@ -273,7 +273,7 @@ def test_a_hanging_webhook_does_not_delay_a_sweep_and_is_retried(tmp_path, sqlit
     checker.start()
     assert receiver.arrived.wait(5), "the webhook was never called"
     sweep_started = time.monotonic()
-    counts = catalog.sweeper.sweep()
+    counts = engine.sweeper.sweep()
     sweep_seconds = time.monotonic() - sweep_started
     checker.join(10)
 
@@ -284,7 +284,7 @@ def test_a_hanging_webhook_does_not_delay_a_sweep_and_is_retried(tmp_path, sqlit
     assert 2.2 <= outcome["seconds"] < 2.2 + 1.5
     assert outcome["report"].notification == "firing"
     assert alert_row(sqlite_database).delivery_pending is True
-    catalog.store.close()
+    engine.store.close()
 
 
 def test_a_failing_webhook_is_retried_and_its_notice_redelivered_by_a_later_check(tmp_path, sqlite_database, receiver):
@@ -476,7 +476,7 @@ def test_an_object_store_is_measured_as_live_media_bytes_against_the_configured_
     """Active and deleting items count (their blobs still exist); tombstones do not."""
     _items(sqlite_database, {State.ACTIVE.value: 600, State.DELETING.value: 250, State.DELETED.value: 10_000})
     settings = volume_settings(tmp_path, sqlite_database, storage_url="s3://bucket/media", s3_capacity_bytes=1000)
-    report = VolumeMonitor.for_catalog(Catalog(sqlite_database, _ObjectStore(), settings)).check()
+    report = build(settings, database=sqlite_database, store=_ObjectStore()).volume_monitor().check()
     assert (report.usage.used_bytes, report.usage.total_bytes, report.usage.used_inodes) == (850, 1000, None)
     assert (report.evaluation.level.value, report.evaluation.reason) == ("warning", "bytes")
 
@@ -486,7 +486,7 @@ def test_an_object_store_without_a_capacity_says_which_setting_to_set_and_raises
     _items(sqlite_database, {State.ACTIVE.value: 600})
     settings = volume_settings(tmp_path, sqlite_database, storage_url="s3://bucket/media")
     with structlog.testing.capture_logs() as logs:
-        report = VolumeMonitor.for_catalog(Catalog(sqlite_database, _ObjectStore(), settings)).check()
+        report = build(settings, database=sqlite_database, store=_ObjectStore()).volume_monitor().check()
     assert report.evaluation is None and report.usage.used_bytes == 600
     assert "MEDIA_RETENTION_S3_CAPACITY_BYTES" in report.message
     assert events(logs, "volume.") == ["volume.capacity_unknown"]
@@ -552,7 +552,7 @@ def test_the_volume_task_checks_through_the_celery_app_and_sends_the_sweep_by_na
     runtime.reset()
     try:
         (tmp_path / "data").mkdir()
-        schema.upgrade(runtime.catalog().db)
+        schema.upgrade(runtime.engine().db)
         from tasks.volume import app, check_volume
 
         sent: list[tuple] = []

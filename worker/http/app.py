@@ -1,7 +1,8 @@
 """`GET /v1/media/{id}` for upstream services in any language, scoped by org API keys.
 
-The app renders what one seam answers (`MediaLookup.find_for_org`): the item while active (200),
-its tombstone once claimed or deleted, or nothing (404 either way). Another org's media is answered
+The app renders what one seam answers (`MediaLookup.find_for_org`, the engine's lookup use case):
+an `Item` while active (200), a `Tombstone` once claimed or deleted, or nothing (404 either way, the
+body built by `worker.responses` like the CLI's). Another org's media is answered
 exactly like media never seen, so a key cannot even learn that an ID exists elsewhere.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Literal, Protocol
 
 import structlog
@@ -22,7 +23,9 @@ from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from worker.catalog.results import Item, Tombstone
 from worker.errors import BadInput
+from worker.responses import not_found_body
 
 log = structlog.get_logger("worker.http")
 
@@ -31,23 +34,12 @@ log = structlog.get_logger("worker.http")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-class FoundItem(Protocol):
-    def to_dict(self) -> dict: ...
-
-
-class Found:
-    """What the seam answers: `item` (a dict) while active, else `gone` (reason, deleted_at, state)."""
-
-    def __init__(self, *, item: dict | None = None, gone: dict | None = None, key: str | None = None):
-        self.item, self.gone, self.key = item, gone, key
-
-
 class MediaLookup(Protocol):
-    """The one question the HTTP layer asks the engine."""
+    """The one question the HTTP layer asks the engine (worker.catalog.lookup.Lookup)."""
 
-    def find_for_org(self, org: str, media_id: str) -> Found | None: ...
+    def find_for_org(self, org: str, media_id: str) -> Item | Tombstone | None: ...
 
-    def presigned_url(self, key: str) -> tuple[str, datetime] | None: ...
+    def sign(self, key: str) -> tuple[str, datetime] | None: ...
 
 
 class KeyCheck(Protocol):
@@ -205,12 +197,10 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
     def get_media(media_id: str = Path(description="The media ID (1-128 of A-Za-z0-9._-)."),
                   org: str = Depends(authenticated_org)):
         found = lookup.find_for_org(org, media_id)
-        if found is None:
-            return JSONResponse({"id": media_id, "status": 404, "error": "not_found"}, status_code=404)
-        if found.gone is not None:
-            return JSONResponse({"id": media_id, "status": 404, "error": "gone", **found.gone}, status_code=404)
-        body = dict(found.item)
-        signed = lookup.presigned_url(found.key)
+        if not isinstance(found, Item):
+            return JSONResponse(not_found_body(media_id, found), status_code=404)
+        body = found.to_dict()
+        signed = lookup.sign(found.key)
         if signed is not None:
             body["url"], body["url_expires_at"] = signed[0], signed[1].isoformat()
         return body
@@ -239,36 +229,6 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
 def _with_middleware(app: FastAPI, registry: CollectorRegistry) -> FastAPI:
     app.add_middleware(_Instrumented, registry=registry)
     return app
-
-
-# -- the seam on today's catalog ------------------------------------------------------------------------------
-
-
-class CatalogMediaLookup:
-    """`find_for_org` on the catalog's database and store."""
-
-    def __init__(self, db, store, presign_ttl: timedelta):
-        self.db, self.store, self.presign_ttl = db, store, presign_ttl
-
-    def find_for_org(self, org: str, media_id: str) -> Found | None:
-        from worker.models import MediaItem, State
-        from worker.store.keys import validate_id
-
-        validate_id(media_id)
-        with self.db.transaction() as session:
-            row = session.get(MediaItem, media_id)
-        if row is None or row.org_id != org:
-            return None
-        if row.state != State.ACTIVE.value:
-            return Found(gone={"reason": row.deletion_reason, "deleted_at": (row.deleted_at or row.claimed_at).isoformat(),
-                               "state": row.state})
-        return Found(item=row.to_dict(), key=row.storage_key)
-
-    def presigned_url(self, key: str) -> tuple[str, datetime] | None:
-        if not self.store.can_presign:
-            return None
-        seconds = int(self.presign_ttl.total_seconds())
-        return self.store.presigned_url(key, seconds), datetime.now(timezone.utc) + timedelta(seconds=seconds)
 
 
 def database_ping(db) -> Callable[[], None]:

@@ -22,7 +22,7 @@ from worker.errors import BadInput, NotFound
 from worker.models import ApiKey, AuditEvent, Organization
 from worker.store.keys import validate_id
 
-log = structlog.get_logger("worker.apikeys")
+log = structlog.get_logger("worker.catalog")
 
 TOKEN_PREFIX = "mrk"
 # 32 random bytes: 256 bits, so guessing a secret is hopeless and no slow hash is needed (see _digest).

@@ -24,14 +24,14 @@ from datetime import datetime, timedelta
 import structlog
 from sqlalchemy import select
 
-from worker.catalog import Catalog, _NewItem
+from worker.catalog.registration import Registration, _NewItem
 from worker.db import db_now
 from worker.errors import BadInput, NotFound
 from worker.models import MediaItem, Organization
 from worker.store import BlobInfo
 from worker.store.keys import validate_id, validate_key, validate_new_key
 
-log = structlog.get_logger("worker.adopt")
+log = structlog.get_logger("worker.catalog")
 
 # Keys per catalog query and per registering transaction: one `IN` list and one insert of this many
 # rows take milliseconds, and a failed batch is cheap to redo.
@@ -58,8 +58,8 @@ class AdoptSummary:
 
 
 class Adopter:
-    def __init__(self, catalog: Catalog, *, progress: Callable[[AdoptSummary], None] | None = None):
-        self.catalog = catalog
+    def __init__(self, registration: Registration, *, progress: Callable[[AdoptSummary], None] | None = None):
+        self.registration = registration
         self.progress = progress or (lambda summary: None)
         # Seconds between progress reports: a bar on a terminal wants every page (0), a log every few seconds.
         self.progress_every = PROGRESS_EVERY_S
@@ -68,7 +68,7 @@ class Adopter:
             dry_run: bool = False, actor: str) -> AdoptSummary:
         validate_id(org, "organization id")
         prefix = validate_key(under.strip("/")) + "/" if under else ""
-        db = self.catalog.db
+        db = self.registration.db
         with db.transaction() as session:
             target = session.get(Organization, org)
             if target is None:
@@ -108,7 +108,7 @@ class Adopter:
                     summary.due += 1
                     summary.due_bytes += blob.size
             if fresh and not dry_run:
-                self.catalog._insert(fresh, {"action": "adopt", "actor": actor,
+                self.registration._insert(fresh, {"action": "adopt", "actor": actor,
                                              "details": {"under": prefix or None, "ttl_seconds": int(ttl.total_seconds()) if ttl else None}})
             summary.adopted += len(fresh)
             summary.adopted_bytes += sum(item.size for item in fresh)
@@ -120,7 +120,7 @@ class Adopter:
 
     def _pages(self, prefix: str) -> Iterator[list[BlobInfo]]:
         page: list[BlobInfo] = []
-        for blob in self.catalog.store.iter_keys():
+        for blob in self.registration.store.iter_keys():
             if not isinstance(blob, BlobInfo) or not blob.key.startswith(prefix):
                 continue
             page.append(blob)

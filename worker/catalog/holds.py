@@ -1,0 +1,67 @@
+"""Holds: put items or a whole org on hold, or release them; held media is never deleted."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+from sqlalchemy import select, update
+
+from worker import validation
+from worker.catalog._shared import default_actor, require_items
+from worker.catalog.results import HoldResult
+from worker.db import Database, db_now
+from worker.errors import BadInput, Gone, NotFound
+from worker.models import AuditEvent, MediaItem, Organization, State
+from worker.store.keys import validate_id
+
+log = structlog.get_logger("worker.catalog")
+
+
+class Holds:
+    def __init__(self, db: Database):
+        self.db = db
+
+    def set_hold(self, *, held: bool, reason: str, ids: Sequence[str] = (), org: str | None = None,
+                 actor: str | None = None) -> HoldResult:
+        """Put items or a whole org on hold (or release them). Recorded with who and why."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise BadInput("a --reason is required: say why media is held or released.")
+        validation.reason(reason)
+        if bool(ids) == (org is not None):
+            raise BadInput("give media IDs or --org, not both and not neither.")
+        action = "hold" if held else "release"
+        actor = validation.actor(actor or default_actor())
+        changed: list[str] = []
+        with self.db.transaction() as session:
+            stamp = session.scalar(select(db_now())) if held else None
+            if org is not None:
+                validate_id(org, "organization id")
+                target = session.get(Organization, org, with_for_update=True)
+                if target is None:
+                    raise NotFound(f"organization {org!r} does not exist; nothing was changed.")
+                if (target.held_at is not None) != held:
+                    changed.append(org)
+                target.held_at, target.hold_reason = stamp, (reason if held else None)
+                # Mirror the hold on the org's active rows in the same transaction (see MediaItem.org_held).
+                items = MediaItem.__table__
+                session.execute(
+                    update(items).where(items.c.org_id == org, items.c.state == State.ACTIVE.value, items.c.org_held.is_(not held))
+                    .values(org_held=held)
+                )
+                session.add(AuditEvent(action=f"org_{action}", actor=actor, org_id=org, reason=reason))
+            else:
+                found = require_items(session, ids)
+                if held:
+                    gone = [media_id for media_id in ids if found[media_id].state != State.ACTIVE.value]
+                    if gone:
+                        raise Gone(f"media id {gone[0]!r} is already being deleted or gone; nothing was changed.")
+                for media_id in dict.fromkeys(ids):
+                    item = found[media_id]
+                    if (item.held_at is not None) != held:
+                        changed.append(media_id)
+                    item.held_at, item.hold_reason = stamp, (reason if held else None)
+                    session.add(AuditEvent(action=action, actor=actor, org_id=item.org_id, media_id=media_id, reason=reason))
+        log.info(f"media.{action}", org=org, ids=list(ids)[:20], changed=len(changed), actor=actor, reason=reason)
+        return HoldResult(action=action, org=org, ids=tuple(dict.fromkeys(ids)), changed=tuple(changed), reason=reason,
+                          actor=actor)

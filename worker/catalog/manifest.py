@@ -1,0 +1,293 @@
+"""Manifest import: register every line of a JSON-lines file, checked whole first, then in batches.
+
+A manifest is how an existing catalog is imported: every bad line is reported by number and none
+imports anything; re-running a manifest that a crash cut short imports the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO
+
+import structlog
+from sqlalchemy import select
+
+from worker import validation
+from worker.catalog._shared import default_actor
+from worker.catalog.registration import Registration, _NewItem, _open_regular, _source_digest
+from worker.catalog.results import ManifestSummary
+from worker.errors import BadInput, RetentionError
+from worker.models import MediaItem, Organization
+from worker.store.keys import key_for_id
+
+log = structlog.get_logger("worker.catalog")
+
+# Manifest rows written per transaction: large enough to import millions of rows in minutes,
+# small enough that a failed batch is cheap to redo.
+MANIFEST_BATCH = 500
+# A manifest line is a few hundred bytes; the bound keeps a file without newlines (a binary, a huge
+# single line) from being read into memory whole.
+MANIFEST_LINE_MAX = 64 * 1024
+# Bad lines kept by number for the report; the count covers all of them.
+MANIFEST_ERRORS_KEPT = 1000
+# Store lookups in flight while checking a manifest: an S3 HEAD is a round trip, a local stat is not.
+MANIFEST_STORE_CHECKS = 8
+_MANIFEST_FIELDS = {"org", "id", "file", "key", "ttl", "created_at", "mime", "sha256"}
+
+
+@dataclass
+class ManifestLineError:
+    line: int
+    message: str
+
+
+class ManifestError(BadInput):
+    def __init__(self, errors: list[ManifestLineError], total_lines: int, bad_lines: int | None = None):
+        self.errors = errors
+        self.bad_lines = bad_lines if bad_lines is not None else len(errors)
+        first = errors[0]
+        more = f" (and {self.bad_lines - 1} more bad lines)" if self.bad_lines > 1 else ""
+        super().__init__(f"manifest line {first.line}: {first.message}{more}; nothing was imported.")
+
+
+@dataclass
+class _ManifestCheck:
+    """What checking a manifest has found so far."""
+
+    now: datetime  # the database's clock when the check began: created_at must not lie beyond it
+    lines: int = 0
+    bad_lines: int = 0
+    ids: dict[str, int] = field(default_factory=dict)  # explicit media ID -> its line
+    keys: dict[str, int] = field(default_factory=dict)  # storage key -> its line
+    orgs: dict[str, int] = field(default_factory=dict)  # org -> the first line naming it
+    errors: dict[int, str] = field(default_factory=dict)  # line -> its first error (the lowest lines kept)
+
+    def error(self, line: int, message: str) -> None:
+        if line in self.errors:
+            return
+        self.bad_lines += 1
+        self.errors[line] = message
+        if len(self.errors) > 2 * MANIFEST_ERRORS_KEPT:
+            # Lines are checked in order, chunks a batch late: keeping the lowest numbers is exact.
+            self.errors = dict(sorted(self.errors.items())[:MANIFEST_ERRORS_KEPT])
+
+    def sorted_errors(self) -> list[ManifestLineError]:
+        return [ManifestLineError(line, message) for line, message in sorted(self.errors.items())[:MANIFEST_ERRORS_KEPT]]
+
+
+def _describes(item: _NewItem, row) -> bool:
+    """Whether a manifest line describes the registered row exactly (a re-run of the same import)."""
+    if (row.org_id, row.storage_key, row.mime_type) != (item.org, item.key, item.mime):
+        return False
+    if row.ttl_seconds != (int(item.ttl.total_seconds()) if item.ttl else None):
+        return False
+    if item.created_at is not None and row.created_at != item.created_at:
+        return False
+    if item.source is not None:
+        return row.sha256 == _source_digest(item.source).sha256
+    return item.sha256 is None or item.sha256 == row.sha256
+
+
+
+class ManifestImport:
+    def __init__(self, registration: Registration):
+        self.registration = registration
+        self.db = registration.db
+        self.store = registration.store
+
+    def _manifest_lines(self, handle: BinaryIO) -> Iterator[tuple[int, dict | ManifestLineError]]:
+        """(line number, row or the line's error) for each non-blank line, reading at most
+        MANIFEST_LINE_MAX bytes at a time, so memory stays flat whatever the file holds."""
+        number = 0
+        while raw := handle.readline(MANIFEST_LINE_MAX + 1):
+            number += 1
+            if len(raw) > MANIFEST_LINE_MAX and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):
+                    raw = handle.readline(MANIFEST_LINE_MAX + 1)
+                yield number, ManifestLineError(number, f"longer than {MANIFEST_LINE_MAX // 1024} KiB")
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield number, ManifestLineError(number, "not valid UTF-8")
+                continue
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except RecursionError:
+                yield number, ManifestLineError(number, "not valid JSON (nested too deeply)")
+                continue
+            except ValueError as exc:
+                yield number, ManifestLineError(number, f"not valid JSON ({getattr(exc, 'msg', str(exc))})")
+                continue
+            if not isinstance(row, dict):
+                yield number, ManifestLineError(number, "each line must be a JSON object")
+                continue
+            unknown = sorted(set(row) - _MANIFEST_FIELDS)
+            if unknown:
+                yield number, ManifestLineError(number, f"unknown field {unknown[0]!r}")
+                continue
+            yield number, row
+
+    def _validate_manifest_row(self, row: dict, base: Path, now: datetime) -> _NewItem:
+        if not isinstance(row.get("org"), str):
+            raise BadInput("field 'org' is required and must be a string")
+        for name in ("id", "file", "key", "ttl", "created_at", "mime", "sha256"):
+            if row.get(name) is not None and not isinstance(row[name], str):
+                raise BadInput(f"field {name!r} must be a string")
+        file = row.get("file")
+        if file is not None and not os.path.isabs(file):
+            file = base / file  # relative paths are read from the manifest's directory
+        return self.registration.validate_new(org=row["org"], file=file, key=row.get("key"), media_id=row.get("id"), ttl=row.get("ttl"),
+                                  created_at=row.get("created_at"), mime=row.get("mime"), sha256=row.get("sha256"), now=now)
+
+    def register_manifest(self, path: str | Path, *, batch_size: int = MANIFEST_BATCH,
+                          progress: Callable[[int], None] | None = None) -> ManifestSummary:
+        """Import a JSON-lines manifest.
+
+        First every line is checked, against the database *and* the store, and any bad line (each
+        reported by number) imports nothing. Then rows go in batches, each all-or-nothing. A line
+        whose ID is already registered exactly as the line describes is skipped, and a file whose
+        key already holds its very bytes adopts them, so re-running a manifest that a crash cut
+        short imports the rest.
+
+        Memory: the check keeps each line's media ID and storage key with its line number, to find
+        duplicates within the file (about 300 bytes a line: some 300 MB for a million lines); rows
+        themselves are read, checked and written a batch at a time."""
+        path = Path(path)
+        with _open_regular(path, "manifest") as handle:
+            seen = os.fstat(handle.fileno())
+            check = _ManifestCheck(now=self.registration.database_now())
+            chunk: list[tuple[int, _NewItem, bool]] = []
+            with ThreadPoolExecutor(MANIFEST_STORE_CHECKS, thread_name_prefix="manifest-check") as pool:
+                for number, row in self._manifest_lines(handle):
+                    check.lines += 1
+                    item = self._check_manifest_line(check, number, row, path.parent)
+                    if item is not None:
+                        chunk.append((number, item, row.get("id") is not None))
+                    if len(chunk) == batch_size:
+                        self._check_manifest_chunk(check, chunk, pool)
+                        chunk = []
+                if chunk:
+                    self._check_manifest_chunk(check, chunk, pool)
+            if check.lines == 0:
+                raise BadInput(f"manifest {str(path)!r} has no lines; nothing was imported.")
+            with self.db.transaction() as session:
+                known = set(session.scalars(select(Organization.id).where(Organization.id.in_(sorted(check.orgs)))))
+            for org in sorted(check.orgs.keys() - known):
+                check.error(check.orgs[org], f"organization {org!r} does not exist")
+            if check.errors:
+                raise ManifestError(check.sorted_errors(), check.lines, check.bad_lines)
+            now = os.fstat(handle.fileno())
+            if (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns):
+                raise BadInput(f"manifest {str(path)!r} changed while it was being checked; nothing was imported.")
+            handle.seek(0)
+            summary = self._import_manifest(handle, path, batch_size, progress, check.now)
+        log.info("manifest.imported", path=str(path), items=summary["imported"], bytes=summary["bytes"],
+                 already_registered=summary["already_registered"])
+        return ManifestSummary(**summary)
+
+    def _check_manifest_line(self, check: "_ManifestCheck", number: int, row: dict | ManifestLineError, base: Path) -> _NewItem | None:
+        """What one line alone (and the lines before it) can tell; None when the line is bad."""
+        if isinstance(row, ManifestLineError):
+            check.error(number, row.message)
+            return None
+        try:
+            item = self._validate_manifest_row(row, base, check.now)
+        except RetentionError as exc:
+            check.error(number, str(exc).rstrip("."))
+            return None
+        if row.get("id") is not None:
+            if item.id in check.ids:
+                check.error(number, f"duplicate id {item.id!r} (first on line {check.ids[item.id]})")
+                return None
+            check.ids[item.id] = number
+        if row.get("id") is not None or item.source is None:  # a file line without an ID gets a fresh random key
+            if item.key in check.keys:
+                check.error(number, f"duplicate key {item.key!r} (first on line {check.keys[item.key]})")
+                return None
+            check.keys[item.key] = number
+        check.orgs.setdefault(item.org, number)
+        return item
+
+    def _check_manifest_chunk(self, check: "_ManifestCheck", chunk: list[tuple[int, _NewItem, bool]], pool: ThreadPoolExecutor) -> None:
+        """Check a chunk of lines against the catalog (IDs and keys taken) and the store (a key's blob
+        exists; a file's target key is free or already holds its very bytes)."""
+        items = MediaItem.__table__
+        with self.db.transaction() as session:
+            by_id = {row.id: row for row in session.execute(
+                select(items).where(items.c.id.in_([item.id for _, item, explicit in chunk if explicit])))}
+            key_owner = dict(session.execute(
+                select(items.c.storage_key, items.c.id).where(items.c.storage_key.in_([item.key for _, item, _ in chunk]))).all())
+        to_store: list[tuple[int, _NewItem]] = []
+        for number, item, explicit in chunk:
+            existing = by_id.get(item.id) if explicit else None
+            if existing is not None:
+                if not _describes(item, existing):
+                    check.error(number, f"media id {item.id!r} already exists with other content")
+                continue  # already registered exactly so: the import skips it
+            if key_owner.get(item.key) is not None:
+                check.error(number, f"storage key {item.key!r} already belongs to another item")
+                continue
+            if item.source is None or explicit:
+                to_store.append((number, item))
+        for (number, item), problem in zip(to_store, pool.map(self._store_problem, [item for _, item in to_store]), strict=True):
+            if problem:
+                check.error(number, problem)
+
+    def _store_problem(self, item: _NewItem) -> str | None:
+        """Why the store cannot take this line, or None."""
+        try:
+            if item.source is None:
+                return None if self.store.stat(item.key) is not None else f"no blob at storage key {item.key!r}"
+            if self.store.stat(item.key) is None:
+                return None
+            if self.store.digest(item.key) != _source_digest(item.source):
+                return f"storage key {item.key!r} already holds a different blob"
+            return None  # the very bytes, left by a run that was cut short: adopted at import
+        except RetentionError as exc:
+            return str(exc).rstrip(".")
+
+    def _import_manifest(self, handle: BinaryIO, path: Path, batch_size: int, progress: Callable[[int], None] | None,
+                         now: datetime) -> dict:
+        summary = {"imported": 0, "already_registered": 0, "bytes": 0, "manifest": str(path)}
+        batch: list[_NewItem] = []
+        actor = validation.actor(default_actor())
+
+        def flush() -> None:
+            explicit = [item.id for item in batch if item.id is not None]
+            with self.db.transaction() as session:
+                registered = set(session.scalars(select(MediaItem.id).where(MediaItem.id.in_(explicit))))
+            fresh = [item for item in batch if item.id not in registered]
+            for item in fresh:
+                if item.id is None:
+                    item.id = secrets.token_urlsafe(18)
+                    if item.source is not None:
+                        item.key = key_for_id(item.id)
+            if fresh:
+                audit = {"action": "import", "actor": actor, "details": {"manifest": path.name}}
+                summary["bytes"] += sum(item.size for item in self.registration.register_batch(fresh, audit))
+            summary["imported"] += len(fresh)
+            summary["already_registered"] += len(batch) - len(fresh)
+            batch.clear()
+            if progress:
+                progress(summary["imported"])
+
+        for _number, row in self._manifest_lines(handle):
+            item = self._validate_manifest_row(row, path.parent, now)
+            if row.get("id") is None:
+                item.id = None  # drawn at import, after the already-registered check
+            batch.append(item)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+        return summary

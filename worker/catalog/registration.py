@@ -1,0 +1,253 @@
+"""Registration: one item (a file copied in, or a blob already in the store adopted) or a batch of them.
+
+Every field is validated before anything changes; blobs are stored first and the rows inserted in one
+transaction after, and on any failure the blobs this call wrote are removed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import os
+import re
+import secrets
+import stat as stat_module
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import BinaryIO
+
+import structlog
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+
+from worker import validation
+from worker.catalog.results import Item
+from worker.db import Database, db_now
+from worker.errors import BadInput, BlobExists
+from worker.models import AuditEvent, MediaItem, Organization, State
+from worker.policy import effective_lifetime, parse_ttl
+from worker.store import BlobDigest, BlobStore
+from worker.store.keys import key_for_id, validate_id, validate_new_key
+
+log = structlog.get_logger("worker.catalog")
+
+
+def parse_created_at(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+        # A timestamp without an offset is taken as UTC, the way the catalog stores every time.
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    except (TypeError, ValueError, OverflowError):
+        raise BadInput(f"malformed --created-at {text!r}: use ISO-8601 between 1970 and now, e.g. 2026-01-31T12:00:00Z.") from None
+
+
+@dataclass
+class _NewItem:
+    """One validated registration, before any blob is written."""
+
+    id: str
+    org: str
+    key: str
+    source: Path | None
+    ttl: timedelta | None
+    created_at: datetime | None
+    mime: str | None
+    sha256: str | None
+    size: int | None = None
+
+
+
+def _open_regular(path: Path, what: str) -> BinaryIO:
+    """Open a file for reading only if it is a regular file. O_NONBLOCK: opening a FIFO without a
+    writer (or a device) must not hang; the check on the open descriptor cannot be raced."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BadInput(f"cannot read {what} {str(path)!r}: {exc.strerror}.") from None
+    mode = os.fstat(fd).st_mode
+    if not stat_module.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat_module.S_ISDIR(mode) else "a FIFO" if stat_module.S_ISFIFO(mode) else \
+            "a device" if stat_module.S_ISCHR(mode) or stat_module.S_ISBLK(mode) else "not a file"
+        raise BadInput(f"{what} {str(path)!r} is not a regular file ({kind}).")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _source_digest(path: Path) -> BlobDigest:
+    with _open_regular(path, "file") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        return BlobDigest(size=size, sha256=hashlib.file_digest(handle, "sha256").hexdigest())
+
+
+
+class Registration:
+    def __init__(self, db: Database, store: BlobStore):
+        self.db = db
+        self.store = store
+
+    def database_now(self) -> datetime:
+        with self.db.transaction() as session:
+            return session.scalar(select(db_now()))
+
+    def validate_new(self, *, org: str, file: str | Path | None, key: str | None, media_id: str | None,
+                      ttl: str | None, created_at: str | datetime | None, mime: str | None, sha256: str | None = None,
+                      now: datetime) -> _NewItem:
+        """Every field of a registration checked, `created_at` against the database clock `now`."""
+        validate_id(org, "organization id")
+        if (file is None) == (key is None):
+            raise BadInput("give exactly one of a file to copy in or a key already in the store.")
+        media_id = validate_id(media_id) if media_id is not None else secrets.token_urlsafe(18)
+        ttl_value = parse_ttl(ttl) if ttl is not None else None
+        created = parse_created_at(created_at) if isinstance(created_at, str) else created_at
+        if created is not None:
+            if created.tzinfo is None:
+                raise BadInput("created_at must carry a timezone.")
+            validation.created_at(created, now)
+        if mime is not None:
+            validation.mime_type(mime)
+        if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
+            raise BadInput(f"invalid sha256 {sha256!r}: give 64 lowercase hex digits.")
+        source = None
+        if file is not None:
+            source = Path(file)
+            if not source.is_file():
+                raise BadInput(f"file {str(source)!r} does not exist or is not a regular file.")
+            if not os.access(source, os.R_OK):
+                raise BadInput(f"file {str(source)!r} is not readable.")
+            storage_key = key_for_id(media_id)
+            mime = mime or mimetypes.guess_type(source.name)[0] or "application/octet-stream"
+        else:
+            storage_key = validate_new_key(key)
+            mime = mime or mimetypes.guess_type(storage_key)[0] or "application/octet-stream"
+        return _NewItem(media_id, org, storage_key, source, ttl_value, created, mime, sha256)
+
+    def _check_free(self, session, new_items: Sequence[_NewItem]) -> None:
+        """IDs are never reused, not even after deletion: a tombstone keeps answering 404."""
+        ids = [item.id for item in new_items]
+        taken = session.scalars(select(MediaItem.id).where(MediaItem.id.in_(ids))).first()
+        if taken:
+            raise BadInput(f"media id {taken!r} already exists; IDs are never reused.")
+        keys = [item.key for item in new_items]
+        used = session.scalars(select(MediaItem.storage_key).where(MediaItem.storage_key.in_(keys))).first()
+        if used:
+            raise BadInput(f"storage key {used!r} already belongs to another media item.")
+
+    def _org_policies(self, session, orgs: set[str], *, lock: bool) -> dict[str, tuple[int, bool]]:
+        """Retention seconds and hold state of each org; under a share lock when `lock`, so neither
+        changes (retention rewrite, org hold) between this read and the insert that relies on it."""
+        statement = select(Organization.id, Organization.retention_seconds, Organization.held_at).where(Organization.id.in_(sorted(orgs)))
+        if lock and self.db.dialect == "postgresql":
+            statement = statement.with_for_update(read=True)
+        found = {row.id: (row.retention_seconds, row.held_at is not None) for row in session.execute(statement)}
+        missing = sorted(orgs - found.keys())
+        if missing:
+            raise BadInput(f"organization {missing[0]!r} does not exist; create it with `media-retention org set {missing[0]}`.")
+        return found
+
+    def _store_blobs(self, new_items: Sequence[_NewItem]) -> list[str]:
+        """Copy in files / size adopted keys; return the keys this call wrote (to undo on failure).
+
+        A file whose key already holds a blob with exactly its bytes (size and sha256) adopts that
+        blob: it is what a killed run of the same command wrote before its row was committed (the
+        caller checked that no row claims the key), so re-running the command succeeds."""
+        written: list[str] = []
+        try:
+            for item in new_items:
+                if item.source is not None:
+                    source = _source_digest(item.source)
+                    if item.sha256 is not None and item.sha256 != source.sha256:
+                        raise BadInput(f"the sha256 given for {str(item.source)!r} does not match the file.")
+                    item.sha256 = source.sha256
+                    try:
+                        item.size = self.store.put_file(item.key, item.source)
+                        written.append(item.key)
+                    except BlobExists:
+                        if self.store.digest(item.key) != source:
+                            raise BadInput(f"storage key {item.key!r} already holds a different blob; refusing to overwrite it.") from None
+                        item.size = source.size
+                        log.info("register.blob_adopted", media_id=item.id, key=item.key, size=item.size)
+                else:
+                    info = self.store.stat(item.key)
+                    if info is None:
+                        raise BadInput(f"no blob at storage key {item.key!r} in {self.store.url}.")
+                    item.size = info.size
+        except BaseException:
+            self._discard(written)
+            raise
+        return written
+
+    def _discard(self, keys: list[str]) -> None:
+        if keys:
+            for result in self.store.delete_many(keys):
+                if not result.ok:
+                    log.error("register.cleanup_failed", key=result.key, error=result.error)
+
+    def _insert(self, new_items: Sequence[_NewItem], audit: dict | None = None) -> list[Item]:
+        """Insert the rows in one transaction; with `audit` (action, actor, details), one audit event per
+        org in the same transaction, counting that org's rows: the trail of an import is exactly what committed."""
+        with self.db.transaction() as session:
+            now = session.scalar(select(db_now()))
+            policies = self._org_policies(session, {item.org for item in new_items}, lock=True)
+            self._check_free(session, new_items)
+            rows = []
+            for item in new_items:
+                created = item.created_at or now
+                retention_seconds, org_held = policies[item.org]
+                lifetime = effective_lifetime(item.ttl, timedelta(seconds=retention_seconds))
+                rows.append(
+                    {
+                        "id": item.id,
+                        "org_id": item.org,
+                        "storage_key": item.key,
+                        "size_bytes": item.size,
+                        "mime_type": item.mime,
+                        "sha256": item.sha256,
+                        "created_at": created,
+                        "ttl_seconds": int(item.ttl.total_seconds()) if item.ttl else None,
+                        "expires_at": created + lifetime,
+                        "state": State.ACTIVE.value,
+                        "org_held": org_held,
+                    }
+                )
+            session.execute(insert(MediaItem), rows)
+            if audit is not None:
+                by_org: dict[str, list[dict]] = {}
+                for row in rows:
+                    by_org.setdefault(row["org_id"], []).append(row)
+                session.execute(insert(AuditEvent.__table__), [
+                    {"action": audit["action"], "actor": audit["actor"], "org_id": org_id,
+                     "details": {**audit.get("details", {}), "count": len(org_rows),
+                                 "bytes": sum(row["size_bytes"] for row in org_rows)}}
+                    for org_id, org_rows in sorted(by_org.items())
+                ])
+        return [Item(id=row["id"], org=row["org_id"], key=row["storage_key"], size=row["size_bytes"], mime=row["mime_type"],
+                     sha256=row["sha256"], created_at=row["created_at"], ttl_seconds=row["ttl_seconds"],
+                     expires_at=row["expires_at"], state=row["state"]) for row in rows]
+
+    def register_batch(self, new_items: Sequence[_NewItem], audit: dict | None = None) -> list[Item]:
+        """Store blobs, then insert rows in one transaction; on any failure remove the blobs written."""
+        with self.db.transaction() as session:
+            self._org_policies(session, {item.org for item in new_items}, lock=False)
+            self._check_free(session, new_items)
+        written = self._store_blobs(new_items)
+        try:
+            return self._insert(new_items, audit)
+        except IntegrityError:
+            self._discard(written)
+            raise BadInput("a media id or storage key in this request was registered concurrently; nothing was imported.") from None
+        except BaseException:
+            self._discard(written)
+            raise
+
+    def register(self, *, org: str, file: str | Path | None = None, key: str | None = None, media_id: str | None = None,
+                 ttl: str | None = None, created_at: str | datetime | None = None, mime: str | None = None,
+                 sha256: str | None = None) -> Item:
+        """Register one item: `file` is copied in under a new key, `key` adopts a blob already stored."""
+        new = self.validate_new(org=org, file=file, key=key, media_id=media_id, ttl=ttl, created_at=created_at, mime=mime,
+                                 sha256=sha256, now=self.database_now())
+        item = self.register_batch([new])[0]
+        log.info("media.registered", media_id=item.id, org=org, key=item.key, size=item.size, expires_at=item.expires_at.isoformat())
+        return item

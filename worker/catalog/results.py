@@ -1,0 +1,166 @@
+"""What the catalog's use cases return: frozen values an edge (the CLI, the HTTP layer) renders.
+
+`to_dict()` is the one rendering every edge shares (the CLI's `--json` and text output); the 404
+body of a lookup is built at the edges from a `Tombstone` (see `worker.responses`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from worker.sweep import SweepCounts
+
+
+@dataclass(frozen=True)
+class Item:
+    """A media item as the catalog answers for it."""
+
+    id: str
+    org: str
+    key: str
+    size: int
+    mime: str | None
+    sha256: str | None
+    created_at: datetime
+    ttl_seconds: int | None
+    expires_at: datetime
+    state: str
+    # Lookups report whether the item is held; a registration does not (None), as it always did.
+    held: bool | None = None
+
+    @classmethod
+    def from_row(cls, row) -> "Item":
+        """From a `MediaItem` (a lookup, which reports holds)."""
+        return cls(id=row.id, org=row.org_id, key=row.storage_key, size=row.size_bytes, mime=row.mime_type,
+                   sha256=row.sha256, created_at=row.created_at, ttl_seconds=row.ttl_seconds, expires_at=row.expires_at,
+                   state=row.state, held=row.held_at is not None)
+
+    def to_dict(self) -> dict:
+        data = {
+            "id": self.id,
+            "org": self.org,
+            "key": self.key,
+            "size": self.size,
+            "mime": self.mime,
+            "sha256": self.sha256,
+            "created_at": self.created_at.isoformat(),
+            "ttl_seconds": self.ttl_seconds,
+            "expires_at": self.expires_at.isoformat(),
+            "state": self.state,
+        }
+        if self.held is not None:
+            data["held"] = self.held
+        return data
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """What is left of an item once it was claimed for deletion or deleted: lookups answer 404 from it."""
+
+    id: str
+    state: str
+    reason: str | None
+    deleted_at: datetime  # when it was deleted, or claimed while the deletion is in flight
+
+
+@dataclass(frozen=True)
+class OrgView:
+    """An organization: its retention, hold and item counts."""
+
+    org: str
+    retention: str
+    retention_seconds: int
+    held: bool
+    hold_reason: str | None
+    items: dict[str, int]  # state -> count
+    active_bytes: int
+
+    def to_dict(self) -> dict:
+        return {
+            "org": self.org,
+            "retention": self.retention,
+            "retention_seconds": self.retention_seconds,
+            "held": self.held,
+            "hold_reason": self.hold_reason,
+            "items": dict(self.items),
+            "active_bytes": self.active_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class HoldResult:
+    """A hold or release: what was asked, and what it changed."""
+
+    action: str  # "hold" or "release"
+    org: str | None
+    ids: tuple[str, ...]
+    changed: tuple[str, ...]
+    reason: str
+    actor: str
+
+    def to_dict(self) -> dict:
+        return {"action": self.action, "org": self.org, "ids": list(self.ids), "changed": list(self.changed),
+                "reason": self.reason, "actor": self.actor}
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    """A purge (or its dry run): what was eligible, and what the pipeline did with it."""
+
+    org: str | None
+    ids: tuple[str, ...]
+    dry_run: bool
+    eligible: int
+    eligible_bytes: int
+    held_skipped: int
+    already_gone: int
+    would_delete: tuple[str, ...] | None = None  # dry runs: the first eligible items by name
+    counts: SweepCounts | None = None  # real runs: what the pipeline claimed and deleted
+
+    @property
+    def failed(self) -> int:
+        return self.counts.failed if self.counts else 0
+
+    def to_dict(self) -> dict:
+        data = {
+            "scope": {"org": self.org} if self.org else {"ids": list(self.ids)},
+            "dry_run": self.dry_run,
+            "eligible": self.eligible,
+            "eligible_bytes": self.eligible_bytes,
+            "held_skipped": self.held_skipped,
+            "already_gone": self.already_gone,
+        }
+        if self.would_delete is not None:
+            data["would_delete"] = list(self.would_delete)
+        if self.counts is not None:
+            # The pipeline counts what it claimed and deleted; holds were tallied per item, above.
+            data.update({name: value for name, value in self.counts.to_dict().items() if name != "held_skipped"})
+        return data
+
+
+@dataclass(frozen=True)
+class ManifestSummary:
+    """A finished manifest import."""
+
+    imported: int
+    already_registered: int
+    bytes: int
+    manifest: str
+
+    def to_dict(self) -> dict:
+        return {"imported": self.imported, "already_registered": self.already_registered, "bytes": self.bytes,
+                "manifest": self.manifest}
+
+
+@dataclass(frozen=True)
+class PresignedUrl:
+    """A presigned GET URL for an active item (object stores only)."""
+
+    id: str
+    url: str
+    expires_in: int
+    expires_at: datetime
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "url": self.url, "expires_in": self.expires_in, "expires_at": self.expires_at.isoformat()}
