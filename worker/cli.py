@@ -639,7 +639,8 @@ def apikey_revoke(engine: Engine, key_id: str, actor: str | None, out: Output) -
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 in a container).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
-def serve(host: str, port: int) -> None:
+@json_option
+def serve(host: str, port: int, out: Output) -> None:
     """Serve GET /v1/media/{id} over HTTP (org API keys), with /healthz, /readyz, /metrics and /openapi.json."""
     import uvicorn
 
@@ -650,6 +651,8 @@ def serve(host: str, port: int) -> None:
     try:
         app = create_app(lookup=engine.catalog.lookups, keys=engine.catalog.api_keys, ping=database_ping(engine.db))
         log.info("serve.starting", host=host, port=port, store=redact_url(current.storage_url))
+        # Every command takes --json (the contract); a server's only output is its log, JSON with LOG_FORMAT=json.
+        out.notice(json.dumps({"serving": f"http://{host}:{port}"}) if out.as_json else f"media-retention: serving http://{host}:{port}")
         # Our own access log line (worker.http) replaces uvicorn's; logging stays as configured above.
         uvicorn.run(app, host=host, port=port, access_log=False, log_config=None, server_header=False)
     finally:
