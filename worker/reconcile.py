@@ -36,7 +36,7 @@ import structlog
 from sqlalchemy import and_, or_, select, update
 
 from worker.db import Database, db_now
-from worker.errors import RetentionError
+from config.errors import RetentionError
 from worker.models import AuditEvent, MediaItem, Reason, State
 from worker.store import BlobInfo, BlobStore, PartialUpload, chunked
 

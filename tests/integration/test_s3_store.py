@@ -11,7 +11,7 @@ from config.settings import load_settings
 from tests.factories import register_aged, states
 from tests.integration.conftest import PREFIX, insert_items
 from worker.db import db_now
-from worker.errors import BadInput, Gone, NotFound
+from config.errors import BadInput, Gone, NotFound
 from worker.models import MediaItem
 from worker.responses import not_found_body
 from worker.store.keys import key_for_id

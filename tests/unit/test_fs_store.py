@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from worker.errors import BadInput
+from config.errors import BadInput
 from worker.store.fs import FilesystemStore
 
 

@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from worker import validation
 from worker.catalog.results import Item
 from worker.db import Database, db_now
-from worker.errors import BadInput, BlobExists
+from config.errors import BadInput, BlobExists
 from worker.models import MediaItem, Organization, State
 from worker.policy import effective_lifetime, parse_ttl
 from worker.store import BlobDigest, BlobStore

@@ -9,8 +9,9 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from worker.errors import BadInput, StoreError
-from worker.redact import redact_url
+from config.errors import BadInput, StoreError
+from config.redact import redact_url
+from config.storage import check_storage_url
 
 
 @dataclass(frozen=True)
@@ -93,23 +94,6 @@ class BlobStore(abc.ABC):
 
     def close(self) -> None:
         """Release pools and threads."""
-
-
-def check_storage_url(url: str) -> None:
-    """Refuse a storage URL that names no usable store, before anything is opened."""
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise BadInput(f"invalid storage URL {redact_url(url)!r}: use file:///absolute/path.")
-        path = unquote(parsed.path)
-        if "\x00" in path:
-            raise BadInput(f"invalid storage URL {redact_url(url)!r}: the path contains a NUL byte (%00).")
-        if not path.startswith("/") or any(ord(c) < 32 or ord(c) == 127 for c in path):
-            raise BadInput(f"invalid storage URL {redact_url(url)!r}: use file:///absolute/path.")
-        return
-    if parsed.scheme == "s3":
-        return  # the bucket, prefix and credentials are checked where the store is built
-    raise BadInput(f"unsupported storage URL {redact_url(url)!r}: use file:///absolute/path or s3://bucket/prefix.")
 
 
 def open_store(url: str, **options) -> BlobStore:

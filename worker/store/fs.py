@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from worker.errors import BadInput, BlobExists, StoreError
+from config.errors import BadInput, BlobExists, StoreError
 from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload
 from worker.store.keys import validate_key
 
