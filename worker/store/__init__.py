@@ -7,11 +7,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from config.errors import BadInput, StoreError
 from config.redact import redact_url
 from config.storage import check_storage_url
+
+if TYPE_CHECKING:
+    from worker.volume import Usage
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,12 @@ class BlobStore(abc.ABC):
     def presigned_url(self, key: str, expires_in: int) -> str:
         """A GET URL for `key`, valid for `expires_in` seconds, that needs no other credentials."""
         raise BadInput(f"presigned URLs need an object store (s3://...); {self.url} cannot hand them out.")
+
+    def usage(self) -> "Usage | None":
+        """How full the volume under the store is, when the store can tell (a filesystem: `statvfs`).
+        None for an object store, which has no size of its own: the volume monitor then measures the
+        catalog's live media against the configured capacity."""
+        return None
 
     def close(self) -> None:
         """Release pools and threads."""

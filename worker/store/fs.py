@@ -22,6 +22,7 @@ from pathlib import Path
 from config.errors import BadInput, BlobExists, StoreError
 from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload
 from worker.store.keys import validate_key
+from worker.volume import Usage, filesystem_usage
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_PREFIX = ".incoming-"
@@ -246,6 +247,10 @@ class FilesystemStore(BlobStore):
                         yield BlobInfo(key=key, size=info.st_size, modified=_written_at(info))
         finally:
             os.close(dir_fd)
+
+    def usage(self) -> Usage:
+        """Bytes and inodes of the filesystem holding the media root (`statvfs`)."""
+        return filesystem_usage(self.root)
 
     def close(self) -> None:
         if self._pool is not None:
