@@ -100,6 +100,8 @@ class World:
             MEDIA_RETENTION_DEFAULT_RETENTION="30d",
         )
         self.env.update({f"MEDIA_RETENTION_{k.upper()}": v for k, v in settings.items()})
+        # Whether a blob is in the store (replaced for an object store).
+        self.exists = lambda key: (self.media / key).exists()
 
     # -- processes -------------------------------------------------------------------------------
 
@@ -136,7 +138,8 @@ class World:
         with self.db.transaction() as session:
             return session.scalar(select(db_now()))
 
-    def seed(self, prefix: str, *, expired: int = 0, unexpired: int = 0, held: int = 0, body: bytes = b"m" * 64) -> None:
+    def seed(self, prefix: str, *, expired: int = 0, unexpired: int = 0, held: int = 0, body: bytes = b"m" * 64,
+             write=None) -> None:
         """Write blobs and insert active rows; `held` items are expired too, and held."""
         from worker.catalog import Catalog  # noqa: F401 - imported for the org row below
 
@@ -151,9 +154,12 @@ class World:
         for n, (kind, is_expired, is_held) in enumerate(plan):
             media_id = f"{prefix}-{kind}-{n:04d}"
             key = key_for_id(media_id)
-            path = self.media / key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(body)
+            if write is not None:
+                write(key, body)
+            else:
+                path = self.media / key
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(body)
             # Far from the boundary on both sides: a kill must never be able to race the clock.
             expires = now - timedelta(hours=2) if is_expired else now + timedelta(days=5)
             rows.append({"id": media_id, "org_id": "acme", "storage_key": key, "size_bytes": len(body), "mime_type": "image/jpeg",
@@ -194,8 +200,8 @@ class World:
         """Nothing kept was deleted, every doomed item is a tombstone with its blob gone.
         Returns (items lost, items deleted early) for the summary; asserts both are zero."""
         states = self.states()
-        early = sorted(m for m in self.record.kept if states.get(m) != State.ACTIVE.value or not (self.media / self.record.keys[m]).exists())
-        lost = sorted(m for m in self.record.doomed if states.get(m) != State.DELETED.value or (self.media / self.record.keys[m]).exists())
+        early = sorted(m for m in self.record.kept if states.get(m) != State.ACTIVE.value or not self.exists(self.record.keys[m]))
+        lost = sorted(m for m in self.record.doomed if states.get(m) != State.DELETED.value or self.exists(self.record.keys[m]))
         assert not early, f"kept items deleted or changed: {early[:10]} (seed {SEED})"
         assert not lost, f"expired items not cleanly deleted: {lost[:10]} (seed {SEED})"
         return len(lost), len(early)
