@@ -123,6 +123,11 @@ class FilesystemStore(BlobStore):
                         dst.flush()
                         os.fsync(out)
                     size = os.fstat(out).st_size
+                except BaseException:
+                    # A copy that failed (ENOSPC, EIO) must not leave its partial temp file filling the volume.
+                    with contextlib.suppress(OSError):
+                        os.unlink(temp, dir_fd=dir_fd)
+                    raise
                 finally:
                     os.close(out)
                 try:
