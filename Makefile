@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench soak install clean
+.PHONY: run test bench soak faults install clean
 
 $(BIN)/media-retention: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,8 @@ clean:
 # The model-based test of the retention promises with many more examples than the default suite runs.
 soak: install
 	MEDIA_RETENTION_TEST_MODEL_EXAMPLES=5000 $(BIN)/pytest tests/integration/test_retention_model.py -p no:cacheprovider
+
+# The fault-injection suite with 100 SIGKILLs of each killed command instead of 20 (seed printed; replay
+# with MEDIA_RETENTION_TEST_FAULT_SEED).
+faults: install
+	MEDIA_RETENTION_TEST_KILLS=100 $(BIN)/pytest tests/faults -p no:cacheprovider --durations=10

@@ -16,8 +16,9 @@ from urllib.parse import urlsplit
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.durations import parse_duration
-from worker.errors import BadInput
+from config.durations import check_retention, parse_duration
+from config.errors import BadInput
+from config.storage import check_storage_url
 
 
 def _duration(value: object) -> object:
@@ -102,8 +103,6 @@ class Settings(BaseSettings):
     @classmethod
     def _storage_url_is_usable(cls, value: str) -> str:
         if value:
-            from worker.store import check_storage_url
-
             try:
                 check_storage_url(value)
             except BadInput as exc:
@@ -129,8 +128,6 @@ class Settings(BaseSettings):
     @field_validator("default_retention")
     @classmethod
     def _default_retention_fits(cls, value: timedelta) -> timedelta:
-        from worker.policy import check_retention
-
         try:
             return check_retention(value, f"{int(value.total_seconds())}s")
         except BadInput as exc:

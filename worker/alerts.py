@@ -53,7 +53,6 @@ from worker.volume import (
     Usage,
     describe_seconds,
     evaluate,
-    filesystem_usage,
     project,
 )
 
@@ -418,13 +417,14 @@ def live_media_bytes(db: Database) -> int:
 
 
 def store_usage(db: Database, store, *, capacity_bytes: int | None) -> Callable[[], Usage]:
-    """How to measure a store: `statvfs` of a filesystem root, else live bytes against the capacity."""
-    from worker.store.fs import FilesystemStore
+    """How to measure a store: what it says of itself (a filesystem's `statvfs`), else, for an
+    object store, the catalog's live bytes against the configured capacity."""
 
-    if isinstance(store, FilesystemStore):
-        root = store.root
-        return lambda: filesystem_usage(root)
-    return lambda: Usage(used_bytes=live_media_bytes(db), total_bytes=capacity_bytes)
+    def measure() -> Usage:
+        usage = store.usage()
+        return usage if usage is not None else Usage(used_bytes=live_media_bytes(db), total_bytes=capacity_bytes)
+
+    return measure
 
 
 # -- the monitor ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from celery import Celery, signals
 from config.logging import configure_logging
 from config.schedule import beat_schedule
 from config.settings import Settings, get_settings
-from worker.errors import BadInput
+from config.errors import BadInput
 
 # Hard limit on a single task. Redis redelivers an unacknowledged message after its visibility
 # timeout; the limits stay well below it so a slow task is never run twice concurrently by redelivery.
@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 
 def _configure_logging(settings: Settings) -> None:
-    from worker.redact import redact_text, remember_settings
+    from config.redact import redact_text, remember_settings
 
     remember_settings(settings)
     configure_logging(settings.log_format, settings.log_level, redact=redact_text)

@@ -21,11 +21,11 @@ from config.settings import Settings, get_settings
 from config.schedule import PURGE_TASK, RECONCILE_TASK, SWEEP_TASK
 from worker import runtime, schema, status, validation
 from worker.catalog import ManifestError, default_actor
-from worker.durations import parse_duration
-from worker.errors import BadInput, Gone, NotFound, RetentionError
+from config.durations import parse_duration
+from config.errors import BadInput, Gone, NotFound, RetentionError
 from worker.reconcile import DEFAULT_MAX_MISSING, DEFAULT_MAX_ORPHANS
 from worker.engine import Engine
-from worker.redact import redact_text, redact_url, remember_settings
+from config.redact import redact_text, redact_url, remember_settings
 from worker.responses import not_found_body
 from worker.verify import DEFAULT_EXAMPLES, default_stuck_after
 
@@ -100,7 +100,7 @@ class ProgressBar:
 
 
 def echo(message: str, err: bool = False) -> None:
-    """Print a line with every secret we know of masked (see worker.redact): the one way the CLI prints.
+    """Print a line with every secret we know of masked (see config.redact): the one way the CLI prints.
     Undecodable bytes from argv (surrogate escapes) are shown as \\udcXX rather than failing the write."""
     click.echo(redact_text(message).encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
 

@@ -144,6 +144,13 @@ class Database:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    @property
+    def sql(self) -> "Dialect":
+        """What differs between the two databases (worker/dialect.py), for this one."""
+        from worker.dialect import Dialect
+
+        return Dialect(self.dialect)
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session inside one short transaction: committed on success, rolled back on error."""

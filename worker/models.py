@@ -20,6 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from worker import items as predicates
 from worker.db import UTCDateTime, db_now
 
 # 128 matches the media ID alphabet limit; 1024 is S3's own key limit in bytes.
@@ -66,9 +67,10 @@ class Organization(Base):
     __table_args__ = (CheckConstraint("retention_seconds >= 3600", name="retention_at_least_1h"),)
 
 
-# Row predicates the partial indexes are built on; queries use the same text so planners match them.
-CLAIMABLE = "state = 'active' AND held_at IS NULL AND NOT org_held"
-HELD = "state = 'active' AND (held_at IS NOT NULL OR org_held)"
+# Row predicates the partial indexes are built on (worker/items.py); queries use the same text so planners match them.
+CLAIMABLE = predicates.predicate(predicates.CLAIMABLE)
+HELD = predicates.predicate(predicates.HELD)
+DELETING = predicates.predicate(predicates.DELETING)
 
 
 class MediaItem(Base):
@@ -128,8 +130,8 @@ class MediaItem(Base):
         Index(
             "ix_media_items_deleting_lease",
             "lease_until",
-            postgresql_where=text("state = 'deleting'"),
-            sqlite_where=text("state = 'deleting'"),
+            postgresql_where=text(DELETING),
+            sqlite_where=text(DELETING),
         ),
         Index("ix_media_items_org_id_state", "org_id", "state"),
         Index(

@@ -6,15 +6,12 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import BigInteger, SmallInteger
 
-from worker.durations import format_duration, parse_duration
-from worker.errors import BadInput
-from worker.models import Organization
+from config.durations import check_retention, format_duration, parse_duration
+from config.errors import BadInput
 
 # Bounds from the vendor contract (seeds/003): a per-upload TTL of 1 hour to 30 days inclusive.
 TTL_MIN = timedelta(hours=1)
 TTL_MAX = timedelta(days=30)
-# An org retention below an hour would be a TTL in disguise; the design sets this floor.
-RETENTION_MIN = timedelta(hours=1)
 
 
 def integer_column_max(column) -> int:
@@ -26,10 +23,6 @@ def integer_column_max(column) -> int:
     return 2**31 - 1
 
 
-# What organizations.retention_seconds can hold: about 68 years.
-RETENTION_MAX = timedelta(seconds=integer_column_max(Organization.__table__.c.retention_seconds))
-
-
 def parse_ttl(text: str) -> timedelta:
     ttl = parse_duration(text)
     if not TTL_MIN <= ttl <= TTL_MAX:
@@ -39,14 +32,6 @@ def parse_ttl(text: str) -> timedelta:
 
 def parse_retention(text: str) -> timedelta:
     return check_retention(parse_duration(text), repr(text))
-
-
-def check_retention(retention: timedelta, shown: str) -> timedelta:
-    if retention < RETENTION_MIN:
-        raise BadInput(f"retention {shown} is too short: it must be at least 1h.")
-    if retention > RETENTION_MAX:
-        raise BadInput(f"retention {shown} is too long: at most {RETENTION_MAX.days}d, what the catalog stores.")
-    return retention
 
 
 def effective_lifetime(ttl: timedelta | None, org_retention: timedelta) -> timedelta:

@@ -36,7 +36,8 @@ import structlog
 from sqlalchemy import and_, or_, select, update
 
 from worker.db import Database, db_now
-from worker.errors import RetentionError
+from config.errors import RetentionError
+from worker.items import claimable
 from worker.models import AuditEvent, MediaItem, Reason, State
 from worker.store import BlobInfo, BlobStore, PartialUpload, chunked
 
@@ -321,8 +322,7 @@ class Reconciler:
         with self.db.transaction() as session:
             tombstoned = session.execute(
                 update(items)
-                .where(items.c.id.in_(still_missing), items.c.state == State.ACTIVE.value,
-                       items.c.held_at.is_(None), items.c.org_held.is_(False),
+                .where(items.c.id.in_(still_missing), claimable(),
                        or_(items.c.expires_at <= db_now(),
                            and_(items.c.missing_since.is_not(None),
                                 items.c.missing_since <= db_now(-int(grace.total_seconds())))))

@@ -15,7 +15,8 @@ from sqlalchemy.exc import IntegrityError
 
 from worker.db import Database, db_now
 from worker.models import MediaItem, State, SweepRun
-from worker.sweep import SweepCounts, claimable_predicate, held_predicate
+from worker import items as items_sql
+from worker.sweep import SweepCounts
 
 log = structlog.get_logger("worker.status")
 
@@ -71,7 +72,7 @@ def due_count(db: Database) -> int:
     """Expired, unheld, active items: what a sweep would claim now (index range scan on expiry)."""
     items = MediaItem.__table__
     with db.transaction() as session:
-        return session.scalar(select(func.count()).where(claimable_predicate(items), items.c.expires_at <= db_now())) or 0
+        return session.scalar(select(func.count()).where(items_sql.due(items, db_now()))) or 0
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -81,7 +82,7 @@ def _iso(value: datetime | None) -> str | None:
 def fleet_status(db: Database) -> dict:
     """The numbers an operator asks for first: last sweep, backlog, oldest overdue item, stuck deletions."""
     items, runs = MediaItem.__table__, SweepRun.__table__
-    due = claimable_predicate(items) & (items.c.expires_at <= db_now())
+    due = items_sql.due(items, db_now())
     deleting = items.c.state == State.DELETING.value
     with db.transaction() as session:
         now = session.scalar(select(db_now()))
@@ -105,12 +106,12 @@ def fleet_status(db: Database) -> dict:
             .order_by(items.c.attempts.desc(), items.c.claimed_at)
             .limit(STUCK_LISTING)
         ).all()
-        held_expired = session.scalar(select(func.count()).where(held_predicate(items), items.c.expires_at <= db_now())) or 0
+        held_expired = session.scalar(select(func.count()).where(items_sql.held_expired(items, db_now()))) or 0
         # Active items whose blob reconcile found missing (read by the partial index on missing_since).
         missing = items.c.missing_since.is_not(None) & (items.c.state == State.ACTIVE.value)
         missing_count = session.scalar(select(func.count()).where(missing)) or 0
         missing_held = session.scalar(
-            select(func.count()).where(missing, or_(items.c.held_at.is_not(None), items.c.org_held.is_(True)))) or 0
+            select(func.count()).where(missing, items_sql.held())) or 0
 
     def run_dict(row) -> dict | None:
         if row is None:

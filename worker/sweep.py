@@ -29,11 +29,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import BigInteger, Integer, String, and_, any_, bindparam, func, insert, or_, select, text, update
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import BigInteger, Integer, String, and_, bindparam, func, insert, or_, select, text, update
 
+from worker import items as items_sql
 from worker import metrics
 from worker.db import Database, db_now, plus_seconds
+from worker.items import CLAIMABLE, DELETING, REASON_BY_TTL, predicate
 from worker.models import AuditEvent, MediaItem, Reason, State
 from worker.store import BlobStore, DeleteResult
 
@@ -86,52 +87,6 @@ class SweepCounts:
 
 _CLAIM_COLUMNS = dict(id=String, storage_key=String, size_bytes=BigInteger, deletion_reason=String, attempts=Integer)
 
-_CLAIM_POSTGRESQL = """
-UPDATE media_items AS m
-SET state = 'deleting',
-    deletion_reason = COALESCE(m.deletion_reason, {reason}),
-    claim_token = :token,
-    claimed_at = COALESCE(m.claimed_at, {now}),
-    lease_until = {lease}
-FROM (
-    SELECT c.id FROM media_items AS c
-    WHERE {where}
-    ORDER BY {order} LIMIT :limit
-    FOR UPDATE {skip_locked}
-) AS picked
-WHERE m.id = picked.id
-RETURNING m.id, m.storage_key, m.size_bytes, m.deletion_reason, m.attempts
-"""
-
-# SQLite has one writer at a time (BEGIN IMMEDIATE), so the claim is exclusive without row locks.
-_CLAIM_SQLITE = """
-UPDATE media_items
-SET state = 'deleting',
-    deletion_reason = COALESCE(deletion_reason, {reason}),
-    claim_token = :token,
-    claimed_at = COALESCE(claimed_at, {now}),
-    lease_until = {lease}
-WHERE id IN (
-    SELECT c.id FROM media_items AS c
-    WHERE {where}
-    ORDER BY {order} LIMIT :limit
-)
-RETURNING id, storage_key, size_bytes, deletion_reason, attempts
-"""
-
-# Evaluated on the updated row (`m` on PostgreSQL, the bare table on SQLite, which has no UPDATE alias).
-_REASON_BY_TTL = "CASE WHEN {m}ttl_seconds IS NULL THEN 'retention' ELSE 'ttl' END"
-
-
-def claimable_predicate(items):
-    """Active and held neither itself nor through its org: the claimable-expiry index's rows."""
-    return and_(items.c.state == State.ACTIVE.value, items.c.held_at.is_(None), items.c.org_held.is_(False))
-
-
-def held_predicate(items):
-    """Active but held, itself or through its org: the held-expiry index's rows."""
-    return and_(items.c.state == State.ACTIVE.value, or_(items.c.held_at.is_not(None), items.c.org_held.is_(True)))
-
 
 class Sweeper:
     """Runs the claim -> delete -> finalize pipeline for sweeps and purges against one DB and store."""
@@ -152,16 +107,8 @@ class Sweeper:
     # -- claim ---------------------------------------------------------------------------------
 
     def _claim(self, where: str, order: str, reason: str, limit: int, *, skip_locked: bool = True, **params) -> list[ClaimedItem]:
-        postgresql = self.db.dialect == "postgresql"
-        template = _CLAIM_POSTGRESQL if postgresql else _CLAIM_SQLITE
-        sql = template.format(
-            where=where.format(now=self._now_sql),
-            order=order,
-            reason=reason.format(m="m." if postgresql else ""),
-            now=self._now_sql,
-            lease=self._lease_sql,
-            skip_locked="SKIP LOCKED" if skip_locked else "",
-        )
+        sql = items_sql.claim_sql(self.db.sql, where=where, order=order, reason=reason, now=self._now_sql,
+                                  lease=self._lease_sql, skip_locked=skip_locked)
         statement = text(sql).columns(**_CLAIM_COLUMNS)
         if "ids" in params:
             statement = statement.bindparams(bindparam("ids", expanding=True))
@@ -173,15 +120,15 @@ class Sweeper:
     def claim_expired(self, limit: int) -> list[ClaimedItem]:
         """Claim up to `limit` items: first stale claims whose lease ran out, then expired active items."""
         stale = self._claim(
-            "c.state = 'deleting' AND c.lease_until <= {now}", "c.lease_until", _REASON_BY_TTL, limit
+            f"{predicate(DELETING, 'c')} AND c.lease_until <= {{now}}", "c.lease_until", REASON_BY_TTL, limit
         )
         if len(stale) >= limit:
             return stale
         fresh = self._claim(
-            # The claimable-expiry index's predicate, spelled out so the planner uses it.
-            "c.state = 'active' AND c.held_at IS NULL AND NOT c.org_held AND c.expires_at <= {now}",
+            # The claimable-expiry index's predicate, spelled as the index spells it so the planner uses it.
+            f"{predicate(CLAIMABLE, 'c')} AND c.expires_at <= {{now}}",
             "c.expires_at",
-            _REASON_BY_TTL,
+            REASON_BY_TTL,
             limit - len(stale),
         )
         return stale + fresh
@@ -189,7 +136,7 @@ class Sweeper:
     def claim_ids(self, ids: Sequence[str], reason: Reason) -> list[ClaimedItem]:
         """Claim the named active, unheld items for a purge (waiting for, not skipping, locked rows)."""
         return self._claim(
-            "c.id IN :ids AND c.state = 'active' AND c.held_at IS NULL AND NOT c.org_held",
+            f"c.id IN :ids AND {predicate(CLAIMABLE, 'c')}",
             "c.id",
             f"'{Reason(reason).value}'",
             len(ids),
@@ -199,7 +146,7 @@ class Sweeper:
 
     def claim_org(self, org_id: str, limit: int) -> list[ClaimedItem]:
         return self._claim(
-            "c.org_id = :org AND c.state = 'active' AND c.held_at IS NULL AND NOT c.org_held",
+            f"c.org_id = :org AND {predicate(CLAIMABLE, 'c')}",
             "c.expires_at",
             f"'{Reason.ORG_PURGE.value}'",
             limit,
@@ -208,13 +155,6 @@ class Sweeper:
 
     # -- delete and finalize -------------------------------------------------------------------
 
-    def _id_in(self, column, ids: list[str]):
-        """`column IN ids`. On PostgreSQL as `= ANY(array)`: one parameter instead of a thousand
-        placeholders to render and parse, which was most of a finalize's client-side cost."""
-        if self.db.dialect == "postgresql":
-            return column == any_(bindparam("ids", ids, type_=postgresql.ARRAY(String)))
-        return column.in_(ids)
-
     def finalize_batch(self, claimed: Sequence[ClaimedItem], results: Sequence[DeleteResult]) -> SweepCounts:
         """Record the outcome of one batch in one transaction; only rows still under our claim change."""
         counts = SweepCounts(claimed=len(claimed), batches=1)
@@ -222,11 +162,10 @@ class Sweeper:
         failed = [(item, result) for item, result in zip(claimed, results, strict=True) if not result.ok]
         table = MediaItem.__table__
         with self.db.transaction() as session:
-            if self.db.dialect == "postgresql":
-                # No need to wait for the WAL flush: a finalize lost in a database crash leaves its rows
-                # `deleting`, and the next sweep re-claims them after the lease and finishes them (a
-                # missing blob counts as deleted). Claims stay synchronous: they must outlive a crash.
-                session.execute(text("SET LOCAL synchronous_commit = off"))
+            # No need to wait for the WAL flush: a finalize lost in a database crash leaves its rows
+            # `deleting`, and the next sweep re-claims them after the lease and finishes them (a
+            # missing blob counts as deleted). Claims stay synchronous: they must outlive a crash.
+            self.db.sql.relax_commit(session)
             if done:
                 # Set-based, one statement per claim token (a batch holds at most two: stale and fresh
                 # claims): a statement per row made finalizing cost as much as the S3 delete itself.
@@ -239,7 +178,7 @@ class Sweeper:
                 for token, ids in ids_by_token.items():
                     finalized = session.execute(
                         update(table)
-                        .where(self._id_in(table.c.id, ids), table.c.claim_token == token, table.c.state == State.DELETING.value)
+                        .where(self.db.sql.id_in(table.c.id, ids), table.c.claim_token == token, table.c.state == State.DELETING.value)
                         .values(state=State.DELETED.value, deleted_at=db_now(), lease_until=None, claim_token=None, last_error=None)
                         .returning(table.c.org_id, table.c.deletion_reason, table.c.size_bytes)
                     ).all()
@@ -352,7 +291,7 @@ class Sweeper:
     def held_expired_count(self) -> int:
         """Expired active items a sweep leaves alone because they or their org are on hold."""
         items = MediaItem.__table__
-        statement = select(func.count()).where(held_predicate(items), items.c.expires_at <= db_now())
+        statement = select(func.count()).where(items_sql.held_expired(items, db_now()))
         with self.db.transaction() as session:
             return session.scalar(statement) or 0
 
@@ -374,7 +313,7 @@ class Sweeper:
         """What a sweep would delete now, without claiming anything."""
         items = MediaItem.__table__
         due = or_(
-            and_(claimable_predicate(items), items.c.expires_at <= db_now()),
+            items_sql.due(items, db_now()),
             and_(items.c.state == State.DELETING.value, items.c.lease_until <= db_now()),
         )
         shown = min(limit or DRY_RUN_LISTING, DRY_RUN_LISTING)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta, timezone
 
-from worker.errors import BadInput
+from config.errors import BadInput
 from worker.models import AuditEvent, MediaItem
 
 MIME_LENGTH = MediaItem.__table__.c.mime_type.type.length

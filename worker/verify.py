@@ -48,7 +48,7 @@ import structlog
 from sqlalchemy import select
 
 from worker.db import Database, db_now
-from worker.errors import RetentionError
+from config.errors import RetentionError
 from worker.models import MediaItem, Organization, Reason, State
 from worker.store import BlobInfo, BlobStore, PartialUpload
 

@@ -32,7 +32,7 @@ def test_two_workers_and_beat_delete_thousands_once_each_and_spare_unexpired(fle
     assert fleet.journals_with_work() >= 2, "the backlog was not shared between worker processes"
     assert counts_by_state(database)[State.ACTIVE.value] == 200
     assert sum(1 for _ in catalog.store.iter_keys()) == 200
-    from worker.errors import Gone
+    from config.errors import Gone
 
     with pytest.raises(Gone):
         catalog.lookup(expired[1234])

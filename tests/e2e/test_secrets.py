@@ -70,7 +70,7 @@ def test_a_failing_webhook_logs_neither_its_path_token_nor_its_query(capsys, tmp
     from config.logging import configure_logging
     from config.settings import load_settings
     from worker.alerts import sinks_from_settings
-    from worker.redact import redact_text, remember_settings
+    from config.redact import redact_text, remember_settings
 
     settings = load_settings(data_dir=tmp_path, alert_webhook_url=f"http://127.0.0.1:{closed_port()}/hooks/{TOKEN}?token={QUERY_SECRET}",
                              alert_webhook_attempts=1, alert_webhook_timeout="1s")

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from tests.integration.conftest import PREFIX
 from worker.catalog import adopt as adopt_module
 from worker.catalog.audit import AuditTrail
-from worker.errors import NotFound
+from config.errors import NotFound
 from worker.models import MediaItem
 
 DAY = timedelta(days=1)

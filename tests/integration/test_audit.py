@@ -8,7 +8,7 @@ from sqlalchemy import update
 
 from tests.factories import register_aged
 from worker.catalog.audit import AuditTrail
-from worker.errors import BadInput
+from config.errors import BadInput
 from worker.models import MediaItem
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from tests.factories import register_aged, states
 from worker.engine import build
-from worker.errors import BadInput, Gone, NotFound
+from config.errors import BadInput, Gone, NotFound
 from worker.responses import not_found_body
 
 

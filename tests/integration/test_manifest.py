@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from tests.factories import make_file, plant_blob
 from worker.catalog import MANIFEST_LINE_MAX, ManifestError
 from worker.catalog.registration import Registration
-from worker.errors import BadInput
+from config.errors import BadInput
 from worker.models import MediaItem
 from worker.store.keys import key_for_id
 from worker.verify import Verifier

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.factories import register_aged, states
-from worker.errors import BadInput, NotFound
+from config.errors import BadInput, NotFound
 from worker.models import AuditEvent, MediaItem
 from worker.catalog.preview import preview_retention
 

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 
 from tests.factories import db_time, plant_blob, register_aged, states, wait_until_older
 from worker.db import db_now
-from worker.errors import Gone
+from config.errors import Gone
 from worker.models import AuditEvent, MediaItem
 from worker.reconcile import Reconciler, TooMany
 from worker.status import fleet_status

@@ -40,7 +40,7 @@ from config.settings import load_settings
 from worker.catalog import Catalog
 from worker.engine import build
 from worker.db import Database, UTCDateTime, db_now, plus_seconds
-from worker.errors import BadInput, Gone, NotFound
+from config.errors import BadInput, Gone, NotFound
 from worker.models import Base, MediaItem, Organization, State
 from worker.reconcile import Reconciler
 from worker.store import BlobInfo

@@ -11,7 +11,7 @@ from config.settings import load_settings
 from tests.factories import register_aged, states
 from tests.integration.conftest import PREFIX, insert_items
 from worker.db import db_now
-from worker.errors import BadInput, Gone, NotFound
+from config.errors import BadInput, Gone, NotFound
 from worker.models import MediaItem
 from worker.responses import not_found_body
 from worker.store.keys import key_for_id
@@ -284,3 +284,9 @@ def test_storage_urls_with_a_bad_bucket_or_prefix_are_bad_input(s3_endpoint):
     for url in ("s3://", "s3://a", "s3://Bad Bucket/x", "s3://bucket/../x", "s3://key:secret@bucket/x"):
         with pytest.raises(BadInput):
             open_store(url, endpoint_url=s3_endpoint)
+
+
+def test_an_object_store_has_no_usage_of_its_own(s3_store):
+    """usage() is None for S3: the volume check measures live media in the catalog against the configured capacity."""
+    assert s3_store.usage() is None
+

@@ -100,7 +100,7 @@ def test_sweep_killed_between_delete_and_finalize_is_finished_by_a_later_sweep(c
     assert crashed.returncode == -9, crashed.stderr.decode()[-2000:]
     assert set(states(catalog, ids).values()) == {"deleting"}
     assert not any(catalog.store.iter_keys()), "the crashed sweep had already deleted every blob"
-    from worker.errors import Gone
+    from config.errors import Gone
 
     with pytest.raises(Gone):
         catalog.lookup(ids[0])

@@ -2,8 +2,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from worker.durations import format_duration, parse_duration
-from worker.errors import BadInput
+from config.durations import format_duration, parse_duration
+from config.errors import BadInput
 from worker.policy import expires_at, parse_retention, parse_ttl
 
 

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from worker.errors import BadInput
+from config.errors import BadInput
 from worker.store.fs import FilesystemStore
 
 
@@ -159,3 +159,13 @@ def test_a_media_root_holding_a_protected_file_is_refused_and_not_created(tmp_pa
     with pytest.raises(BadInput, match="contains the catalog database"):
         FilesystemStore(root, protected={"the catalog database": root / "data" / "catalog.sqlite3"})
     assert not root.exists()
+
+
+def test_a_filesystem_store_says_how_full_its_volume_is(store):
+    """usage() is the statvfs of the media root's filesystem: bytes and inodes, as the volume check reads them."""
+    from worker.volume import filesystem_usage
+
+    usage, direct = store.usage(), filesystem_usage(store.root)
+    assert (usage.total_bytes, usage.total_inodes) == (direct.total_bytes, direct.total_inodes)
+    assert usage.ratio("bytes") == pytest.approx(direct.ratio("bytes"), abs=0.01)
+

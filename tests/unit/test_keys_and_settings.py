@@ -3,7 +3,7 @@ from datetime import timedelta
 import pytest
 
 from config.settings import load_settings
-from worker.errors import BadInput
+from config.errors import BadInput
 from worker.store.keys import key_for_id, validate_id, validate_key
 
 

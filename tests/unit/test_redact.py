@@ -2,8 +2,8 @@
 
 import pytest
 
-from worker import redact
-from worker.redact import redact_text, redact_url, secrets_of
+from config import redact
+from config.redact import redact_text, redact_url, secrets_of
 
 
 @pytest.mark.parametrize("url, shown", [

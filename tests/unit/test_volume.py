@@ -25,7 +25,7 @@ from worker.alerts import (
     postable_alerts,
     url_origin,
 )
-from worker.errors import BadInput
+from config.errors import BadInput
 from worker.exporter import FLEET_STATUS_METRICS
 from worker.volume import (
     Evaluation,

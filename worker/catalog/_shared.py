@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from sqlalchemy import select
 
-from worker.errors import NotFound
+from config.errors import NotFound
 from worker.models import MediaItem
 from worker.store.keys import validate_id
 

@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from worker.catalog.registration import Registration, _NewItem
 from worker.db import db_now
-from worker.errors import BadInput, NotFound
+from config.errors import BadInput, NotFound
 from worker.models import MediaItem, Organization
 from worker.store import BlobInfo
 from worker.store.keys import validate_id, validate_key, validate_new_key

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from worker import validation
 from worker.db import Database, db_now
-from worker.errors import BadInput, NotFound
+from config.errors import BadInput, NotFound
 from worker.models import ApiKey, AuditEvent, Organization
 from worker.store.keys import validate_id
 

@@ -13,8 +13,8 @@ from datetime import datetime
 from sqlalchemy import select
 
 from worker.db import Database, db_now
-from worker.durations import parse_duration
-from worker.errors import BadInput
+from config.durations import parse_duration
+from config.errors import BadInput
 from worker.models import AuditEvent
 from worker.store.keys import validate_id
 

@@ -11,7 +11,7 @@ from worker import validation
 from worker.catalog._shared import default_actor, require_items
 from worker.catalog.results import HoldResult
 from worker.db import Database, db_now
-from worker.errors import BadInput, Gone, NotFound
+from config.errors import BadInput, Gone, NotFound
 from worker.models import AuditEvent, MediaItem, Organization, State
 from worker.store.keys import validate_id
 

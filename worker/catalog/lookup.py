@@ -8,7 +8,7 @@ import structlog
 
 from worker.catalog.results import Item, PresignedUrl, Tombstone
 from worker.db import Database
-from worker.errors import BadInput, Gone, NotFound
+from config.errors import BadInput, Gone, NotFound
 from worker.models import MediaItem, State
 from worker.store import BlobStore
 from worker.store.keys import validate_id

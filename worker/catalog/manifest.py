@@ -23,7 +23,7 @@ from worker import validation
 from worker.catalog._shared import default_actor
 from worker.catalog.registration import Registration, _NewItem, _open_regular, _source_digest
 from worker.catalog.results import ManifestSummary
-from worker.errors import BadInput, RetentionError
+from config.errors import BadInput, RetentionError
 from worker.models import MediaItem, Organization
 from worker.store.keys import key_for_id
 

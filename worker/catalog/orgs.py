@@ -11,7 +11,7 @@ from worker import validation
 from worker.catalog._shared import default_actor
 from worker.catalog.results import OrgView
 from worker.db import Database, db_now, plus_seconds
-from worker.errors import NotFound
+from config.errors import NotFound
 from worker.models import AuditEvent, MediaItem, Organization, State
 from worker.policy import describe, parse_retention
 from worker.store.keys import validate_id

@@ -14,7 +14,7 @@ from datetime import timedelta
 from sqlalchemy import and_, case, func, select
 
 from worker.db import Database, db_now, plus_seconds
-from worker.errors import BadInput, NotFound
+from config.errors import BadInput, NotFound
 from worker.models import MediaItem, Organization, State
 from worker.policy import describe, parse_retention
 from worker.store.keys import validate_id

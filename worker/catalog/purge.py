@@ -10,7 +10,7 @@ from worker import validation
 from worker.catalog._shared import default_actor, require_items
 from worker.catalog.results import PurgeResult
 from worker.db import Database
-from worker.errors import BadInput, NotFound
+from config.errors import BadInput, NotFound
 from worker.models import AuditEvent, MediaItem, Organization, State
 from worker.store.keys import validate_id
 from worker.sweep import Sweeper

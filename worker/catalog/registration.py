@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from worker import validation
 from worker.catalog.results import Item
 from worker.db import Database, db_now
-from worker.errors import BadInput, BlobExists
+from config.errors import BadInput, BlobExists
 from worker.models import AuditEvent, MediaItem, Organization, State
 from worker.policy import effective_lifetime, parse_ttl
 from worker.store import BlobDigest, BlobStore
@@ -139,8 +139,8 @@ class Registration:
         """Retention seconds and hold state of each org; under a share lock when `lock`, so neither
         changes (retention rewrite, org hold) between this read and the insert that relies on it."""
         statement = select(Organization.id, Organization.retention_seconds, Organization.held_at).where(Organization.id.in_(sorted(orgs)))
-        if lock and self.db.dialect == "postgresql":
-            statement = statement.with_for_update(read=True)
+        if lock:
+            statement = self.db.sql.share_locked(statement)
         found = {row.id: (row.retention_seconds, row.held_at is not None) for row in session.execute(statement)}
         missing = sorted(orgs - found.keys())
         if missing:

@@ -24,7 +24,7 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker.catalog.results import Item, Tombstone
-from worker.errors import BadInput
+from config.errors import BadInput
 from worker.responses import not_found_body
 
 log = structlog.get_logger("worker.http")

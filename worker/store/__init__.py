@@ -7,10 +7,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-from worker.errors import BadInput, StoreError
-from worker.redact import redact_url
+from config.errors import BadInput, StoreError
+from config.redact import redact_url
+from config.storage import check_storage_url
+
+if TYPE_CHECKING:
+    from worker.volume import Usage
 
 
 @dataclass(frozen=True)
@@ -98,25 +103,14 @@ class BlobStore(abc.ABC):
         """A GET URL for `key`, valid for `expires_in` seconds, that needs no other credentials."""
         raise BadInput(f"presigned URLs need an object store (s3://...); {self.url} cannot hand them out.")
 
+    def usage(self) -> "Usage | None":
+        """How full the volume under the store is, when the store can tell (a filesystem: `statvfs`).
+        None for an object store, which has no size of its own: the volume monitor then measures the
+        catalog's live media against the configured capacity."""
+        return None
+
     def close(self) -> None:
         """Release pools and threads."""
-
-
-def check_storage_url(url: str) -> None:
-    """Refuse a storage URL that names no usable store, before anything is opened."""
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise BadInput(f"invalid storage URL {redact_url(url)!r}: use file:///absolute/path.")
-        path = unquote(parsed.path)
-        if "\x00" in path:
-            raise BadInput(f"invalid storage URL {redact_url(url)!r}: the path contains a NUL byte (%00).")
-        if not path.startswith("/") or any(ord(c) < 32 or ord(c) == 127 for c in path):
-            raise BadInput(f"invalid storage URL {redact_url(url)!r}: use file:///absolute/path.")
-        return
-    if parsed.scheme == "s3":
-        return  # the bucket, prefix and credentials are checked where the store is built
-    raise BadInput(f"unsupported storage URL {redact_url(url)!r}: use file:///absolute/path or s3://bucket/prefix.")
 
 
 def open_store(url: str, **options) -> BlobStore:

@@ -19,9 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from worker.errors import BadInput, BlobExists, StoreError
+from config.errors import BadInput, BlobExists, StoreError
 from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload
 from worker.store.keys import validate_key
+from worker.volume import Usage, filesystem_usage
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_PREFIX = ".incoming-"
@@ -122,6 +123,11 @@ class FilesystemStore(BlobStore):
                         dst.flush()
                         os.fsync(out)
                     size = os.fstat(out).st_size
+                except BaseException:
+                    # A copy that failed (ENOSPC, EIO) must not leave its partial temp file filling the volume.
+                    with contextlib.suppress(OSError):
+                        os.unlink(temp, dir_fd=dir_fd)
+                    raise
                 finally:
                     os.close(out)
                 try:
@@ -247,6 +253,10 @@ class FilesystemStore(BlobStore):
                                        mtime=datetime.fromtimestamp(info.st_mtime, timezone.utc))
         finally:
             os.close(dir_fd)
+
+    def usage(self) -> Usage:
+        """Bytes and inodes of the filesystem holding the media root (`statvfs`)."""
+        return filesystem_usage(self.root)
 
     def close(self) -> None:
         if self._pool is not None:

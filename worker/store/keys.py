@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from worker.errors import BadInput
+from config.errors import BadInput
 from worker.models import ID_LENGTH, KEY_LENGTH
 
 _ID = re.compile(r"[A-Za-z0-9._-]{1,%d}" % ID_LENGTH)

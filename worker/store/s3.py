@@ -31,8 +31,8 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from worker.errors import BadInput, BlobExists, StoreError
-from worker.redact import redact_url
+from config.errors import BadInput, BlobExists, StoreError
+from config.redact import redact_url
 from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload, chunked
 from worker.store.keys import validate_key
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import isodate
 
-from worker.errors import BadInput
+from config.errors import BadInput
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # ASCII digits only (`\d` would take any script's), and a number short enough to read back.
@@ -63,3 +63,18 @@ def format_duration(value: timedelta) -> str:
         if seconds and seconds % size == 0:
             return f"{seconds // size}{suffix}"
     return f"{seconds}s"
+
+
+# An org retention below an hour would be a TTL in disguise; the design sets this floor.
+RETENTION_MIN = timedelta(hours=1)
+# What organizations.retention_seconds (a 32-bit integer column) can hold: about 68 years.
+# A unit test holds it to the column's type, so the two cannot drift apart.
+RETENTION_MAX = timedelta(seconds=2**31 - 1)
+
+
+def check_retention(retention: timedelta, shown: str) -> timedelta:
+    if retention < RETENTION_MIN:
+        raise BadInput(f"retention {shown} is too short: it must be at least 1h.")
+    if retention > RETENTION_MAX:
+        raise BadInput(f"retention {shown} is too long: at most {RETENTION_MAX.days}d, what the catalog stores.")
+    return retention

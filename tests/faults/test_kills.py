@@ -1,0 +1,181 @@
+"""SIGKILL at random moments of a sweep, of `register --manifest` and of reconcile; then one clean run,
+`verify` finds nothing and the test's own record agrees."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import pytest
+
+from worker.store.keys import key_for_id
+
+from tests.faults.conftest import KILLS, SEED, kill_after_work_starts, measure_work, record
+from worker.models import State
+
+pytestmark = pytest.mark.slow
+
+
+def kill_delay(rng, work: float) -> float:
+    """A kill time spread over the command's measured work, from its first visible step to its end."""
+    return rng.uniform(0, work * 1.05)
+
+
+def rows_in(world, state: str) -> int:
+    from sqlalchemy import func, select
+
+    from worker.models import MediaItem
+
+    with world.db.transaction() as session:
+        return session.scalar(select(func.count()).where(MediaItem.state == state))
+
+
+def test_a_sweep_killed_at_random_moments_loses_nothing_and_deletes_nothing_early(world_factory, rng):
+    """≥ 20 SIGKILLs of `sweep` (one item a batch, so kills land in claim, delete and finalize), each on
+    fresh expired work among unexpired and held items; then one clean sweep deletes exactly the rest."""
+    world = world_factory(sweep_batch_size="1", claim_lease="1h")
+    world.seed("base", expired=40, unexpired=150, held=60)
+    deleted_so_far = [0]
+
+    def claimed_something() -> bool:
+        return rows_in(world, State.DELETED.value) + rows_in(world, State.DELETING.value) > deleted_so_far[0]
+
+    work = measure_work(world, claimed_something, "sweep", "--json")
+    phases: Counter = Counter()
+    kills = attempts = 0
+    while kills < KILLS:
+        attempts += 1
+        assert attempts < KILLS * 4, f"only {kills} of {attempts} runs were killed before they finished (seed {SEED})"
+        world.seed(f"r{attempts}", expired=40)
+        before = world.states()
+        deleted_so_far[0] = sum(1 for s in before.values() if s != State.ACTIVE.value)
+        if not kill_after_work_starts(world.start("sweep", "--json"), claimed_something, kill_delay(rng, work)):
+            phases["finished first"] += 1
+            continue
+        kills += 1
+        after = world.states()
+        changed = {m for m, s in after.items() if before.get(m) != s}
+        claimed = {m for m in changed if after[m] == State.DELETING.value}
+        gone = {m for m in claimed if not (world.media / world.record.keys[m]).exists()}
+        if gone:
+            phases["between delete and finalize"] += 1
+        elif claimed:
+            phases["between claim and delete"] += 1
+        else:
+            phases["between batches"] += 1
+    world.end_leases()
+    clean = world.ok("sweep")
+    assert clean["failed"] == 0
+    lost, early = world.check_record()
+    world.verify_clean()
+    print(f"sweep kills: {kills} of {attempts} runs, phases {dict(phases)} (seed {SEED})")
+    record("SIGKILL of `sweep`", "SIGKILL at a random moment of the measured run, 1 item a batch", kills, lost, early,
+           "clean sweep, verify clean", phases=dict(phases), items=len(world.record.keys))
+
+
+def test_register_manifest_killed_at_random_moments_is_completed_by_a_re_run(world_factory, rng, tmp_path):
+    """≥ 20 SIGKILLs of `register --manifest` (files copied in, then rows inserted); the re-run of each
+    killed manifest succeeds and imports the rest, nothing is imported twice, verify finds nothing."""
+    world = world_factory()
+    world.seed("base", expired=20, unexpired=100, held=20)
+    source = tmp_path / "incoming"
+    source.mkdir()
+
+    def manifest(name: str, lines: int):
+        rows = []
+        for n in range(lines):
+            media_id = f"{name}-{n:04d}"
+            (source / media_id).write_bytes(f"{media_id}\n".encode() * 20)
+            # Half expire at once (created 40 days ago), half are young; none held.
+            created = "2020-01-01T00:00:00Z" if n % 2 else None
+            rows.append({"org": "acme", "id": media_id, "file": str(source / media_id), "mime": "image/jpeg",
+                         **({"created_at": created} if created else {})})
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return path, [row["id"] for row in rows]
+
+    def copying(ids):
+        first = world.media / key_for_id(ids[0])
+        return first.exists
+
+    path, ids = manifest("measure", 60)
+    work = measure_work(world, copying(ids), "register", "--manifest", str(path), "--json")
+    phases: Counter = Counter()
+    all_ids = list(ids)
+    kills = attempts = 0
+    while kills < KILLS:
+        attempts += 1
+        assert attempts < KILLS * 4, f"only {kills} of {attempts} runs were killed before they finished (seed {SEED})"
+        path, ids = manifest(f"m{attempts}", 60)
+        all_ids += ids
+        if not kill_after_work_starts(world.start("register", "--manifest", str(path), "--json"), copying(ids), kill_delay(rng, work)):
+            phases["finished first"] += 1
+            continue
+        kills += 1
+        states = world.states()
+        imported = sum(1 for m in ids if m in states)
+        copied = sum(1 for m in ids if any(world.media.glob(f"*/*/{m}")))
+        phases["rows committed" if imported else "blobs copied, no row" if copied else "before any blob"] += 1
+        rerun = world.ok("register", "--manifest", str(path))
+        assert rerun["imported"] + rerun["already_registered"] == len(ids), rerun
+        assert rerun["already_registered"] == imported, rerun
+    states = world.states()
+    assert not [m for m in all_ids if m not in states], "a re-run left lines unimported"
+    # A copy killed mid-write cannot clean up after itself; its `.incoming-*` temp file is a partial
+    # upload that reconcile removes once older than the grace (1 s here), and never a registered blob.
+    partial = len(list(world.media.rglob(".incoming-*")))
+    time.sleep(1.1)  # the smallest grace reconcile takes is 1 s
+    world.ok("reconcile", "--grace", "1s")
+    assert not list(world.media.rglob(".incoming-*")), "reconcile left a killed copy's temp file behind"
+    # The record: every imported item, by its expiry (the catalog computed it; the test only knows
+    # which lines were created long ago).
+    for m in all_ids:
+        world.record.keys[m] = next(world.media.glob(f"*/*/{m}")).relative_to(world.media).as_posix()
+        if int(m.rsplit("-", 1)[1]) % 2:
+            world.record.expired.add(m)
+    world.ok("sweep")
+    lost, early = world.check_record()
+    world.verify_clean()
+    print(f"register --manifest kills: {kills} of {attempts} runs, phases {dict(phases)} (seed {SEED})")
+    record("SIGKILL of `register --manifest`", "SIGKILL at a random moment, then the same manifest re-run", kills, lost, early,
+           "re-run imports the rest, clean sweep, verify clean", phases=dict(phases), items=len(world.record.keys),
+           partial_uploads_reconciled=partial)
+
+
+def test_reconcile_killed_at_random_moments_deletes_only_orphans(world_factory, rng):
+    """≥ 20 SIGKILLs of `reconcile --grace 1s` over orphans among live, held and expired items; a clean
+    reconcile then removes every orphan, no registered blob is touched, and a sweep + verify are clean."""
+    world = world_factory()
+    world.seed("base", expired=60, unexpired=160, held=60)
+    measured = world.orphans("measure", 40)
+    time.sleep(1.1)  # orphans older than the smallest grace (1 s), so this reconcile must delete them
+    work = measure_work(world, lambda: not measured[0].exists() or not measured[-1].exists(), "reconcile", "--grace", "1s", "--json")
+    assert not any(p.exists() for p in measured)
+    # Reconcile lists and checks before it deletes; its whole run is the window.
+    reconcile_run = measure_work(world, lambda: True, "reconcile", "--grace", "1s", "--json")
+    outcomes: Counter = Counter()
+    orphans = []
+    kills = attempts = 0
+    while kills < KILLS:
+        attempts += 1
+        assert attempts < KILLS * 4, f"only {kills} of {attempts} runs were killed before they finished (seed {SEED})"
+        batch = world.orphans(f"r{attempts}", 40)
+        orphans += batch
+        time.sleep(1.1)
+        if not kill_after_work_starts(world.start("reconcile", "--grace", "1s", "--json"), lambda: True, rng.uniform(0.6, 1.05) * reconcile_run):
+            outcomes["finished first"] += 1
+            continue
+        kills += 1
+        left = sum(1 for p in batch if p.exists())
+        outcomes["no orphan deleted yet" if left == len(batch) else "all orphans deleted" if not left else "some orphans deleted"] += 1
+        assert world.states() == {m: world.states()[m] for m in world.record.keys}  # no row appears or vanishes
+        assert all((world.media / world.record.keys[m]).exists() for m in world.record.keys), "reconcile deleted a registered blob"
+    world.ok("reconcile", "--grace", "1s")
+    assert not [p for p in orphans if p.exists()], "orphans survived a clean reconcile"
+    world.ok("sweep")
+    lost, early = world.check_record()
+    world.verify_clean()
+    print(f"reconcile kills: {kills} of {attempts} runs, outcomes {dict(outcomes)} (seed {SEED})")
+    record("SIGKILL of `reconcile`", "SIGKILL at a random moment, orphans among live/held/expired items", kills, lost, early,
+           "clean reconcile (grace 1 s) + sweep, verify clean", outcomes=dict(outcomes), items=len(world.record.keys))

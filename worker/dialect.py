@@ -1,0 +1,46 @@
+"""What differs between PostgreSQL and SQLite, in one place: row locks, id lists, UPDATE aliases,
+commit durability. Everything else is written once for both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import String, any_, bindparam, text
+from sqlalchemy.dialects import postgresql
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str  # "postgresql" or "sqlite"
+
+    @property
+    def postgresql(self) -> bool:
+        return self.name == "postgresql"
+
+    def row_lock(self, *, skip_locked: bool) -> str:
+        """The claim's row lock: PostgreSQL locks the picked rows (skipping locked ones for sweeps);
+        SQLite's single writer needs none."""
+        if not self.postgresql:
+            return ""
+        return "FOR UPDATE SKIP LOCKED" if skip_locked else "FOR UPDATE"
+
+    def update_alias(self, alias: str) -> str:
+        """How an UPDATE names its own row's columns: `m.` on PostgreSQL, bare on SQLite (no UPDATE alias)."""
+        return f"{alias}." if self.postgresql else ""
+
+    def id_in(self, column, ids: list[str]):
+        """`column IN ids`. On PostgreSQL as `= ANY(array)`: one parameter instead of a thousand
+        placeholders to render and parse, which was most of a finalize's client-side cost."""
+        if self.postgresql:
+            return column == any_(bindparam("ids", ids, type_=postgresql.ARRAY(String)))
+        return column.in_(ids)
+
+    def share_locked(self, statement):
+        """`statement` under a share lock on PostgreSQL (SQLite's write transaction already excludes writers)."""
+        return statement.with_for_update(read=True) if self.postgresql else statement
+
+    def relax_commit(self, session) -> None:
+        """Skip waiting for the WAL flush in this transaction (PostgreSQL only). Safe for finalizes
+        only: a finalize lost in a crash leaves rows `deleting`, re-claimed after the lease."""
+        if self.postgresql:
+            session.execute(text("SET LOCAL synchronous_commit = off"))
