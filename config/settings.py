@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 from datetime import timedelta
-from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit

@@ -18,6 +18,8 @@ from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.types import TypeDecorator
 
+from worker.dialect import Dialect
+
 # Long enough to ride out a sweep batch holding SQLite's write lock, short enough to surface a hang.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -145,10 +147,8 @@ class Database:
         return self.engine.dialect.name
 
     @property
-    def sql(self) -> "Dialect":
+    def sql(self) -> Dialect:
         """What differs between the two databases (worker/dialect.py), for this one."""
-        from worker.dialect import Dialect
-
         return Dialect(self.dialect)
 
     @contextlib.contextmanager

@@ -23,7 +23,8 @@ from botocore.config import Config
 from structlog.testing import capture_logs
 
 from config.settings import Settings, load_settings
-from tests.integration.conftest import MOTO_ACCOUNT, _free_port, insert_items
+from tests.conftest import free_port
+from tests.integration.conftest import MOTO_ACCOUNT, insert_items
 from worker.engine import build
 from worker.store.keys import key_for_id
 from worker.store.s3 import MAX_DELETE_KEYS, S3Store
@@ -64,7 +65,7 @@ def _serve_moto(port: int, commands) -> None:
 def moto_process(monkeypatch_module):
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
-    port = _free_port()
+    port = free_port()
     child = context.Process(target=_serve_moto, args=(port, theirs), daemon=True)
     child.start()
     assert ours.recv() == "ready"

@@ -119,7 +119,7 @@ def test_metrics_endpoint_sums_counters_across_prefork_processes_and_reports_fle
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tests.fleet import free_port
+    from tests.conftest import free_port
 
     catalog.set_org("acme", "30d")
     bulk_expired(catalog, "acme", 1500, root=media_root)

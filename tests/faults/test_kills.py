@@ -150,7 +150,7 @@ def test_reconcile_killed_at_random_moments_deletes_only_orphans(world_factory, 
     world.seed("base", expired=60, unexpired=160, held=60)
     measured = world.orphans("measure", 40)
     time.sleep(1.1)  # orphans older than the smallest grace (1 s), so this reconcile must delete them
-    work = measure_work(world, lambda: not measured[0].exists() or not measured[-1].exists(), "reconcile", "--grace", "1s", "--json")
+    measure_work(world, lambda: not measured[0].exists() or not measured[-1].exists(), "reconcile", "--grace", "1s", "--json")
     assert not any(p.exists() for p in measured)
     # Reconcile lists and checks before it deletes; its whole run is the window.
     reconcile_run = measure_work(world, lambda: True, "reconcile", "--grace", "1s", "--json")

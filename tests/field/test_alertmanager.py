@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.field.conftest import Processes, free_port, run
+from tests.conftest import free_port
+from tests.field.conftest import Processes, run
 from tests.fleet import wait_until
 from tests.receiver import Receiver
 from tests.tools import require_tool, unavailable

@@ -22,7 +22,8 @@ import pytest
 import redis
 import yaml
 
-from tests.field.conftest import Installed, Processes, free_port, run
+from tests.conftest import free_port
+from tests.field.conftest import Installed, Processes, run
 from tests.fleet import wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]

@@ -19,7 +19,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
-from tests.field.conftest import Installed, Processes, free_port, memory_kib, run
+from tests.conftest import free_port
+from tests.field.conftest import Installed, Processes, memory_kib, run
 from tests.fleet import wait_until
 from tests.integration.test_deploy_tools import RULES, dashboard_queries
 from tests.tools import require_tool

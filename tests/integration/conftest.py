@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -26,6 +25,7 @@ from sqlalchemy import insert, select, update
 from urllib3.exceptions import ProtocolError
 
 from config.settings import Settings, load_settings
+from tests.conftest import free_port
 from worker.catalog import Catalog
 from worker.engine import build
 from worker.db import Database, db_now
@@ -38,11 +38,6 @@ from worker.store.s3 import S3Store
 MOTO_ACCOUNT = "123456789012"
 PREFIX = "media"
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +53,7 @@ def s3_endpoint() -> Iterator[str]:
             env.delenv(name, raising=False)
         # werkzeug logs every request at INFO; thousands of lines would drown a failure's output.
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        port = _free_port()
+        port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         try:

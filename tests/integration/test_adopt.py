@@ -1,7 +1,6 @@
 """`adopt`: a volume or bucket without a catalog taken over, on both stores and both databases."""
 
 import os
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 

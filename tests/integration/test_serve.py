@@ -19,6 +19,7 @@ import pytest
 import requests
 from openapi_spec_validator import validate as validate_openapi
 
+from tests.conftest import free_port
 from tests.integration.conftest import PREFIX
 from worker.catalog import Catalog
 from worker.catalog.apikeys import ApiKeys
@@ -28,11 +29,6 @@ from worker.models import ApiKey
 pytestmark = pytest.mark.slow
 SCRIPT = Path(sys.executable).with_name("media-retention")
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass

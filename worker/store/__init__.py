@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from config.errors import BadInput, StoreError
-from config.redact import redact_url
 from config.storage import check_storage_url
 
 if TYPE_CHECKING:
