@@ -25,6 +25,10 @@ from worker.cli import main
 from worker.db import Database
 from worker.store.fs import FilesystemStore
 
+# Fixture modules shared across the test folders, loaded as plugins so that no test module imports a
+# fixture by hand: a private Redis and a Celery fleet, moto's S3 server, a webhook receiver.
+pytest_plugins = ("tests.fleet", "tests.s3", "tests.receiver")
+
 PG_URL = os.environ.get("MEDIA_RETENTION_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("MEDIA_RETENTION_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

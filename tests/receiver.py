@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
 
 
 class Receiver:
@@ -49,3 +52,11 @@ class Receiver:
         self._release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """An Alertmanager-style webhook receiver started for this test."""
+    server = Receiver()
+    yield server
+    server.close()

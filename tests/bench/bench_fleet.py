@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.factories import bulk_expired
-from tests.fleet import fleet, private_redis, wait_until  # noqa: F401 - fixtures
+from tests.fleet import wait_until
 from worker.models import MediaItem, State, SweepRun
 
 BACKLOG = int(os.environ.get("BENCH_FLEET_ITEMS", "50000"))

@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 
 from config.settings import Settings, load_settings
 from tests.conftest import free_port
-from tests.integration.conftest import MOTO_ACCOUNT, insert_items
+from tests.s3 import MOTO_ACCOUNT, insert_items
 from worker.engine import build
 from worker.store.keys import key_for_id
 from worker.store.s3 import MAX_DELETE_KEYS, S3Store

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.factories import bulk_expired
-from tests.fleet import all_swept, counts_by_state, fleet, private_redis, wait_until  # noqa: F401 - fixtures
+from tests.fleet import all_swept, counts_by_state, wait_until
 from worker.exporter import FLEET_STATUS_METRICS, HEALTH_PROBE_PATH
 from worker.models import State, SweepRun
 

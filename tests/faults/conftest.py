@@ -141,8 +141,6 @@ class World:
     def seed(self, prefix: str, *, expired: int = 0, unexpired: int = 0, held: int = 0, body: bytes = b"m" * 64,
              write=None) -> None:
         """Write blobs and insert active rows; `held` items are expired too, and held."""
-        from worker.catalog import Catalog  # noqa: F401 - imported for the org row below
-
         now = self.db_now()
         with self.db.transaction() as session:
             from worker.models import Organization

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.faults.conftest import World, record, skip_or_fail
-from tests.fleet import fleet, private_redis  # noqa: F401 - fixtures
 from tests.conftest import free_port
 from worker import schema
 from worker.db import Database

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.conftest import World, record
-from tests.integration.conftest import PREFIX, Objects, bucket, objects, raw_s3, s3_endpoint  # noqa: F401 - fixtures
+from tests.s3 import PREFIX
 
 pytestmark = pytest.mark.slow
 

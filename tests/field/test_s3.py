@@ -10,7 +10,6 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from tests.field.conftest import run
-from tests.integration.conftest import bucket, raw_s3, s3_endpoint  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.slow]
 

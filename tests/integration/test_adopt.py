@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from tests.integration.conftest import PREFIX
+from tests.s3 import PREFIX
 from worker.catalog import adopt as adopt_module
 from worker.catalog.audit import AuditTrail
 from config.errors import NotFound

@@ -5,7 +5,7 @@ import pytest
 import urllib3
 
 from config.settings import get_settings
-from tests.integration.conftest import PREFIX
+from tests.s3 import PREFIX
 
 
 @pytest.fixture

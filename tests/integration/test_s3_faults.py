@@ -6,7 +6,7 @@ import pytest
 from botocore.stub import Stubber
 from structlog.testing import capture_logs
 
-from tests.integration.conftest import PREFIX, end_backoff, insert_items, rows_by_id
+from tests.s3 import PREFIX, end_backoff, insert_items, rows_by_id
 from worker.store.keys import key_for_id
 
 
@@ -76,7 +76,7 @@ def test_a_slowdown_that_does_not_end_fails_the_keys_without_raising(make_store,
     """When every round is throttled the keys come back failed (not an exception) after a bounded
     number of requests: botocore's 3 attempts for each of our rounds (here 1 + 1 retry, to keep
     botocore's own 1-2 s throttling sleeps short)."""
-    from tests.integration.conftest import Faults
+    from tests.s3 import Faults
     from worker.store import s3
 
     store = make_store(throttle_rounds=1)
@@ -136,7 +136,7 @@ def test_deleting_10000_expired_items_sends_at_most_10_delete_objects_requests(
     """With the default settings (1000 items a batch) a sweep of 10,000 expired items sends 10
     DeleteObjects requests, counted at the last hook before the wire, and leaves the prefix empty."""
     from config.settings import Settings
-    from tests.integration.conftest import s3_settings_for
+    from tests.s3 import s3_settings_for
     from worker.engine import build
 
     default_batch = Settings.model_fields["sweep_batch_size"].default

@@ -9,7 +9,7 @@ from sqlalchemy import update
 
 from config.settings import load_settings
 from tests.factories import register_aged, states
-from tests.integration.conftest import PREFIX, insert_items
+from tests.s3 import PREFIX, insert_items
 from worker.db import db_now
 from config.errors import BadInput, Gone, NotFound
 from worker.models import MediaItem
@@ -202,7 +202,7 @@ def test_put_file_refuses_to_overwrite_an_existing_object(s3_store, objects, buc
 
 def test_a_large_file_is_uploaded_in_parts_and_still_create_only(make_store, tmp_path, raw_s3, bucket):
     """Above the multipart threshold the upload goes in parts; the completed object has every byte."""
-    from tests.integration.conftest import Faults
+    from tests.s3 import Faults
 
     store = make_store(multipart_bytes=5 * 1024 * 1024)  # S3's smallest part size
     sent = Faults(store).sent
@@ -236,7 +236,7 @@ def test_a_store_without_prefix_uses_the_whole_bucket(make_store, objects, bucke
 
 def test_single_mode_deletes_with_one_request_per_key(make_store, objects, bucket):
     """delete_mode=single (GCS XML API) sends concurrent DeleteObject calls and never DeleteObjects."""
-    from tests.integration.conftest import Faults
+    from tests.s3 import Faults
 
     store = make_store(delete_mode="single")
     sent = Faults(store).sent

@@ -20,7 +20,7 @@ import requests
 from openapi_spec_validator import validate as validate_openapi
 
 from tests.conftest import free_port
-from tests.integration.conftest import PREFIX
+from tests.s3 import PREFIX
 from worker.catalog import Catalog
 from worker.catalog.apikeys import ApiKeys
 from worker.db import Database

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import update
 
 from tests.factories import plant_blob, register_aged, wait_until_older
-from tests.integration.conftest import PREFIX
+from tests.s3 import PREFIX
 from worker import verify as verify_module
 from worker.db import db_now
 from worker.models import MediaItem

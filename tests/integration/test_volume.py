@@ -10,13 +10,12 @@ import pytest
 import structlog
 
 from config.settings import load_settings
-from tests.unit.test_volume_alerts import (  # noqa: F401 - `receiver` is a fixture
+from tests.unit.test_volume_alerts import (
     alert_row,
     events,
     fixed,
     race,
     real_ratio,
-    receiver,
     thresholds_above,
     thresholds_below,
     volume_settings,

@@ -35,14 +35,6 @@ from worker.store.fs import FilesystemStore
 from worker.volume import Usage, filesystem_usage
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    """An Alertmanager-style webhook receiver started for this test."""
-    server = Receiver()
-    yield server
-    server.close()
-
-
 def volume_settings(tmp_path: Path, db: Database, **overrides) -> Settings:
     values = dict(data_dir=tmp_path / "data", database_url=db.url, storage_url=(tmp_path / "media").as_uri())
     values.update(overrides)
