@@ -13,6 +13,8 @@ from datetime import timedelta
 
 from sqlalchemy import and_, case, func, select
 
+from worker import items as items_sql
+
 from worker.db import Database, db_now, plus_seconds
 from config.errors import BadInput, NotFound
 from worker.models import MediaItem, Organization, State
@@ -55,7 +57,8 @@ def preview_retention(db: Database, org_id: str, retention: str | None) -> Reten
         new_expiry = case((items.c.ttl_seconds.is_(None), plus_seconds(items.c.created_at, seconds)), else_=items.c.expires_at)
         due_new = new_expiry <= now
         due_old = items.c.expires_at <= now
-        unheld = and_(items.c.held_at.is_(None), items.c.org_held.is_(False))
+        # The sweep's own predicate (worker/items.py): an org hold is mirrored onto its items (`org_held`).
+        claimable = items_sql.claimable()
         ttl_less = items.c.ttl_seconds.is_(None)
 
         def count(condition):
@@ -66,8 +69,8 @@ def preview_retention(db: Database, org_id: str, retention: str | None) -> Reten
 
         row = session.execute(
             select(
-                count(and_(unheld, due_new)), size(and_(unheld, due_new)),
-                count(and_(unheld, due_new, ~due_old)), size(and_(unheld, due_new, ~due_old)),
+                count(and_(claimable, due_new)), size(and_(claimable, due_new)),
+                count(and_(claimable, due_new, ~due_old)), size(and_(claimable, due_new, ~due_old)),
                 count(and_(ttl_less, new_expiry > items.c.expires_at)),
                 count(due_new),
                 count(~ttl_less),
@@ -75,9 +78,6 @@ def preview_retention(db: Database, org_id: str, retention: str | None) -> Reten
         ).one()
     due, due_bytes, newly_due, newly_due_bytes, kept_longer, all_due, ttl_items = (int(value) for value in row)
     org_held = org.held_at is not None
-    if org_held:
-        # An org hold keeps everything: the sweep's claim checks the org row itself.
-        due = due_bytes = newly_due = newly_due_bytes = 0
     held = all_due - due
     return RetentionPreview(org=org_id, retention=describe(timedelta(seconds=org.retention_seconds)),
                             new_retention=describe(timedelta(seconds=seconds)), org_held=org_held, due=due,
