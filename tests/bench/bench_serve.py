@@ -4,14 +4,18 @@
 
 One real server process (uvicorn, one process) on a PostgreSQL schema of its own holding 10,000
 items of one org, 1,000 of them deleted, logging at INFO (one access-log line a request) as in
-production. The load generator is Python threads with keep-alive sessions on the same machine
-(`wrk` is not packaged here): it takes CPU from the server, so the figures are a floor. Each
-request looks up a random ID with a valid key: 90 % answer 200, 10 % answer 404 gone.
+production. The load generator is `wrk` when it is installed (Debian package `wrk`: a C client that
+leaves the server most of the CPU), else Python threads with keep-alive sessions, which take CPU from
+the server on the same machine, so their figures are a floor. Each request looks up a random ID with
+a valid key: 90 % answer 200, 10 % answer 404 gone.
 """
 
 from __future__ import annotations
 
 import random
+import re
+import shutil
+import subprocess
 import statistics
 import threading
 import time
@@ -73,6 +77,33 @@ def python_load(url: str, token: str) -> tuple[list[float], int, float]:
     return flat, len(flat), DURATION_S
 
 
+WRK_SCRIPT = """
+math.randomseed(42)
+request = function()
+  return wrk.format("GET", "/v1/media/m" .. math.random(1, %d), {["Authorization"] = "Bearer %s"})
+end
+"""
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk_load(url: str, token: str, workdir: Path) -> tuple[float, float, float]:
+    """(p50 ms, p99 ms, requests/s) from wrk with CONCURRENCY connections on 2 threads."""
+    script = workdir / "lookup.lua"
+    script.write_text(WRK_SCRIPT % (ITEMS, token))
+    subprocess.run(["wrk", "-t2", f"-c{CONCURRENCY}", f"-d{WARMUP_S:.0f}s", "-s", str(script), url], check=True,
+                   capture_output=True)
+    out = subprocess.run(["wrk", "-t2", f"-c{CONCURRENCY}", f"-d{DURATION_S:.0f}s", "--latency", "-s", str(script), url],
+                         check=True, capture_output=True, text=True).stdout
+    p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)$", out, re.M)
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)$", out, re.M)
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    assert p50 and p99 and rate, out
+    return _ms(*p50.groups()), _ms(*p99.groups()), float(rate.group(1))
+
+
 def test_lookup_latency_and_throughput_under_local_load(pg_database, tmp_path: Path):
     """Report p50/p99 lookup latency and requests per second of one serve process."""
     token = fill(pg_database)
@@ -80,6 +111,10 @@ def test_lookup_latency_and_throughput_under_local_load(pg_database, tmp_path: P
     server = start_server({"MEDIA_RETENTION_DATABASE_URL": pg_database.url,
                            "MEDIA_RETENTION_STORAGE_URL": (tmp_path / "media").as_uri()}, tmp_path)
     try:
+        if shutil.which("wrk"):
+            p50, p99, rate = wrk_load(server.url, token, tmp_path)
+            print(f"\nserve lookups (wrk, {CONCURRENCY} connections, {DURATION_S:.0f} s, {ITEMS} items): "
+                  f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, {rate:.0f} req/s")
         latencies, answered, seconds = python_load(server.url, token)
         quantiles = statistics.quantiles(latencies, n=100)
         p50, p99 = quantiles[49] * 1000, quantiles[98] * 1000
