@@ -24,23 +24,18 @@ class Lookup:
 
     def find(self, media_id: str) -> Item | Tombstone | None:
         """The item while active, its tombstone once claimed or deleted, None for an ID never registered."""
-        validate_id(media_id)
-        with self.db.transaction() as session:
-            row = session.get(MediaItem, media_id)
-        if row is None:
-            return None
-        if row.state != State.ACTIVE.value:
-            return Tombstone(id=media_id, state=row.state, reason=row.deletion_reason,
-                             deleted_at=row.deleted_at or row.claimed_at)
-        return Item.from_row(row)
+        return self._answer(media_id, org=None)
 
     def find_for_org(self, org: str, media_id: str) -> Item | Tombstone | None:
         """`find` as one org may see it: another org's item, live or gone, is None, exactly like an ID
         never registered, so a caller cannot even learn that it exists (the HTTP lookup's scoping)."""
+        return self._answer(media_id, org=org)
+
+    def _answer(self, media_id: str, *, org: str | None) -> Item | Tombstone | None:
         validate_id(media_id)
         with self.db.transaction() as session:
             row = session.get(MediaItem, media_id)
-        if row is None or row.org_id != org:
+        if row is None or (org is not None and row.org_id != org):
             return None
         if row.state != State.ACTIVE.value:
             return Tombstone(id=media_id, state=row.state, reason=row.deletion_reason,
@@ -70,8 +65,7 @@ class Lookup:
         if not self.store.can_presign:
             raise BadInput(f"lookup --url needs an object store (s3://...); {self.store.url} cannot hand out presigned URLs.")
         item = self.lookup(media_id)
+        url, expires_at = self.sign(item.key)
         seconds = int(self.presign_ttl.total_seconds())
-        url = self.store.presigned_url(item.key, seconds)
-        expires_at = datetime.now(timezone.utc) + timedelta(seconds=seconds)
         log.info("media.presigned", media_id=media_id, expires_in_s=seconds)
         return PresignedUrl(id=media_id, url=url, expires_in=seconds, expires_at=expires_at)
