@@ -187,11 +187,16 @@ class Faults:
     "slowdown" answers 503 SlowDown without reaching the server; "reset" drops the connection before
     the server sees the request; "reset_after" delivers the request, then drops the connection before
     the answer arrives (the server did the work, the client never heard).
+
+    `poison[operation] = (marker, fault, times)` answers the first `times` sends of that operation whose
+    body holds `marker` with `fault`, whatever their number: a sweep keeps two deletes in flight, so
+    numbers alone do not say which batch a send belongs to.
     """
 
     def __init__(self, store: S3Store):
         self.sent: Counter[str] = Counter()
         self.plan: dict[str, dict[int, str]] = {}
+        self.poison: dict[str, tuple[bytes, str, int]] = {}
         self._http = urllib3.PoolManager()
         store.client.meta.events.register("before-send.s3", self._before_send)
 
@@ -199,6 +204,11 @@ class Faults:
         operation = kwargs["event_name"].rsplit(".", 1)[-1]
         self.sent[operation] += 1
         fault = self.plan.get(operation, {}).get(self.sent[operation])
+        if operation in self.poison:
+            marker, poison, times = self.poison[operation]
+            if times and marker in (request.body or b""):
+                fault = poison
+                self.poison[operation] = (marker, poison, times - 1)
         if fault == "slowdown":
             body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                     b"<Message>Please reduce your request rate.</Message></Error>")

@@ -360,6 +360,11 @@ def status_command(engine: Engine, out: Output) -> None:
     oldest = numbers["oldest_overdue"]
     echo(f"oldest overdue: {oldest['id']} expired {oldest['expires_at']} ({oldest['overdue_seconds']:.0f}s ago)" if oldest else "oldest overdue: none")
     echo(f"held expired:   {numbers['held_expired']}")
+    late = numbers["lateness"]
+    minutes = late["window_s"] // 60
+    echo(f"lateness:       p50 {late['p50_s']}s, p99 {late['p99_s']}s, max {late['max_s']}s after expiry "
+         f"({late['items']} deletions by expiry in the last {minutes} min)" if late["items"] else
+         f"lateness:       no deletions by expiry in the last {minutes} min")
     missing = numbers["missing_blob_items"]
     echo(f"missing blobs:  {missing['count']} active items ({missing['held']} held, never tombstoned); see `reconcile`")
     echo(f"stuck:          {numbers['stuck']['count']}")

@@ -20,6 +20,8 @@ CLAIMABLE = "{c}state = 'active' AND {c}held_at IS NULL AND NOT {c}org_held"
 HELD = "{c}state = 'active' AND ({c}held_at IS NOT NULL OR {c}org_held)"
 # Claimed for deletion: lookups answer 404, the blob may still exist.
 DELETING = "{c}state = 'deleting'"
+# Deleted: the blob is gone, the row answers 404 with its reason and time.
+TOMBSTONE = "{c}state = 'deleted'"
 
 
 def predicate(template: str, alias: str | None = None) -> str:
@@ -33,6 +35,14 @@ def claimable() -> TextClause:
 
 def held() -> TextClause:
     return text(predicate(HELD))
+
+
+def deleting() -> TextClause:
+    return text(predicate(DELETING))
+
+
+def tombstone() -> TextClause:
+    return text(predicate(TOMBSTONE))
 
 
 def due(items, now):

@@ -6,7 +6,7 @@ the value from the process that sampled last is the one that counts, not a sum o
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 # -- media volume --------------------------------------------------------------------------------
 
@@ -92,3 +92,16 @@ DELETE_FAILURES = Counter(
     "media_retention_delete_failures_total",
     "Blob deletes that failed and were left for a retry with backoff.",
 )
+# How late items go: deleted_at - expires_at, both by the database clock, for items deleted because
+# they expired (purges are early on purpose). The buckets straddle the target (p99 within 2 s) and
+# reach the beat-only regime (a sweep interval, a claim lease) so a watch that stopped shows up.
+DELETION_LATENESS = Histogram(
+    "media_retention_deletion_lateness_seconds",
+    "Seconds between an item's expiry and its deletion (deleted_at - expires_at), expired items only.",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600),
+)
+
+
+def observe_lateness(seconds: list[float]) -> None:
+    for value in seconds:
+        DELETION_LATENESS.observe(value)

@@ -71,6 +71,7 @@ class Organization(Base):
 CLAIMABLE = predicates.predicate(predicates.CLAIMABLE)
 HELD = predicates.predicate(predicates.HELD)
 DELETING = predicates.predicate(predicates.DELETING)
+TOMBSTONE = predicates.predicate(predicates.TOMBSTONE)
 
 
 class MediaItem(Base):
@@ -134,6 +135,13 @@ class MediaItem(Base):
             sqlite_where=text(DELETING),
         ),
         Index("ix_media_items_org_id_state", "org_id", "state"),
+        # Tombstones by deletion time: status' lateness figures, and tombstone compaction.
+        Index(
+            "ix_media_items_deleted_at",
+            "deleted_at",
+            postgresql_where=text(TOMBSTONE),
+            sqlite_where=text(TOMBSTONE),
+        ),
         Index(
             "ix_media_items_missing_since",
             "missing_since",

@@ -7,7 +7,7 @@ whole fleet's numbers, not its own.
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy import func, or_, select, update
@@ -22,6 +22,12 @@ log = structlog.get_logger("worker.status")
 
 # How many stuck items `status` lists by name; the count covers all of them.
 STUCK_LISTING = 20
+# Lateness (deleted_at - expires_at) is reported over the deletions of this window, at most this many
+# of the latest: long enough to hold a few beat sweeps, bounded so the figures cost a few milliseconds.
+LATENESS_WINDOW = timedelta(minutes=15)
+LATENESS_SAMPLE = 10_000
+# Reasons of deletions by expiry: purges go early on purpose and missing blobs when they are found.
+EXPIRY_REASONS = ("ttl", "retention")
 
 
 def schedule_slot(now: datetime, interval_seconds: float) -> str:
@@ -75,6 +81,30 @@ def due_count(db: Database) -> int:
         return session.scalar(select(func.count()).where(items_sql.due(items, db_now()))) or 0
 
 
+def percentile(ordered: list[float], share: float) -> float:
+    """Nearest-rank percentile of an ascending, non-empty list (`share` 0.5 = median, 0.99 = p99)."""
+    return ordered[max(math.ceil(share * len(ordered)) - 1, 0)]
+
+
+def lateness(session) -> dict:
+    """How late the fleet's latest deletions by expiry went: p50, p99 and max of deleted_at - expires_at
+    (both by the database clock) over LATENESS_WINDOW, read by the tombstones' deletion-time index."""
+    items = MediaItem.__table__
+    rows = session.execute(
+        select(items.c.expires_at, items.c.deleted_at)
+        .where(items_sql.tombstone(), items.c.deleted_at >= db_now(-int(LATENESS_WINDOW.total_seconds())),
+               items.c.deletion_reason.in_(EXPIRY_REASONS))
+        .order_by(items.c.deleted_at.desc())
+        .limit(LATENESS_SAMPLE)
+    ).all()
+    figures: dict = {"window_s": int(LATENESS_WINDOW.total_seconds()), "items": len(rows)}
+    if rows:
+        seconds = sorted((deleted - expires).total_seconds() for expires, deleted in rows)
+        figures.update(p50_s=round(percentile(seconds, 0.5), 3), p99_s=round(percentile(seconds, 0.99), 3),
+                       max_s=round(seconds[-1], 3))
+    return figures
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
@@ -112,6 +142,7 @@ def fleet_status(db: Database) -> dict:
         missing_count = session.scalar(select(func.count()).where(missing)) or 0
         missing_held = session.scalar(
             select(func.count()).where(missing, items_sql.held())) or 0
+        late = lateness(session)
 
     def run_dict(row) -> dict | None:
         if row is None:
@@ -139,5 +170,6 @@ def fleet_status(db: Database) -> dict:
             ],
         },
         "held_expired": int(held_expired),
+        "lateness": late,
         "missing_blob_items": {"count": int(missing_count), "held": int(missing_held)},
     }

@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextvars
 import secrets
 import socket
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,12 @@ BACKOFF_BASE_SECONDS = 30
 BACKOFF_CAP_SECONDS = 3600
 # How many items a dry run lists by name; the counts always cover everything.
 DRY_RUN_LISTING = 1000
+# Batches between claim and finalize at once: one being claimed, two being deleted (so an object
+# store has the next request in flight while the last answer is parsed), one being finalized. Each
+# stage then hides the others' round trips; more buys nothing and holds more claims open.
+PIPELINE_DEPTH = 3
+# Deletion reasons that come from expiry, the ones whose lateness (deleted_at - expires_at) is measured.
+EXPIRY_REASONS = frozenset({Reason.TTL.value, Reason.RETENTION.value})
 
 
 def backoff_seconds(attempts: int) -> int:
@@ -76,10 +83,14 @@ class SweepCounts:
     due: int | None = None
     due_bytes: int | None = None
     would_delete: list[dict] | None = field(default=None)
+    # Real runs: the latest any item went after its expiry, in seconds (None when none went by expiry).
+    late_max_s: float | None = None
 
     def add(self, other: "SweepCounts") -> None:
         for name in ("claimed", "deleted", "bytes_freed", "failed", "already_missing", "batches"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        if other.late_max_s is not None:
+            self.late_max_s = max(other.late_max_s, self.late_max_s or 0.0)
 
     def to_dict(self) -> dict:
         return {name: value for name, value in asdict(self).items() if value is not None}
@@ -100,58 +111,70 @@ class Sweeper:
         self.actor = f"sweeper@{socket.gethostname()}"[:128]
         self._now_sql = self._compile(db_now())
         self._lease_sql = self._compile(db_now(self.lease_seconds))
+        # The sweep's two claims, built once: stale claims whose lease ran out, then expired active items,
+        # each spelling its partial index's predicate exactly as the index does, so the planner uses it.
+        self._stale_claim = self._claim_statement(f"{predicate(DELETING, 'c')} AND c.lease_until <= {{now}}",
+                                                  "c.lease_until", REASON_BY_TTL)
+        self._fresh_claim = self._claim_statement(f"{predicate(CLAIMABLE, 'c')} AND c.expires_at <= {{now}}",
+                                                  "c.expires_at", REASON_BY_TTL)
 
     def _compile(self, expression) -> str:
         return str(expression.compile(dialect=self.db.engine.dialect))
 
     # -- claim ---------------------------------------------------------------------------------
 
-    def _claim(self, where: str, order: str, reason: str, limit: int, *, skip_locked: bool = True, **params) -> list[ClaimedItem]:
+    def _claim_statement(self, where: str, order: str, reason: str, *, skip_locked: bool = True, ids: bool = False):
         sql = items_sql.claim_sql(self.db.sql, where=where, order=order, reason=reason, now=self._now_sql,
                                   lease=self._lease_sql, skip_locked=skip_locked)
         statement = text(sql).columns(**_CLAIM_COLUMNS)
-        if "ids" in params:
-            statement = statement.bindparams(bindparam("ids", expanding=True))
+        return statement.bindparams(bindparam("ids", expanding=True)) if ids else statement
+
+    @staticmethod
+    def _claimed(rows, token: str) -> list[ClaimedItem]:
+        return [ClaimedItem(r.id, r.storage_key, r.size_bytes, r.deletion_reason, r.attempts, token) for r in rows]
+
+    def _claim(self, statement, limit: int, **params) -> list[ClaimedItem]:
         token = secrets.token_hex(16)
         with self.db.transaction() as session:
             rows = session.execute(statement, {"token": token, "limit": limit, **params}).all()
-        return [ClaimedItem(r.id, r.storage_key, r.size_bytes, r.deletion_reason, r.attempts, token) for r in rows]
+        return self._claimed(rows, token)
 
     def claim_expired(self, limit: int) -> list[ClaimedItem]:
-        """Claim up to `limit` items: first stale claims whose lease ran out, then expired active items."""
-        stale = self._claim(
-            f"{predicate(DELETING, 'c')} AND c.lease_until <= {{now}}", "c.lease_until", REASON_BY_TTL, limit
-        )
-        if len(stale) >= limit:
-            return stale
-        fresh = self._claim(
-            # The claimable-expiry index's predicate, spelled as the index spells it so the planner uses it.
-            f"{predicate(CLAIMABLE, 'c')} AND c.expires_at <= {{now}}",
-            "c.expires_at",
-            REASON_BY_TTL,
-            limit - len(stale),
-        )
-        return stale + fresh
+        """Claim up to `limit` items: first stale claims whose lease ran out, then expired active items,
+        both in one transaction under one claim token."""
+        token = secrets.token_hex(16)
+        with self.db.transaction() as session:
+            rows = session.execute(self._stale_claim, {"token": token, "limit": limit}).all()
+            if len(rows) < limit:
+                rows += session.execute(self._fresh_claim, {"token": token, "limit": limit - len(rows)}).all()
+        return self._claimed(rows, token)
 
     def claim_ids(self, ids: Sequence[str], reason: Reason) -> list[ClaimedItem]:
         """Claim the named active, unheld items for a purge (waiting for, not skipping, locked rows)."""
-        return self._claim(
-            f"c.id IN :ids AND {predicate(CLAIMABLE, 'c')}",
-            "c.id",
-            f"'{Reason(reason).value}'",
-            len(ids),
-            skip_locked=False,
-            ids=list(ids),
-        )
+        statement = self._claim_statement(f"c.id IN :ids AND {predicate(CLAIMABLE, 'c')}", "c.id",
+                                          f"'{Reason(reason).value}'", skip_locked=False, ids=True)
+        return self._claim(statement, len(ids), ids=list(ids))
 
     def claim_org(self, org_id: str, limit: int) -> list[ClaimedItem]:
-        return self._claim(
-            f"c.org_id = :org AND {predicate(CLAIMABLE, 'c')}",
-            "c.expires_at",
-            f"'{Reason.ORG_PURGE.value}'",
-            limit,
-            org=org_id,
-        )
+        statement = self._claim_statement(f"c.org_id = :org AND {predicate(CLAIMABLE, 'c')}", "c.expires_at",
+                                          f"'{Reason.ORG_PURGE.value}'")
+        return self._claim(statement, limit, org=org_id)
+
+    def seconds_until_due(self) -> float | None:
+        """Seconds (by the database clock) until the next item becomes claimable: the earliest expiry of
+        a claimable item or lease of a claimed one; 0 or less when one is due now, None when nothing is
+        pending. Two reads of the first entry of the claim's own partial indexes: cheap enough to ask
+        every second, which is how the expiry watch (worker/watch.py) knows when to wake."""
+        items = MediaItem.__table__
+        next_expiry = select(func.min(items.c.expires_at)).where(items_sql.claimable()).scalar_subquery()
+        next_lease = select(func.min(items.c.lease_until)).where(items_sql.deleting()).scalar_subquery()
+        with self.db.transaction() as session:
+            now, expiry, lease = session.execute(select(db_now(), next_expiry, next_lease)).one()
+        pending = [moment for moment in (expiry, lease) if moment is not None]
+        if not pending:
+            return None
+        # Both ends come from the database, so the answer is a duration whatever the worker's clock says.
+        return (min(pending) - now).total_seconds()
 
     # -- delete and finalize -------------------------------------------------------------------
 
@@ -161,14 +184,15 @@ class Sweeper:
         done = [(item, result) for item, result in zip(claimed, results, strict=True) if result.ok]
         failed = [(item, result) for item, result in zip(claimed, results, strict=True) if not result.ok]
         table = MediaItem.__table__
+        lateness: list[float] = []
         with self.db.transaction() as session:
             # No need to wait for the WAL flush: a finalize lost in a database crash leaves its rows
             # `deleting`, and the next sweep re-claims them after the lease and finishes them (a
             # missing blob counts as deleted). Claims stay synchronous: they must outlive a crash.
             self.db.sql.relax_commit(session)
             if done:
-                # Set-based, one statement per claim token (a batch holds at most two: stale and fresh
-                # claims): a statement per row made finalizing cost as much as the S3 delete itself.
+                # Set-based, one statement per claim token (a batch holds one, a purge's batch may hold
+                # more): a statement per row made finalizing cost as much as the S3 delete itself.
                 ids_by_token: dict[str, list[str]] = {}
                 for item, _ in done:
                     ids_by_token.setdefault(item.token, []).append(item.id)
@@ -180,12 +204,14 @@ class Sweeper:
                         update(table)
                         .where(self.db.sql.id_in(table.c.id, ids), table.c.claim_token == token, table.c.state == State.DELETING.value)
                         .values(state=State.DELETED.value, deleted_at=db_now(), lease_until=None, claim_token=None, last_error=None)
-                        .returning(table.c.org_id, table.c.deletion_reason, table.c.size_bytes)
+                        .returning(table.c.org_id, table.c.deletion_reason, table.c.size_bytes, table.c.expires_at, table.c.deleted_at)
                     ).all()
                     counts.deleted += len(finalized)
-                    for org_id, reason, size in finalized:
+                    for org_id, reason, size, expires_at, deleted_at in finalized:
                         tombstoned[(org_id, reason)] += 1
                         tombstoned_bytes[(org_id, reason)] += size
+                        if reason in EXPIRY_REASONS:
+                            lateness.append((deleted_at - expires_at).total_seconds())
                 counts.already_missing = sum(1 for _, result in done if result.missing)
                 counts.bytes_freed = sum(item.size_bytes for item, result in done if not result.missing)
                 # Counts by org and reason, in the finalize's own transaction: the trail records exactly the
@@ -221,6 +247,9 @@ class Sweeper:
             metrics.DELETED_ITEMS.labels(reason=reason).inc(count)
         metrics.FREED_BYTES.inc(counts.bytes_freed)
         metrics.DELETE_FAILURES.inc(counts.failed)
+        metrics.observe_lateness(lateness)
+        if lateness:
+            counts.late_max_s = max(lateness)
         for item, result in failed:
             log.warning(
                 "sweep.delete_failed",
@@ -238,46 +267,70 @@ class Sweeper:
 
     # -- whole runs ----------------------------------------------------------------------------
 
-    def _drain(self, claim: Callable[[int], list[ClaimedItem]], limit: int | None, deadline: float | None, event: str, **fields) -> SweepCounts:
-        """Claim, delete and finalize batch after batch until none is due, `limit` or `deadline`.
+    def _drain(self, claim: Callable[[int], list[ClaimedItem]], limit: int | None, deadline: float | None, event: str,
+               stop: threading.Event | None = None, quiet: bool = False, **fields) -> SweepCounts:
+        """Claim, delete and finalize batch after batch until none is due, `limit`, `deadline` or `stop`.
 
-        Pipelined one batch deep: while a batch's blobs are being deleted (on one helper thread), the
-        next batch is claimed and the previous one finalized, so database round trips overlap store I/O
-        instead of adding to it. Each claim still commits before its blobs are touched.
+        A pipeline of three stages, each on its own thread and (for the database) its own connection:
+        this thread claims, a deleter removes the blobs, a finalizer records them. While one batch's
+        blobs are being deleted the next is claimed and the previous finalized, so the run goes at the
+        pace of its slowest stage instead of the sum of all three. Each claim commits before its blobs
+        are touched, and a batch is finalized only once its deletes have answered.
         """
         total = SweepCounts()
         claimed_count = 0
-        claiming = True
-        in_flight: tuple[list[ClaimedItem], Future, float] | None = None
-        with ThreadPoolExecutor(1, thread_name_prefix="sweep-delete") as deleter:
-            while True:
-                claimed: list[ClaimedItem] = []
-                if claiming and limit is not None and claimed_count >= limit:
-                    claiming = False
-                if claiming and deadline is not None and time.monotonic() >= deadline:
-                    log.info(f"{event}.deadline_reached", **fields, claimed=claimed_count)
-                    claiming = False
-                if claiming:
+        in_flight: deque[Future] = deque()
+        context = contextvars.copy_context  # the store's and finalizer's log events keep the task's bound fields
+        with ThreadPoolExecutor(PIPELINE_DEPTH - 1, thread_name_prefix="sweep-delete") as deleter, \
+                ThreadPoolExecutor(1, thread_name_prefix="sweep-finalize") as finalizer:
+            try:
+                while True:
+                    if limit is not None and claimed_count >= limit:
+                        break
+                    if deadline is not None and time.monotonic() >= deadline:
+                        log.info(f"{event}.deadline_reached", **fields, claimed=claimed_count)
+                        break
+                    if stop is not None and stop.is_set():
+                        break
+                    while len(in_flight) >= PIPELINE_DEPTH:
+                        total.add(in_flight.popleft().result())
                     size = self.batch_size if limit is None else min(self.batch_size, limit - claimed_count)
                     claimed = claim(size)
                     claimed_count += len(claimed)
-                    claiming = bool(claimed)
-                results = in_flight[1].result() if in_flight else None
-                if claimed:
-                    started = time.monotonic()
-                    # copy_context: the store's log events keep the task's bound fields (task id, org).
-                    future = deleter.submit(contextvars.copy_context().run, self.store.delete_many, [item.storage_key for item in claimed])
-                if in_flight:
-                    self._record_batch(in_flight[0], results, in_flight[2], total, event, fields)
-                if not claimed:
-                    return total
-                in_flight = (claimed, future, started)
+                    if claimed:
+                        started = time.monotonic()
+                        deleting = deleter.submit(context().run, self.store.delete_many, [item.storage_key for item in claimed])
+                        in_flight.append(finalizer.submit(context().run, self._finish_batch, claimed, deleting, started,
+                                                          event, quiet, fields))
+                    if len(claimed) < size:
+                        break  # a short batch: nothing more was due when it was claimed
+            finally:
+                # Batches already claimed are deleted and finalized even when the run stops on an error:
+                # their claims are committed, and leaving them to the lease would only delay them.
+                errors = []
+                while in_flight:
+                    try:
+                        total.add(in_flight.popleft().result())
+                    except BaseException as exc:  # noqa: BLE001 - re-raised below, after every batch settled
+                        errors.append(exc)
+                if errors:
+                    raise errors[0]
+        return total
 
-    def _record_batch(self, claimed: list[ClaimedItem], results: list[DeleteResult], started: float,
-                      total: SweepCounts, event: str, fields: dict) -> None:
+    def _finish_batch(self, claimed: list[ClaimedItem], deleting: Future, started: float, event: str, quiet: bool,
+                      fields: dict) -> SweepCounts:
+        """The finalizer's part: wait for the batch's deletes, record them, log the batch (at debug level
+        when `quiet`: the expiry watch finalizes many small batches and logs a summary instead)."""
+        try:
+            results = deleting.result()
+        except Exception as exc:  # noqa: BLE001 - a store that raises fails its batch, it does not lose it
+            # Stores answer per key; one that raises instead (a bug, an unforeseen error) fails each key
+            # of the batch, so the items get the same retry with backoff and show up as stuck with it.
+            error = f"{type(exc).__name__}: {exc}"
+            log.error(f"{event}.batch_delete_failed", **fields, items=len(claimed), error=error)
+            results = [DeleteResult(item.storage_key, ok=False, error=error) for item in claimed]
         batch = self.finalize_batch(claimed, results)
-        total.add(batch)
-        log.info(
+        (log.debug if quiet else log.info)(
             f"{event}.batch_finalized",
             **fields,
             claimed=batch.claimed,
@@ -287,6 +340,7 @@ class Sweeper:
             bytes_freed=batch.bytes_freed,
             seconds=round(time.monotonic() - started, 3),
         )
+        return batch
 
     def held_expired_count(self) -> int:
         """Expired active items a sweep leaves alone because they or their org are on hold."""
@@ -295,9 +349,10 @@ class Sweeper:
         with self.db.transaction() as session:
             return session.scalar(statement) or 0
 
-    def drain(self, *, limit: int | None = None, deadline: float | None = None) -> SweepCounts:
-        """Claim and delete due items batch by batch until none are left, `limit` or `deadline`."""
-        return self._drain(self.claim_expired, limit, deadline, "sweep")
+    def drain(self, *, limit: int | None = None, deadline: float | None = None, stop: threading.Event | None = None,
+              quiet: bool = False) -> SweepCounts:
+        """Claim and delete due items batch by batch until none are left, `limit`, `deadline` or `stop`."""
+        return self._drain(self.claim_expired, limit, deadline, "sweep", stop, quiet)
 
     def sweep(self, *, limit: int | None = None, dry_run: bool = False, deadline: float | None = None) -> SweepCounts:
         """Delete every expired, unheld item (up to `limit`); with `dry_run`, only report them."""
