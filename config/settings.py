@@ -32,6 +32,16 @@ def _duration(value: object) -> object:
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
 
 
+def _duration_or_off(value: object) -> object:
+    if isinstance(value, str) and value.strip().lower() in ("0", "off"):
+        return timedelta(0)
+    return _duration(value)
+
+
+# A duration, or `0` / `off` for a feature that can be turned off.
+DurationOrOff = Annotated[timedelta, BeforeValidator(_duration_or_off)]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEDIA_RETENTION_", frozen=True, extra="ignore")
 
@@ -48,6 +58,10 @@ class Settings(BaseSettings):
     presign_ttl: Duration = Field(timedelta(hours=1), gt=timedelta(0), le=timedelta(hours=1))
     default_retention: Duration = timedelta(days=90)
     sweep_interval: Duration = timedelta(seconds=60)
+    # How often each worker node's expiry watch asks the database whether anything is due (worker/watch.py):
+    # items go within about this long of their expiry, at one index probe per node per interval while
+    # nothing is due. `off` (or 0) turns the watch off, leaving deletion to beat's sweeps (up to SWEEP_INTERVAL late).
+    watch_interval: DurationOrOff = Field(timedelta(seconds=1), ge=timedelta(0), le=timedelta(minutes=10))
     claim_lease: Duration = timedelta(minutes=5)
     # 1000 rows a claim: exactly one full S3 DeleteObjects request (its maximum), and still a
     # transaction of milliseconds.

@@ -140,6 +140,9 @@ def fleet(tmp_path, database, media_root, private_redis):
         MEDIA_RETENTION_STORAGE_URL=media_root.as_uri(),
         MEDIA_RETENTION_SWEEP_INTERVAL="1s",
         MEDIA_RETENTION_SWEEP_BATCH_SIZE="100",
+        # These fleets exercise beat's sweeps and their drains; the expiry watch would take the work first.
+        # A test of the watch turns it on.
+        MEDIA_RETENTION_WATCH_INTERVAL="off",
         MEDIA_RETENTION_LOG_FORMAT="json",
         FLEET_TEST_JOURNAL=str(journal),
     )

@@ -130,9 +130,16 @@ def _setup_logging(**_kwargs) -> None:
 
 @signals.worker_process_init.connect
 def _after_fork(**_kwargs) -> None:
+    from celery.utils.log import current_process_index
+
     from worker import runtime
 
     runtime.reset()
+    # One expiry watch per worker node: in its first pool process (index 0, reused when that process is
+    # replaced), or in the worker itself under the solo pool (no index). More would only contend for
+    # the same due rows; a fleet's nodes share them by row claims.
+    if current_process_index(base=0) in (None, 0):
+        runtime.start_watch()
 
 
 @signals.worker_init.connect
@@ -150,10 +157,21 @@ def _serve_metrics(**_kwargs) -> None:
 
 @signals.worker_process_shutdown.connect
 def _process_gone(pid: int | None = None, **_kwargs) -> None:
+    from worker import runtime
+
+    runtime.stop_watch()
     if get_settings().metrics_port and pid:
         from worker import exporter
 
         exporter.process_exited(pid)
+
+
+@signals.worker_shutdown.connect
+def _worker_gone(**_kwargs) -> None:
+    """The solo pool (`media-retention run`) sends no process shutdown: stop its watch here."""
+    from worker import runtime
+
+    runtime.stop_watch()
 
 
 def _app_or_exit() -> Celery:

@@ -25,6 +25,7 @@ from worker.runs import SweepRuns
 from worker.store import BlobStore, open_store
 from worker.sweep import Sweeper
 from worker.verify import Verifier
+from worker.watch import ExpiryWatch
 
 if TYPE_CHECKING:
     from worker.alerts import VolumeMonitor
@@ -41,6 +42,8 @@ class Engine:
     runs: SweepRuns
     reconciler: Reconciler
     verifier: Verifier
+    # Deletes media within about a second of expiry between beat's sweeps; None when turned off.
+    watch: ExpiryWatch | None
     # The volume monitor is made on demand: its module pulls in the HTTP client that only alerts need.
     _volume_monitor: Callable[..., "VolumeMonitor"] = field(repr=False)
 
@@ -74,6 +77,7 @@ def build(settings: Settings, *, store: BlobStore | None = None, database: Datab
                        fanout_max=settings.sweep_fanout_max),
         reconciler=Reconciler(db, store),
         verifier=Verifier(db, store),
+        watch=ExpiryWatch(sweeper, interval_s=settings.watch_interval.total_seconds()) if settings.watch_interval else None,
         _volume_monitor=volume_monitor,
     )
 

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from tests.factories import bulk_expired
 from tests.fleet import all_swept, counts_by_state, wait_until
 from worker.exporter import FLEET_STATUS_METRICS, HEALTH_PROBE_PATH
-from worker.models import State, SweepRun
+from worker.models import MediaItem, State, SweepRun
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow,
               pytest.mark.parametrize("database", ["postgresql"], indirect=True)]
@@ -147,3 +147,30 @@ def test_metrics_endpoint_sums_counters_across_prefork_processes_and_reports_fle
     probe = urllib.request.urlopen(f"http://127.0.0.1:{port}{HEALTH_PROBE_PATH}", timeout=5)
     families = {family.name for family in text_string_to_metric_families(probe.read().decode())}
     assert probe.status == 200 and families == {"media_retention_freed_bytes"}
+
+
+def test_the_expiry_watch_runs_once_per_node_and_deletes_items_within_two_seconds_of_expiry(fleet, catalog, database, media_root):
+    """With the watch on (its default), a node with two pool processes runs one watch, and items falling due
+    over several seconds are each deleted after their expiry and within 2 s of it, though beat sweeps
+    only every minute."""
+    from datetime import timedelta
+
+    from tests.factories import db_time, make_file
+
+    catalog.set_org("acme", "30d")
+    fleet.env.update(MEDIA_RETENTION_WATCH_INTERVAL="1s", MEDIA_RETENTION_SWEEP_INTERVAL="60s")
+    fleet.worker("w1", concurrency=2)
+    wait_until(lambda: any(e.get("event") == "watch.started" for e in fleet.log_events("w1")), 30, "the watch to start")
+    now = db_time(catalog)
+    ids = []
+    for n in range(6):
+        created = now - timedelta(hours=1) + timedelta(seconds=2 + n)
+        ids.append(catalog.register(org="acme", file=make_file(media_root.parent / "uploads"), media_id=f"due-{n}",
+                                    ttl="1h", created_at=created).id)
+    wait_until(lambda: counts_by_state(database).get(State.DELETED.value) == 6, 30, "the watch to delete six items")
+    with database.transaction() as session:
+        rows = session.execute(select(MediaItem.id, MediaItem.expires_at, MediaItem.deleted_at)).all()
+    lateness = {row.id: (row.deleted_at - row.expires_at).total_seconds() for row in rows}
+    assert all(0 <= late <= 2 for late in lateness.values()), lateness
+    starts = [e for e in fleet.log_events("w1") if e.get("event") == "watch.started"]
+    assert len(starts) == 1, "one watch per node, in its first pool process"
