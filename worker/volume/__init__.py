@@ -1,0 +1,33 @@
+"""The media volume: how full it is, how soon it fills, and the alert level that means.
+
+This package namespace re-exports the pure names (`levels`, `filesystem`) only: the filesystem store
+imports it, so it must not pull in the database or an HTTP client.
+"""
+
+from worker.volume.filesystem import filesystem_usage
+from worker.volume.levels import (
+    Evaluation,
+    Level,
+    Projection,
+    Thresholds,
+    Usage,
+    describe_seconds,
+    evaluate,
+    fit_line,
+    project,
+    time_to_full,
+)
+
+__all__ = [
+    "Evaluation",
+    "Level",
+    "Projection",
+    "Thresholds",
+    "Usage",
+    "describe_seconds",
+    "evaluate",
+    "filesystem_usage",
+    "fit_line",
+    "project",
+    "time_to_full",
+]
