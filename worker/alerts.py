@@ -1,9 +1,5 @@
-"""The fleet's volume alert: samples and alert state in the catalog database, notices to the log,
-Alertmanager's API and a generic webhook.
-
-The state lives in the database rather than Redis because the database is the one store every
-deployment has (the embedded default runs without any Redis server), and because its clock is the
-fleet's clock: samples taken on many machines land on one time axis for the projection.
+"""The fleet's volume alert: notices to the log, Alertmanager's API and a generic webhook; the
+samples and the alert state they are decided from live in the catalog (`worker.volume.state`).
 
 One check (`VolumeMonitor.check`, run by the beat every few minutes):
 
@@ -33,19 +29,18 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import structlog
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, select
 
 from config.settings import Settings
 from worker import metrics
-from worker.db import Database, db_now
-from worker.models import MediaItem, State, VolumeAlert, VolumeSample
-from worker.volume import (
+from worker.db import Database
+from worker.models import MediaItem, State
+from worker.volume.levels import (
     Evaluation,
     Level,
     Projection,
@@ -55,11 +50,10 @@ from worker.volume import (
     evaluate,
     project,
 )
+from worker.volume.state import VOLUME, AlertState, FleetState, Notification, decide, iso
 
 log = structlog.get_logger("worker.alerts")
 
-# One catalog has one media volume: the key of its alert row and the `volume` label of its alerts.
-VOLUME = "media"
 ALERT_NAME = "MediaVolumeFilling"
 RECEIVER = "media-retention"
 # The version of Alertmanager's webhook payload whose shape this follows.
@@ -88,74 +82,7 @@ CAPACITY_UNKNOWN = (
 )
 
 
-# -- alert state and decisions (pure) -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AlertState:
-    level: Level = Level.OK
-    reason: str | None = None
-    since: datetime | None = None
-    previous_level: Level = Level.OK
-    previous_since: datetime | None = None
-    notified_at: datetime | None = None
-    delivery_pending: bool = False
-    version: int = 0
-
-    @classmethod
-    def from_row(cls, row: VolumeAlert) -> "AlertState":
-        return cls(level=Level(row.level), reason=row.reason, since=row.since, previous_level=Level(row.previous_level),
-                   previous_since=row.previous_since, notified_at=row.notified_at,
-                   delivery_pending=bool(row.delivery_pending), version=row.version)
-
-    def to_dict(self) -> dict:
-        return {
-            "level": self.level.value,
-            "reason": self.reason,
-            "since": _iso(self.since),
-            "notified_at": _iso(self.notified_at),
-            "delivery_pending": self.delivery_pending,
-        }
-
-
-@dataclass(frozen=True)
-class Notification:
-    """What one check announces: `firing`, `resolved`, `reminder` or `redelivery`, and the state it announces."""
-
-    kind: str
-    state: AlertState
-
-    @property
-    def event(self) -> str:
-        return f"volume.alert_{self.kind}"
-
-
-def decide(state: AlertState, evaluation: Evaluation, now: datetime, *, reminder: timedelta,
-           redeliver_after: timedelta, webhook: bool) -> tuple[AlertState, Notification | None]:
-    """The next alert state and the notice it calls for (None: nothing to write, nothing to say).
-
-    A change of level is announced once; an unchanged raised level is re-announced every `reminder`;
-    a notice whose webhook delivery is still pending is re-sent after `redeliver_after`.
-    """
-    if evaluation.level is not state.level:
-        new = AlertState(level=evaluation.level, reason=evaluation.reason, since=now, previous_level=state.level,
-                         previous_since=state.since, notified_at=now, delivery_pending=webhook, version=state.version)
-        return new, Notification("resolved" if evaluation.level is Level.OK else "firing", new)
-    last = state.notified_at
-    if webhook and state.delivery_pending and (last is None or now - last >= redeliver_after):
-        new = replace(state, notified_at=now)
-        return new, Notification("redelivery", new)
-    if state.level is not Level.OK and (last is None or now - last >= reminder):
-        new = replace(state, reason=evaluation.reason, notified_at=now, delivery_pending=webhook)
-        return new, Notification("reminder", new)
-    return state, None
-
-
 # -- Alertmanager payload (pure) -----------------------------------------------------------------
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def _labels(level: Level) -> dict[str, str]:
@@ -191,8 +118,8 @@ def _resolved_alert(state: AlertState, usage: Usage, common: dict[str, str]) -> 
         "labels": labels,
         "annotations": {**common, "summary": f"Media volume no longer {state.previous_level.value}: "
                                              f"{_describe_usage(usage)}."},
-        "startsAt": _iso(state.previous_since),
-        "endsAt": _iso(state.since),
+        "startsAt": iso(state.previous_since),
+        "endsAt": iso(state.since),
     }
 
 
@@ -210,7 +137,7 @@ def _firing_alert(state: AlertState, usage: Usage, projection: Projection, thres
     annotations = {**common, "summary": summary, "description": description + "."}
     if sweep_note:
         annotations["sweep"] = sweep_note
-    return {"labels": _labels(state.level), "annotations": annotations, "startsAt": _iso(state.since)}
+    return {"labels": _labels(state.level), "annotations": annotations, "startsAt": iso(state.since)}
 
 
 def alertmanager_payload(notification: Notification, usage: Usage, projection: Projection, *, thresholds: Thresholds,
@@ -264,7 +191,7 @@ def postable_alerts(state: AlertState, now: datetime, usage: Usage, projection: 
         alerts.append(_resolved_alert(state, usage, common))
     if state.level is not Level.OK:
         firing = _firing_alert(state, usage, projection, thresholds, common, sweep_note)
-        alerts.append({**firing, "endsAt": _iso(now + ends_in)})
+        alerts.append({**firing, "endsAt": iso(now + ends_in)})
     if generator_url:
         for alert in alerts:
             alert["generatorURL"] = generator_url
@@ -482,66 +409,10 @@ class VolumeMonitor:
         self.generator_url = (f"http://{socket.gethostname()}:{settings.metrics_port}/metrics"
                               if settings.metrics_port else None)
         self.thresholds = Thresholds.from_settings(settings)
-        self.window = settings.volume_projection_window
+        self.fleet = FleetState(db, window=settings.volume_projection_window)
         slack = self.webhook.worst_case_seconds + REDELIVERY_SLACK_SECONDS if self.webhook else 0
         self.redeliver_after = timedelta(seconds=slack)
         metrics.publish_volume_settings(settings)
-
-    # -- database steps, each its own short transaction --
-
-    def _window(self, session, now: datetime) -> list[Usage]:
-        rows = session.scalars(
-            select(VolumeSample).where(VolumeSample.taken_at >= now - self.window).order_by(VolumeSample.taken_at)
-        ).all()
-        return [Usage(r.used_bytes, r.total_bytes, r.used_inodes, r.total_inodes, taken_at=r.taken_at) for r in rows]
-
-    def _state(self, session, *, create: bool) -> AlertState:
-        query = select(VolumeAlert).where(VolumeAlert.volume == VOLUME).execution_options(populate_existing=True)
-        row = session.scalars(query).one_or_none()
-        if row is None and create:
-            try:
-                # Two first-ever checks may both insert; the loser's savepoint rolls back and it reads the winner's row.
-                with session.begin_nested():
-                    session.add(VolumeAlert(volume=VOLUME, level=Level.OK.value, previous_level=Level.OK.value,
-                                            delivery_pending=False, version=0))
-            except IntegrityError:
-                pass
-            row = session.scalars(query).one()
-        return AlertState.from_row(row) if row is not None else AlertState()
-
-    def _record(self, usage: Usage) -> tuple[list[Usage], datetime, AlertState]:
-        with self.db.transaction() as session:
-            # Cut-offs are computed from the database's `now` and bound as values: the clock is still
-            # the database's, and the statements stay the same whatever the window.
-            now = session.scalar(select(db_now()))
-            session.add(VolumeSample(taken_at=now, used_bytes=usage.used_bytes, total_bytes=usage.total_bytes,
-                                     used_inodes=usage.used_inodes, total_inodes=usage.total_inodes))
-            session.flush()
-            session.execute(delete(VolumeSample).where(VolumeSample.taken_at < now - self.window))
-            return self._window(session, now), now, self._state(session, create=True)
-
-    def _reread(self) -> tuple[datetime, AlertState]:
-        with self.db.transaction() as session:
-            return session.scalar(select(db_now())), self._state(session, create=True)
-
-    def _compare_and_set(self, seen: int, new: AlertState) -> bool:
-        """Write `new` only if the row is still at version `seen`; True for exactly one of racing writers."""
-        table = VolumeAlert.__table__
-        with self.db.transaction() as session:
-            result = session.execute(
-                update(table)
-                .where(table.c.volume == VOLUME, table.c.version == seen)
-                .values(level=new.level.value, reason=new.reason, since=new.since, previous_level=new.previous_level.value,
-                        previous_since=new.previous_since, notified_at=new.notified_at,
-                        delivery_pending=new.delivery_pending, version=seen + 1)
-            )
-            return result.rowcount == 1
-
-    def _delivered(self, version: int) -> None:
-        table = VolumeAlert.__table__
-        with self.db.transaction() as session:
-            session.execute(update(table).where(table.c.volume == VOLUME, table.c.version == version)
-                            .values(delivery_pending=False))
 
     # -- the check --
 
@@ -554,7 +425,7 @@ class VolumeMonitor:
             log.warning("volume.capacity_unknown", used_bytes=usage.used_bytes, message=CAPACITY_UNKNOWN)
             metrics.VOLUME_USED_BYTES.set(usage.used_bytes)
             return report
-        window, now, state = self._record(usage)
+        window, now, state = self.fleet.record(usage)
         projection = project(window)
         notification = None
         for _ in range(CAS_ROUNDS):
@@ -563,13 +434,13 @@ class VolumeMonitor:
                                        redeliver_after=self.redeliver_after, webhook=self.webhook is not None)
             if notification is None:
                 break
-            if self._compare_and_set(state.version, new):
+            if self.fleet.compare_and_set(state.version, new):
                 state = replace(new, version=state.version + 1)
                 notification = replace(notification, state=state)
                 break
             log.debug("volume.state_race_lost", seen_version=state.version)
             notification = None
-            now, state = self._reread()
+            now, state = self.fleet.reread()
         report.projection, report.evaluation, report.alert = projection, evaluation, state
         report.notification = notification.kind if notification else None
         log.info("volume.checked", level=evaluation.level.value, reason=evaluation.reason, alert_level=state.level.value,
@@ -599,7 +470,7 @@ class VolumeMonitor:
         state = notification.state
         emit = log.info if state.level is Level.OK else log.warning
         emit(notification.event, level=state.level.value, previous_level=state.previous_level.value, reason=state.reason,
-             since=_iso(state.since), **{f"used_{r}_ratio": round(v, 4) for r, v in usage.ratios().items()},
+             since=iso(state.since), **{f"used_{r}_ratio": round(v, 4) for r, v in usage.ratios().items()},
              projection=projection.status, full_in=describe_seconds(projection.seconds_to_full), sweep=sweep_note,
              webhook=self.webhook is not None, alertmanagers=len(self.alertmanagers))
         if self.webhook is None:
@@ -607,7 +478,7 @@ class VolumeMonitor:
         payload = alertmanager_payload(notification, usage, projection, thresholds=self.thresholds,
                                        storage_url=self.settings.storage_url, sweep_note=sweep_note)
         if self.webhook.send(payload):
-            self._delivered(state.version)
+            self.fleet.delivered(state.version)
 
     def _post_to_alertmanagers(self, state: AlertState, now: datetime, usage: Usage, projection: Projection,
                                sweep_note: str | None) -> None:
@@ -641,10 +512,7 @@ class VolumeMonitor:
         """Measure now and read the fleet's samples and alert state, writing nothing."""
         usage = self.measure()
         report = VolumeReport(storage=self.settings.storage_url, usage=usage, thresholds=self.thresholds)
-        with self.db.transaction() as session:
-            now = session.scalar(select(db_now()))
-            window = self._window(session, now)
-            state = self._state(session, create=False)
+        window, now, state = self.fleet.read()
         report.alert = state
         if not usage.ratios():
             report.message = CAPACITY_UNKNOWN

@@ -15,13 +15,10 @@ from config.settings import load_settings
 from worker import metrics
 from worker.alerts import (
     OPEN_ENDS_AT,
-    AlertState,
-    Notification,
     WebhookSink,
     _redact,
     alertmanager_api_url,
     alertmanager_payload,
-    decide,
     postable_alerts,
     url_origin,
 )
@@ -40,6 +37,7 @@ from worker.volume import (
     project,
     time_to_full,
 )
+from worker.volume.state import AlertState, Notification, decide
 
 OK, WARNING, CRITICAL = Level.OK, Level.WARNING, Level.CRITICAL
 THRESHOLDS = Thresholds(warn=0.80, critical=0.90, hysteresis=0.05, horizon_seconds=86400)
