@@ -14,12 +14,9 @@ from config.schedule import VOLUME_TASK, beat_schedule
 from config.settings import load_settings
 from worker import metrics
 from worker.alerts import (
-    OPEN_ENDS_AT,
     WebhookSink,
     _redact,
     alertmanager_api_url,
-    alertmanager_payload,
-    postable_alerts,
     url_origin,
 )
 from config.errors import BadInput
@@ -37,6 +34,7 @@ from worker.volume import (
     project,
     time_to_full,
 )
+from worker.volume.payloads import OPEN_ENDS_AT, alertmanager_payload, postable_alerts
 from worker.volume.state import AlertState, Notification, decide
 
 OK, WARNING, CRITICAL = Level.OK, Level.WARNING, Level.CRITICAL
