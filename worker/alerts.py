@@ -31,7 +31,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
-import requests
 import structlog
 from sqlalchemy import func, select
 
@@ -39,6 +38,7 @@ from config.settings import Settings
 from worker import metrics
 from worker.db import Database
 from worker.models import MediaItem, State
+from worker.volume.http import HttpSink, url_origin
 from worker.volume.levels import (
     Evaluation,
     Level,
@@ -60,9 +60,6 @@ ALERTMANAGER_API_PATH = "/api/v2/alerts"
 # as long: one or two late or lost checks never flap the alert, and when the checks stop altogether
 # Alertmanager resolves it by itself. Prometheus uses the same factor (4 x its resend delay).
 ENDS_AT_CHECK_INTERVALS = 4
-# Pause before the second attempt of a POST, doubled for each further one: long enough for a
-# restarting receiver or a load balancer to pick a healthy backend, short against the check interval.
-WEBHOOK_BACKOFF_SECONDS = 1.0
 # A pending delivery is re-sent once the sender has certainly given up (its timeouts and pauses),
 # plus this much, so a slow first sender and a re-sender never overlap.
 REDELIVERY_SLACK_SECONDS = 5
@@ -79,25 +76,6 @@ CAPACITY_UNKNOWN = (
 # -- sinks ---------------------------------------------------------------------------------------
 
 
-def url_origin(url: str) -> str:
-    """`scheme://host[:port]` of a URL: all of it that may be logged (a token may live in the path,
-    the query or the user part)."""
-    parts = urlsplit(url)
-    host = parts.hostname or "?"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
-
-
-def _redact(message: str, url: str) -> str:
-    """`message` without any part of `url` beyond its origin (requests puts the path and query in its errors)."""
-    parts = urlsplit(url)
-    hidden = [url, parts.path + (f"?{parts.query}" if parts.query else ""), parts.query, parts.path, parts.netloc]
-    for part in sorted((p for p in hidden if p and p != "/"), key=len, reverse=True):
-        message = message.replace(part, "…")
-    return message
-
-
 def is_alertmanager_api(url: str) -> bool:
     """A URL whose path is Alertmanager's alert API: whoever set it means an Alertmanager."""
     return urlsplit(url).path.rstrip("/").endswith(ALERTMANAGER_API_PATH)
@@ -112,64 +90,11 @@ def alertmanager_api_url(base: str) -> str:
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") + ALERTMANAGER_API_PATH))
 
 
-class HttpSink:
-    """POSTs JSON to one URL with a per-attempt timeout and a bounded number of attempts; never raises.
-
-    `sink` names it in the log events (`volume.<sink>_delivered`, `_attempt_failed`, `_failed`) and in
-    the failure counter's label; only the URL's origin is ever logged.
-    """
-
-    sink: str
-
-    def __init__(self, url: str, *, timeout: float, attempts: int, backoff: float = WEBHOOK_BACKOFF_SECONDS):
-        self.url = url
-        self.timeout = timeout
-        self.attempts = attempts
-        self.backoff = backoff
-        self.target = url_origin(url)
-
-    @property
-    def worst_case_seconds(self) -> float:
-        """How long `send` can take against an endpoint that accepts connections and never answers."""
-        return self.attempts * self.timeout + sum(self.backoff * 2 ** i for i in range(self.attempts - 1))
-
-    def send(self, payload: dict | list, *, alert_status: str) -> bool:
-        """True once an attempt got a 2xx. Timeouts, connection errors, 5xx, 408 and 429 are retried."""
-        error = "no attempt made"
-        for attempt in range(1, self.attempts + 1):
-            started = time.monotonic()
-            retryable = True
-            try:
-                # No redirects: requests would turn a redirected POST into a GET and drop the body.
-                response = requests.post(self.url, json=payload, timeout=self.timeout, allow_redirects=False)
-            except requests.RequestException as exc:
-                error = _redact(f"{type(exc).__name__}: {exc}", self.url)
-            else:
-                if 200 <= response.status_code < 300:
-                    log.info(f"volume.{self.sink}_delivered", target=self.target, status=response.status_code,
-                             attempt=attempt, alert_status=alert_status, seconds=round(time.monotonic() - started, 3))
-                    return True
-                # The start of the body says why (Alertmanager names the field it refused).
-                body = _redact(" ".join(response.text[:200].split()), self.url)
-                error = f"HTTP {response.status_code}" + (f": {body}" if body else "")
-                # Any other 4xx is the same request refused again: retrying cannot help.
-                retryable = response.status_code >= 500 or response.status_code in (408, 429)
-            log.warning(f"volume.{self.sink}_attempt_failed", target=self.target, attempt=attempt,
-                        attempts=self.attempts, error=error, seconds=round(time.monotonic() - started, 3))
-            if not retryable:
-                break
-            if attempt < self.attempts:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-        log.error(f"volume.{self.sink}_failed", target=self.target, error=error, attempts=self.attempts,
-                  alert_status=alert_status)
-        metrics.ALERT_DELIVERY_FAILURES.labels(sink=self.sink).inc()
-        return False
-
-
 class WebhookSink(HttpSink):
     """The generic webhook: one notice per crossing, reminder and recovery, in Alertmanager's webhook shape."""
 
-    sink = "webhook"
+    def __init__(self, url: str, **options):
+        super().__init__(url, sink="webhook", **options)
 
     def send(self, payload: dict) -> bool:  # type: ignore[override]
         return super().send(payload, alert_status=payload.get("status", "?"))
@@ -178,7 +103,8 @@ class WebhookSink(HttpSink):
 class AlertmanagerSink(HttpSink):
     """One Alertmanager's `POST /api/v2/alerts`: a JSON array of postable alerts."""
 
-    sink = "alertmanager"
+    def __init__(self, url: str, **options):
+        super().__init__(url, sink="alertmanager", **options)
 
 
 # Webhook URLs already told (in this process) that they name an Alertmanager: said once, not per check.

@@ -13,12 +13,7 @@ import yaml
 from config.schedule import VOLUME_TASK, beat_schedule
 from config.settings import load_settings
 from worker import metrics
-from worker.alerts import (
-    WebhookSink,
-    _redact,
-    alertmanager_api_url,
-    url_origin,
-)
+from worker.alerts import WebhookSink, alertmanager_api_url
 from config.errors import BadInput
 from worker.exporter import FLEET_STATUS_METRICS
 from worker.volume import (
@@ -34,6 +29,7 @@ from worker.volume import (
     project,
     time_to_full,
 )
+from worker.volume.http import _redact, url_origin
 from worker.volume.payloads import OPEN_ENDS_AT, alertmanager_payload, postable_alerts
 from worker.volume.state import AlertState, Notification, decide
 

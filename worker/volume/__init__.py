@@ -4,6 +4,10 @@ This package namespace re-exports the pure names (`levels`, `filesystem`) only: 
 imports it, so it must not pull in the database or an HTTP client.
 """
 
+# The structlog logger name of every volume event, the one it has had from the start (`worker.alerts`),
+# so log queries that select on it keep finding `volume.checked`, `volume.alert_firing` and the rest.
+LOGGER = "worker.alerts"
+
 from worker.volume.filesystem import filesystem_usage
 from worker.volume.levels import (
     Evaluation,
@@ -19,6 +23,7 @@ from worker.volume.levels import (
 )
 
 __all__ = [
+    "LOGGER",
     "Evaluation",
     "Level",
     "Projection",
