@@ -32,12 +32,10 @@ from datetime import datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
-from sqlalchemy import func, select
 
 from config.settings import Settings
 from worker import metrics
 from worker.db import Database
-from worker.models import MediaItem, State
 from worker.volume.http import HttpSink, url_origin
 from worker.volume.levels import (
     Evaluation,
@@ -133,29 +131,6 @@ def sinks_from_settings(settings: Settings) -> tuple[WebhookSink | None, list[Al
     elif settings.alert_webhook_url:
         webhook = WebhookSink(settings.alert_webhook_url, **options)
     return webhook, [AlertmanagerSink(url, **options) for url in alertmanagers]
-
-
-# -- measuring -----------------------------------------------------------------------------------
-
-
-def live_media_bytes(db: Database) -> int:
-    """Bytes of media that still has a blob: active items and items being deleted."""
-    with db.transaction() as session:
-        return int(session.scalar(
-            select(func.coalesce(func.sum(MediaItem.size_bytes), 0))
-            .where(MediaItem.state.in_([State.ACTIVE.value, State.DELETING.value]))
-        ))
-
-
-def store_usage(db: Database, store, *, capacity_bytes: int | None) -> Callable[[], Usage]:
-    """How to measure a store: what it says of itself (a filesystem's `statvfs`), else, for an
-    object store, the catalog's live bytes against the configured capacity."""
-
-    def measure() -> Usage:
-        usage = store.usage()
-        return usage if usage is not None else Usage(used_bytes=live_media_bytes(db), total_bytes=capacity_bytes)
-
-    return measure
 
 
 # -- the monitor ---------------------------------------------------------------------------------

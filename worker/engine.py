@@ -60,7 +60,8 @@ def build(settings: Settings, *, store: BlobStore | None = None, database: Datab
     sweeper = Sweeper(db, store, claim_lease=settings.claim_lease, batch_size=settings.sweep_batch_size)
 
     def volume_monitor(*, enqueue_sweep: Callable[[], None] | None = None) -> "VolumeMonitor":
-        from worker.alerts import VolumeMonitor, store_usage
+        from worker.alerts import VolumeMonitor
+        from worker.volume.measure import store_usage
 
         return VolumeMonitor(db, settings, store_usage(db, store, capacity_bytes=settings.s3_capacity_bytes),
                              enqueue_sweep=enqueue_sweep)
