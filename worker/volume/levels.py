@@ -1,8 +1,8 @@
 """How full the media volume is, how soon it will be full, and which alert level that means.
 
 Pure functions over `Usage` samples, so levels, hysteresis and projection are table-tested without
-a disk or a database. Measuring a filesystem is `worker.volume.filesystem`; where samples and alert
-state are kept, and who is notified, is `worker.alerts`.
+a disk or a database. Measuring is `filesystem.py` and `measure.py`; where samples and alert state are
+kept is `state.py`, and who is notified `notifiers.py`.
 """
 
 from __future__ import annotations
@@ -175,11 +175,6 @@ class Thresholds:
     hysteresis: float
     # Warn when the projection says full within this many seconds, even below `warn`.
     horizon_seconds: float
-
-    @classmethod
-    def from_settings(cls, settings) -> "Thresholds":
-        return cls(warn=settings.volume_warn, critical=settings.volume_critical, hysteresis=settings.volume_hysteresis,
-                   horizon_seconds=settings.volume_projection_horizon.total_seconds())
 
 
 @dataclass(frozen=True)
