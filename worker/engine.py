@@ -12,7 +12,7 @@ them. Tests build an engine on a store (or database) of their choosing with
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +28,9 @@ from worker.verify import Verifier
 from worker.watch import ExpiryWatch
 
 if TYPE_CHECKING:
-    from worker.alerts import VolumeMonitor
+    from worker.volume.levels import Usage
+    from worker.volume.monitor import VolumeMonitor
+    from worker.volume.notifiers import Notifier
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,11 @@ def build(settings: Settings, *, store: BlobStore | None = None, database: Datab
     store = store if store is not None else open_store(settings.storage_url, **store_options(settings))
     sweeper = Sweeper(db, store, claim_lease=settings.claim_lease, batch_size=settings.sweep_batch_size)
 
-    def volume_monitor(*, enqueue_sweep: Callable[[], None] | None = None) -> "VolumeMonitor":
-        from worker.alerts import VolumeMonitor, store_usage
+    def volume_monitor_on_store(*, enqueue_sweep: Callable[[], None] | None = None) -> "VolumeMonitor":
+        from worker.volume.measure import store_usage
 
-        return VolumeMonitor(db, settings, store_usage(db, store, capacity_bytes=settings.s3_capacity_bytes),
-                             enqueue_sweep=enqueue_sweep)
+        measure = store_usage(db, store, capacity_bytes=settings.s3_capacity_bytes)
+        return volume_monitor(settings, db, measure, enqueue_sweep=enqueue_sweep)
 
     return Engine(
         db=db,
@@ -78,8 +80,37 @@ def build(settings: Settings, *, store: BlobStore | None = None, database: Datab
         reconciler=Reconciler(db, store),
         verifier=Verifier(db, store),
         watch=ExpiryWatch(sweeper, interval_s=settings.watch_interval.total_seconds()) if settings.watch_interval else None,
-        _volume_monitor=volume_monitor,
+        _volume_monitor=volume_monitor_on_store,
     )
+
+
+def volume_monitor(settings: Settings, db: Database, measure: Callable[[], "Usage"], *,
+                   enqueue_sweep: Callable[[], None] | None = None,
+                   notifiers: Sequence["Notifier"] | None = None) -> "VolumeMonitor":
+    """The volume check on `measure`, with the thresholds and intervals the settings name;
+    `notifiers` replace the configured ones (tests)."""
+    from worker.volume.levels import Thresholds
+    from worker.volume.monitor import VolumeMonitor
+    from worker.volume.state import FleetState
+
+    thresholds = Thresholds(warn=settings.volume_warn, critical=settings.volume_critical,
+                            hysteresis=settings.volume_hysteresis,
+                            horizon_seconds=settings.volume_projection_horizon.total_seconds())
+    return VolumeMonitor(FleetState(db, window=settings.volume_projection_window), measure,
+                         storage_url=settings.storage_url, thresholds=thresholds, reminder=settings.volume_alert_reminder,
+                         notifiers=volume_notifiers(settings) if notifiers is None else notifiers,
+                         enqueue_sweep=enqueue_sweep)
+
+
+def volume_notifiers(settings: Settings) -> list["Notifier"]:
+    """The log, the webhook and the Alertmanagers the settings name, each post bounded by the same
+    timeout and attempts."""
+    from worker.volume.notifiers import configured_notifiers
+
+    return configured_notifiers(
+        alertmanager_urls=settings.alertmanager_urls, webhook_url=settings.alert_webhook_url,
+        timeout=settings.alert_webhook_timeout.total_seconds(), attempts=settings.alert_webhook_attempts,
+        check_interval=settings.volume_check_interval, metrics_port=settings.metrics_port)
 
 
 def store_options(settings: Settings) -> dict:

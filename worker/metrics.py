@@ -74,11 +74,11 @@ VOLUME_PROJECTION_HORIZON_SECONDS = Gauge(
 )
 
 
-def publish_volume_settings(settings) -> None:
-    """Export the volume thresholds in force."""
-    VOLUME_WARN_RATIO.set(settings.volume_warn)
-    VOLUME_CRITICAL_RATIO.set(settings.volume_critical)
-    VOLUME_PROJECTION_HORIZON_SECONDS.set(settings.volume_projection_horizon.total_seconds())
+def publish_volume_thresholds(thresholds) -> None:
+    """Export the volume thresholds in force (a `worker.volume.Thresholds`)."""
+    VOLUME_WARN_RATIO.set(thresholds.warn)
+    VOLUME_CRITICAL_RATIO.set(thresholds.critical)
+    VOLUME_PROJECTION_HORIZON_SECONDS.set(thresholds.horizon_seconds)
 
 # -- sweeps (counted where the work happens; summed across pool processes by the exporter) -------
 

@@ -69,7 +69,8 @@ def test_a_failing_webhook_logs_neither_its_path_token_nor_its_query(capsys, tmp
     """requests names the host and the path separately in its errors; the log guard masks the pieces."""
     from config.logging import configure_logging
     from config.settings import load_settings
-    from worker.alerts import sinks_from_settings
+    from worker.engine import volume_notifiers
+    from worker.volume.notifiers import WebhookNotifier
     from config.redact import redact_text, remember_settings
 
     settings = load_settings(data_dir=tmp_path, alert_webhook_url=f"http://127.0.0.1:{closed_port()}/hooks/{TOKEN}?token={QUERY_SECRET}",
@@ -77,8 +78,8 @@ def test_a_failing_webhook_logs_neither_its_path_token_nor_its_query(capsys, tmp
     remember_settings(settings)
     configure_logging("json", "DEBUG", redact=redact_text)
     capsys.readouterr()
-    webhook, _ = sinks_from_settings(settings)
-    assert webhook.send({"status": "firing"}) is False
+    [webhook] = [n for n in volume_notifiers(settings) if isinstance(n, WebhookNotifier)]
+    assert webhook.http.send({"status": "firing"}, alert_status="firing") is False
     logged = capsys.readouterr().err
     assert "volume.webhook_failed" in logged and "127.0.0.1" in logged
     assert TOKEN not in logged and QUERY_SECRET not in logged

@@ -20,10 +20,10 @@ from tests.unit.test_volume_alerts import (
     thresholds_below,
     volume_settings,
 )
-from worker.alerts import VolumeMonitor
-from worker.engine import build
+from worker.engine import build, volume_monitor
 from worker.db import Database
 from worker.store.fs import FilesystemStore
+from worker.volume.monitor import VolumeMonitor
 
 pytestmark = pytest.mark.postgres
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.postgres
 def test_workers_racing_on_postgresql_notify_once_per_crossing(tmp_path, pg_database, receiver):
     """Eight threads with their own connections: first-ever state row, firing, escalation and recovery each notify once."""
     def monitor_at(ratio: float) -> Callable[[Database], VolumeMonitor]:
-        return lambda db: VolumeMonitor(db, volume_settings(tmp_path, db, alert_webhook_url=receiver.url), fixed(ratio))
+        return lambda db: volume_monitor(volume_settings(tmp_path, db, alert_webhook_url=receiver.url), db, fixed(ratio))
 
     with structlog.testing.capture_logs() as logs:
         rounds = [race(8, monitor_at(ratio), pg_database.url) for ratio in (0.85, 0.86, 0.95, 0.30)]
@@ -49,7 +49,7 @@ def _check_in_a_process(database_url: str, data_dir: str, storage_url: str, webh
     db = Database(database_url)
     settings = load_settings(data_dir=data_dir, database_url=database_url, storage_url=storage_url,
                              alert_webhook_url=webhook)
-    monitor = VolumeMonitor(db, settings, fixed(0.97))
+    monitor = volume_monitor(settings, db, fixed(0.97))
     start.wait(timeout=30)
     results.put(monitor.check().notification)
     db.dispose()

@@ -13,18 +13,6 @@ import yaml
 from config.schedule import VOLUME_TASK, beat_schedule
 from config.settings import load_settings
 from worker import metrics
-from worker.alerts import (
-    OPEN_ENDS_AT,
-    AlertState,
-    Notification,
-    WebhookSink,
-    _redact,
-    alertmanager_api_url,
-    alertmanager_payload,
-    decide,
-    postable_alerts,
-    url_origin,
-)
 from config.errors import BadInput
 from worker.exporter import FLEET_STATUS_METRICS
 from worker.volume import (
@@ -40,6 +28,10 @@ from worker.volume import (
     project,
     time_to_full,
 )
+from worker.volume.http import _redact, url_origin
+from worker.volume.notifiers import WebhookNotifier, alertmanager_api_url
+from worker.volume.payloads import OPEN_ENDS_AT, alertmanager_payload, postable_alerts
+from worker.volume.state import AlertState, Notification, decide
 
 OK, WARNING, CRITICAL = Level.OK, Level.WARNING, Level.CRITICAL
 THRESHOLDS = Thresholds(warn=0.80, critical=0.90, hysteresis=0.05, horizon_seconds=86400)
@@ -366,8 +358,8 @@ def test_only_a_urls_scheme_and_host_survive_into_logs():
 
 def test_the_webhook_worst_case_is_attempts_times_timeout_plus_the_pauses():
     """3 attempts of 5 s with 1 s then 2 s between them: 18 s at most against a hung endpoint."""
-    assert WebhookSink("http://x/", timeout=5, attempts=3).worst_case_seconds == 18
-    assert WebhookSink("http://x/", timeout=1, attempts=1, backoff=0.5).worst_case_seconds == 1
+    assert WebhookNotifier("http://x/", timeout=5, attempts=3).worst_case_seconds == 18
+    assert WebhookNotifier("http://x/", timeout=1, attempts=1, backoff=0.5).worst_case_seconds == 1
 
 
 # -- settings, schedule, rules file --------------------------------------------------------------

@@ -25,14 +25,15 @@ from config.schedule import SWEEP_TASK
 from config.settings import Settings, get_settings, load_settings
 from tests.factories import bulk_expired
 from tests.receiver import Receiver
-from worker.alerts import AlertmanagerSink, VolumeMonitor, WebhookSink
-from worker.engine import Engine, build
+from worker.engine import Engine, build, volume_monitor
 from worker.cli import main
 from worker.db import Database, db_now
 from worker.models import MediaItem, Organization, State, VolumeAlert, VolumeSample
 from worker.store import BlobStore
 from worker.store.fs import FilesystemStore
 from worker.volume import Usage, filesystem_usage
+from worker.volume.monitor import VolumeMonitor
+from worker.volume.notifiers import AlertmanagerNotifier, LogNotifier, WebhookNotifier
 
 
 def volume_settings(tmp_path: Path, db: Database, **overrides) -> Settings:
@@ -136,7 +137,7 @@ def test_thresholds_below_the_real_usage_raise_an_alert_and_thresholds_above_it_
 def test_a_held_alert_is_reminded_on_the_interval_and_otherwise_stays_quiet(tmp_path, sqlite_database, receiver):
     """Checks while the level holds say nothing until the reminder interval has passed, then remind once."""
     settings = volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url, volume_alert_reminder="1h")
-    monitor = VolumeMonitor(sqlite_database, settings, fixed(0.85))
+    monitor = volume_monitor(settings, sqlite_database, fixed(0.85))
     kinds = [monitor.check().notification for _ in range(3)]
     age_notification(sqlite_database, 3600)
     kinds += [monitor.check().notification, monitor.check().notification]
@@ -154,7 +155,7 @@ def test_a_steady_climb_below_the_threshold_warns_from_the_projection(tmp_path, 
              "total_bytes": 1_000_000} for i in range(6)
         ])
     settings = volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url)
-    report = VolumeMonitor(sqlite_database, settings, fixed(0.56)).check()
+    report = volume_monitor(settings, sqlite_database, fixed(0.56)).check()
     assert (report.evaluation.level.value, report.evaluation.reason) == ("warning", "projection")
     assert report.projection.status == "filling"
     assert report.projection.seconds_to_full == pytest.approx(44 * 300, rel=0.05)
@@ -171,7 +172,7 @@ def test_samples_older_than_the_window_are_dropped(tmp_path, sqlite_database):
         session.execute(insert(VolumeSample), [
             {"taken_at": now - timedelta(hours=hours), "used_bytes": 1, "total_bytes": 10} for hours in (7, 5, 0.1)
         ])
-    VolumeMonitor(sqlite_database, volume_settings(tmp_path, sqlite_database), fixed(0.1)).check()
+    volume_monitor(volume_settings(tmp_path, sqlite_database), sqlite_database, fixed(0.1)).check()
     with sqlite_database.transaction() as session:
         assert session.scalar(select(VolumeSample.id).where(VolumeSample.taken_at < now - timedelta(hours=6))) is None
         assert len(session.scalars(select(VolumeSample.id)).all()) == 3
@@ -180,8 +181,8 @@ def test_samples_older_than_the_window_are_dropped(tmp_path, sqlite_database):
 def test_each_check_publishes_gauges_for_ratios_projection_level_and_thresholds(tmp_path, sqlite_database):
     """Used ratios by resource, the alert level (0/1/2) and the thresholds in force are Prometheus gauges."""
     settings = volume_settings(tmp_path, sqlite_database, volume_warn=0.7, volume_critical=0.8)
-    monitor = VolumeMonitor(sqlite_database, settings,
-                            lambda: Usage(used_bytes=820, total_bytes=1000, used_inodes=30, total_inodes=100))
+    monitor = volume_monitor(settings, sqlite_database,
+                             lambda: Usage(used_bytes=820, total_bytes=1000, used_inodes=30, total_inodes=100))
     monitor.check()
     sample = REGISTRY.get_sample_value
     assert sample("media_retention_volume_used_ratio", {"resource": "bytes"}) == pytest.approx(0.82)
@@ -222,7 +223,7 @@ def race(count: int, make_monitor: Callable[[Database], VolumeMonitor], url: str
 def test_several_workers_sampling_at_once_notify_once_not_once_each(tmp_path, sqlite_database, receiver):
     """Eight workers cross the threshold together: one firing notice; together again below it: one resolved."""
     def monitor_at(ratio: float) -> Callable[[Database], VolumeMonitor]:
-        return lambda db: VolumeMonitor(db, volume_settings(tmp_path, db, alert_webhook_url=receiver.url), fixed(ratio))
+        return lambda db: volume_monitor(volume_settings(tmp_path, db, alert_webhook_url=receiver.url), db, fixed(ratio))
 
     with structlog.testing.capture_logs() as logs:
         fired = race(8, monitor_at(0.93), sqlite_database.url)
@@ -253,7 +254,7 @@ def test_a_hanging_webhook_does_not_delay_a_sweep_and_is_retried(tmp_path, sqlit
     expired = bulk_expired(engine, "acme", 40, root=engine.store.root)
     enqueued: list[float] = []
     monitor = engine.volume_monitor(enqueue_sweep=lambda: enqueued.append(time.monotonic()))
-    monitor.webhook = WebhookSink(receiver.url, timeout=1, attempts=2, backoff=0.2)
+    monitor.notifiers = [LogNotifier(), WebhookNotifier(receiver.url, timeout=1, attempts=2, backoff=0.2)]
     outcome: dict = {}
 
     def check() -> None:
@@ -284,8 +285,8 @@ def test_a_failing_webhook_is_retried_and_its_notice_redelivered_by_a_later_chec
     check, once the sender has given up, delivers it."""
     receiver.behaviour = "fail"
     settings = volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url)
-    monitor = VolumeMonitor(sqlite_database, settings, fixed(0.85),
-                            webhook=WebhookSink(receiver.url, timeout=1, attempts=3, backoff=0.01))
+    monitor = volume_monitor(settings, sqlite_database, fixed(0.85),
+                             notifiers=[LogNotifier(), WebhookNotifier(receiver.url, timeout=1, attempts=3, backoff=0.01)])
     failures = REGISTRY.get_sample_value("media_retention_alert_delivery_failures_total", {"sink": "webhook"})
     with structlog.testing.capture_logs() as logs:
         assert monitor.check().notification == "firing"
@@ -306,8 +307,9 @@ def test_a_failing_webhook_is_retried_and_its_notice_redelivered_by_a_later_chec
 def test_a_webhook_refusing_the_request_is_not_retried(tmp_path, sqlite_database, receiver):
     """A 400 would be refused again: one attempt, then the notice waits for redelivery."""
     receiver.behaviour = "refuse"
-    monitor = VolumeMonitor(sqlite_database, volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url),
-                            fixed(0.95), webhook=WebhookSink(receiver.url, timeout=1, attempts=3, backoff=0.01))
+    monitor = volume_monitor(volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url), sqlite_database,
+                             fixed(0.95),
+                             notifiers=[LogNotifier(), WebhookNotifier(receiver.url, timeout=1, attempts=3, backoff=0.01)])
     with structlog.testing.capture_logs() as logs:
         monitor.check()
     assert len(receiver.posts) == 1
@@ -319,8 +321,8 @@ def test_a_broker_outage_while_enqueueing_the_sweep_does_not_stop_the_alert(tmp_
     def broken() -> None:
         raise ConnectionError("broker down")
 
-    monitor = VolumeMonitor(sqlite_database, volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url),
-                            fixed(0.95), enqueue_sweep=broken)
+    monitor = volume_monitor(volume_settings(tmp_path, sqlite_database, alert_webhook_url=receiver.url), sqlite_database,
+                             fixed(0.95), enqueue_sweep=broken)
     assert monitor.check().notification == "firing"
     assert receiver.payloads()[0]["alerts"][0]["annotations"]["sweep"].startswith("enqueueing an immediate sweep failed")
 
@@ -350,7 +352,7 @@ def test_alertmanager_is_posted_the_alert_at_every_check_while_it_holds_then_the
     have expired, then nothing."""
     settings = volume_settings(tmp_path, sqlite_database, volume_check_interval="1m",
                                alertmanager_url=",".join(server.base for server in alertmanagers))
-    monitor = VolumeMonitor(sqlite_database, settings, fixed(0.85, 0.86, 0.87, 0.40, 0.40, 0.40))
+    monitor = volume_monitor(settings, sqlite_database, fixed(0.85, 0.86, 0.87, 0.40, 0.40, 0.40))
     kinds = [monitor.check().notification for _ in range(3)]
     started = time.time()
     kinds += [monitor.check().notification, monitor.check().notification]
@@ -379,8 +381,9 @@ def test_a_failing_alertmanager_is_counted_and_posted_again_at_the_next_check_wh
     broken, healthy = alertmanagers
     broken.behaviour = "fail"
     settings = volume_settings(tmp_path, sqlite_database)
-    sinks = [AlertmanagerSink(f"{server.base}/api/v2/alerts", timeout=1, attempts=2, backoff=0.01) for server in alertmanagers]
-    monitor = VolumeMonitor(sqlite_database, settings, fixed(0.95), alertmanagers=sinks)
+    sinks = [AlertmanagerNotifier(f"{server.base}/api/v2/alerts", timeout=1, attempts=2, backoff=0.01,
+                                  check_interval=settings.volume_check_interval) for server in alertmanagers]
+    monitor = volume_monitor(settings, sqlite_database, fixed(0.95), notifiers=[LogNotifier(), *sinks])
     before = REGISTRY.get_sample_value("media_retention_alert_delivery_failures_total", {"sink": "alertmanager"})
     with structlog.testing.capture_logs() as logs:
         monitor.check()
@@ -401,10 +404,11 @@ def test_a_webhook_url_naming_alertmanagers_api_is_spoken_to_in_that_api_and_the
     url = f"{receiver.base}/api/v2/alerts"
     settings = volume_settings(tmp_path, sqlite_database, alert_webhook_url=url)
     with structlog.testing.capture_logs() as logs:
-        first = VolumeMonitor(sqlite_database, settings, fixed(0.95))
+        first = volume_monitor(settings, sqlite_database, fixed(0.95))
         first.check()
-        VolumeMonitor(sqlite_database, settings, fixed(0.95)).check()
-    assert first.webhook is None and [sink.url for sink in first.alertmanagers] == [url]
+        volume_monitor(settings, sqlite_database, fixed(0.95)).check()
+    assert [type(notifier) for notifier in first.notifiers] == [LogNotifier, AlertmanagerNotifier]
+    assert first.notifiers[1].url == url
     assert all(isinstance(payload, list) and payload[0]["labels"]["severity"] == "critical" for payload in receiver.payloads())
     assert len(receiver.posts) == 2
     advice = [entry for entry in logs if entry["event"] == "volume.webhook_is_alertmanager"]
@@ -419,8 +423,9 @@ def test_an_unreachable_alertmanager_is_logged_by_origin_only(tmp_path, sqlite_d
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://ops:pa55w0rd@127.0.0.1:{port}/t0k3n/api/v2/alerts?key=s3cret"
-    sink = AlertmanagerSink(url, timeout=1, attempts=2, backoff=0.01)
-    monitor = VolumeMonitor(sqlite_database, volume_settings(tmp_path, sqlite_database), fixed(0.95), alertmanagers=[sink])
+    settings = volume_settings(tmp_path, sqlite_database)
+    sink = AlertmanagerNotifier(url, timeout=1, attempts=2, backoff=0.01, check_interval=settings.volume_check_interval)
+    monitor = volume_monitor(settings, sqlite_database, fixed(0.95), notifiers=[LogNotifier(), sink])
     with structlog.testing.capture_logs() as logs:
         monitor.check()
     failed = [entry for entry in logs if entry["event"].startswith("volume.alertmanager")]

@@ -14,7 +14,7 @@ from config.errors import BadInput, StoreError
 from config.storage import check_storage_url
 
 if TYPE_CHECKING:
-    from worker.volume import Usage
+    from worker.volume.levels import Usage
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from pathlib import Path
 from config.errors import BadInput, BlobExists, StoreError
 from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload
 from worker.store.keys import validate_key
-from worker.volume import Usage, filesystem_usage
+from worker.volume.filesystem import filesystem_usage
+from worker.volume.levels import Usage
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_PREFIX = ".incoming-"

@@ -1,18 +1,16 @@
 """How full the media volume is, how soon it will be full, and which alert level that means.
 
 Pure functions over `Usage` samples, so levels, hysteresis and projection are table-tested without
-a disk or a database. The one function that touches the system is `filesystem_usage` (a `statvfs`).
-Where samples and alert state are kept, and who is notified, is `worker.alerts`.
+a disk or a database. Measuring is `filesystem.py` and `measure.py`; where samples and alert state are
+kept is `state.py`, and who is notified `notifiers.py`.
 """
 
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 # A projection from fewer points, or from points closer together than this, extrapolates noise
 # (two samples a second apart say nothing about a day). Ten minutes is two checks at the default
@@ -72,24 +70,6 @@ class Usage:
             resource: {"used": self.used(resource), "total": self.total(resource), "ratio": self.ratio(resource)}
             for resource in RESOURCES
         }
-
-
-def filesystem_usage(path: Path) -> Usage:
-    """Bytes and inodes of the filesystem holding `path`, counted the way `df` counts them.
-
-    The total is what unprivileged processes can use (used + available), not the raw size: blocks
-    reserved for root are never ours, so a volume is full for the media service when `f_bavail`
-    reaches zero, and `df`'s Use% (which operators compare against) divides by the same total.
-    """
-    st = os.statvfs(path)
-    used_bytes = (st.f_blocks - st.f_bfree) * st.f_frsize
-    total_bytes = used_bytes + st.f_bavail * st.f_frsize
-    used_inodes = total_inodes = None
-    # Some filesystems (btrfs, many NFS/EFS mounts) report no inode counts: inodes cannot run out there.
-    if st.f_files:
-        used_inodes = st.f_files - st.f_ffree
-        total_inodes = used_inodes + st.f_favail
-    return Usage(used_bytes=used_bytes, total_bytes=total_bytes, used_inodes=used_inodes, total_inodes=total_inodes)
 
 
 # -- projection ----------------------------------------------------------------------------------
@@ -195,11 +175,6 @@ class Thresholds:
     hysteresis: float
     # Warn when the projection says full within this many seconds, even below `warn`.
     horizon_seconds: float
-
-    @classmethod
-    def from_settings(cls, settings) -> "Thresholds":
-        return cls(warn=settings.volume_warn, critical=settings.volume_critical, hysteresis=settings.volume_hysteresis,
-                   horizon_seconds=settings.volume_projection_horizon.total_seconds())
 
 
 @dataclass(frozen=True)
