@@ -1,4 +1,7 @@
-"""The DESIGN contract on `s3://bucket/media`, against a real S3 protocol server on loopback."""
+"""The DESIGN contract on `s3://bucket/media`, against a real S3 protocol server on loopback: the engine
+(register, sweep, lookup, holds, purge, reconcile) on S3, and what only the S3 store has (the prefix,
+request economy, conditional writes, multipart, pagination, delete modes, presigned URLs). What every
+store promises is in the store contract, tests/integration/test_store_contract.py, run on S3 too."""
 
 from datetime import timedelta
 from urllib.parse import parse_qs, urlparse
@@ -171,8 +174,10 @@ def test_reconcile_aborts_unfinished_multipart_uploads_under_the_prefix_only(s3_
     assert [upload["UploadId"] for upload in raw_s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])] == [theirs]
 
 
-def test_keys_that_would_escape_the_prefix_are_refused_without_a_request(s3_store, objects, bucket, faults):
-    """`..`, absolute, empty-step, NUL and control-character keys are refused per key; valid keys still go."""
+def test_refused_keys_cost_no_request_and_the_valid_key_beside_them_goes_in_one(s3_store, objects, bucket, faults):
+    """`..`, absolute, empty-step, NUL and control-character keys are refused before anything is sent, so one
+    DeleteObjects carries the valid key alone; a refused key cannot be presigned either. (That every store
+    refuses such keys for every operation is the store contract's.)"""
     objects.put(bucket, ["secret", f"{PREFIX}/ok/1"])
     bad = ["../secret", "/secret", "ok/../../secret", "ok//1", "a\x00b", "a\nb", "."]
     results = s3_store.delete_many([*bad, "ok/1"])
@@ -181,19 +186,16 @@ def test_keys_that_would_escape_the_prefix_are_refused_without_a_request(s3_stor
     assert objects.names(bucket) == {"secret"}
     assert faults.sent["DeleteObjects"] == 1
     with pytest.raises(BadInput):
-        s3_store.stat("../secret")
-    with pytest.raises(BadInput):
         s3_store.presigned_url("../secret", 60)
 
 
-def test_put_file_refuses_to_overwrite_an_existing_object(s3_store, objects, bucket, tmp_path, raw_s3):
-    """An existing object is never replaced: the HEAD check refuses it, and so does the server's
-    conditional write (If-None-Match) when a concurrent writer gets in between."""
+def test_a_writer_that_gets_in_after_the_check_is_stopped_by_the_conditional_write(s3_store, objects, bucket, tmp_path, raw_s3):
+    """When a concurrent writer creates the object between our HEAD check and the upload, the server's
+    conditional write (If-None-Match) still refuses to replace it. (The HEAD check's own refusal is the
+    store contract's `test_a_blob_is_never_overwritten`.)"""
     objects.put(bucket, [f"{PREFIX}/taken"], b"original")
     upload = tmp_path / "new.bin"
     upload.write_bytes(b"replacement")
-    with pytest.raises(BadInput, match="refusing to overwrite"):
-        s3_store.put_file("taken", upload)
     s3_store.stat = lambda key: None  # the object appears after our check: only If-None-Match stands
     with pytest.raises(BadInput, match="refusing to overwrite"):
         s3_store.put_file("taken", upload)
