@@ -11,8 +11,8 @@ import urllib3
 from sqlalchemy import update
 
 from config.settings import load_settings
-from tests.factories import register_aged, states
-from tests.s3 import PREFIX, insert_items
+from tests.factories import register_aged, seed_items, states
+from tests.s3 import PREFIX
 from worker.db import db_now
 from config.errors import BadInput, Gone, NotFound
 from worker.models import MediaItem
@@ -111,14 +111,13 @@ def test_objects_outside_the_prefix_and_in_other_buckets_survive_sweep_purge_and
     """Same-named objects beside the prefix (media-old/, root, other/) and in another bucket are never
     deleted or listed, even though items with those very keys are swept and purged."""
     keys = {f"item-{n}": key_for_id(f"item-{n}") for n in range(4)}
-    objects.put(bucket, [f"{PREFIX}/{key}" for key in keys.values()])
+    seed_items(s3_catalog.db, objects.writer(bucket), acme, keys=dict(list(keys.items())[:2]), expired=True)
+    seed_items(s3_catalog.db, objects.writer(bucket), acme, keys=dict(list(keys.items())[2:]), expired=False)
     bystanders = {f"{where}{key}" for key in keys.values() for where in ("", "media-old/", "other/media/", f"{PREFIX}x/")}
     objects.put(bucket, sorted(bystanders))
     other_bucket = f"{bucket}-other"
     raw_s3.create_bucket(Bucket=other_bucket)
     objects.put(other_bucket, [f"{PREFIX}/{key}" for key in keys.values()])
-    insert_items(s3_catalog, acme, dict(list(keys.items())[:2]), expired=True)
-    insert_items(s3_catalog, acme, dict(list(keys.items())[2:]), expired=False)
 
     assert sorted(info.key for info in s3_catalog.store.iter_keys()) == sorted(keys.values())
     assert s3_catalog.sweeper.sweep().deleted == 2
@@ -135,8 +134,8 @@ def test_reconcile_deletes_old_orphans_under_the_prefix_only_and_tombstones_miss
     the first run and becomes a missing_blob tombstone once it has been missing for the grace."""
     from worker.reconcile import Reconciler
 
-    insert_items(s3_catalog, acme, {"live": "live/1", "lost": "lost/1"}, expired=False)
-    objects.put(bucket, [f"{PREFIX}/live/1"])
+    seed_items(s3_catalog.db, objects.writer(bucket), acme, keys={"live": "live/1"}, expired=False)
+    seed_items(s3_catalog.db, None, acme, keys={"lost": "lost/1"}, expired=False)
     objects.put(bucket, [f"{PREFIX}/stray/old", "stray/old", "media-old/stray/old"], age=timedelta(days=2))
     objects.put(bucket, [f"{PREFIX}/stray/young"])
     other_bucket = f"{bucket}-other"
