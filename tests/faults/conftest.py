@@ -140,8 +140,10 @@ class World:
         expired too, and held."""
         seed_org(self.db, "acme")
         blobs = self.media if blobs is None else blobs
-        for kind, count, is_expired, is_held in (("x", expired, True, False), ("u", unexpired, False, False), ("h", held, True, True)):
-            ids = seed_items(self.db, blobs, "acme", count, prefix=f"{prefix}-{kind}", expired=is_expired, held=is_held, size=size)
+        plan = (("x", expired, True, False), ("u", unexpired, False, False), ("h", held, True, True))
+        for kind, count, is_expired, is_held in plan:
+            ids = seed_items(self.db, blobs, "acme", count, prefix=f"{prefix}-{kind}", expired=is_expired, held=is_held,
+                             size=size)
             self.record.keys.update((media_id, key_for_id(media_id)) for media_id in ids)
             if is_expired:
                 self.record.expired.update(ids)

@@ -208,7 +208,7 @@ def test_a_blob_is_never_overwritten(backend, store, upload, first):
 
 
 def test_a_source_that_cannot_be_read_leaves_no_blob(backend, store, tmp_path):
-    """put_file from a missing file raises (BadInput on S3, the OSError elsewhere) and stores nothing, not even a partial upload."""
+    """put_file from a missing file raises (BadInput on S3, the OSError elsewhere) and leaves nothing, not even a partial upload."""
     with pytest.raises(UNREADABLE_SOURCE_RAISES[backend.name]):
         store.put_file("ab/cd/never", tmp_path / "no-such-file")
     assert store.stat("ab/cd/never") is None
@@ -230,7 +230,7 @@ def test_delete_many_answers_per_key_in_order_and_a_missing_blob_is_a_success(ba
 
 
 def test_a_key_named_twice_in_one_call_gets_a_result_each_time(store, upload):
-    """Each occurrence has its own successful result, in place; the blob is gone (which one is marked missing is not promised)."""
+    """Each occurrence gets its own successful result, in place (which one is marked missing is not promised)."""
     store.put_file("a/1", upload(b"x"))
     store.put_file("b/1", upload(b"y"))
     results = store.delete_many(["a/1", "b/1", "a/1", "gone/x"])
@@ -254,8 +254,7 @@ def test_many_keys_are_deleted_with_one_result_each(store, upload):
 
 @pytest.mark.parametrize("key", INVALID_KEYS.values(), ids=INVALID_KEYS.keys())
 def test_an_invalid_key_is_refused_by_every_operation_and_nothing_is_touched(backend, store, upload, key):
-    """put_file, stat, digest and exists raise BadInput; delete_many refuses it as that key's result while
-    the valid key beside it is deleted; no blob of the store or beside it changes."""
+    """put_file, stat, digest and exists raise BadInput; delete_many refuses that key alone; nothing in or beside the store changes."""
     store.put_file("keep/me", upload(b"mine"))
     store.put_file("doomed/1", upload(b"gone"))
     outside = backend.outside()
@@ -290,8 +289,7 @@ def test_a_key_with_a_control_character_is_addressable_except_on_s3(backend, sto
 
 
 def test_a_key_that_only_prefixes_other_blobs_is_no_blob_and_its_blobs_survive(backend, store, upload):
-    """`a/b` when `a/b/c` is a blob: a directory on a filesystem (stat refuses it, a delete fails), nothing
-    at all on S3 and in memory (stat None, a successful delete); everywhere `a/b/c` stays."""
+    """`a/b` beside blob `a/b/c`: a directory on a filesystem (stat refuses, delete fails), nothing elsewhere; `a/b/c` stays."""
     store.put_file("a/b/c", upload(b"below"))
     if A_PREFIX_IS_A_DIRECTORY[backend.name]:
         with pytest.raises(BadInput, match="not a regular file"):
@@ -325,8 +323,7 @@ def test_the_digest_of_a_key_that_only_prefixes_other_blobs_is_refused_or_none(b
 
 
 def test_an_ordered_listing_comes_in_key_byte_order_across_directories(store, upload):
-    """iter_keys(ordered=True) yields every blob in UTF-8 byte order, which verify merges with the
-    catalog's key index: `a-c` before `a/b` ('-' < '/'), `Z` before `a`, `é` last; unordered, the same blobs and sizes."""
+    """ordered=True lists every blob in UTF-8 byte order, as verify merges it with the key index (`a-c` < `a/b`)."""
     keys = ["a/b", "a-c", "a/a/z", "b/2", "a0", "Z/1", "é/x", "a/10", "a/1", "a-b/3", "c"]
     for number, key in enumerate(keys):
         store.put_file(key, upload(b"x" * number))
@@ -347,9 +344,7 @@ def test_a_listing_names_only_the_stores_own_blobs(backend, store, upload):
 
 
 def test_partial_uploads_are_listed_only_when_asked_and_discarded_without_touching_a_blob(backend, store, upload):
-    """What a killed upload left is never a blob in a listing; with partial_uploads=True it comes as a
-    PartialUpload, which discard removes (a second discard counts it missing). A blob is never discarded.
-    A memory store leaves none."""
+    """A killed upload's leftover is listed only with partial_uploads=True, and discarding it never touches a blob."""
     store.put_file("ab/cd/done", upload(b"whole"))
     if LEAVES_PARTIAL_UPLOADS[backend.name]:
         backend.leave_partial_upload("ab/cd/killed")
