@@ -1,25 +1,95 @@
-"""Row factories: put items in the catalog in a given state without going through the CLI."""
+"""Factories: put organizations, items and their blobs in the catalog and the store in a given state,
+without going through the CLI. `seed_items` is the one place that inserts item rows in bulk."""
 
 from __future__ import annotations
 
 import itertools
+import tempfile
 import time
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from worker.catalog import Catalog, Item
-from worker.db import db_now
-from worker.models import MediaItem, State
+from worker.db import Database, db_now
+from worker.models import MediaItem, Organization, State
+from worker.store import BlobStore
 from worker.store.keys import key_for_id
 
 _sequence = itertools.count()
 
+# Seeded items sit far from their expiry on either side (by the database clock), so no test, however
+# slow the machine or wherever a kill lands, can race the boundary.
+SEEDED_TTL = timedelta(days=1)
+EXPIRED_AGO = timedelta(hours=2)
+# Rows per INSERT statement.
+SEED_BATCH = 1000
+
+# Where seed_items writes blobs: a filesystem root (files written straight into it, the fast way), a
+# store (through put_file, the store interface), a function (key, bytes) -> None (e.g. straight into
+# moto's backend: `Objects.writer`), or None for rows only.
+Blobs = Path | BlobStore | Callable[[str, bytes], None] | None
+
+
+def database_time(db: Database) -> datetime:
+    """now() as the database clock says it."""
+    with db.transaction() as session:
+        return session.scalar(select(db_now()))
+
 
 def db_time(catalog: Catalog) -> datetime:
-    with catalog.db.transaction() as session:
-        return session.scalar(select(db_now()))
+    return database_time(catalog.db)
+
+
+def seed_org(db: Database, org: str, retention: timedelta = timedelta(days=30)) -> None:
+    """An organization row, unless the org exists already (then it is left as it is)."""
+    with db.transaction() as session:
+        if session.get(Organization, org) is None:
+            session.execute(insert(Organization).values(id=org, retention_seconds=int(retention.total_seconds())))
+
+
+def seed_items(db: Database, blobs: Blobs, org: str, count: int = 0, *, keys: Mapping[str, str] | None = None,
+               expired: bool = True, held: bool = False, prefix: str = "bulk", size: int = 10) -> list[str]:
+    """Active items of an existing `org`, inserted in bulk, each with a blob of `size` bytes written to
+    `blobs`; returns their IDs in order. Either `count` items `<prefix>-0`, `<prefix>-1`, ... at their
+    sharded keys (`key_for_id`), or exactly `keys` ({media ID: storage key}). Each has a one-day TTL and
+    expired two hours ago (`expired`) or expires a day from now; `held` items carry an item hold."""
+    if count and keys is not None:
+        raise ValueError("give seed_items a count or keys, not both")
+    if keys is None:
+        keys = {f"{prefix}-{number}": key_for_id(f"{prefix}-{number}") for number in range(count)}
+    write_blob = _blob_writer(blobs)
+    content = b"x" * size
+    for key in keys.values():
+        write_blob(key, content)
+    now = database_time(db)
+    created = now - SEEDED_TTL - EXPIRED_AGO if expired else now
+    rows = [{"id": media_id, "org_id": org, "storage_key": key, "size_bytes": size, "mime_type": "image/jpeg",
+             "created_at": created, "ttl_seconds": int(SEEDED_TTL.total_seconds()), "expires_at": created + SEEDED_TTL,
+             "state": State.ACTIVE.value, "held_at": now if held else None, "hold_reason": "legal" if held else None}
+            for media_id, key in keys.items()]
+    with db.transaction() as session:
+        for start in range(0, len(rows), SEED_BATCH):
+            session.execute(insert(MediaItem), rows[start:start + SEED_BATCH])
+    return list(keys)
+
+
+def _blob_writer(blobs: Blobs) -> Callable[[str, bytes], None]:
+    if blobs is None:
+        return lambda key, content: None
+    if isinstance(blobs, Path):
+        return lambda key, content: plant_blob(blobs, key, content)
+    if isinstance(blobs, BlobStore):
+        def through_the_store(key: str, content: bytes) -> None:
+            with tempfile.NamedTemporaryFile() as source:
+                source.write(content)
+                source.flush()
+                blobs.put_file(key, Path(source.name))
+
+        return through_the_store
+    return blobs
 
 
 def make_file(directory: Path, content: bytes = b"media bytes") -> Path:
@@ -36,28 +106,25 @@ def register_aged(catalog: Catalog, org: str, age: timedelta, *, ttl: str | None
     return catalog.register(org=org, file=make_file(uploads, content), media_id=media_id, ttl=ttl, created_at=created)
 
 
-def bulk_expired(catalog: Catalog, org: str, count: int, *, root: Path, prefix: str = "bulk", expired: bool = True) -> list[str]:
-    """Insert `count` items with real blobs, all expired (or all one day from expiry), in one statement."""
-    now = db_time(catalog)
-    expires = now - timedelta(hours=1) if expired else now + timedelta(days=1)
-    rows = []
-    for number in range(count):
-        media_id = f"{prefix}-{number}"
-        key = key_for_id(media_id)
-        path = root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"x" * 10)
-        rows.append({"id": media_id, "org_id": org, "storage_key": key, "size_bytes": 10, "mime_type": "image/jpeg",
-                     "created_at": expires - timedelta(hours=2), "ttl_seconds": 7200, "expires_at": expires,
-                     "state": State.ACTIVE.value})
-    with catalog.db.transaction() as session:
-        session.execute(insert(MediaItem), rows)
-    return [row["id"] for row in rows]
-
-
 def states(catalog: Catalog, ids: list[str]) -> dict[str, str]:
     with catalog.db.transaction() as session:
         return dict(session.execute(select(MediaItem.id, MediaItem.state).where(MediaItem.id.in_(ids))).all())
+
+
+def rows_by_id(catalog: Catalog, ids) -> dict[str, MediaItem]:
+    """The item rows, detached, by media ID."""
+    with catalog.db.transaction() as session:
+        items = session.scalars(select(MediaItem).where(MediaItem.id.in_(list(ids)))).all()
+        session.expunge_all()
+    return {item.id: item for item in items}
+
+
+def end_leases(db: Database) -> None:
+    """Let time pass for claimed items: the lease of every `deleting` row (a crashed claim's, or a failed
+    delete's backoff) ends now, as it would later."""
+    table = MediaItem.__table__
+    with db.transaction() as session:
+        session.execute(update(table).where(table.c.state == State.DELETING.value).values(lease_until=db_now(-1)))
 
 
 def utc(text: str) -> datetime:

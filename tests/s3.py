@@ -21,15 +21,13 @@ import urllib3
 from botocore.awsrequest import AWSResponse
 from botocore.config import Config
 from botocore.exceptions import ConnectionClosedError
-from sqlalchemy import insert, select, update
 from urllib3.exceptions import ProtocolError
 
 from config.settings import Settings, load_settings
 from tests.conftest import free_port
 from worker.catalog import Catalog
 from worker.engine import build
-from worker.db import Database, db_now
-from worker.models import MediaItem, State
+from worker.db import Database
 from worker.store.s3 import S3Store
 
 # moto keeps every account's buckets in memory, in this process: seeding thousands of objects through
@@ -139,6 +137,11 @@ class Objects:
             if age is not None:
                 stored.last_modified = stored.last_modified - age
 
+    def writer(self, bucket: str, prefix: str = PREFIX) -> Callable[[str, bytes], None]:
+        """(key, bytes) -> None writing the store's blob at `prefix/key`: how `tests.factories.seed_items`
+        puts blobs on S3 fast."""
+        return lambda key, body: self.put(bucket, [f"{prefix}/{key}" if prefix else key], body)
+
     def names(self, bucket: str, prefix: str = "") -> set[str]:
         found: set[str] = set()
         for page in self.raw.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -149,35 +152,6 @@ class Objects:
 @pytest.fixture
 def objects(raw_s3) -> Objects:
     return Objects(raw_s3)
-
-
-def insert_items(catalog: Catalog, org: str, keys: dict[str, str], *, expired: bool = True, size: int = 10) -> None:
-    """Insert active items {media id: storage key} in one statement, all expired an hour ago (or due tomorrow)."""
-    with catalog.db.transaction() as session:
-        now = session.scalar(select(db_now()))
-    expires = now - timedelta(hours=1) if expired else now + timedelta(days=1)
-    rows = [
-        {"id": media_id, "org_id": org, "storage_key": key, "size_bytes": size, "mime_type": "image/jpeg",
-         "created_at": expires - timedelta(hours=2), "ttl_seconds": 7200, "expires_at": expires, "state": State.ACTIVE.value}
-        for media_id, key in keys.items()
-    ]
-    with catalog.db.transaction() as session:
-        for start in range(0, len(rows), 1000):
-            session.execute(insert(MediaItem), rows[start : start + 1000])
-
-
-def rows_by_id(catalog: Catalog, ids) -> dict[str, MediaItem]:
-    with catalog.db.transaction() as session:
-        items = session.scalars(select(MediaItem).where(MediaItem.id.in_(list(ids)))).all()
-        session.expunge_all()
-    return {item.id: item for item in items}
-
-
-def end_backoff(catalog: Catalog) -> None:
-    """Let time pass for failed deletes: their backoff lease ends now, as it would 30 s later."""
-    table = MediaItem.__table__
-    with catalog.db.transaction() as session:
-        session.execute(update(table).where(table.c.state == State.DELETING.value).values(lease_until=db_now(-1)))
 
 
 class Faults:

@@ -12,7 +12,7 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from tests.factories import bulk_expired
+from tests.factories import seed_items
 from tests.fleet import wait_until
 from worker.models import MediaItem, State, SweepRun
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 
 
 def phase_rate(fleet, catalog, database, media_root, prefix: str, processes: int) -> tuple[float, float]:
-    bulk_expired(catalog, "acme", BACKLOG, root=media_root, prefix=prefix)
+    seed_items(catalog.db, media_root, "acme", BACKLOG, prefix=prefix)
     with database.transaction() as session:
         runs_before = session.scalar(select(func.coalesce(func.max(SweepRun.id), 0)))
     for number in range(processes):

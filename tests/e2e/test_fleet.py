@@ -8,7 +8,7 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from tests.factories import bulk_expired
+from tests.factories import seed_items
 from tests.fleet import all_swept, counts_by_state, wait_until
 from worker.exporter import FLEET_STATUS_METRICS, HEALTH_PROBE_PATH
 from worker.models import MediaItem, State, SweepRun
@@ -21,8 +21,8 @@ def test_two_workers_and_beat_delete_thousands_once_each_and_spare_unexpired(fle
     """Two worker processes plus beat clear 3,000 expired items within a minute: every blob deleted exactly
     once, both workers took part (fan-out), unexpired items untouched, lookups answer 404."""
     catalog.set_org("acme", "30d")
-    expired = bulk_expired(catalog, "acme", 3000, root=media_root, prefix="old")
-    fresh = bulk_expired(catalog, "acme", 200, root=media_root, prefix="new", expired=False)
+    expired = seed_items(catalog.db, media_root, "acme", 3000, prefix="old")
+    fresh = seed_items(catalog.db, media_root, "acme", 200, prefix="new", expired=False)
     fleet.worker("w1")
     fleet.worker("w2")
     fleet.beat("beat")
@@ -45,7 +45,7 @@ def test_worker_killed_mid_batch_has_its_claims_finished_by_another_after_the_le
     """SIGKILL a worker between deleting a batch's blobs and finalizing it: the rows stay `deleting`
     (404) and, once the 3 s lease runs out, another worker finishes them; nothing leaks."""
     catalog.set_org("acme", "30d")
-    bulk_expired(catalog, "acme", 600, root=media_root)
+    seed_items(catalog.db, media_root, "acme", 600)
     fleet.env["MEDIA_RETENTION_CLAIM_LEASE"] = "3s"
     fleet.worker("doomed", extra_env={"FLEET_TEST_PAUSE_AFTER_DELETE": "3"})
     fleet.beat("beat")
@@ -63,14 +63,14 @@ def test_worker_killed_mid_batch_has_its_claims_finished_by_another_after_the_le
 def test_fleet_reconnects_after_redis_restarts_and_keeps_sweeping(fleet, catalog, database, media_root, private_redis):
     """Kill Redis under a running worker and beat, start it again: the next sweeps delete new expired items."""
     catalog.set_org("acme", "30d")
-    bulk_expired(catalog, "acme", 50, root=media_root, prefix="before")
+    seed_items(catalog.db, media_root, "acme", 50, prefix="before")
     fleet.worker("w1")
     fleet.beat("beat")
     wait_until(all_swept(database, 50), 30, "the first sweeps")
     private_redis.stop()
     time.sleep(2)
     private_redis.start()
-    bulk_expired(catalog, "acme", 50, root=media_root, prefix="after")
+    seed_items(catalog.db, media_root, "acme", 50, prefix="after")
     wait_until(all_swept(database, 100), 60, "a sweep after Redis came back")
     assert fleet.processes["w1"].poll() is None and fleet.processes["beat"].poll() is None
 
@@ -83,7 +83,7 @@ def test_two_beats_cause_one_scheduled_sweep_per_slot_and_no_double_deletes(flee
     fleet.beat("beat-a")
     fleet.beat("beat-b")
     for wave in range(4):
-        bulk_expired(catalog, "acme", 200, root=media_root, prefix=f"wave{wave}")
+        seed_items(catalog.db, media_root, "acme", 200, prefix=f"wave{wave}")
         time.sleep(1.5)
     wait_until(all_swept(database, 800), 60, "every wave to be deleted")
     time.sleep(2)
@@ -122,7 +122,7 @@ def test_metrics_endpoint_sums_counters_across_prefork_processes_and_reports_fle
     from tests.conftest import free_port
 
     catalog.set_org("acme", "30d")
-    bulk_expired(catalog, "acme", 1500, root=media_root)
+    seed_items(catalog.db, media_root, "acme", 1500)
     port = free_port()
     fleet.env["MEDIA_RETENTION_METRICS_PORT"] = str(port)
     fleet.worker("w1", concurrency=2)

@@ -13,14 +13,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert, select, update
+from sqlalchemy import select
 
 from tests.conftest import ON_CI
-from worker.db import Database, db_now
+from tests.factories import Blobs, end_leases, plant_blob, seed_items, seed_org
+from worker.db import Database
 from worker.models import MediaItem, State
 from worker.store.keys import key_for_id
 
@@ -134,59 +134,29 @@ class World:
 
     # -- seeding ---------------------------------------------------------------------------------
 
-    def db_now(self):
-        with self.db.transaction() as session:
-            return session.scalar(select(db_now()))
-
-    def seed(self, prefix: str, *, expired: int = 0, unexpired: int = 0, held: int = 0, body: bytes = b"m" * 64,
-             write=None) -> None:
-        """Write blobs and insert active rows; `held` items are expired too, and held."""
-        now = self.db_now()
-        with self.db.transaction() as session:
-            from worker.models import Organization
-
-            if session.get(Organization, "acme") is None:
-                session.execute(insert(Organization).values(id="acme", retention_seconds=30 * 86400))
-        rows = []
-        plan = [("x", True, False)] * expired + [("u", False, False)] * unexpired + [("h", True, True)] * held
-        for n, (kind, is_expired, is_held) in enumerate(plan):
-            media_id = f"{prefix}-{kind}-{n:04d}"
-            key = key_for_id(media_id)
-            if write is not None:
-                write(key, body)
-            else:
-                path = self.media / key
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(body)
-            # Far from the boundary on both sides: a kill must never be able to race the clock.
-            expires = now - timedelta(hours=2) if is_expired else now + timedelta(days=5)
-            rows.append({"id": media_id, "org_id": "acme", "storage_key": key, "size_bytes": len(body), "mime_type": "image/jpeg",
-                         "created_at": expires - timedelta(days=1), "ttl_seconds": 86400, "expires_at": expires,
-                         "state": State.ACTIVE.value, "held_at": now if is_held else None,
-                         "hold_reason": "legal" if is_held else None})
-            self.record.keys[media_id] = key
+    def seed(self, prefix: str, *, expired: int = 0, unexpired: int = 0, held: int = 0, size: int = 64,
+             blobs: Blobs | None = None) -> None:
+        """Blobs (in the media root unless told) and active rows of org acme, recorded; `held` items are
+        expired too, and held."""
+        seed_org(self.db, "acme")
+        blobs = self.media if blobs is None else blobs
+        plan = (("x", expired, True, False), ("u", unexpired, False, False), ("h", held, True, True))
+        for kind, count, is_expired, is_held in plan:
+            ids = seed_items(self.db, blobs, "acme", count, prefix=f"{prefix}-{kind}", expired=is_expired, held=is_held,
+                             size=size)
+            self.record.keys.update((media_id, key_for_id(media_id)) for media_id in ids)
             if is_expired:
-                self.record.expired.add(media_id)
+                self.record.expired.update(ids)
             if is_held:
-                self.record.held.add(media_id)
-        with self.db.transaction() as session:
-            for start in range(0, len(rows), 1000):
-                session.execute(insert(MediaItem), rows[start:start + 1000])
+                self.record.held.update(ids)
 
     def orphans(self, prefix: str, count: int) -> list[Path]:
-        paths = []
-        for n in range(count):
-            path = self.media / key_for_id(f"{prefix}-orphan-{n:04d}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"o" * 32)
-            paths.append(path)
-        return paths
+        """Blobs in the media root that no row names."""
+        return [plant_blob(self.media, key_for_id(f"{prefix}-orphan-{n:04d}"), b"o" * 32) for n in range(count)]
 
     def end_leases(self) -> None:
         """Let time pass for claims a killed process left behind (their lease ends now, as it would later)."""
-        table = MediaItem.__table__
-        with self.db.transaction() as session:
-            session.execute(update(table).where(table.c.state == State.DELETING.value).values(lease_until=db_now(-1)))
+        end_leases(self.db)
 
     def states(self) -> dict[str, str]:
         with self.db.transaction() as session:

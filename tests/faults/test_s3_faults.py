@@ -23,7 +23,7 @@ def test_a_sweep_process_rides_out_500_slowdown_and_per_key_errors(tmp_path, pg_
     world = World(tmp_path, pg_database, storage_url=f"s3://{bucket}/{PREFIX}", s3_endpoint_url=s3_endpoint,
                   s3_addressing_style="path", sweep_batch_size="50")
     world.exists = lambda key: f"{PREFIX}/{key}" in objects.names(bucket, f"{PREFIX}/{key}")
-    world.seed("s3", expired=150, unexpired=60, held=30, write=lambda key, body: objects.put(bucket, [f"{PREFIX}/{key}"], body))
+    world.seed("s3", expired=150, unexpired=60, held=30, blobs=objects.writer(bucket))
     # Per-key errors from the server itself: a bucket policy denying deletes under one sixteenth of the shards.
     denied_prefix = sorted(world.record.keys[m] for m in world.record.doomed)[0][:1]
     denied = {m for m in world.record.doomed if world.record.keys[m].startswith(denied_prefix)}

@@ -6,7 +6,8 @@ import pytest
 from botocore.stub import Stubber
 from structlog.testing import capture_logs
 
-from tests.s3 import PREFIX, end_backoff, insert_items, rows_by_id
+from tests.factories import end_leases, rows_by_id, seed_items
+from tests.s3 import PREFIX
 from worker.store.keys import key_for_id
 
 
@@ -14,11 +15,6 @@ from worker.store.keys import key_for_id
 def acme(pg_s3_catalog):
     pg_s3_catalog.set_org("acme", "30d")
     return "acme"
-
-
-def expired_items(catalog, objects, bucket, org, keys: dict[str, str]) -> None:
-    objects.put(bucket, [f"{PREFIX}/{key}" for key in keys.values()])
-    insert_items(catalog, org, keys, expired=True)
 
 
 def deny_deletes(raw_s3, bucket, under: str) -> None:
@@ -36,7 +32,7 @@ def test_keys_the_store_refuses_keep_their_error_and_a_later_sweep_deletes_them(
     catalog = pg_s3_catalog
     good = {f"good-{n}": f"good/{n}" for n in range(30)}
     denied = {f"denied-{n}": f"denied/{n}" for n in range(10)}
-    expired_items(catalog, objects, bucket, acme, {**good, **denied})
+    seed_items(catalog.db, objects.writer(bucket), acme, keys={**good, **denied})
     deny_deletes(raw_s3, bucket, "denied/")
 
     first = catalog.sweeper.sweep()
@@ -50,7 +46,7 @@ def test_keys_the_store_refuses_keep_their_error_and_a_later_sweep_deletes_them(
 
     assert catalog.sweeper.sweep().claimed == 0  # still inside their backoff
     raw_s3.delete_bucket_policy(Bucket=bucket)
-    end_backoff(catalog)
+    end_leases(catalog.db)
     second = catalog.sweeper.sweep()
     assert (second.claimed, second.deleted, second.failed) == (10, 10, 0)
     assert objects.names(bucket, f"{PREFIX}/") == set()
@@ -61,7 +57,7 @@ def test_a_slowdown_is_backed_off_and_the_same_sweep_deletes_everything(pg_s3_ca
     """503 SlowDown past botocore's own 3 attempts: the store backs off and retries, logging
     store.s3.delete_retry, and the sweep still ends with every item deleted and none failed."""
     keys = {f"m-{n}": key_for_id(f"m-{n}") for n in range(20)}
-    expired_items(pg_s3_catalog, objects, bucket, acme, keys)
+    seed_items(pg_s3_catalog.db, objects.writer(bucket), acme, keys=keys)
     faults.plan["DeleteObjects"] = {1: "slowdown", 2: "slowdown", 3: "slowdown", 4: "slowdown"}
     with capture_logs() as logs:
         counts = pg_s3_catalog.sweeper.sweep()
@@ -97,7 +93,7 @@ def test_a_connection_reset_fails_only_its_own_request_and_a_later_sweep_deletes
     batches are finalized once, and after the backoff the failed batch is deleted."""
     catalog = pg_s3_catalog
     keys = {f"r-{n:03d}": key_for_id(f"r-{n:03d}") for n in range(150)}
-    expired_items(catalog, objects, bucket, acme, keys)
+    seed_items(catalog.db, objects.writer(bucket), acme, keys=keys)
     # Every send of the batch holding r-075: its request and botocore's two retries.
     faults.poison["DeleteObjects"] = (keys["r-075"].encode(), "reset", 3)
 
@@ -110,7 +106,7 @@ def test_a_connection_reset_fails_only_its_own_request_and_a_later_sweep_deletes
     finalized = {media_id: row.deleted_at for media_id, row in rows.items() if media_id not in failed}
     assert objects.names(bucket, f"{PREFIX}/") == {f"{PREFIX}/{keys[media_id]}" for media_id in failed}
 
-    end_backoff(catalog)
+    end_leases(catalog.db)
     second = catalog.sweeper.sweep()
     assert (second.claimed, second.deleted, second.failed) == (50, 50, 0)
     assert objects.names(bucket, f"{PREFIX}/") == set()
@@ -123,7 +119,7 @@ def test_a_connection_reset_after_the_server_deleted_still_finalizes_the_keys(pg
     """The server deletes, the answer is lost to a reset: botocore's retry finds the keys already gone
     (deleting twice is a success) and the sweep finalizes every item in one go."""
     keys = {f"x-{n}": key_for_id(f"x-{n}") for n in range(25)}
-    expired_items(pg_s3_catalog, objects, bucket, acme, keys)
+    seed_items(pg_s3_catalog.db, objects.writer(bucket), acme, keys=keys)
     faults.plan["DeleteObjects"] = {1: "reset_after"}
     counts = pg_s3_catalog.sweeper.sweep()
     assert (counts.deleted, counts.failed) == (25, 0)
@@ -145,7 +141,7 @@ def test_deleting_10000_expired_items_sends_at_most_10_delete_objects_requests(
     catalog = build(settings, database=pg_database, store=s3_store).catalog
     catalog.set_org("acme", "30d")
     keys = {f"bulk-{n:05d}": key_for_id(f"bulk-{n:05d}") for n in range(10_000)}
-    expired_items(catalog, objects, bucket, "acme", keys)
+    seed_items(catalog.db, objects.writer(bucket), "acme", keys=keys)
 
     counts = catalog.sweeper.sweep()
     assert (counts.claimed, counts.deleted, counts.failed) == (10_000, 10_000, 0)

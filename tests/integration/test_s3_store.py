@@ -1,4 +1,7 @@
-"""The DESIGN contract on `s3://bucket/media`, against a real S3 protocol server on loopback."""
+"""The DESIGN contract on `s3://bucket/media`, against a real S3 protocol server on loopback: the engine
+(register, sweep, lookup, holds, purge, reconcile) on S3, and what only the S3 store has (the prefix,
+request economy, conditional writes, multipart, pagination, delete modes, presigned URLs). What every
+store promises is in the store contract, tests/integration/test_store_contract.py, run on S3 too."""
 
 from datetime import timedelta
 from urllib.parse import parse_qs, urlparse
@@ -8,8 +11,8 @@ import urllib3
 from sqlalchemy import update
 
 from config.settings import load_settings
-from tests.factories import register_aged, states
-from tests.s3 import PREFIX, insert_items
+from tests.factories import register_aged, seed_items, states
+from tests.s3 import PREFIX
 from worker.db import db_now
 from config.errors import BadInput, Gone, NotFound
 from worker.models import MediaItem
@@ -108,14 +111,13 @@ def test_objects_outside_the_prefix_and_in_other_buckets_survive_sweep_purge_and
     """Same-named objects beside the prefix (media-old/, root, other/) and in another bucket are never
     deleted or listed, even though items with those very keys are swept and purged."""
     keys = {f"item-{n}": key_for_id(f"item-{n}") for n in range(4)}
-    objects.put(bucket, [f"{PREFIX}/{key}" for key in keys.values()])
+    seed_items(s3_catalog.db, objects.writer(bucket), acme, keys=dict(list(keys.items())[:2]), expired=True)
+    seed_items(s3_catalog.db, objects.writer(bucket), acme, keys=dict(list(keys.items())[2:]), expired=False)
     bystanders = {f"{where}{key}" for key in keys.values() for where in ("", "media-old/", "other/media/", f"{PREFIX}x/")}
     objects.put(bucket, sorted(bystanders))
     other_bucket = f"{bucket}-other"
     raw_s3.create_bucket(Bucket=other_bucket)
     objects.put(other_bucket, [f"{PREFIX}/{key}" for key in keys.values()])
-    insert_items(s3_catalog, acme, dict(list(keys.items())[:2]), expired=True)
-    insert_items(s3_catalog, acme, dict(list(keys.items())[2:]), expired=False)
 
     assert sorted(info.key for info in s3_catalog.store.iter_keys()) == sorted(keys.values())
     assert s3_catalog.sweeper.sweep().deleted == 2
@@ -132,8 +134,8 @@ def test_reconcile_deletes_old_orphans_under_the_prefix_only_and_tombstones_miss
     the first run and becomes a missing_blob tombstone once it has been missing for the grace."""
     from worker.reconcile import Reconciler
 
-    insert_items(s3_catalog, acme, {"live": "live/1", "lost": "lost/1"}, expired=False)
-    objects.put(bucket, [f"{PREFIX}/live/1"])
+    seed_items(s3_catalog.db, objects.writer(bucket), acme, keys={"live": "live/1"}, expired=False)
+    seed_items(s3_catalog.db, None, acme, keys={"lost": "lost/1"}, expired=False)
     objects.put(bucket, [f"{PREFIX}/stray/old", "stray/old", "media-old/stray/old"], age=timedelta(days=2))
     objects.put(bucket, [f"{PREFIX}/stray/young"])
     other_bucket = f"{bucket}-other"
@@ -171,8 +173,10 @@ def test_reconcile_aborts_unfinished_multipart_uploads_under_the_prefix_only(s3_
     assert [upload["UploadId"] for upload in raw_s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])] == [theirs]
 
 
-def test_keys_that_would_escape_the_prefix_are_refused_without_a_request(s3_store, objects, bucket, faults):
-    """`..`, absolute, empty-step, NUL and control-character keys are refused per key; valid keys still go."""
+def test_refused_keys_cost_no_request_and_the_valid_key_beside_them_goes_in_one(s3_store, objects, bucket, faults):
+    """`..`, absolute, empty-step, NUL and control-character keys are refused before anything is sent, so one
+    DeleteObjects carries the valid key alone; a refused key cannot be presigned either. (That every store
+    refuses such keys for every operation is the store contract's.)"""
     objects.put(bucket, ["secret", f"{PREFIX}/ok/1"])
     bad = ["../secret", "/secret", "ok/../../secret", "ok//1", "a\x00b", "a\nb", "."]
     results = s3_store.delete_many([*bad, "ok/1"])
@@ -181,19 +185,16 @@ def test_keys_that_would_escape_the_prefix_are_refused_without_a_request(s3_stor
     assert objects.names(bucket) == {"secret"}
     assert faults.sent["DeleteObjects"] == 1
     with pytest.raises(BadInput):
-        s3_store.stat("../secret")
-    with pytest.raises(BadInput):
         s3_store.presigned_url("../secret", 60)
 
 
-def test_put_file_refuses_to_overwrite_an_existing_object(s3_store, objects, bucket, tmp_path, raw_s3):
-    """An existing object is never replaced: the HEAD check refuses it, and so does the server's
-    conditional write (If-None-Match) when a concurrent writer gets in between."""
+def test_a_writer_that_gets_in_after_the_check_is_stopped_by_the_conditional_write(s3_store, objects, bucket, tmp_path, raw_s3):
+    """When a concurrent writer creates the object between our HEAD check and the upload, the server's
+    conditional write (If-None-Match) still refuses to replace it. (The HEAD check's own refusal is the
+    store contract's `test_a_blob_is_never_overwritten`.)"""
     objects.put(bucket, [f"{PREFIX}/taken"], b"original")
     upload = tmp_path / "new.bin"
     upload.write_bytes(b"replacement")
-    with pytest.raises(BadInput, match="refusing to overwrite"):
-        s3_store.put_file("taken", upload)
     s3_store.stat = lambda key: None  # the object appears after our check: only If-None-Match stands
     with pytest.raises(BadInput, match="refusing to overwrite"):
         s3_store.put_file("taken", upload)

@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from tests.factories import bulk_expired, states
+from tests.factories import seed_items, states
 from worker.db import Database
 from worker.models import MediaItem
 from worker.store import DeleteResult
@@ -38,8 +38,8 @@ class RecordingStore(FilesystemStore):
 def test_two_sweepers_on_postgresql_split_thousands_of_items_without_overlap(database, media_root, catalog):
     """Two sweepers racing over 3,000 expired items delete each exactly once and never touch unexpired ones."""
     catalog.set_org("acme", "30d")
-    expired = bulk_expired(catalog, "acme", 3000, root=media_root, prefix="old")
-    fresh = bulk_expired(catalog, "acme", 300, root=media_root, prefix="new", expired=False)
+    expired = seed_items(catalog.db, media_root, "acme", 3000, prefix="old")
+    fresh = seed_items(catalog.db, media_root, "acme", 300, prefix="new", expired=False)
     deleted_keys: list[str] = []
     lock = threading.Lock()
     results = {}
@@ -94,7 +94,7 @@ def test_sweep_killed_between_delete_and_finalize_is_finished_by_a_later_sweep(c
     """A sweep process SIGKILLed after deleting blobs leaves `deleting` rows (lookups 404); after the lease
     the next sweep finalizes them: no blob left and no live ID pointing at a missing blob."""
     catalog.set_org("acme", "30d")
-    ids = bulk_expired(catalog, "acme", 40, root=media_root)
+    ids = seed_items(catalog.db, media_root, "acme", 40)
     crashed = subprocess.run([sys.executable, "-c", _KILLED_SWEEP, database.url, str(media_root)], capture_output=True, timeout=60,
                              env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert crashed.returncode == -9, crashed.stderr.decode()[-2000:]
@@ -138,7 +138,7 @@ def test_failed_deletes_are_retried_with_backoff_and_end_deleted(catalog, databa
     and is deleted by the first sweep after it; the others are finalized once."""
     monkeypatch.setattr("worker.sweep.BACKOFF_BASE_SECONDS", 1)
     catalog.set_org("acme", "30d")
-    ids = bulk_expired(catalog, "acme", 10, root=media_root)
+    ids = seed_items(catalog.db, media_root, "acme", 10)
     bad = item_key(catalog, ids[3])
     sweeper = Sweeper(database, FlakyStore(media_root, [bad]), claim_lease=timedelta(minutes=5), batch_size=100)
     first = sweeper.sweep()
@@ -165,7 +165,7 @@ def test_retry_backoff_doubles_and_is_capped_at_an_hour():
 def test_a_stale_claimer_cannot_finalize_rows_another_sweep_took_over(catalog, database, media_root):
     """Finalize only touches rows still under its own claim token."""
     catalog.set_org("acme", "30d")
-    [media_id] = bulk_expired(catalog, "acme", 1, root=media_root)
+    [media_id] = seed_items(catalog.db, media_root, "acme", 1)
     slow = Sweeper(database, catalog.store, claim_lease=timedelta(seconds=1), batch_size=10)
     [claimed] = slow.claim_expired(10)
     time.sleep(1.2)
@@ -197,7 +197,7 @@ def test_org_hold_and_retention_changes_race_sweepers_without_deadlock_or_late_d
     from tests.factories import db_time
 
     catalog.set_org("legal", "1d")
-    ids = bulk_expired(catalog, "legal", 3000, root=media_root)
+    ids = seed_items(catalog.db, media_root, "legal", 3000)
     errors: list[BaseException] = []
     stop = threading.Event()
 

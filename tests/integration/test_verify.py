@@ -286,13 +286,13 @@ def test_progress_is_reported_while_verifying(catalog, tmp_path, monkeypatch):
     assert lines and lines[-1] == "verified 3 items and 3 blobs, 0 breaches so far"
 
 
-def test_catalog_pages_are_read_in_order_across_page_boundaries(catalog, media_root, monkeypatch):
+def test_catalog_pages_are_read_in_order_across_page_boundaries(catalog, monkeypatch):
     """With pages of 7 rows, 50 items in step with their blobs still merge cleanly."""
     monkeypatch.setattr(verify_module, "PAGE", 7)
-    from tests.factories import bulk_expired
+    from tests.factories import seed_items
 
     catalog.set_org("acme", "30d")
-    bulk_expired(catalog, "acme", 50, root=media_root, expired=False)
+    seed_items(catalog.db, catalog.store, "acme", 50, expired=False)
     report = run_verify(catalog)
     assert report.clean and (report.items_checked, report.blobs_listed) == (50, 50)
 

@@ -23,7 +23,7 @@ from sqlalchemy import insert, select, update
 
 from config.schedule import SWEEP_TASK
 from config.settings import Settings, get_settings, load_settings
-from tests.factories import bulk_expired
+from tests.factories import seed_items
 from tests.receiver import Receiver
 from worker.engine import Engine, build, volume_monitor
 from worker.cli import main
@@ -251,7 +251,7 @@ def test_a_hanging_webhook_does_not_delay_a_sweep_and_is_retried(tmp_path, sqlit
     engine = critical_engine(tmp_path, sqlite_database, alert_webhook_url=receiver.url)
     with sqlite_database.transaction() as session:
         session.add(Organization(id="acme", retention_seconds=3600))
-    expired = bulk_expired(engine, "acme", 40, root=engine.store.root)
+    expired = seed_items(engine.db, engine.store.root, "acme", 40)
     enqueued: list[float] = []
     monitor = engine.volume_monitor(enqueue_sweep=lambda: enqueued.append(time.monotonic()))
     monitor.notifiers = [LogNotifier(), WebhookNotifier(receiver.url, timeout=1, attempts=2, backoff=0.2)]
