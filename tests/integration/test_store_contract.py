@@ -10,6 +10,8 @@ tests/unit/test_fs_store.py and tests/integration/test_s3_store.py.
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 import secrets
 from collections.abc import Callable
@@ -303,17 +305,15 @@ def test_a_key_that_only_prefixes_other_blobs_is_no_blob_and_its_blobs_survive(b
     assert listed(store) == ["a/b/c"] and store.digest("a/b/c").size == 5
 
 
-def test_the_digest_of_a_key_that_only_prefixes_other_blobs_is_refused_or_none(backend, store, upload, request):
-    """digest(`a/b`) when `a/b/c` is a blob: BadInput on a filesystem, like stat; None on S3 and in memory."""
-    if A_PREFIX_IS_A_DIRECTORY[backend.name]:
-        request.applymarker(pytest.mark.xfail(
-            raises=IsADirectoryError, strict=True,
-            reason="known defect: FilesystemStore.digest opens the directory, then open(fd) raises IsADirectoryError "
-                   "(an OSError, not BadInput) and the directory's descriptor is never closed"))
+def test_the_digest_of_a_key_that_only_prefixes_other_blobs_is_refused_or_none(backend, store, upload):
+    """digest(`a/b`) when `a/b/c` is a blob: BadInput on a filesystem, like stat, with no descriptor left
+    open; None on S3 and in memory."""
     store.put_file("a/b/c", upload(b"below"))
     if A_PREFIX_IS_A_DIRECTORY[backend.name]:
+        open_before = len(os.listdir("/proc/self/fd"))
         with pytest.raises(BadInput, match="not a regular file"):
             store.digest("a/b")
+        assert len(os.listdir("/proc/self/fd")) == open_before, "digest left the directory's descriptor open"
     else:
         assert store.digest("a/b") is None
     assert store.digest("a/b/c").size == 5

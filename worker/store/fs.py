@@ -167,10 +167,13 @@ class FilesystemStore(BlobStore):
             if exc.errno == errno.ELOOP:
                 raise BadInput(f"storage key {key!r} is a symlink, not a blob.") from None
             raise StoreError(f"cannot read storage key {key!r}: {exc.strerror}") from None
+        # Checked on the open descriptor before wrapping it: open() of a directory's descriptor raises
+        # IsADirectoryError, and the descriptor must be closed whatever the key turns out to be.
+        info = os.fstat(fd)
+        if not stat_module.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise BadInput(f"storage key {key!r} is not a regular file.")
         with open(fd, "rb") as handle:
-            info = os.fstat(fd)
-            if not stat_module.S_ISREG(info.st_mode):
-                raise BadInput(f"storage key {key!r} is not a regular file.")
             return BlobDigest(size=info.st_size, sha256=hashlib.file_digest(handle, "sha256").hexdigest())
 
     def discard_partial_uploads(self, uploads: list[PartialUpload]) -> list[DeleteResult]:
