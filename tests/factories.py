@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 
 from worker.catalog import Catalog, Item
 from worker.db import Database, db_now
@@ -150,3 +150,42 @@ def wait_until_older(paths: list[Path], age: timedelta, timeout: float = 30.0) -
                 break
             assert time.monotonic() < deadline, f"{path} did not age {age} within {timeout} s"
             time.sleep(0.02)
+
+
+def fill_catalog(db: Database, count: int, *, prefix: str = "row", expired: int = 0, state: str = "active",
+                 start: int = 0, orgs: int = 1, org: str = "bench", vacuum: bool = True) -> None:
+    """`count` rows `<prefix>-<n>` (n from `start`) made by PostgreSQL itself, one INSERT ... SELECT from
+    generate_series: a million rows in seconds, for benchmarks and plan tests. Keys are sharded as
+    `key_for_id` shards them (computed in SQL, checked against it); items belong to `org`, or with
+    `orgs` > 1 to `<org>-0` ... `<org>-<orgs-1>` in turn. The first `expired` expired two hours ago, the
+    rest expire in thirty days; `state="deleted"` makes tombstones. No blobs: write them when needed.
+    Then VACUUM ANALYZE, as a settled catalog is; `vacuum=False` only analyzes, as a catalog mid-import is
+    (statistics fresh, no visibility map yet)."""
+    names = [org] if orgs == 1 else [f"{org}-{number}" for number in range(orgs)]
+    with db.engine.begin() as connection:
+        for name in names:
+            connection.execute(text("INSERT INTO organizations (id, retention_seconds) VALUES (:org, 7776000) "
+                                    "ON CONFLICT DO NOTHING"), {"org": name})
+        connection.execute(text("""
+            INSERT INTO media_items (id, org_id, storage_key, size_bytes, mime_type, created_at, ttl_seconds,
+                                     expires_at, state, org_held, attempts, deleted_at, deletion_reason)
+            SELECT id, CASE WHEN CAST(:orgs AS bigint) = 1 THEN :org ELSE :org || '-' || (n % CAST(:orgs AS bigint)) END,
+                   substr(h, 1, 2) || '/' || substr(h, 3, 2) || '/' || id, 1024, 'image/jpeg',
+                   now() - interval '1 day', 2592000,
+                   CASE WHEN n < CAST(:first_fresh AS bigint) THEN now() - interval '2 hours' ELSE now() + interval '30 days' END,
+                   CAST(:state AS text), false, 0,
+                   CASE WHEN CAST(:state AS text) = 'deleted' THEN now() - interval '1 hour' END,
+                   CASE WHEN CAST(:state AS text) = 'deleted' THEN 'ttl' END
+            FROM (SELECT n, :prefix || '-' || n AS id, encode(sha256(convert_to(:prefix || '-' || n, 'UTF8')), 'hex') AS h
+                  FROM generate_series(CAST(:start AS bigint), CAST(:stop AS bigint)) AS n) AS s"""),
+            {"org": org, "orgs": orgs, "prefix": prefix, "first_fresh": start + expired, "state": state,
+             "start": start, "stop": start + count - 1})
+        first = connection.execute(text("SELECT storage_key FROM media_items WHERE id = :id"), {"id": f"{prefix}-{start}"}).scalar()
+    assert first == key_for_id(f"{prefix}-{start}"), "fill_catalog's SQL shards keys unlike key_for_id"
+    vacuum_analyze(db, vacuum=vacuum)
+
+
+def vacuum_analyze(db: Database, *, vacuum: bool = True) -> None:
+    """Statistics (and with `vacuum` the visibility map) up to date, as autovacuum keeps them."""
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("VACUUM ANALYZE media_items" if vacuum else "ANALYZE media_items"))

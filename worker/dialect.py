@@ -35,6 +35,22 @@ class Dialect:
             return column == any_(bindparam("ids", ids, type_=postgresql.ARRAY(String)))
         return column.in_(ids)
 
+    def insert_rows(self, session, table, rows: list[dict]) -> None:
+        """Insert `rows` (dicts of one shape) into `table` in the session's transaction. On PostgreSQL by
+        COPY: one stream instead of a statement per thousand rows and a bound parameter per value, which
+        made the client's side of a large import slower than the database's."""
+        if not rows:
+            return
+        if not self.postgresql:
+            session.execute(table.insert(), rows)
+            return
+        columns = list(rows[0])
+        driver = session.connection().connection.driver_connection
+        with driver.cursor() as cursor, cursor.copy(
+                f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row([row[column] for column in columns])
+
     def share_locked(self, statement):
         """`statement` under a share lock on PostgreSQL (SQLite's write transaction already excludes writers)."""
         return statement.with_for_update(read=True) if self.postgresql else statement

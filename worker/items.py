@@ -9,7 +9,7 @@ migration is history.
 
 from __future__ import annotations
 
-from sqlalchemy import and_, text
+from sqlalchemy import and_, select, table as _table, column as _column, text
 from sqlalchemy.sql.elements import TextClause
 
 from worker.dialect import Dialect
@@ -53,6 +53,38 @@ def due(items, now):
 def held_expired(items, now):
     """Expired but held: what a sweep leaves alone."""
     return and_(held(), items.c.expires_at <= now)
+
+
+# -- registration ----------------------------------------------------------------------------------
+
+_ITEMS = _table("media_items", _column("id"), _column("storage_key"))
+
+
+def first_taken(session, dialect: Dialect, column: str, values: list[str]) -> str | None:
+    """One of `values` already in `column` (`id` or `storage_key`) of any row, tombstones included, or None.
+    As one array parameter on PostgreSQL: a list of placeholders, prepared and planned generically
+    after a few runs, made the planner pick a scan of the whole table."""
+    if not values:
+        return None
+    found = _ITEMS.c[column]
+    return session.execute(select(found).where(dialect.id_in(found, values)).limit(1)).scalar()
+
+
+def existing(session, dialect: Dialect, column: str, values: list[str], *wanted) -> list:
+    """The rows whose `column` is one of `values` (with the `wanted` columns of media_items)."""
+    from worker.models import MediaItem
+
+    if not values:
+        return []
+    table = MediaItem.__table__
+    return session.execute(select(*(wanted or (table,))).where(dialect.id_in(table.c[column], values))).all()
+
+
+def insert_rows(session, dialect: Dialect, rows: list[dict]) -> None:
+    """New active items, in the session's transaction (by COPY on PostgreSQL)."""
+    from worker.models import MediaItem
+
+    dialect.insert_rows(session, MediaItem.__table__, rows)
 
 
 # -- the claim -------------------------------------------------------------------------------------

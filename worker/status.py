@@ -113,7 +113,9 @@ def fleet_status(db: Database) -> dict:
     """The numbers an operator asks for first: last sweep, backlog, oldest overdue item, stuck deletions."""
     items, runs = MediaItem.__table__, SweepRun.__table__
     due = items_sql.due(items, db_now())
-    deleting = items.c.state == State.DELETING.value
+    # The predicates as their partial indexes spell them (not `state = :param`), so even a generic plan
+    # (a long-lived exporter prepares these) reads the indexes.
+    deleting = items_sql.deleting()
     with db.transaction() as session:
         now = session.scalar(select(db_now()))
         last = session.execute(select(runs).order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(1)).first()
@@ -123,13 +125,14 @@ def fleet_status(db: Database) -> dict:
         due_items, due_bytes = session.execute(
             select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).where(due)
         ).one()
-        deleting_items = session.scalar(select(func.count()).where(deleting)) or 0
-        oldest = session.execute(
-            select(items.c.id, items.c.expires_at).where(due | deleting).order_by(items.c.expires_at).limit(1)
-        ).first()
+        deleting_items = session.scalar(select(func.count()).select_from(items).where(deleting)) or 0
+        # The oldest of the two index heads: an OR of both predicates would read neither index.
+        heads = [session.execute(select(items.c.id, items.c.expires_at).where(where).order_by(items.c.expires_at).limit(1)).first()
+                 for where in (due, deleting)]
+        oldest = min((head for head in heads if head is not None), key=lambda head: head.expires_at, default=None)
         # Stuck: a delete failed at least once, or a claim's lease ran out and nobody took it over yet.
         stuck_filter = deleting & or_(items.c.attempts > 0, items.c.lease_until < db_now())
-        stuck_count = session.scalar(select(func.count()).where(stuck_filter)) or 0
+        stuck_count = session.scalar(select(func.count()).select_from(items).where(stuck_filter)) or 0
         stuck = session.execute(
             select(items.c.id, items.c.attempts, items.c.last_error, items.c.lease_until, items.c.claimed_at)
             .where(stuck_filter)

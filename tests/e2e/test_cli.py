@@ -184,11 +184,12 @@ def write_manifest(path, rows):
 
 
 def test_manifest_imports_every_line_in_batches(cli, seeded, tmp_path, data_dir):
-    """A 1,200-line manifest mixing copied files and adopted keys imports all of them."""
+    """A 4,500-line manifest mixing copied files and adopted keys imports all of them, a batch of 2,000 at a
+    time, with a progress event per batch."""
     blobs = data_dir / "media" / "legacy"
     blobs.mkdir()
     rows = []
-    for n in range(1200):
+    for n in range(4500):
         if n % 2:
             (blobs / f"b{n}").write_bytes(b"x" * n)
             rows.append({"org": "acme", "id": f"m{n}", "key": f"legacy/b{n}", "ttl": "2d", "created_at": "2026-01-01T00:00:00Z"})
@@ -196,9 +197,9 @@ def test_manifest_imports_every_line_in_batches(cli, seeded, tmp_path, data_dir)
             rows.append({"org": "acme", "id": f"m{n}", "file": str(seeded), "mime": "image/jpeg"})
     result = cli("register", "--manifest", str(write_manifest(tmp_path / "m.jsonl", rows)), "--json")
     assert result.code == 0, result.stderr
-    assert result.json["imported"] == 1200
-    assert "imported 500 items" in result.stderr
-    assert cli("org", "show", "acme", "--json").json["items"]["active"] == 1201
+    assert result.json["imported"] == 4500
+    assert [n for n in (2000, 4000, 4500) if f"imported {n} items" in result.stderr] == [2000, 4000, 4500]
+    assert cli("org", "show", "acme", "--json").json["items"]["active"] == 4501
     assert cli("lookup", "m7", "--json").json["size"] == 7
 
 

@@ -49,14 +49,8 @@ LEAVES_PARTIAL_UPLOADS = {"memory": False, "filesystem": True, "s3": True}
 # A key that is only the start of other keys (`a/b` when `a/b/c` is a blob) is a directory on disk: the
 # filesystem store refuses to stat it as a blob (BadInput) and its unlink fails (EISDIR). On S3 and in
 # memory nothing is stored at that exact key: stat and digest answer None and a delete succeeds.
-# Everywhere, the blobs below it are untouched. (The filesystem's digest of it is a known defect: see
-# test_the_digest_of_a_key_that_only_prefixes_other_blobs_is_refused_or_none.)
+# Everywhere, the blobs below it are untouched.
 A_PREFIX_IS_A_DIRECTORY = {"memory": False, "filesystem": True, "s3": False}
-
-# put_file from a source that cannot be read: the S3 store turns the OSError into BadInput (exit 2) as it
-# comes out of boto3's transfer manager; the others let the OSError through (the catalog checks the
-# source is a regular file before it calls the store).
-UNREADABLE_SOURCE_RAISES = {"memory": FileNotFoundError, "filesystem": FileNotFoundError, "s3": BadInput}
 
 # Keys every backend refuses, for every operation, before touching anything.
 INVALID_KEYS = {
@@ -210,10 +204,62 @@ def test_a_blob_is_never_overwritten(backend, store, upload, first):
 
 
 def test_a_source_that_cannot_be_read_leaves_no_blob(backend, store, tmp_path):
-    """put_file from a missing file raises (BadInput on S3, the OSError elsewhere) and leaves nothing, not even a partial upload."""
-    with pytest.raises(UNREADABLE_SOURCE_RAISES[backend.name]):
+    """put_file from a missing file is bad input, one sentence naming the file, and leaves nothing, not even a partial upload."""
+    with pytest.raises(BadInput, match="no-such-file"):
         store.put_file("ab/cd/never", tmp_path / "no-such-file")
     assert store.stat("ab/cd/never") is None
+    assert list(store.iter_keys(partial_uploads=True)) == []
+
+
+def test_stat_many_answers_each_key_in_order_with_its_blob_none_or_its_error(backend, store):
+    """Keys in shared and separate directories, missing ones, a missing directory and refused keys: one
+    answer per key, in order; a refused key is that key's error, not an exception for the batch."""
+    for key, content in (("d/1", b"a"), ("d/2", b"bb"), ("e/f/3", b"ccc")):
+        backend.plant(key, content)
+    keys = ["d/2", "d/none", "e/f/3", "../escape", "missing-dir/x", "d/1", "/absolute"]
+    answers = store.stat_many(keys)
+    assert [answer.size if isinstance(answer, BlobInfo) else answer for answer in answers[:3]] == [2, None, 3]
+    assert isinstance(answers[3], BadInput) and isinstance(answers[6], BadInput)
+    assert answers[4] is None and answers[5].size == 1 and answers[5].key == "d/1"
+
+
+# -- writing a batch -------------------------------------------------------------------------------
+
+# 20 files: more than the filesystem's BATCH_SYNC_MIN, so its two-sync path is the one checked.
+BATCH = 20
+
+
+def test_put_files_writes_a_batch_and_answers_each_file_with_its_size_and_sha256(store, upload):
+    """Every file of a batch lands at its key with its bytes; the answers come in order with the file's
+    size and sha256, and nothing temporary is left behind."""
+    contents = [f"blob {n}".encode() * (n + 1) for n in range(BATCH)]
+    files = [(f"b/{n:02d}", upload(content)) for n, content in enumerate(contents)]
+    stored = store.put_files(files)
+    assert [(blob.key, blob.size, blob.sha256, blob.written) for blob in stored] == [
+        (key, len(content), hashlib.sha256(content).hexdigest(), True) for (key, _), content in zip(files, contents)]
+    assert {key: store.digest(key).size for key, _ in files} == {key: len(content) for (key, _), content in zip(files, contents)}
+    assert list(store.iter_keys(partial_uploads=True, ordered=True)) == list(store.iter_keys(ordered=True))
+
+
+def test_put_files_leaves_a_blob_already_at_a_key_alone_and_says_so(backend, store, upload):
+    """A key already holding a blob comes back `written=False` with the file's own digest; the blob there
+    keeps its bytes, and the other files of the batch go in."""
+    backend.plant("b/05", b"someone else's")
+    files = [(f"b/{n:02d}", upload(f"mine {n}".encode())) for n in range(BATCH)]
+    stored = store.put_files(files)
+    assert [blob.written for blob in stored] == [n != 5 for n in range(BATCH)]
+    assert stored[5].sha256 == hashlib.sha256(b"mine 5").hexdigest()
+    assert store.digest("b/05").sha256 == hashlib.sha256(b"someone else's").hexdigest()
+
+
+@pytest.mark.parametrize("size", [3, BATCH])
+def test_put_files_that_fails_part_way_leaves_nothing_it_wrote(store, upload, tmp_path, size):
+    """A source that cannot be read half-way through a batch (small or large): bad input naming it, and
+    none of the batch's blobs, nor any temporary file or partial upload, is left."""
+    files = [(f"b/{n:02d}", upload(f"blob {n}".encode())) for n in range(size)]
+    files[size // 2] = (files[size // 2][0], tmp_path / "vanished.bin")
+    with pytest.raises(BadInput, match="vanished.bin"):
+        store.put_files(files)
     assert list(store.iter_keys(partial_uploads=True)) == []
 
 

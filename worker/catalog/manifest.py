@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import secrets
+import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
 import structlog
 from sqlalchemy import select
 
+from worker import items as items_sql
 from worker import validation
 from worker.catalog._shared import default_actor
 from worker.catalog.registration import Registration, _NewItem, _open_regular, _source_digest
@@ -29,9 +32,10 @@ from worker.store.keys import key_for_id
 
 log = structlog.get_logger("worker.catalog")
 
-# Manifest rows written per transaction: large enough to import millions of rows in minutes,
-# small enough that a failed batch is cheap to redo.
-MANIFEST_BATCH = 500
+# Manifest rows written per transaction: 2,000 rows are one COPY of a few hundred kilobytes and a
+# transaction of tens of milliseconds, so a million-line import is 500 commits; a failed batch is
+# cheap to redo. Files are copied in a batch at a time too, made durable by two syncs per batch.
+MANIFEST_BATCH = 2000
 # A manifest line is a few hundred bytes; the bound keeps a file without newlines (a binary, a huge
 # single line) from being read into memory whole.
 MANIFEST_LINE_MAX = 64 * 1024
@@ -159,11 +163,15 @@ class ManifestImport:
         key already holds its very bytes adopts them, so re-running a manifest that a crash cut
         short imports the rest.
 
+        The check writes each good line, parsed and validated, to a spool file (unlinked from the
+        start, so a crash leaves nothing); the import reads the spool back instead of parsing and
+        validating every line a second time.
+
         Memory: the check keeps each line's media ID and storage key with its line number, to find
         duplicates within the file (about 300 bytes a line: some 300 MB for a million lines); rows
         themselves are read, checked and written a batch at a time."""
         path = Path(path)
-        with _open_regular(path, "manifest") as handle:
+        with _open_regular(path, "manifest") as handle, tempfile.TemporaryFile(prefix="media-retention-manifest-") as spool:
             seen = os.fstat(handle.fileno())
             check = _ManifestCheck(now=self.registration.database_now())
             chunk: list[tuple[int, _NewItem, bool]] = []
@@ -174,10 +182,10 @@ class ManifestImport:
                     if item is not None:
                         chunk.append((number, item, row.get("id") is not None))
                     if len(chunk) == batch_size:
-                        self._check_manifest_chunk(check, chunk, pool)
+                        self._check_manifest_chunk(check, chunk, pool, spool)
                         chunk = []
                 if chunk:
-                    self._check_manifest_chunk(check, chunk, pool)
+                    self._check_manifest_chunk(check, chunk, pool, spool)
             if check.lines == 0:
                 raise BadInput(f"manifest {str(path)!r} has no lines; nothing was imported.")
             with self.db.transaction() as session:
@@ -189,8 +197,8 @@ class ManifestImport:
             now = os.fstat(handle.fileno())
             if (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns):
                 raise BadInput(f"manifest {str(path)!r} changed while it was being checked; nothing was imported.")
-            handle.seek(0)
-            summary = self._import_manifest(handle, path, batch_size, progress, check.now)
+            spool.seek(0)
+            summary = self._import_manifest(spool, path, batch_size, progress)
         log.info("manifest.imported", path=str(path), items=summary["imported"], bytes=summary["bytes"],
                  already_registered=summary["already_registered"])
         return ManifestSummary(**summary)
@@ -218,36 +226,69 @@ class ManifestImport:
         check.orgs.setdefault(item.org, number)
         return item
 
-    def _check_manifest_chunk(self, check: "_ManifestCheck", chunk: list[tuple[int, _NewItem, bool]], pool: ThreadPoolExecutor) -> None:
+    def _check_manifest_chunk(self, check: "_ManifestCheck", chunk: list[tuple[int, _NewItem, bool]], pool: ThreadPoolExecutor,
+                              spool: BinaryIO) -> None:
         """Check a chunk of lines against the catalog (IDs and keys taken) and the store (a key's blob
-        exists; a file's target key is free or already holds its very bytes)."""
-        items = MediaItem.__table__
+        exists; a file's target key is free or already holds its very bytes); spool the good ones."""
+        sql = self.db.sql
         with self.db.transaction() as session:
-            by_id = {row.id: row for row in session.execute(
-                select(items).where(items.c.id.in_([item.id for _, item, explicit in chunk if explicit])))}
-            key_owner = dict(session.execute(
-                select(items.c.storage_key, items.c.id).where(items.c.storage_key.in_([item.key for _, item, _ in chunk]))).all())
-        to_store: list[tuple[int, _NewItem]] = []
+            by_id = {row.id: row for row in items_sql.existing(
+                session, sql, "id", [item.id for _, item, explicit in chunk if explicit])}
+            key_owner = dict(items_sql.existing(
+                session, sql, "storage_key", [item.key for _, item, _ in chunk], MediaItem.storage_key, MediaItem.id))
+        to_store: list[tuple[int, _NewItem, bool]] = []
+        records: list[tuple] = []
         for number, item, explicit in chunk:
             existing = by_id.get(item.id) if explicit else None
             if existing is not None:
                 if not _describes(item, existing):
                     check.error(number, f"media id {item.id!r} already exists with other content")
+                else:
+                    records.append(_spooled(number, item, explicit, registered=True))
                 continue  # already registered exactly so: the import skips it
             if key_owner.get(item.key) is not None:
                 check.error(number, f"storage key {item.key!r} already belongs to another item")
                 continue
             if item.source is None or explicit:
-                to_store.append((number, item))
-        for (number, item), problem in zip(to_store, pool.map(self._store_problem, [item for _, item in to_store]), strict=True):
+                to_store.append((number, item, explicit))
+            else:
+                records.append(_spooled(number, item, explicit))
+        for (number, item, explicit), (problem, size) in zip(to_store, self._store_problems(
+                [item for _, item, _ in to_store], pool), strict=True):
             if problem:
                 check.error(number, problem)
+            else:
+                item.size = size
+                records.append(_spooled(number, item, explicit))
+        if not check.errors:  # once a line is bad nothing will be imported: no need to spool more
+            records.sort()
+            pickle.dump(records, spool, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def _store_problem(self, item: _NewItem) -> str | None:
-        """Why the store cannot take this line, or None."""
+    def _store_problems(self, items: list[_NewItem], pool: ThreadPoolExecutor) -> list[tuple[str | None, int | None]]:
+        """For each line, why the store cannot take it (or None) and the size of a key line's blob. Key lines
+        are asked in one `stat_many` (the store knows how to ask fast); file lines with an ID, whose target
+        may hold the bytes of a run that was cut short, one by one on the pool."""
+        keyed = [item for item in items if item.source is None]
+        answers = dict(zip((id(item) for item in keyed), self.store.stat_many([item.key for item in keyed]), strict=True))
+        files = [item for item in items if item.source is not None]
+        file_answers = dict(zip((id(item) for item in files), pool.map(self._file_problem, files), strict=True))
+        problems: list[tuple[str | None, int | None]] = []
+        for item in items:
+            if item.source is not None:
+                problems.append((file_answers[id(item)], None))
+                continue
+            info = answers[id(item)]
+            if isinstance(info, RetentionError):
+                problems.append((str(info).rstrip("."), None))
+            elif info is None:
+                problems.append((f"no blob at storage key {item.key!r}", None))
+            else:
+                problems.append((None, info.size))
+        return problems
+
+    def _file_problem(self, item: _NewItem) -> str | None:
+        """Why a file line's target key cannot take the file, or None (free, or already its very bytes)."""
         try:
-            if item.source is None:
-                return None if self.store.stat(item.key) is not None else f"no blob at storage key {item.key!r}"
             if self.store.stat(item.key) is None:
                 return None
             if self.store.digest(item.key) != _source_digest(item.source):
@@ -256,38 +297,55 @@ class ManifestImport:
         except RetentionError as exc:
             return str(exc).rstrip(".")
 
-    def _import_manifest(self, handle: BinaryIO, path: Path, batch_size: int, progress: Callable[[int], None] | None,
-                         now: datetime) -> dict:
+    def _import_manifest(self, spool: BinaryIO, path: Path, batch_size: int, progress: Callable[[int], None] | None) -> dict:
         summary = {"imported": 0, "already_registered": 0, "bytes": 0, "manifest": str(path)}
         batch: list[_NewItem] = []
         actor = validation.actor(default_actor())
+        audit = {"action": "import", "actor": actor, "details": {"manifest": path.name}}
 
         def flush() -> None:
-            explicit = [item.id for item in batch if item.id is not None]
-            with self.db.transaction() as session:
-                registered = set(session.scalars(select(MediaItem.id).where(MediaItem.id.in_(explicit))))
-            fresh = [item for item in batch if item.id not in registered]
-            for item in fresh:
-                if item.id is None:
+            for item in batch:
+                if item.id is None:  # drawn at import, after the already-registered check
                     item.id = secrets.token_urlsafe(18)
                     if item.source is not None:
                         item.key = key_for_id(item.id)
-            if fresh:
-                audit = {"action": "import", "actor": actor, "details": {"manifest": path.name}}
-                summary["bytes"] += sum(item.size for item in self.registration.register_batch(fresh, audit))
-            summary["imported"] += len(fresh)
-            summary["already_registered"] += len(batch) - len(fresh)
+            summary["bytes"] += sum(item.size for item in self.registration.register_batch(batch, audit))
+            summary["imported"] += len(batch)
             batch.clear()
             if progress:
                 progress(summary["imported"])
 
-        for _number, row in self._manifest_lines(handle):
-            item = self._validate_manifest_row(row, path.parent, now)
-            if row.get("id") is None:
-                item.id = None  # drawn at import, after the already-registered check
+        for record in _unspool(spool):
+            item, registered = _unspooled(record)
+            if registered:
+                summary["already_registered"] += 1
+                continue
             batch.append(item)
             if len(batch) == batch_size:
                 flush()
         if batch:
             flush()
         return summary
+
+
+def _spooled(number: int, item: _NewItem, explicit: bool, *, registered: bool = False) -> tuple:
+    """A checked line as the import reads it back: plain values, in line order."""
+    return (number, item.id if explicit else None, item.org, item.key, str(item.source) if item.source else None,
+            int(item.ttl.total_seconds()) if item.ttl else None, item.created_at, item.mime, item.sha256, item.size,
+            registered)
+
+
+def _unspooled(record: tuple) -> tuple[_NewItem, bool]:
+    _number, media_id, org, key, source, ttl, created_at, mime, sha256, size, registered = record
+    return _NewItem(id=media_id, org=org, key=key, source=Path(source) if source else None,
+                    ttl=timedelta(seconds=ttl) if ttl else None, created_at=created_at, mime=mime, sha256=sha256,
+                    size=size), registered
+
+
+def _unspool(spool: BinaryIO) -> Iterator[tuple]:
+    while True:
+        try:
+            records = pickle.load(spool)
+        except EOFError:
+            return
+        yield from records

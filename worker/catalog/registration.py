@@ -22,13 +22,14 @@ import structlog
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
+from worker import items as items_sql
 from worker import validation
 from worker.catalog.results import Item
 from worker.db import Database, db_now
 from config.errors import BadInput, BlobExists
 from worker.models import AuditEvent, MediaItem, Organization, State
 from worker.policy import effective_lifetime, parse_ttl
-from worker.store import BlobDigest, BlobStore
+from worker.store import BlobDigest, BlobStore, open_source, source_digest
 from worker.store.keys import key_for_id, validate_id, validate_new_key
 
 log = structlog.get_logger("worker.catalog")
@@ -59,28 +60,9 @@ class _NewItem:
 
 
 
-def _open_regular(path: Path, what: str) -> BinaryIO:
-    """Open a file for reading only if it is a regular file. O_NONBLOCK: opening a FIFO without a
-    writer (or a device) must not hang; the check on the open descriptor cannot be raced."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise BadInput(f"cannot read {what} {str(path)!r}: {exc.strerror}.") from None
-    mode = os.fstat(fd).st_mode
-    if not stat_module.S_ISREG(mode):
-        os.close(fd)
-        kind = "a directory" if stat_module.S_ISDIR(mode) else "a FIFO" if stat_module.S_ISFIFO(mode) else \
-            "a device" if stat_module.S_ISCHR(mode) or stat_module.S_ISBLK(mode) else "not a file"
-        raise BadInput(f"{what} {str(path)!r} is not a regular file ({kind}).")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
-
-
-def _source_digest(path: Path) -> BlobDigest:
-    with _open_regular(path, "file") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        return BlobDigest(size=size, sha256=hashlib.file_digest(handle, "sha256").hexdigest())
-
+# The store's readers of local files, under the names manifest import and adopt use.
+_open_regular = open_source
+_source_digest = source_digest
 
 
 class Registration:
@@ -126,12 +108,10 @@ class Registration:
 
     def _check_free(self, session, new_items: Sequence[_NewItem]) -> None:
         """IDs are never reused, not even after deletion: a tombstone keeps answering 404."""
-        ids = [item.id for item in new_items]
-        taken = session.scalars(select(MediaItem.id).where(MediaItem.id.in_(ids))).first()
+        taken = items_sql.first_taken(session, self.db.sql, "id", [item.id for item in new_items])
         if taken:
             raise BadInput(f"media id {taken!r} already exists; IDs are never reused.")
-        keys = [item.key for item in new_items]
-        used = session.scalars(select(MediaItem.storage_key).where(MediaItem.storage_key.in_(keys))).first()
+        used = items_sql.first_taken(session, self.db.sql, "storage_key", [item.key for item in new_items])
         if used:
             raise BadInput(f"storage key {used!r} already belongs to another media item.")
 
@@ -148,28 +128,26 @@ class Registration:
         return found
 
     def _store_blobs(self, new_items: Sequence[_NewItem]) -> list[str]:
-        """Copy in files / size adopted keys; return the keys this call wrote (to undo on failure).
+        """Copy in files (one `put_files` batch) and size adopted keys; return the keys this call wrote
+        (to undo on failure).
 
         A file whose key already holds a blob with exactly its bytes (size and sha256) adopts that
         blob: it is what a killed run of the same command wrote before its row was committed (the
         caller checked that no row claims the key), so re-running the command succeeds."""
-        written: list[str] = []
+        files = [item for item in new_items if item.source is not None]
+        stored = self.store.put_files([(item.key, item.source) for item in files]) if files else []
+        written = [blob.key for blob in stored if blob.written]
         try:
+            for item, blob in zip(files, stored, strict=True):
+                if item.sha256 is not None and item.sha256 != blob.sha256:
+                    raise BadInput(f"the sha256 given for {str(item.source)!r} does not match the file.")
+                if not blob.written:
+                    if self.store.digest(item.key) != BlobDigest(blob.size, blob.sha256):
+                        raise BadInput(f"storage key {item.key!r} already holds a different blob; refusing to overwrite it.")
+                    log.info("register.blob_adopted", media_id=item.id, key=item.key, size=blob.size)
+                item.sha256, item.size = blob.sha256, blob.size
             for item in new_items:
-                if item.source is not None:
-                    source = _source_digest(item.source)
-                    if item.sha256 is not None and item.sha256 != source.sha256:
-                        raise BadInput(f"the sha256 given for {str(item.source)!r} does not match the file.")
-                    item.sha256 = source.sha256
-                    try:
-                        item.size = self.store.put_file(item.key, item.source)
-                        written.append(item.key)
-                    except BlobExists:
-                        if self.store.digest(item.key) != source:
-                            raise BadInput(f"storage key {item.key!r} already holds a different blob; refusing to overwrite it.") from None
-                        item.size = source.size
-                        log.info("register.blob_adopted", media_id=item.id, key=item.key, size=item.size)
-                else:
+                if item.source is None and item.size is None:
                     info = self.store.stat(item.key)
                     if info is None:
                         raise BadInput(f"no blob at storage key {item.key!r} in {self.store.url}.")
@@ -212,7 +190,7 @@ class Registration:
                         "org_held": org_held,
                     }
                 )
-            session.execute(insert(MediaItem), rows)
+            items_sql.insert_rows(session, self.db.sql, rows)
             if audit is not None:
                 by_org: dict[str, list[dict]] = {}
                 for row in rows:
@@ -228,10 +206,14 @@ class Registration:
                      expires_at=row["expires_at"], state=row["state"]) for row in rows]
 
     def register_batch(self, new_items: Sequence[_NewItem], audit: dict | None = None) -> list[Item]:
-        """Store blobs, then insert rows in one transaction; on any failure remove the blobs written."""
-        with self.db.transaction() as session:
-            self._org_policies(session, {item.org for item in new_items}, lock=False)
-            self._check_free(session, new_items)
+        """Store blobs, then insert rows in one transaction; on any failure remove the blobs written.
+        When blobs are to be copied in, the rows' orgs, IDs and keys are checked first, so a doomed batch
+        writes nothing; a batch of keys already in the store goes straight to the insert, which checks
+        the same in its own transaction."""
+        if any(item.source is not None for item in new_items):
+            with self.db.transaction() as session:
+                self._org_policies(session, {item.org for item in new_items}, lock=False)
+                self._check_free(session, new_items)
         written = self._store_blobs(new_items)
         try:
             return self._insert(new_items, audit)

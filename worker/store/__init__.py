@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator
+import hashlib
+import os
+import stat as stat_module
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-from config.errors import BadInput, StoreError
+from config.errors import BadInput, BlobExists, RetentionError, StoreError
 from config.storage import check_storage_url
 
 if TYPE_CHECKING:
@@ -59,6 +62,41 @@ class BlobDigest:
     sha256: str
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """What `put_files` did with one file: wrote it (`written`), or found the key already holding a blob
+    and left that alone (`written=False`: the caller adopts it when its digest is the file's, or refuses)."""
+
+    key: str
+    size: int
+    sha256: str  # of the file as it was read and copied
+    written: bool
+
+
+def open_source(path: Path, what: str = "file"):
+    """Open a file to read only if it is a regular file. O_NONBLOCK: opening a FIFO without a writer (or
+    a device) must not hang; the check on the open descriptor cannot be raced by a swap."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BadInput(f"cannot read {what} {str(path)!r}: {exc.strerror}.") from None
+    mode = os.fstat(fd).st_mode
+    if not stat_module.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat_module.S_ISDIR(mode) else "a FIFO" if stat_module.S_ISFIFO(mode) else \
+            "a device" if stat_module.S_ISCHR(mode) or stat_module.S_ISBLK(mode) else "not a file"
+        raise BadInput(f"{what} {str(path)!r} is not a regular file ({kind}).")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def source_digest(path: Path) -> BlobDigest:
+    """Size and sha256 of a local file, read once through `open_source`."""
+    with open_source(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        return BlobDigest(size=size, sha256=hashlib.file_digest(handle, "sha256").hexdigest())
+
+
 class BlobStore(abc.ABC):
     """Where media bytes live. Every key is validated; nothing outside the root/prefix is touched."""
 
@@ -67,6 +105,26 @@ class BlobStore(abc.ABC):
     @abc.abstractmethod
     def put_file(self, key: str, source: Path) -> int:
         """Copy a local file to `key` (atomically: readers never see half a blob); return its size."""
+
+    def put_files(self, files: Sequence[tuple[str, Path]]) -> list[StoredFile]:
+        """Copy each local file to its key (never over an existing blob: that key comes back with
+        `written=False`); a result per file, in order. All or nothing: on an error the blobs this call
+        wrote are removed and the error raised. Stores may do it faster than one `put_file` at a time
+        (the filesystem makes a whole batch durable with two syncs instead of one per file)."""
+        stored: list[StoredFile] = []
+        try:
+            for key, source in files:
+                digest = source_digest(source)
+                try:
+                    size = self.put_file(key, source)
+                except BlobExists:
+                    stored.append(StoredFile(key, digest.size, digest.sha256, written=False))
+                else:
+                    stored.append(StoredFile(key, size, digest.sha256, written=True))
+        except BaseException:
+            self.delete_many([blob.key for blob in stored if blob.written])
+            raise
+        return stored
 
     @abc.abstractmethod
     def stat(self, key: str) -> BlobInfo | None:
@@ -87,6 +145,18 @@ class BlobStore(abc.ABC):
     def discard_partial_uploads(self, uploads: list[PartialUpload]) -> list[DeleteResult]:
         """Remove leftovers of killed uploads; a result per upload. Never touches a blob."""
         return [DeleteResult(upload.key, ok=False, error="this store leaves no partial uploads") for upload in uploads]
+
+    def stat_many(self, keys: Sequence[str]) -> "list[BlobInfo | None | RetentionError]":
+        """`stat` of each key, in order; a key the store refuses (or cannot read) answers with its error
+        instead of raising, so one bad key among thousands is that key's answer. Stores override it to
+        do it faster: a filesystem walks from one root descriptor, an object store asks concurrently."""
+        answers: list[BlobInfo | None | RetentionError] = []
+        for key in keys:
+            try:
+                answers.append(self.stat(key))
+            except RetentionError as exc:
+                answers.append(exc)
+        return answers
 
     def digest(self, key: str) -> BlobDigest | None:
         """Size and sha256 of the blob at `key` (reads it whole), or None when there is none."""

@@ -8,20 +8,21 @@ the operation) can make it touch anything outside the root.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import math
 import os
 import secrets
-import shutil
 import stat as stat_module
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from config.errors import BadInput, BlobExists, StoreError
-from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload
+from config.errors import BadInput, BlobExists, RetentionError, StoreError
+from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload, StoredFile, open_source
 from worker.store.keys import validate_key
 from worker.volume.filesystem import filesystem_usage
 from worker.volume.levels import Usage
@@ -32,6 +33,21 @@ _TEMP_PREFIX = ".incoming-"
 # and no run shorter than this, so a small batch is not cut into single keys.
 DELETE_RUNS_PER_THREAD = 4
 DELETE_RUN_MIN = 16
+# Batches of at least this many files are made durable by two syncs of the volume (see put_files); fewer
+# are fsynced one by one, which is cheaper than syncing a whole busy volume for a handful.
+BATCH_SYNC_MIN = 16
+COPY_CHUNK = 1024 * 1024
+
+
+def _libc_syncfs():
+    """libc's syncfs(2) (Linux), or None where there is none."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True), "syncfs", None)
+    except OSError:
+        return None
+
+
+_SYNCFS = _libc_syncfs()
 
 
 def _written_at(info: os.stat_result) -> datetime:
@@ -121,38 +137,143 @@ class FilesystemStore(BlobStore):
             if fd != root_fd:
                 os.close(fd)
 
-    def put_file(self, key: str, source: Path) -> int:
+    def _write_temp(self, key: str, source: Path, *, durable: bool) -> tuple[str, int, str]:
+        """Copy `source` to a temporary file beside the key's blob, hashing it on the way; (temp name,
+        size, sha256). With `durable`, fsynced before it returns. A failed copy (ENOSPC, EIO) removes it:
+        a partial temp file must not fill the volume further."""
         temp = f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
-        try:
-            with self._parent_dir(key, create=True) as (dir_fd, name):
-                out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
-                try:
-                    with open(source, "rb") as src, open(out, "wb", closefd=False) as dst:
-                        shutil.copyfileobj(src, dst, 1024 * 1024)
-                        dst.flush()
+        hasher = hashlib.sha256()
+        with self._parent_dir(key, create=True) as (dir_fd, _name):
+            out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+            try:
+                with open_source(source) as src, open(out, "wb", closefd=False) as dst:
+                    while chunk := src.read(COPY_CHUNK):
+                        hasher.update(chunk)
+                        dst.write(chunk)
+                    dst.flush()
+                    if durable:
                         os.fsync(out)
-                    size = os.fstat(out).st_size
-                except BaseException:
-                    # A copy that failed (ENOSPC, EIO) must not leave its partial temp file filling the volume.
-                    with contextlib.suppress(OSError):
-                        os.unlink(temp, dir_fd=dir_fd)
-                    raise
-                finally:
-                    os.close(out)
-                try:
-                    # link() never replaces an existing blob, unlike rename().
-                    os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-                except FileExistsError:
-                    raise BlobExists(f"a blob already exists at storage key {key!r}; refusing to overwrite it.") from None
-                finally:
+                size = os.fstat(out).st_size
+            except BaseException:
+                with contextlib.suppress(OSError):
                     os.unlink(temp, dir_fd=dir_fd)
-                return size
+                raise
+            finally:
+                os.close(out)
+        return temp, size, hasher.hexdigest()
+
+    def _link_temp(self, key: str, temp: str) -> bool:
+        """Give the temporary file its key's name; False (and the temp file gone) when the key already
+        holds a blob. link() never replaces an existing blob, unlike rename()."""
+        with self._parent_dir(key) as (dir_fd, name):
+            try:
+                os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(temp, dir_fd=dir_fd)
+
+    def _discard_temp(self, key: str, temp: str) -> None:
+        with contextlib.suppress(OSError, _Escape), self._parent_dir(key) as (dir_fd, _name):
+            os.unlink(temp, dir_fd=dir_fd)
+
+    def _sync(self) -> None:
+        """Everything written on the media volume reaches the disk (syncfs; a full sync where there is none)."""
+        fd = os.open(self.root, _DIR_FLAGS)
+        try:
+            if _SYNCFS is None:
+                os.sync()
+            elif _SYNCFS(fd) != 0:
+                error = ctypes.get_errno()
+                raise OSError(error, os.strerror(error), str(self.root))
+        finally:
+            os.close(fd)
+
+    def put_file(self, key: str, source: Path) -> int:
+        try:
+            temp, size, _sha256 = self._write_temp(key, source, durable=True)
+            if not self._link_temp(key, temp):
+                raise BlobExists(f"a blob already exists at storage key {key!r}; refusing to overwrite it.")
+            return size
         except _Escape as exc:
             raise BadInput(f"{exc}; refusing to follow it out of the media root.") from None
 
-    def stat(self, key: str) -> BlobInfo | None:
+    def put_files(self, files: Sequence[tuple[str, Path]]) -> list[StoredFile]:
+        """A batch goes in three steps: every file to a temporary name (not synced), one sync of the volume,
+        every temporary file linked to its key, one more sync; an fsync per file instead costs a journal
+        commit each (measured here: ~700 files/s against ~10,000). A blob is complete before it has its
+        name, so a crash leaves only whole blobs under keys (adopted by a re-run) and temporary files
+        (removed by reconcile). Small batches are synced file by file, which costs no more."""
+        batched = len(files) >= BATCH_SYNC_MIN
+        temps: list[tuple[str, str, int, str]] = []
+        stored: list[StoredFile] = []
         try:
-            with self._parent_dir(key) as (dir_fd, name):
+            for key, source in files:
+                temp, size, sha256 = self._write_temp(key, source, durable=not batched)
+                temps.append((key, temp, size, sha256))
+            if batched:
+                self._sync()
+            for index, (key, temp, size, sha256) in enumerate(temps):
+                written = self._link_temp(key, temp)
+                temps[index] = (key, "", size, sha256)  # linked or removed: nothing left to discard
+                stored.append(StoredFile(key, size, sha256, written))
+            if batched:
+                self._sync()
+        except BaseException as exc:
+            for key, temp, _size, _sha256 in temps:
+                if temp:
+                    self._discard_temp(key, temp)
+            self.delete_many([blob.key for blob in stored if blob.written])
+            if isinstance(exc, _Escape):
+                raise BadInput(f"{exc}; refusing to follow it out of the media root.") from None
+            raise
+        return stored
+
+    def stat_many(self, keys: Sequence[str]) -> list[BlobInfo | None | RetentionError]:
+        """Every key's stat from one descriptor of the root, in this thread: a local stat costs less than
+        handing it to another."""
+        root_fd = os.open(self.root, _DIR_FLAGS)
+        answers: list[BlobInfo | None | RetentionError] = [None] * len(keys)
+        # Keys sharing a directory (an imported tree: legacy/2019/...) are asked from one walk to it.
+        by_directory: dict[str, list[int]] = {}
+        for index, key in enumerate(keys):
+            by_directory.setdefault(key.rpartition("/")[0] if isinstance(key, str) else "", []).append(index)
+        try:
+            for indexes in by_directory.values():
+                first = keys[indexes[0]]
+                try:
+                    with self._parent_dir(first, root_fd=root_fd) as (dir_fd, _name):
+                        for index in indexes:
+                            answers[index] = self._stat_in(keys[index], dir_fd)
+                except FileNotFoundError:
+                    pass  # the directory is not there: none of its keys has a blob
+                except (_Escape, RetentionError) as exc:
+                    for index in indexes:  # each key on its own, so each gets its own answer
+                        try:
+                            answers[index] = self.stat(keys[index], root_fd=root_fd)
+                        except RetentionError as error:
+                            answers[index] = error
+        finally:
+            os.close(root_fd)
+        return answers
+
+    def _stat_in(self, key: str, dir_fd: int) -> BlobInfo | None | RetentionError:
+        """The blob of `key` in its open directory; its last step is checked like any key's."""
+        try:
+            name = validate_key(key).rpartition("/")[2]
+            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except RetentionError as exc:
+            return exc
+        if not stat_module.S_ISREG(info.st_mode):
+            return BadInput(f"storage key {key!r} is not a regular file (a directory or a symlink).")
+        return BlobInfo(key=key, size=info.st_size, modified=_written_at(info))
+
+    def stat(self, key: str, root_fd: int | None = None) -> BlobInfo | None:
+        try:
+            with self._parent_dir(key, root_fd=root_fd) as (dir_fd, name):
                 info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return None

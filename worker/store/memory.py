@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from config.errors import BadInput, BlobExists
-from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload
+from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload, open_source
 from worker.store.keys import validate_key
 
 
@@ -26,7 +26,8 @@ class MemoryStore(BlobStore):
 
     def put_file(self, key: str, source: Path) -> int:
         key = validate_key(key)
-        data = Path(source).read_bytes()
+        with open_source(Path(source)) as handle:
+            data = handle.read()
         with self._lock:
             if key in self._blobs:
                 raise BlobExists(f"storage key {key!r} already holds a blob; refusing to overwrite it.")

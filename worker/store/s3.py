@@ -19,7 +19,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -31,7 +31,7 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from config.errors import BadInput, BlobExists, StoreError
+from config.errors import BadInput, BlobExists, RetentionError, StoreError
 from config.redact import redact_url
 from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload, chunked
 from worker.store.keys import validate_key
@@ -180,6 +180,10 @@ class S3Store(BlobStore):
         except BotoCoreError as exc:
             raise StoreError(f"cannot reach {self.url}: {exc}") from None
         return BlobInfo(key=key, size=int(head["ContentLength"]), modified=head.get("LastModified"))
+
+    def stat_many(self, keys: Sequence[str]) -> list[BlobInfo | None | RetentionError]:
+        """A HEAD per key, `delete_threads` at a time: each is a round trip, so they overlap."""
+        return list(self._executor().map(lambda key: super(S3Store, self).stat_many([key])[0], keys))
 
     def put_file(self, key: str, source: Path) -> int:
         full = self._object_key(key)
