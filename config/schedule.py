@@ -14,11 +14,15 @@ PURGE_TASK = "media_retention.purge"
 RECONCILE_TASK = "media_retention.reconcile"
 # Samples the media volume and raises, reminds or resolves the fleet's volume alert.
 VOLUME_TASK = "media_retention.check_volume"
+# Removes tombstones older than MEDIA_RETENTION_TOMBSTONE_RETENTION, when that is set.
+COMPACT_TASK = "media_retention.compact_tombstones"
+# Once a day: tombstones are compacted by age in days, and a daily pass keeps each one short.
+COMPACT_INTERVAL_S = 86400
 
 
 def beat_schedule(settings: Settings) -> dict:
     interval = settings.sweep_interval.total_seconds()
-    return {
+    schedule = {
         "sweep-expired-media": {
             "task": SCHEDULED_SWEEP_TASK,
             "schedule": interval,
@@ -33,3 +37,11 @@ def beat_schedule(settings: Settings) -> dict:
             "options": {"expires": settings.volume_check_interval.total_seconds()},
         },
     }
+    if settings.tombstone_retention:
+        schedule["compact-tombstones"] = {
+            "task": COMPACT_TASK,
+            "schedule": COMPACT_INTERVAL_S,
+            # A day's pass that waited a day is superseded by the next.
+            "options": {"expires": COMPACT_INTERVAL_S},
+        }
+    return schedule

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # nothing is due. `off` (or 0) turns the watch off, leaving deletion to beat's sweeps (up to SWEEP_INTERVAL late).
     watch_interval: DurationOrOff = Field(timedelta(seconds=1), ge=timedelta(0), le=timedelta(minutes=10))
     claim_lease: Duration = timedelta(minutes=5)
+    # Tombstones of items deleted longer ago than this are removed once a day (worker/tombstones.py): the
+    # catalog then grows with live media, not with history. A compacted ID answers 404 not_found instead
+    # of gone and may be registered again. Off by default: every tombstone is kept.
+    tombstone_retention: DurationOrOff = Field(timedelta(0), ge=timedelta(0))
     # 1000 rows a claim: exactly one full S3 DeleteObjects request (its maximum), and still a
     # transaction of milliseconds.
     sweep_batch_size: int = Field(1000, ge=1, le=10_000)
@@ -145,6 +149,13 @@ class Settings(BaseSettings):
             return check_retention(value, f"{int(value.total_seconds())}s")
         except BadInput as exc:
             raise ValueError(str(exc).rstrip(".")) from None
+
+    @field_validator("tombstone_retention")
+    @classmethod
+    def _tombstones_kept_a_day(cls, value: timedelta) -> timedelta:
+        if timedelta(0) < value < timedelta(days=1):
+            raise ValueError("use at least 1d, or off to keep every tombstone")
+        return value
 
     @field_validator("broker_url")
     @classmethod

@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     if settings.metrics_port:
         _prepare_multiprocess_metrics(settings.data_dir / "prometheus")
-    app = Celery("media_retention", include=["tasks.sweep", "tasks.volume", "tasks.reconcile"])
+    app = Celery("media_retention", include=["tasks.sweep", "tasks.volume", "tasks.reconcile", "tasks.tombstones"])
     transport_options: dict = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
     if settings.embedded_broker:
         queue_dir, control_dir = settings.broker_dir / "queue", settings.broker_dir / "control"

@@ -438,6 +438,27 @@ def reconcile(engine: Engine, dry_run, grace, max_orphans, max_missing, enqueue_
 
 
 @cli.command()
+@click.option("--older-than", help="Remove tombstones of items deleted longer ago than this, at least 1d "
+              "(default: MEDIA_RETENTION_TOMBSTONE_RETENTION).")
+@click.option("--dry-run", is_flag=True, help="Only count what would be removed.")
+@click.option("--by", "actor", help="Who compacts (recorded; default: the OS user).")
+@json_option
+@with_engine
+def compact(engine: Engine, older_than: str | None, dry_run: bool, actor: str | None, out: Output) -> None:
+    """Remove old tombstones: their IDs then answer 404 not_found instead of gone (see the README)."""
+    from worker.tombstones import MINIMUM_AGE
+
+    if older_than is None and not settings().tombstone_retention:
+        raise BadInput("give --older-than, or set MEDIA_RETENTION_TOMBSTONE_RETENTION; tombstones are kept forever by default.")
+    age = parse_duration(older_than) if older_than is not None else settings().tombstone_retention
+    if age < MINIMUM_AGE:
+        raise BadInput(f"--older-than {older_than} is too short: tombstones younger than 1d are never compacted.")
+    report = engine.tombstones.compact(older_than=age, dry_run=dry_run, actor=validation.actor(actor or default_actor()),
+                                       progress=out.progress)
+    out.result(report.to_dict(), title="dry run: nothing was removed" if dry_run and not out.as_json else None)
+
+
+@cli.command()
 @click.option("--grace", default="1d", show_default=True,
               help="Blobs with no item that are younger than this are uploads in flight, not orphans.")
 @click.option("--stuck-after", help="A deletion whose lease ran out longer ago than this is stuck "

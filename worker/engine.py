@@ -24,6 +24,7 @@ from worker.reconcile import Reconciler
 from worker.runs import SweepRuns
 from worker.store import BlobStore, open_store
 from worker.sweep import Sweeper
+from worker.tombstones import Tombstones
 from worker.verify import Verifier
 from worker.watch import ExpiryWatch
 
@@ -44,6 +45,7 @@ class Engine:
     runs: SweepRuns
     reconciler: Reconciler
     verifier: Verifier
+    tombstones: Tombstones
     # Deletes media within about a second of expiry between beat's sweeps; None when turned off.
     watch: ExpiryWatch | None
     # The volume monitor is made on demand: its module pulls in the HTTP client that only alerts need.
@@ -79,6 +81,7 @@ def build(settings: Settings, *, store: BlobStore | None = None, database: Datab
                        fanout_max=settings.sweep_fanout_max),
         reconciler=Reconciler(db, store),
         verifier=Verifier(db, store),
+        tombstones=Tombstones(db),
         watch=ExpiryWatch(sweeper, interval_s=settings.watch_interval.total_seconds()) if settings.watch_interval else None,
         _volume_monitor=volume_monitor_on_store,
     )

@@ -28,7 +28,8 @@ def machine() -> str:
     """One line naming the machine the figures come from."""
     model = "unknown CPU"
     try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     load = os.getloadavg()[0]

@@ -128,6 +128,9 @@ BAD_INPUTS = [
     ("--by that is not UTF-8", ["hold", "img-1", "--reason", "r", "--by", "\udcff"], "UTF-8"),
     ("reason of 3000 characters", ["hold", "img-1", "--reason", "r" * 3000], "2000"),
     ("verify examples out of range", ["verify", "--examples", "1000000"], "1000000"),
+    ("compact with no age", ["compact"], "--older-than"),
+    ("compact younger than a day", ["compact", "--older-than", "23h"], "1d"),
+    ("compact with a bad age", ["compact", "--older-than", "soon"], "malformed duration"),
 ]
 
 
@@ -150,6 +153,8 @@ def test_bad_input_is_one_sentence_exit_two_and_changes_nothing(cli, seeded, dat
 
 
 BAD_SETTINGS = [
+    ("MEDIA_RETENTION_TOMBSTONE_RETENTION", "1h", "at least 1d"),
+    ("MEDIA_RETENTION_WATCH_INTERVAL", "1h", "10 minutes"),
     ("MEDIA_RETENTION_LOG_LEVEL", "LOUD", "DEBUG, INFO"),
     ("MEDIA_RETENTION_STORAGE_URL", "file:///srv/media%00evil", "NUL"),
     ("MEDIA_RETENTION_STORAGE_URL", "file://relative/path", "file:///"),
