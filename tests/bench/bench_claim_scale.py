@@ -51,6 +51,18 @@ def explain(db, sweeper) -> str:
     return "\n".join(lines)
 
 
+def sizes(db) -> list[tuple[str, str, str]]:
+    """The table and each index on disk, and bytes a row: what README's plan for a billion rows scales from."""
+    with db.engine.connect() as connection:
+        rows = connection.execute(text("SELECT count(*) FROM media_items")).scalar()
+        found = connection.execute(text("""
+            SELECT c.relname, pg_relation_size(c.oid) FROM pg_class c
+            WHERE c.oid = 'media_items'::regclass
+               OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'media_items'::regclass)
+            ORDER BY 2 DESC""")).all()
+    return [(name, f"{size / 2**20:,.0f} MiB", f"{size / rows:.0f}") for name, size in found]
+
+
 def release_claims(db) -> None:
     with db.engine.begin() as connection:
         connection.execute(text("UPDATE media_items SET state = 'active', claim_token = NULL, claimed_at = NULL, "
@@ -78,5 +90,7 @@ def test_a_claim_costs_the_same_at_ten_million_rows_as_at_a_hundred_thousand(pg_
           [(f"{SMALL:,} rows (baseline)", f"{small * 1000:.1f} ms", "1.00"),
            (f"{LARGE:,} rows", f"{large * 1000:.1f} ms", f"**{large / small:.2f}** (target <= {TARGET_RATIO})")])
     print(f"\nplan at {SMALL:,} rows:\n{small_plan}\n\nplan at {LARGE:,} rows:\n{large_plan}")
+    table(f"media_items on disk at {LARGE:,} rows (all active but {CLAIMS * BATCH:,} claimed)", ("relation", "size", "bytes a row"),
+          sizes(pg_database))
     assert "ix_media_items_claimable_expiry" in large_plan
     assert large / small <= TARGET_RATIO
