@@ -20,7 +20,7 @@ test: install
 	$(BIN)/pytest
 
 bench: install
-	$(BIN)/pytest tests/bench -s -p no:cacheprovider -o addopts=-ra -o python_files='bench_*.py'
+	$(BIN)/pytest tests/bench -s -p no:cacheprovider -o addopts=-ra -o python_files='bench_*.py' -o timeout=7200
 
 clean:
 	rm -rf $(VENV) media-retention-data
