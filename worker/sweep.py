@@ -35,7 +35,6 @@ from sqlalchemy import BigInteger, Integer, String, and_, bindparam, func, inser
 from worker import items as items_sql
 from worker import metrics
 from worker.db import Database, db_now, plus_seconds
-from worker.items import CLAIMABLE, DELETING, REASON_BY_TTL, predicate
 from worker.models import AuditEvent, MediaItem, Reason, State
 from worker.store import BlobStore, DeleteResult
 
@@ -96,9 +95,6 @@ class SweepCounts:
         return {name: value for name, value in asdict(self).items() if value is not None}
 
 
-_CLAIM_COLUMNS = dict(id=String, storage_key=String, size_bytes=BigInteger, deletion_reason=String, attempts=Integer)
-
-
 class Sweeper:
     """Runs the claim -> delete -> finalize pipeline for sweeps and purges against one DB and store."""
 
@@ -109,34 +105,19 @@ class Sweeper:
         self.batch_size = batch_size
         # Who the audit trail names for deletions this process finalizes.
         self.actor = f"sweeper@{socket.gethostname()}"[:128]
-        self._now_sql = self._compile(db_now())
-        self._lease_sql = self._compile(db_now(self.lease_seconds))
-        # The sweep's two claims, built once: stale claims whose lease ran out, then expired active items,
-        # each spelling its partial index's predicate exactly as the index does, so the planner uses it.
-        self._stale_claim = self._claim_statement(f"{predicate(DELETING, 'c')} AND c.lease_until <= {{now}}",
-                                                  "c.lease_until", REASON_BY_TTL)
-        self._fresh_claim = self._claim_statement(f"{predicate(CLAIMABLE, 'c')} AND c.expires_at <= {{now}}",
-                                                  "c.expires_at", REASON_BY_TTL)
-
-    def _compile(self, expression) -> str:
-        return str(expression.compile(dialect=self.db.engine.dialect))
+        # The claims (worker/items/claims.py), built once for this database and lease.
+        self._claims = items_sql.Claims(db.sql, lease_seconds=self.lease_seconds)
 
     # -- claim ---------------------------------------------------------------------------------
-
-    def _claim_statement(self, where: str, order: str, reason: str, *, skip_locked: bool = True, ids: bool = False):
-        sql = items_sql.claim_sql(self.db.sql, where=where, order=order, reason=reason, now=self._now_sql,
-                                  lease=self._lease_sql, skip_locked=skip_locked)
-        statement = text(sql).columns(**_CLAIM_COLUMNS)
-        return statement.bindparams(bindparam("ids", expanding=True)) if ids else statement
 
     @staticmethod
     def _claimed(rows, token: str) -> list[ClaimedItem]:
         return [ClaimedItem(r.id, r.storage_key, r.size_bytes, r.deletion_reason, r.attempts, token) for r in rows]
 
-    def _claim(self, statement, limit: int, **params) -> list[ClaimedItem]:
+    def _claim(self, claim: Callable[..., list], *params) -> list[ClaimedItem]:
         token = secrets.token_hex(16)
         with self.db.transaction() as session:
-            rows = session.execute(statement, {"token": token, "limit": limit, **params}).all()
+            rows = claim(session, token, *params)
         return self._claimed(rows, token)
 
     def claim_expired(self, limit: int) -> list[ClaimedItem]:
@@ -144,21 +125,17 @@ class Sweeper:
         both in one transaction under one claim token."""
         token = secrets.token_hex(16)
         with self.db.transaction() as session:
-            rows = session.execute(self._stale_claim, {"token": token, "limit": limit}).all()
+            rows = self._claims.stale(session, token, limit)
             if len(rows) < limit:
-                rows += session.execute(self._fresh_claim, {"token": token, "limit": limit - len(rows)}).all()
+                rows += self._claims.expired(session, token, limit - len(rows))
         return self._claimed(rows, token)
 
     def claim_ids(self, ids: Sequence[str], reason: Reason) -> list[ClaimedItem]:
         """Claim the named active, unheld items for a purge (waiting for, not skipping, locked rows)."""
-        statement = self._claim_statement(f"c.id IN :ids AND {predicate(CLAIMABLE, 'c')}", "c.id",
-                                          f"'{Reason(reason).value}'", skip_locked=False, ids=True)
-        return self._claim(statement, len(ids), ids=list(ids))
+        return self._claim(self._claims.named, ids, reason)
 
     def claim_org(self, org_id: str, limit: int) -> list[ClaimedItem]:
-        statement = self._claim_statement(f"c.org_id = :org AND {predicate(CLAIMABLE, 'c')}", "c.expires_at",
-                                          f"'{Reason.ORG_PURGE.value}'")
-        return self._claim(statement, limit, org=org_id)
+        return self._claim(self._claims.org, org_id, limit)
 
     def seconds_until_due(self) -> float | None:
         """Seconds (by the database clock) until the next item becomes claimable: the earliest expiry of
