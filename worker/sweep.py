@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import BigInteger, Integer, String, and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import insert
 
 from worker import items as items_sql
 from worker import metrics
-from worker.db import Database, db_now, plus_seconds
-from worker.models import AuditEvent, MediaItem, Reason, State
+from worker.db import Database
+from worker.models import AuditEvent, Reason
 from worker.store import BlobStore, DeleteResult
 
 log = structlog.get_logger("worker.sweep")
@@ -142,11 +142,8 @@ class Sweeper:
         a claimable item or lease of a claimed one; 0 or less when one is due now, None when nothing is
         pending. Two reads of the first entry of the claim's own partial indexes: cheap enough to ask
         every second, which is how the expiry watch (worker/watch.py) knows when to wake."""
-        items = MediaItem.__table__
-        next_expiry = select(func.min(items.c.expires_at)).where(items_sql.claimable()).scalar_subquery()
-        next_lease = select(func.min(items.c.lease_until)).where(items_sql.deleting()).scalar_subquery()
         with self.db.transaction() as session:
-            now, expiry, lease = session.execute(select(db_now(), next_expiry, next_lease)).one()
+            now, expiry, lease = items_sql.next_due(session)
         pending = [moment for moment in (expiry, lease) if moment is not None]
         if not pending:
             return None
@@ -160,7 +157,6 @@ class Sweeper:
         counts = SweepCounts(claimed=len(claimed), batches=1)
         done = [(item, result) for item, result in zip(claimed, results, strict=True) if result.ok]
         failed = [(item, result) for item, result in zip(claimed, results, strict=True) if not result.ok]
-        table = MediaItem.__table__
         lateness: list[float] = []
         with self.db.transaction() as session:
             # No need to wait for the WAL flush: a finalize lost in a database crash leaves its rows
@@ -177,12 +173,7 @@ class Sweeper:
                 tombstoned: Counter[tuple[str, str]] = Counter()
                 tombstoned_bytes: Counter[tuple[str, str]] = Counter()
                 for token, ids in ids_by_token.items():
-                    finalized = session.execute(
-                        update(table)
-                        .where(self.db.sql.id_in(table.c.id, ids), table.c.claim_token == token, table.c.state == State.DELETING.value)
-                        .values(state=State.DELETED.value, deleted_at=db_now(), lease_until=None, claim_token=None, last_error=None)
-                        .returning(table.c.org_id, table.c.deletion_reason, table.c.size_bytes, table.c.expires_at, table.c.deleted_at)
-                    ).all()
+                    finalized = items_sql.tombstone_claimed(session, self.db.sql, token, ids)
                     counts.deleted += len(finalized)
                     for org_id, reason, size, expires_at, deleted_at in finalized:
                         tombstoned[(org_id, reason)] += 1
@@ -201,24 +192,10 @@ class Sweeper:
                         for (org_id, reason), count in sorted(tombstoned.items())
                     ])
             if failed:
-                session.execute(
-                    update(table)
-                    .where(table.c.id == bindparam("b_id"), table.c.claim_token == bindparam("b_token"), table.c.state == State.DELETING.value)
-                    .values(
-                        attempts=table.c.attempts + 1,
-                        last_error=bindparam("b_error"),
-                        lease_until=plus_seconds(db_now(), bindparam("b_backoff", type_=Integer)),
-                    ),
-                    [
-                        {
-                            "b_id": item.id,
-                            "b_token": item.token,
-                            "b_error": (result.error or "unknown error")[:2000],
-                            "b_backoff": backoff_seconds(item.attempts + 1),
-                        }
-                        for item, result in failed
-                    ],
-                )
+                items_sql.fail_claimed(session, [
+                    (item.id, item.token, (result.error or "unknown error")[:2000], backoff_seconds(item.attempts + 1))
+                    for item, result in failed
+                ])
                 counts.failed = len(failed)
         for reason, count in Counter(item.reason for item, _ in done).items():
             metrics.DELETED_ITEMS.labels(reason=reason).inc(count)
@@ -321,10 +298,8 @@ class Sweeper:
 
     def held_expired_count(self) -> int:
         """Expired active items a sweep leaves alone because they or their org are on hold."""
-        items = MediaItem.__table__
-        statement = select(func.count()).where(items_sql.held_expired(items, db_now()))
         with self.db.transaction() as session:
-            return session.scalar(statement) or 0
+            return items_sql.held_expired_count(session)
 
     def drain(self, *, limit: int | None = None, deadline: float | None = None, stop: threading.Event | None = None,
               quiet: bool = False) -> SweepCounts:
@@ -343,22 +318,9 @@ class Sweeper:
 
     def preview(self, limit: int | None = None) -> SweepCounts:
         """What a sweep would delete now, without claiming anything."""
-        items = MediaItem.__table__
-        due = or_(
-            items_sql.due(items, db_now()),
-            and_(items.c.state == State.DELETING.value, items.c.lease_until <= db_now()),
-        )
         shown = min(limit or DRY_RUN_LISTING, DRY_RUN_LISTING)
         with self.db.transaction() as session:
-            total, total_bytes = session.execute(
-                select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).where(due)
-            ).one()
-            rows = session.execute(
-                select(items.c.id, items.c.org_id, items.c.storage_key, items.c.size_bytes, items.c.expires_at, items.c.ttl_seconds)
-                .where(due)
-                .order_by(items.c.expires_at)
-                .limit(shown)
-            ).all()
+            total, total_bytes, rows = items_sql.due_preview(session, shown)
         counts = SweepCounts(held_skipped=self.held_expired_count())
         counts.due = min(total, limit) if limit else total
         counts.due_bytes = int(total_bytes) if not limit else sum(row.size_bytes for row in rows)

@@ -26,5 +26,5 @@ from worker.items.predicates import (  # noqa: F401 - re-exported
     tombstone,
 )
 from worker.items.claims import REASON_BY_TTL, Claims, claim_sql  # noqa: F401 - re-exported
-from worker.items.reads import existing, first_taken  # noqa: F401 - re-exported
-from worker.items.writes import insert_rows  # noqa: F401 - re-exported
+from worker.items.reads import due_preview, existing, first_taken, held_expired_count, next_due  # noqa: F401 - re-exported
+from worker.items.writes import fail_claimed, insert_rows, tombstone_claimed  # noqa: F401 - re-exported

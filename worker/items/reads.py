@@ -3,10 +3,54 @@ returns rows, counts or sums. What to make of them stays with the caller."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from datetime import datetime
+
+from sqlalchemy import and_, func, or_, select
 
 from worker import models
+from worker.db import db_now
 from worker.dialect import Dialect
+from worker.items.predicates import claimable, deleting, due, held_expired
+
+# -- the sweep: what is due, what it leaves alone -------------------------------------------------------
+
+
+def next_due(session) -> tuple[datetime, datetime | None, datetime | None]:
+    """The database's time, the earliest expiry of a claimable item and the earliest lease of a claimed
+    one (None where there is none): two reads of the first entry of the claims' own partial indexes."""
+    items = models.MediaItem.__table__
+    next_expiry = select(func.min(items.c.expires_at)).where(claimable()).scalar_subquery()
+    next_lease = select(func.min(items.c.lease_until)).where(deleting()).scalar_subquery()
+    now, expiry, lease = session.execute(select(db_now(), next_expiry, next_lease)).one()
+    return now, expiry, lease
+
+
+def held_expired_count(session) -> int:
+    """Expired active items a sweep leaves alone because they or their org are on hold."""
+    items = models.MediaItem.__table__
+    return session.scalar(select(func.count()).where(held_expired(items, db_now()))) or 0
+
+
+def due_preview(session, shown: int) -> tuple[int, int, list]:
+    """What a sweep would claim now, without claiming it (expired claimable items and claims whose lease
+    ran out): how many, their bytes, and the first `shown` of them by expiry (`id`, `org_id`,
+    `storage_key`, `size_bytes`, `expires_at`, `ttl_seconds`)."""
+    items = models.MediaItem.__table__
+    now_due = or_(
+        due(items, db_now()),
+        and_(items.c.state == models.State.DELETING.value, items.c.lease_until <= db_now()),
+    )
+    total, total_bytes = session.execute(
+        select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).where(now_due)
+    ).one()
+    rows = session.execute(
+        select(items.c.id, items.c.org_id, items.c.storage_key, items.c.size_bytes, items.c.expires_at, items.c.ttl_seconds)
+        .where(now_due)
+        .order_by(items.c.expires_at)
+        .limit(shown)
+    ).all()
+    return total, total_bytes, rows
+
 
 # -- registration: what is taken already -------------------------------------------------------------
 

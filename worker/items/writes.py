@@ -3,7 +3,12 @@ returns what the caller needs of the rows it changed."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from sqlalchemy import Integer, bindparam, update
+
 from worker import models
+from worker.db import db_now, plus_seconds
 from worker.dialect import Dialect
 
 # -- registration ------------------------------------------------------------------------------------
@@ -12,3 +17,38 @@ from worker.dialect import Dialect
 def insert_rows(session, dialect: Dialect, rows: list[dict]) -> None:
     """New active items, in the session's transaction (by COPY on PostgreSQL)."""
     dialect.insert_rows(session, models.MediaItem.__table__, rows)
+
+
+# -- finalize: a claimed batch's outcome, only on rows still under its claim token ----------------------
+
+
+def tombstone_claimed(session, dialect: Dialect, token: str, ids: list[str]) -> list:
+    """Tombstone the rows of `ids` still claimed under `token` (deleted now; lease, token and error
+    cleared). Returns `org_id`, `deletion_reason`, `size_bytes`, `expires_at`, `deleted_at` of each
+    row it changed."""
+    table = models.MediaItem.__table__
+    State = models.State
+    return session.execute(
+        update(table)
+        .where(dialect.id_in(table.c.id, ids), table.c.claim_token == token, table.c.state == State.DELETING.value)
+        .values(state=State.DELETED.value, deleted_at=db_now(), lease_until=None, claim_token=None, last_error=None)
+        .returning(table.c.org_id, table.c.deletion_reason, table.c.size_bytes, table.c.expires_at, table.c.deleted_at)
+    ).all()
+
+
+def fail_claimed(session, failures: Iterable[tuple[str, str, str, int]]) -> None:
+    """Failed deletes, each `(id, token, error, backoff_seconds)`, on rows still claimed under that token:
+    one more attempt, the error, and the lease pushed out by the backoff (database clock)."""
+    table = models.MediaItem.__table__
+    session.execute(
+        update(table)
+        .where(table.c.id == bindparam("b_id"), table.c.claim_token == bindparam("b_token"),
+               table.c.state == models.State.DELETING.value)
+        .values(
+            attempts=table.c.attempts + 1,
+            last_error=bindparam("b_error"),
+            lease_until=plus_seconds(db_now(), bindparam("b_backoff", type_=Integer)),
+        ),
+        [{"b_id": media_id, "b_token": token, "b_error": error, "b_backoff": backoff}
+         for media_id, token, error, backoff in failures],
+    )
