@@ -26,5 +26,18 @@ from worker.items.predicates import (  # noqa: F401 - re-exported
     tombstone,
 )
 from worker.items.claims import REASON_BY_TTL, Claims, claim_sql  # noqa: F401 - re-exported
-from worker.items.reads import due_preview, existing, first_taken, held_expired_count, next_due  # noqa: F401 - re-exported
+from worker.items.reads import (  # noqa: F401 - re-exported
+    deleting_count,
+    due_count,
+    due_preview,
+    due_totals,
+    existing,
+    first_taken,
+    held_expired_count,
+    missing_blob_counts,
+    next_due,
+    oldest_overdue,
+    recent_deletions,
+    stuck_claims,
+)
 from worker.items.writes import fail_claimed, insert_rows, tombstone_claimed  # noqa: F401 - re-exported

@@ -10,7 +10,7 @@ from sqlalchemy import and_, func, or_, select
 from worker import models
 from worker.db import db_now
 from worker.dialect import Dialect
-from worker.items.predicates import claimable, deleting, due, held_expired
+from worker.items.predicates import claimable, deleting, due, held, held_expired, tombstone
 
 # -- the sweep: what is due, what it leaves alone -------------------------------------------------------
 
@@ -50,6 +50,80 @@ def due_preview(session, shown: int) -> tuple[int, int, list]:
         .limit(shown)
     ).all()
     return total, total_bytes, rows
+
+
+# -- fleet status: the backlog, what is stuck, how late deletions went ---------------------------------
+# The predicates as their partial indexes spell them (not `state = :param`), so even a generic plan
+# (a long-lived exporter prepares these) reads the indexes.
+
+
+def due_count(session) -> int:
+    """Expired, unheld, active items: what a sweep would claim now (index range scan on expiry)."""
+    items = models.MediaItem.__table__
+    return session.scalar(select(func.count()).where(due(items, db_now()))) or 0
+
+
+def due_totals(session) -> tuple[int, int]:
+    """How many items a sweep would claim now, and their bytes."""
+    items = models.MediaItem.__table__
+    return tuple(session.execute(
+        select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).where(due(items, db_now()))
+    ).one())
+
+
+def deleting_count(session) -> int:
+    """Items claimed and not finalized yet."""
+    items = models.MediaItem.__table__
+    return session.scalar(select(func.count()).select_from(items).where(deleting())) or 0
+
+
+def oldest_overdue(session):
+    """The item due the longest (`id`, `expires_at`): due and unclaimed, or claimed and not finished;
+    None when there is none."""
+    items = models.MediaItem.__table__
+    # The oldest of the two index heads: an OR of both predicates would read neither index.
+    heads = [session.execute(select(items.c.id, items.c.expires_at).where(where).order_by(items.c.expires_at).limit(1)).first()
+             for where in (due(items, db_now()), deleting())]
+    return min((head for head in heads if head is not None), key=lambda head: head.expires_at, default=None)
+
+
+def stuck_claims(session, listed: int) -> tuple[int, list]:
+    """Claims whose delete failed at least once, or whose lease ran out with nobody taking them over:
+    how many, and the first `listed` (`id`, `attempts`, `last_error`, `lease_until`, `claimed_at`), most
+    attempts first."""
+    items = models.MediaItem.__table__
+    stuck = deleting() & or_(items.c.attempts > 0, items.c.lease_until < db_now())
+    count = session.scalar(select(func.count()).select_from(items).where(stuck)) or 0
+    rows = session.execute(
+        select(items.c.id, items.c.attempts, items.c.last_error, items.c.lease_until, items.c.claimed_at)
+        .where(stuck)
+        .order_by(items.c.attempts.desc(), items.c.claimed_at)
+        .limit(listed)
+    ).all()
+    return count, rows
+
+
+def missing_blob_counts(session) -> tuple[int, int]:
+    """Active items whose blob reconcile found missing, and how many of them are held (read by the
+    partial index on missing_since)."""
+    items = models.MediaItem.__table__
+    missing = items.c.missing_since.is_not(None) & (items.c.state == models.State.ACTIVE.value)
+    count = session.scalar(select(func.count()).where(missing)) or 0
+    held_count = session.scalar(select(func.count()).where(missing, held())) or 0
+    return count, held_count
+
+
+def recent_deletions(session, window_seconds: int, reasons, limit: int) -> list:
+    """`expires_at` and `deleted_at` of the latest tombstones deleted for `reasons` within the last
+    `window_seconds` (database clock), at most `limit`, newest first: read by the tombstones'
+    deletion-time index."""
+    items = models.MediaItem.__table__
+    return session.execute(
+        select(items.c.expires_at, items.c.deleted_at)
+        .where(tombstone(), items.c.deleted_at >= db_now(-window_seconds), items.c.deletion_reason.in_(reasons))
+        .order_by(items.c.deleted_at.desc())
+        .limit(limit)
+    ).all()
 
 
 # -- registration: what is taken already -------------------------------------------------------------
