@@ -34,10 +34,24 @@ from worker.items.reads import (  # noqa: F401 - re-exported
     existing,
     first_taken,
     held_expired_count,
+    known_keys,
+    locked_by_ids,
     missing_blob_counts,
     next_due,
     oldest_overdue,
     recent_deletions,
     stuck_claims,
+    by_id,
+    counts_by_state,
+    active_bytes,
+    purge_candidates,
+    retention_preview,
 )
-from worker.items.writes import fail_claimed, insert_rows, tombstone_claimed  # noqa: F401 - re-exported
+from worker.items.writes import (  # noqa: F401 - re-exported
+    fail_claimed,
+    insert_rows,
+    mirror_org_hold,
+    rewrite_expiry,
+    set_hold,
+    tombstone_claimed,
+)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, case, func, or_, select
 
 from worker import models
-from worker.db import db_now
+from worker.db import db_now, plus_seconds
 from worker.dialect import Dialect
 from worker.items.predicates import claimable, deleting, due, held, held_expired, tombstone
 
@@ -146,3 +146,85 @@ def existing(session, dialect: Dialect, column: str, values: list[str], *wanted:
     table = models.MediaItem.__table__
     return session.execute(select(*((table.c[name] for name in wanted) if wanted else (table,)))
                            .where(dialect.id_in(table.c[column], values))).all()
+
+
+def known_keys(session, keys: list[str]) -> set[str]:
+    """Those of `keys` that a row (any state) already has."""
+    items = models.MediaItem.__table__
+    return set(session.scalars(select(items.c.storage_key).where(items.c.storage_key.in_(keys))))
+
+
+# -- one item, a list of items -------------------------------------------------------------------------
+
+
+def by_id(session, media_id: str):
+    """The item (a `MediaItem`, any state), or None for an ID never registered."""
+    return session.get(models.MediaItem, media_id)
+
+
+def locked_by_ids(session, ids: list[str]) -> list:
+    """The items of `ids` that exist (`MediaItem`s), locked for update until the transaction ends."""
+    MediaItem = models.MediaItem
+    return list(session.scalars(select(MediaItem).where(MediaItem.id.in_(ids)).with_for_update()))
+
+
+def purge_candidates(session, *, org_id: str | None = None, ids: list[str] | None = None) -> list:
+    """The items of an org, or of `ids`, as a purge judges them: `id`, `org_id`, `state`, `held_at`,
+    `org_held`, `size_bytes`."""
+    items = models.MediaItem.__table__
+    scope = items.c.org_id == org_id if org_id is not None else items.c.id.in_(ids)
+    return session.execute(
+        select(items.c.id, items.c.org_id, items.c.state, items.c.held_at, items.c.org_held, items.c.size_bytes).where(scope)
+    ).all()
+
+
+# -- one org -------------------------------------------------------------------------------------------
+
+
+def counts_by_state(session, org_id: str) -> dict[str, int]:
+    """How many of the org's items are in each state (states without items left out)."""
+    items = models.MediaItem.__table__
+    return dict(session.execute(
+        select(items.c.state, func.count()).where(items.c.org_id == org_id).group_by(items.c.state)
+    ).all())
+
+
+def active_bytes(session, org_id: str) -> int:
+    """Bytes of the org's active items."""
+    items = models.MediaItem.__table__
+    return session.scalar(
+        select(func.coalesce(func.sum(items.c.size_bytes), 0)).where(
+            items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value
+        )
+    )
+
+
+def retention_preview(session, org_id: str, seconds: int) -> tuple[int, ...]:
+    """What a retention of `seconds` would make of the org's active items, by the next sweep's own
+    predicate with the new period in place of the stored expiry: how many would be due and their
+    bytes, how many of those the current period still keeps and their bytes, how many TTL-less items
+    would be kept longer, how many would be due held or not, and how many have a TTL."""
+    items = models.MediaItem.__table__
+    now = db_now()
+    new_expiry = case((items.c.ttl_seconds.is_(None), plus_seconds(items.c.created_at, seconds)), else_=items.c.expires_at)
+    due_new = new_expiry <= now
+    due_old = items.c.expires_at <= now
+    # The sweep's own predicate: an org hold is mirrored onto its items (`org_held`).
+    eligible = claimable()
+    ttl_less = items.c.ttl_seconds.is_(None)
+
+    def count(condition):
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+    def size(condition):
+        return func.coalesce(func.sum(case((condition, items.c.size_bytes), else_=0)), 0)
+
+    return tuple(session.execute(
+        select(
+            count(and_(eligible, due_new)), size(and_(eligible, due_new)),
+            count(and_(eligible, due_new, ~due_old)), size(and_(eligible, due_new, ~due_old)),
+            count(and_(ttl_less, new_expiry > items.c.expires_at)),
+            count(due_new),
+            count(~ttl_less),
+        ).where(items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value)
+    ).one())

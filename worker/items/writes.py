@@ -52,3 +52,33 @@ def fail_claimed(session, failures: Iterable[tuple[str, str, str, int]]) -> None
         [{"b_id": media_id, "b_token": token, "b_error": error, "b_backoff": backoff}
          for media_id, token, error, backoff in failures],
     )
+
+
+# -- holds and retention: what an org's change does to its items ----------------------------------------
+
+
+def rewrite_expiry(session, org_id: str, retention_seconds: int) -> int:
+    """Reschedule the org's active TTL-less items to `created_at + retention_seconds` (exact on both
+    databases); returns how many."""
+    items = models.MediaItem.__table__
+    return session.execute(
+        update(items)
+        .where(items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.ttl_seconds.is_(None))
+        .values(expires_at=plus_seconds(items.c.created_at, retention_seconds))
+    ).rowcount
+
+
+def mirror_org_hold(session, org_id: str, held: bool) -> None:
+    """Mirror the org's hold (or release) on its active rows (`org_held`); in the transaction that
+    changes the org row."""
+    items = models.MediaItem.__table__
+    session.execute(
+        update(items).where(items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.org_held.is_(not held))
+        .values(org_held=held)
+    )
+
+
+def set_hold(item, held_at, reason: str | None) -> None:
+    """An item's own hold (`held_at` None releases it) on a row `locked_by_ids` returned: the session
+    writes it when it flushes."""
+    item.held_at, item.hold_reason = held_at, reason
