@@ -18,6 +18,7 @@ from worker.items.predicates import (  # noqa: F401 - re-exported
     HELD,
     TOMBSTONE,
     claimable,
+    deleted_before,
     deleting,
     due,
     held,
@@ -46,6 +47,12 @@ from worker.items.reads import (  # noqa: F401 - re-exported
     active_bytes,
     purge_candidates,
     retention_preview,
+    key_owners,
+    active_after,
+    rows_by_key_order,
+    rows_by_keys,
+    old_tombstone_count,
+    live_bytes,
 )
 from worker.items.writes import (  # noqa: F401 - re-exported
     fail_claimed,
@@ -54,4 +61,8 @@ from worker.items.writes import (  # noqa: F401 - re-exported
     rewrite_expiry,
     set_hold,
     tombstone_claimed,
+    mark_missing_since,
+    clear_missing_since,
+    tombstone_missing,
+    compact_tombstones,
 )

@@ -54,3 +54,8 @@ def due(items, now):
 def held_expired(items, now):
     """Expired but held: what a sweep leaves alone."""
     return and_(held(), items.c.expires_at <= now)
+
+
+def deleted_before(items, cutoff):
+    """Tombstones deleted before `cutoff` (read by the tombstones' deletion-time index): what compaction removes."""
+    return and_(tombstone(), items.c.deleted_at < cutoff)

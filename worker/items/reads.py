@@ -10,7 +10,7 @@ from sqlalchemy import and_, case, func, or_, select
 from worker import models
 from worker.db import db_now, plus_seconds
 from worker.dialect import Dialect
-from worker.items.predicates import claimable, deleting, due, held, held_expired, tombstone
+from worker.items.predicates import claimable, deleted_before, deleting, due, held, held_expired, tombstone
 
 # -- the sweep: what is due, what it leaves alone -------------------------------------------------------
 
@@ -228,3 +228,74 @@ def retention_preview(session, org_id: str, seconds: int) -> tuple[int, ...]:
             count(~ttl_less),
         ).where(items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value)
     ).one())
+
+
+# -- reconcile and verify: the catalog beside the store's listing --------------------------------------
+
+
+def key_owners(session, keys: list[str]) -> list:
+    """The rows (any state) that `keys` belong to: `storage_key`, `state`, `deletion_reason`, `expires_at`."""
+    items = models.MediaItem.__table__
+    return session.execute(
+        select(items.c.storage_key, items.c.state, items.c.deletion_reason, items.c.expires_at)
+        .where(items.c.storage_key.in_(keys))
+    ).all()
+
+
+def active_after(session, after: str, limit: int) -> list:
+    """The next `limit` active items by ID after `after` (`id`, `storage_key`, `held_at`, `org_held`,
+    `expires_at`, `missing_since`): reconcile's walk of the catalog, a page at a time."""
+    items = models.MediaItem.__table__
+    return session.execute(
+        select(items.c.id, items.c.storage_key, items.c.held_at, items.c.org_held, items.c.expires_at,
+               items.c.missing_since)
+        .where(items.c.state == models.State.ACTIVE.value, items.c.id > after)
+        .order_by(items.c.id)
+        .limit(limit)
+    ).all()
+
+
+def _with_org():
+    """Every row (any state) as verify judges it: the item's columns and its org's retention, hold and
+    last change."""
+    MediaItem, Organization = models.MediaItem, models.Organization
+    return select(
+        MediaItem.id, MediaItem.org_id, MediaItem.storage_key, MediaItem.size_bytes, MediaItem.state,
+        MediaItem.deletion_reason, MediaItem.created_at, MediaItem.ttl_seconds, MediaItem.expires_at,
+        MediaItem.held_at, MediaItem.org_held, MediaItem.claimed_at, MediaItem.deleted_at, MediaItem.lease_until,
+        MediaItem.attempts, MediaItem.last_error,
+        Organization.retention_seconds.label("org_retention_seconds"), Organization.held_at.label("org_held_at"),
+        Organization.updated_at.label("org_updated_at"),
+    ).join(Organization, Organization.id == MediaItem.org_id)
+
+
+def rows_by_key_order(session, after: str | None, limit: int) -> list:
+    """The next `limit` rows (any state, with their org's policy) in storage-key order after `after`
+    (from the first when None): verify's stream of the catalog, merged with the store's listing."""
+    statement = _with_org()
+    if after is not None:
+        statement = statement.where(models.MediaItem.storage_key > after)
+    return session.execute(statement.order_by(models.MediaItem.storage_key).limit(limit)).all()
+
+
+def rows_by_keys(session, keys: list[str]) -> list:
+    """The rows (any state, with their org's policy) of `keys`: verify's second look at a disagreement."""
+    return session.execute(_with_org().where(models.MediaItem.storage_key.in_(keys))).all()
+
+
+# -- tombstone compaction and the volume -----------------------------------------------------------------
+
+
+def old_tombstone_count(session, older_than_seconds: int) -> int:
+    """How many tombstones compaction would remove."""
+    items = models.MediaItem.__table__
+    return session.scalar(select(func.count()).select_from(items).where(deleted_before(items, db_now(-older_than_seconds)))) or 0
+
+
+def live_bytes(session) -> int:
+    """Bytes of media that still has a blob: active items and items being deleted."""
+    items = models.MediaItem.__table__
+    return int(session.scalar(
+        select(func.coalesce(func.sum(items.c.size_bytes), 0))
+        .where(items.c.state.in_([models.State.ACTIVE.value, models.State.DELETING.value]))
+    ))

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import Integer, bindparam, update
+from sqlalchemy import Integer, and_, bindparam, delete, or_, select, update
 
 from worker import models
 from worker.db import db_now, plus_seconds
 from worker.dialect import Dialect
+from worker.items.predicates import claimable, deleted_before
 
 # -- registration ------------------------------------------------------------------------------------
 
@@ -82,3 +83,50 @@ def set_hold(item, held_at, reason: str | None) -> None:
     """An item's own hold (`held_at` None releases it) on a row `locked_by_ids` returned: the session
     writes it when it flushes."""
     item.held_at, item.hold_reason = held_at, reason
+
+
+# -- reconcile: blobs found missing ----------------------------------------------------------------------
+
+
+def mark_missing_since(session, ids: list[str]) -> None:
+    """Record that the blobs of these active items were found missing now (database clock), where not
+    recorded already."""
+    items = models.MediaItem.__table__
+    session.execute(update(items).where(items.c.id.in_(ids), items.c.state == models.State.ACTIVE.value,
+                                        items.c.missing_since.is_(None)).values(missing_since=db_now()))
+
+
+def clear_missing_since(session, ids: list[str]) -> None:
+    """Forget that these items' blobs were missing: they were seen again."""
+    items = models.MediaItem.__table__
+    session.execute(update(items).where(items.c.id.in_(ids)).values(missing_since=None))
+
+
+def tombstone_missing(session, ids: list[str], grace_seconds: int) -> list:
+    """Tombstone (reason `missing_blob`) those of `ids` that are still claimable and either expired or
+    recorded missing at least `grace_seconds` ago, every condition re-checked on the row itself (a hold
+    or a claim committed since wins). Returns `id`, `org_id` of each row it changed."""
+    items = models.MediaItem.__table__
+    State, Reason = models.State, models.Reason
+    return session.execute(
+        update(items)
+        .where(items.c.id.in_(ids), claimable(),
+               or_(items.c.expires_at <= db_now(),
+                   and_(items.c.missing_since.is_not(None),
+                        items.c.missing_since <= db_now(-grace_seconds))))
+        .values(state=State.DELETED.value, deletion_reason=Reason.MISSING_BLOB.value, deleted_at=db_now(),
+                claimed_at=db_now())
+        .returning(items.c.id, items.c.org_id)
+    ).all()
+
+
+# -- tombstone compaction --------------------------------------------------------------------------------
+
+
+def compact_tombstones(session, older_than_seconds: int, limit: int) -> int:
+    """Remove up to `limit` tombstones deleted more than `older_than_seconds` ago, oldest first; never a
+    live or claimed row. Returns how many."""
+    items = models.MediaItem.__table__
+    batch = (select(items.c.id).where(deleted_before(items, db_now(-older_than_seconds)))
+             .order_by(items.c.deleted_at).limit(limit))
+    return session.execute(delete(items).where(items.c.id.in_(batch.scalar_subquery()))).rowcount
