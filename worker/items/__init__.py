@@ -1,18 +1,22 @@
-"""Every statement on `media_items`, and the predicates they share, in one package.
+"""Every statement on `media_items`, and the row predicates they share, in one package.
 
 The use cases (the sweep, status, the catalog, reconcile, verify, compaction, the volume monitor) call
-these functions with a session and plain values and keep their own logic: what to do with the rows.
-`tests/unit/test_import_floors.py` holds every other module to it: none builds a statement on
-`media_items`. What differs between PostgreSQL and SQLite is in `worker/dialect.py`, nowhere here.
+these functions with a session (their transaction) and plain values, and keep their own logic: what to
+do with the rows. No other module builds a statement on `media_items` (`tests/unit/test_import_floors.py`
+holds them to it). What PostgreSQL and SQLite spell differently comes from `worker/dialect.py`; nothing
+here asks which database it is.
 
-A package rather than one module because it is several hundred lines of four kinds, each read on its
-own: `predicates` (the row predicates the partial indexes, the claims and the counts share; imported
-by `worker/models.py` while it defines the indexes, so it imports nothing of the package), `claims`
-(the claim, written once), `reads` and `writes`. Callers import the package: `from worker import
-items`, then `items.tombstone_claimed(...)`.
+A package rather than one module: it is some 650 lines of four kinds, each read on its own.
+`predicates` holds the row predicates the partial indexes, the claims and the counts share (imported
+by `worker/models.py` while it defines the indexes, so it imports nothing else of the package);
+`claims` the claim, written once; `reads` and `writes` everything else, in sections by use case.
+Callers import the package (`from worker import items as items_sql`, then `items_sql.due_count(session)`);
+what it re-exports below is the whole of it, by section.
 """
 
-from worker.items.predicates import (  # noqa: F401 - re-exported
+# ruff: noqa: F401 - re-exports
+
+from worker.items.predicates import (
     CLAIMABLE,
     DELETING,
     HELD,
@@ -26,43 +30,32 @@ from worker.items.predicates import (  # noqa: F401 - re-exported
     predicate,
     tombstone,
 )
-from worker.items.claims import REASON_BY_TTL, Claims, claim_sql  # noqa: F401 - re-exported
-from worker.items.reads import (  # noqa: F401 - re-exported
-    deleting_count,
-    due_count,
-    due_preview,
-    due_totals,
-    existing,
-    first_taken,
-    held_expired_count,
-    known_keys,
-    locked_by_ids,
-    missing_blob_counts,
-    next_due,
-    oldest_overdue,
-    recent_deletions,
-    stuck_claims,
-    by_id,
-    counts_by_state,
-    active_bytes,
-    purge_candidates,
-    retention_preview,
-    key_owners,
-    active_after,
-    rows_by_key_order,
-    rows_by_keys,
-    old_tombstone_count,
-    live_bytes,
+from worker.items.claims import REASON_BY_TTL, Claims, claim_sql
+from worker.items.reads import (
+    # the sweep
+    due_preview, held_expired_count, next_due,
+    # fleet status
+    deleting_count, due_count, due_totals, missing_blob_counts, oldest_overdue, recent_deletions, stuck_claims,
+    # registration, manifest import, adopt
+    existing, first_taken, known_keys,
+    # one item, a list of items
+    by_id, locked_by_ids, purge_candidates,
+    # one org
+    active_bytes, counts_by_state, retention_preview,
+    # reconcile and verify
+    active_after, key_owners, rows_by_key_order, rows_by_keys,
+    # tombstone compaction and the volume
+    live_bytes, old_tombstone_count,
 )
-from worker.items.writes import (  # noqa: F401 - re-exported
-    fail_claimed,
+from worker.items.writes import (
+    # registration
     insert_rows,
-    mirror_org_hold,
-    rewrite_expiry,
-    set_hold,
-    tombstone_claimed,
-    mark_missing_since,
-    clear_missing_since,
-    tombstone_missing,
+    # finalize
+    fail_claimed, tombstone_claimed,
+    # holds and retention
+    mirror_org_hold, rewrite_expiry, set_hold,
+    # reconcile
+    clear_missing_since, mark_missing_since, tombstone_missing,
+    # tombstone compaction
     compact_tombstones,
 )

@@ -12,7 +12,7 @@ from worker.db import db_now, plus_seconds
 from worker.dialect import Dialect
 from worker.items.predicates import claimable, deleted_before, deleting, due, held, held_expired, tombstone
 
-# -- the sweep: what is due, what it leaves alone -------------------------------------------------------
+# -- the sweep: what is due, what it leaves alone ------------------------------------------------------
 
 
 def next_due(session) -> tuple[datetime, datetime | None, datetime | None]:
@@ -126,7 +126,7 @@ def recent_deletions(session, window_seconds: int, reasons, limit: int) -> list:
     ).all()
 
 
-# -- registration: what is taken already -------------------------------------------------------------
+# -- registration, manifest import, adopt: what is taken already ---------------------------------------
 
 
 def first_taken(session, dialect: Dialect, column: str, values: list[str]) -> str | None:
@@ -283,7 +283,7 @@ def rows_by_keys(session, keys: list[str]) -> list:
     return session.execute(_with_org().where(models.MediaItem.storage_key.in_(keys))).all()
 
 
-# -- tombstone compaction and the volume -----------------------------------------------------------------
+# -- tombstone compaction and the volume ---------------------------------------------------------------
 
 
 def old_tombstone_count(session, older_than_seconds: int) -> int:

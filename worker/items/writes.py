@@ -12,7 +12,7 @@ from worker.db import db_now, plus_seconds
 from worker.dialect import Dialect
 from worker.items.predicates import claimable, deleted_before
 
-# -- registration ------------------------------------------------------------------------------------
+# -- registration --------------------------------------------------------------------------------------
 
 
 def insert_rows(session, dialect: Dialect, rows: list[dict]) -> None:
@@ -20,7 +20,7 @@ def insert_rows(session, dialect: Dialect, rows: list[dict]) -> None:
     dialect.insert_rows(session, models.MediaItem.__table__, rows)
 
 
-# -- finalize: a claimed batch's outcome, only on rows still under its claim token ----------------------
+# -- finalize: a claimed batch's outcome, only on rows still under its claim token ---------------------
 
 
 def tombstone_claimed(session, dialect: Dialect, token: str, ids: list[str]) -> list:
@@ -55,7 +55,7 @@ def fail_claimed(session, failures: Iterable[tuple[str, str, str, int]]) -> None
     )
 
 
-# -- holds and retention: what an org's change does to its items ----------------------------------------
+# -- holds and retention: what a hold or an org's new period writes on the rows ------------------------
 
 
 def rewrite_expiry(session, org_id: str, retention_seconds: int) -> int:
@@ -85,7 +85,7 @@ def set_hold(item, held_at, reason: str | None) -> None:
     item.held_at, item.hold_reason = held_at, reason
 
 
-# -- reconcile: blobs found missing ----------------------------------------------------------------------
+# -- reconcile: blobs found missing --------------------------------------------------------------------
 
 
 def mark_missing_since(session, ids: list[str]) -> None:
@@ -120,7 +120,7 @@ def tombstone_missing(session, ids: list[str], grace_seconds: int) -> list:
     ).all()
 
 
-# -- tombstone compaction --------------------------------------------------------------------------------
+# -- tombstone compaction ------------------------------------------------------------------------------
 
 
 def compact_tombstones(session, older_than_seconds: int, limit: int) -> int:
