@@ -53,8 +53,8 @@ def due_preview(session, shown: int) -> tuple[int, int, list]:
 
 
 # -- fleet status: the backlog, what is stuck, how late deletions went ---------------------------------
-# The predicates as their partial indexes spell them (not `state = :param`), so even a generic plan
-# (a long-lived exporter prepares these) reads the indexes.
+# Where a partial index serves, its predicate as the index spells it (not `state = :param`), so even a
+# generic plan (a long-lived exporter prepares these) reads the index.
 
 
 def due_count(session) -> int:
@@ -143,9 +143,9 @@ def existing(session, dialect: Dialect, column: str, values: list[str], *wanted:
     """The rows whose `column` is one of `values`: the `wanted` columns (by name), else every column."""
     if not values:
         return []
-    table = models.MediaItem.__table__
-    return session.execute(select(*((table.c[name] for name in wanted) if wanted else (table,)))
-                           .where(dialect.id_in(table.c[column], values))).all()
+    items = models.MediaItem.__table__
+    return session.execute(select(*((items.c[name] for name in wanted) if wanted else (items,)))
+                           .where(dialect.id_in(items.c[column], values))).all()
 
 
 def known_keys(session, keys: list[str]) -> set[str]:

@@ -27,26 +27,26 @@ def tombstone_claimed(session, dialect: Dialect, token: str, ids: list[str]) -> 
     """Tombstone the rows of `ids` still claimed under `token` (deleted now; lease, token and error
     cleared). Returns `org_id`, `deletion_reason`, `size_bytes`, `expires_at`, `deleted_at` of each
     row it changed."""
-    table = models.MediaItem.__table__
+    items = models.MediaItem.__table__
     State = models.State
     return session.execute(
-        update(table)
-        .where(dialect.id_in(table.c.id, ids), table.c.claim_token == token, table.c.state == State.DELETING.value)
+        update(items)
+        .where(dialect.id_in(items.c.id, ids), items.c.claim_token == token, items.c.state == State.DELETING.value)
         .values(state=State.DELETED.value, deleted_at=db_now(), lease_until=None, claim_token=None, last_error=None)
-        .returning(table.c.org_id, table.c.deletion_reason, table.c.size_bytes, table.c.expires_at, table.c.deleted_at)
+        .returning(items.c.org_id, items.c.deletion_reason, items.c.size_bytes, items.c.expires_at, items.c.deleted_at)
     ).all()
 
 
 def fail_claimed(session, failures: Iterable[tuple[str, str, str, int]]) -> None:
     """Failed deletes, each `(id, token, error, backoff_seconds)`, on rows still claimed under that token:
     one more attempt, the error, and the lease pushed out by the backoff (database clock)."""
-    table = models.MediaItem.__table__
+    items = models.MediaItem.__table__
     session.execute(
-        update(table)
-        .where(table.c.id == bindparam("b_id"), table.c.claim_token == bindparam("b_token"),
-               table.c.state == models.State.DELETING.value)
+        update(items)
+        .where(items.c.id == bindparam("b_id"), items.c.claim_token == bindparam("b_token"),
+               items.c.state == models.State.DELETING.value)
         .values(
-            attempts=table.c.attempts + 1,
+            attempts=items.c.attempts + 1,
             last_error=bindparam("b_error"),
             lease_until=plus_seconds(db_now(), bindparam("b_backoff", type_=Integer)),
         ),
