@@ -1,12 +1,13 @@
-"""What differs between PostgreSQL and SQLite, in one place: row locks, id lists, UPDATE aliases,
-commit durability. Everything else is written once for both."""
+"""What differs between PostgreSQL and SQLite, in one place: row locks, id lists, the shape of an
+UPDATE of picked rows, bulk inserts, commit durability. Everything else is written once for both
+(the statements on `media_items` in `worker/items/`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from sqlalchemy import Float, String, any_, bindparam, func, text
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,23 @@ class Dialect:
     def update_alias(self, alias: str) -> str:
         """How an UPDATE names its own row's columns: `m.` on PostgreSQL, bare on SQLite (no UPDATE alias)."""
         return f"{alias}." if self.postgresql else ""
+
+    def update_target(self, table: str, alias: str) -> str:
+        """The table an UPDATE names: `table AS alias` on PostgreSQL, bare on SQLite."""
+        return f"{table} AS {alias}" if self.postgresql else table
+
+    def update_picked(self, alias: str, picked: str) -> str:
+        """An UPDATE's restriction to the rows whose ids the SELECT `picked` returns: joined as
+        `FROM (picked) AS picked` on PostgreSQL, `WHERE id IN (picked)` on SQLite (no UPDATE alias)."""
+        if self.postgresql:
+            return f"FROM (\n    {picked}\n) AS picked\nWHERE {alias}.id = picked.id"
+        return f"WHERE id IN (\n    {picked}\n)"
+
+    def compile(self, expression) -> str:
+        """`expression` (one without parameters, such as `db_now()`) as SQL text for this database, for
+        statements written as text."""
+        dialect = postgresql.dialect() if self.postgresql else sqlite.dialect()
+        return str(expression.compile(dialect=dialect))
 
     def id_in(self, column, ids: list[str]):
         """`column IN ids`. On PostgreSQL as `= ANY(array)`: one parameter instead of a thousand

@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from worker import items as predicates
+from worker.items import predicates
 from worker.db import UTCDateTime, db_now
 
 # 128 matches the media ID alphabet limit; 1024 is S3's own key limit in bytes.
@@ -67,7 +67,7 @@ class Organization(Base):
     __table_args__ = (CheckConstraint("retention_seconds >= 3600", name="retention_at_least_1h"),)
 
 
-# Row predicates the partial indexes are built on (worker/items.py); queries use the same text so planners match them.
+# Row predicates the partial indexes are built on (worker/items/predicates.py); queries use the same text so planners match them.
 CLAIMABLE = predicates.predicate(predicates.CLAIMABLE)
 HELD = predicates.predicate(predicates.HELD)
 DELETING = predicates.predicate(predicates.DELETING)

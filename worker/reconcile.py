@@ -33,12 +33,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import select
 
+from worker import items as items_sql
 from worker.db import Database, db_now
 from config.errors import RetentionError
-from worker.items import claimable
-from worker.models import AuditEvent, MediaItem, Reason, State
+from worker.models import AuditEvent, Reason, State
 from worker.store import BlobInfo, BlobStore, PartialUpload, chunked
 
 log = structlog.get_logger("worker.reconcile")
@@ -149,10 +149,7 @@ class Reconciler:
         """The database's time and the rows (any state) that the keys belong to."""
         with self.db.transaction() as session:
             now = session.scalar(select(db_now()))
-            rows = session.execute(
-                select(MediaItem.storage_key, MediaItem.state, MediaItem.deletion_reason, MediaItem.expires_at)
-                .where(MediaItem.storage_key.in_(keys))
-            ).all()
+            rows = items_sql.key_owners(session, keys)
         return now, {row.storage_key: row for row in rows}
 
     @staticmethod
@@ -251,13 +248,7 @@ class Reconciler:
         held_ids: list[str] = []
         while True:
             with self.db.transaction() as session:
-                rows = session.execute(
-                    select(MediaItem.id, MediaItem.storage_key, MediaItem.held_at, MediaItem.org_held, MediaItem.expires_at,
-                           MediaItem.missing_since)
-                    .where(MediaItem.state == State.ACTIVE.value, MediaItem.id > after)
-                    .order_by(MediaItem.id)
-                    .limit(BATCH)
-                ).all()
+                rows = items_sql.active_after(session, after, BATCH)
             if not rows:
                 break
             after = rows[-1].id
@@ -297,14 +288,12 @@ class Reconciler:
             report.missing_waiting += 1
 
     def _apply(self, report: ReconcileReport, plan: _ItemPlan, grace: timedelta, actor: str) -> None:
-        items = MediaItem.__table__
         for batch in chunked(plan.record, BATCH):
             with self.db.transaction() as session:
-                session.execute(update(items).where(items.c.id.in_(batch), items.c.state == State.ACTIVE.value,
-                                                    items.c.missing_since.is_(None)).values(missing_since=db_now()))
+                items_sql.mark_missing_since(session, batch)
         for batch in chunked(plan.clear, BATCH):
             with self.db.transaction() as session:
-                session.execute(update(items).where(items.c.id.in_(batch)).values(missing_since=None))
+                items_sql.clear_missing_since(session, batch)
         marked: list[str] = []
         for batch in chunked(plan.tombstone, BATCH):
             marked.extend(self._mark_missing(report, batch, grace, actor))
@@ -318,18 +307,8 @@ class Reconciler:
         still_missing = [media_id for media_id, found in zip(keys, present, strict=True) if found is False]
         if not still_missing:
             return []
-        items = MediaItem.__table__
         with self.db.transaction() as session:
-            tombstoned = session.execute(
-                update(items)
-                .where(items.c.id.in_(still_missing), claimable(),
-                       or_(items.c.expires_at <= db_now(),
-                           and_(items.c.missing_since.is_not(None),
-                                items.c.missing_since <= db_now(-int(grace.total_seconds())))))
-                .values(state=State.DELETED.value, deletion_reason=Reason.MISSING_BLOB.value, deleted_at=db_now(),
-                        claimed_at=db_now())
-                .returning(items.c.id, items.c.org_id)
-            ).all()
+            tombstoned = items_sql.tombstone_missing(session, still_missing, int(grace.total_seconds()))
             marked = [media_id for media_id, _ in tombstoned]
             # One event per org, naming only its own IDs, so each org's trail shows its own tombstones.
             ids_by_org: dict[str, list[str]] = {}

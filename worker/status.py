@@ -10,11 +10,11 @@ import math
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from worker.db import Database, db_now
-from worker.models import MediaItem, State, SweepRun
+from worker.models import SweepRun
 from worker import items as items_sql
 from worker.sweep import SweepCounts
 
@@ -76,9 +76,8 @@ def add_counts(db: Database, run_id: int, counts: SweepCounts, *, finished: bool
 
 def due_count(db: Database) -> int:
     """Expired, unheld, active items: what a sweep would claim now (index range scan on expiry)."""
-    items = MediaItem.__table__
     with db.transaction() as session:
-        return session.scalar(select(func.count()).where(items_sql.due(items, db_now()))) or 0
+        return items_sql.due_count(session)
 
 
 def percentile(ordered: list[float], share: float) -> float:
@@ -89,14 +88,7 @@ def percentile(ordered: list[float], share: float) -> float:
 def lateness(session) -> dict:
     """How late the fleet's latest deletions by expiry went: p50, p99 and max of deleted_at - expires_at
     (both by the database clock) over LATENESS_WINDOW, read by the tombstones' deletion-time index."""
-    items = MediaItem.__table__
-    rows = session.execute(
-        select(items.c.expires_at, items.c.deleted_at)
-        .where(items_sql.tombstone(), items.c.deleted_at >= db_now(-int(LATENESS_WINDOW.total_seconds())),
-               items.c.deletion_reason.in_(EXPIRY_REASONS))
-        .order_by(items.c.deleted_at.desc())
-        .limit(LATENESS_SAMPLE)
-    ).all()
+    rows = items_sql.recent_deletions(session, int(LATENESS_WINDOW.total_seconds()), EXPIRY_REASONS, LATENESS_SAMPLE)
     figures: dict = {"window_s": int(LATENESS_WINDOW.total_seconds()), "items": len(rows)}
     if rows:
         seconds = sorted((deleted - expires).total_seconds() for expires, deleted in rows)
@@ -111,40 +103,20 @@ def _iso(value: datetime | None) -> str | None:
 
 def fleet_status(db: Database) -> dict:
     """The numbers an operator asks for first: last sweep, backlog, oldest overdue item, stuck deletions."""
-    items, runs = MediaItem.__table__, SweepRun.__table__
-    due = items_sql.due(items, db_now())
-    # The predicates as their partial indexes spell them (not `state = :param`), so even a generic plan
-    # (a long-lived exporter prepares these) reads the indexes.
-    deleting = items_sql.deleting()
+    runs = SweepRun.__table__
     with db.transaction() as session:
         now = session.scalar(select(db_now()))
         last = session.execute(select(runs).order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(1)).first()
         last_finished = session.execute(
             select(runs).where(runs.c.finished_at.is_not(None)).order_by(runs.c.finished_at.desc()).limit(1)
         ).first()
-        due_items, due_bytes = session.execute(
-            select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).where(due)
-        ).one()
-        deleting_items = session.scalar(select(func.count()).select_from(items).where(deleting)) or 0
-        # The oldest of the two index heads: an OR of both predicates would read neither index.
-        heads = [session.execute(select(items.c.id, items.c.expires_at).where(where).order_by(items.c.expires_at).limit(1)).first()
-                 for where in (due, deleting)]
-        oldest = min((head for head in heads if head is not None), key=lambda head: head.expires_at, default=None)
+        due_items, due_bytes = items_sql.due_totals(session)
+        deleting_items = items_sql.deleting_count(session)
+        oldest = items_sql.oldest_overdue(session)
         # Stuck: a delete failed at least once, or a claim's lease ran out and nobody took it over yet.
-        stuck_filter = deleting & or_(items.c.attempts > 0, items.c.lease_until < db_now())
-        stuck_count = session.scalar(select(func.count()).select_from(items).where(stuck_filter)) or 0
-        stuck = session.execute(
-            select(items.c.id, items.c.attempts, items.c.last_error, items.c.lease_until, items.c.claimed_at)
-            .where(stuck_filter)
-            .order_by(items.c.attempts.desc(), items.c.claimed_at)
-            .limit(STUCK_LISTING)
-        ).all()
-        held_expired = session.scalar(select(func.count()).where(items_sql.held_expired(items, db_now()))) or 0
-        # Active items whose blob reconcile found missing (read by the partial index on missing_since).
-        missing = items.c.missing_since.is_not(None) & (items.c.state == State.ACTIVE.value)
-        missing_count = session.scalar(select(func.count()).where(missing)) or 0
-        missing_held = session.scalar(
-            select(func.count()).where(missing, items_sql.held())) or 0
+        stuck_count, stuck = items_sql.stuck_claims(session, STUCK_LISTING)
+        held_expired = items_sql.held_expired_count(session)
+        missing_count, missing_held = items_sql.missing_blob_counts(session)
         late = lateness(session)
 
     def run_dict(row) -> dict | None:

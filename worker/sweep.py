@@ -31,13 +31,12 @@ from datetime import timedelta
 from typing import NamedTuple
 
 import structlog
-from sqlalchemy import BigInteger, Integer, String, and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import insert
 
 from worker import items as items_sql
 from worker import metrics
-from worker.db import Database, db_now, plus_seconds
-from worker.items import CLAIMABLE, DELETING, REASON_BY_TTL, predicate
-from worker.models import AuditEvent, MediaItem, Reason, State
+from worker.db import Database
+from worker.models import AuditEvent, Reason
 from worker.store import BlobStore, DeleteResult
 
 log = structlog.get_logger("worker.sweep")
@@ -98,9 +97,6 @@ class SweepCounts:
         return {name: value for name, value in asdict(self).items() if value is not None}
 
 
-_CLAIM_COLUMNS = dict(id=String, storage_key=String, size_bytes=BigInteger, deletion_reason=String, attempts=Integer)
-
-
 class Sweeper:
     """Runs the claim -> delete -> finalize pipeline for sweeps and purges against one DB and store."""
 
@@ -111,34 +107,19 @@ class Sweeper:
         self.batch_size = batch_size
         # Who the audit trail names for deletions this process finalizes.
         self.actor = f"sweeper@{socket.gethostname()}"[:128]
-        self._now_sql = self._compile(db_now())
-        self._lease_sql = self._compile(db_now(self.lease_seconds))
-        # The sweep's two claims, built once: stale claims whose lease ran out, then expired active items,
-        # each spelling its partial index's predicate exactly as the index does, so the planner uses it.
-        self._stale_claim = self._claim_statement(f"{predicate(DELETING, 'c')} AND c.lease_until <= {{now}}",
-                                                  "c.lease_until", REASON_BY_TTL)
-        self._fresh_claim = self._claim_statement(f"{predicate(CLAIMABLE, 'c')} AND c.expires_at <= {{now}}",
-                                                  "c.expires_at", REASON_BY_TTL)
-
-    def _compile(self, expression) -> str:
-        return str(expression.compile(dialect=self.db.engine.dialect))
+        # The claims (worker/items/claims.py), built once for this database and lease.
+        self._claims = items_sql.Claims(db.sql, lease_seconds=self.lease_seconds)
 
     # -- claim ---------------------------------------------------------------------------------
-
-    def _claim_statement(self, where: str, order: str, reason: str, *, skip_locked: bool = True, ids: bool = False):
-        sql = items_sql.claim_sql(self.db.sql, where=where, order=order, reason=reason, now=self._now_sql,
-                                  lease=self._lease_sql, skip_locked=skip_locked)
-        statement = text(sql).columns(**_CLAIM_COLUMNS)
-        return statement.bindparams(bindparam("ids", expanding=True)) if ids else statement
 
     @staticmethod
     def _claimed(rows, token: str) -> list[ClaimedItem]:
         return [ClaimedItem(*row, token) for row in rows]  # the claim returns exactly ClaimedItem's columns, in order
 
-    def _claim(self, statement, limit: int, **params) -> list[ClaimedItem]:
+    def _claim(self, claim: Callable[..., list], *params) -> list[ClaimedItem]:
         token = secrets.token_hex(16)
         with self.db.transaction() as session:
-            rows = session.execute(statement, {"token": token, "limit": limit, **params}).all()
+            rows = claim(session, token, *params)
         return self._claimed(rows, token)
 
     def claim_expired(self, limit: int) -> list[ClaimedItem]:
@@ -146,32 +127,25 @@ class Sweeper:
         both in one transaction under one claim token."""
         token = secrets.token_hex(16)
         with self.db.transaction() as session:
-            rows = session.execute(self._stale_claim, {"token": token, "limit": limit}).all()
+            rows = self._claims.stale(session, token, limit)
             if len(rows) < limit:
-                rows += session.execute(self._fresh_claim, {"token": token, "limit": limit - len(rows)}).all()
+                rows += self._claims.expired(session, token, limit - len(rows))
         return self._claimed(rows, token)
 
     def claim_ids(self, ids: Sequence[str], reason: Reason) -> list[ClaimedItem]:
         """Claim the named active, unheld items for a purge (waiting for, not skipping, locked rows)."""
-        statement = self._claim_statement(f"c.id IN :ids AND {predicate(CLAIMABLE, 'c')}", "c.id",
-                                          f"'{Reason(reason).value}'", skip_locked=False, ids=True)
-        return self._claim(statement, len(ids), ids=list(ids))
+        return self._claim(self._claims.named, ids, reason)
 
     def claim_org(self, org_id: str, limit: int) -> list[ClaimedItem]:
-        statement = self._claim_statement(f"c.org_id = :org AND {predicate(CLAIMABLE, 'c')}", "c.expires_at",
-                                          f"'{Reason.ORG_PURGE.value}'")
-        return self._claim(statement, limit, org=org_id)
+        return self._claim(self._claims.org, org_id, limit)
 
     def seconds_until_due(self) -> float | None:
         """Seconds (by the database clock) until the next item becomes claimable: the earliest expiry of
         a claimable item or lease of a claimed one; 0 or less when one is due now, None when nothing is
         pending. Two reads of the first entry of the claim's own partial indexes: cheap enough to ask
         every second, which is how the expiry watch (worker/watch.py) knows when to wake."""
-        items = MediaItem.__table__
-        next_expiry = select(func.min(items.c.expires_at)).where(items_sql.claimable()).scalar_subquery()
-        next_lease = select(func.min(items.c.lease_until)).where(items_sql.deleting()).scalar_subquery()
         with self.db.transaction() as session:
-            now, expiry, lease = session.execute(select(db_now(), next_expiry, next_lease)).one()
+            now, expiry, lease = items_sql.next_due(session)
         pending = [moment for moment in (expiry, lease) if moment is not None]
         if not pending:
             return None
@@ -185,7 +159,6 @@ class Sweeper:
         counts = SweepCounts(claimed=len(claimed), batches=1)
         done = [(item, result) for item, result in zip(claimed, results, strict=True) if result.ok]
         failed = [(item, result) for item, result in zip(claimed, results, strict=True) if not result.ok]
-        table = MediaItem.__table__
         lateness: list[float] = []
         with self.db.transaction() as session:
             # No need to wait for the WAL flush: a finalize lost in a database crash leaves its rows
@@ -202,13 +175,7 @@ class Sweeper:
                 tombstoned: Counter[tuple[str, str]] = Counter()
                 tombstoned_bytes: Counter[tuple[str, str]] = Counter()
                 for token, ids in ids_by_token.items():
-                    finalized = session.execute(
-                        update(table)
-                        .where(self.db.sql.id_in(table.c.id, ids), table.c.claim_token == token, table.c.state == State.DELETING.value)
-                        .values(state=State.DELETED.value, deleted_at=db_now(), lease_until=None, claim_token=None, last_error=None)
-                        .returning(table.c.org_id, table.c.deletion_reason, table.c.size_bytes,
-                                   self.db.sql.seconds_between(table.c.deleted_at, table.c.expires_at))
-                    ).all()
+                    finalized = items_sql.tombstone_claimed(session, self.db.sql, token, ids)
                     counts.deleted += len(finalized)
                     for org_id, reason, size, late in finalized:
                         tombstoned[(org_id, reason)] += 1
@@ -227,24 +194,10 @@ class Sweeper:
                         for (org_id, reason), count in sorted(tombstoned.items())
                     ])
             if failed:
-                session.execute(
-                    update(table)
-                    .where(table.c.id == bindparam("b_id"), table.c.claim_token == bindparam("b_token"), table.c.state == State.DELETING.value)
-                    .values(
-                        attempts=table.c.attempts + 1,
-                        last_error=bindparam("b_error"),
-                        lease_until=plus_seconds(db_now(), bindparam("b_backoff", type_=Integer)),
-                    ),
-                    [
-                        {
-                            "b_id": item.id,
-                            "b_token": item.token,
-                            "b_error": (result.error or "unknown error")[:2000],
-                            "b_backoff": backoff_seconds(item.attempts + 1),
-                        }
-                        for item, result in failed
-                    ],
-                )
+                items_sql.fail_claimed(session, [
+                    (item.id, item.token, (result.error or "unknown error")[:2000], backoff_seconds(item.attempts + 1))
+                    for item, result in failed
+                ])
                 counts.failed = len(failed)
         for reason, count in Counter(item.reason for item, _ in done).items():
             metrics.DELETED_ITEMS.labels(reason=reason).inc(count)
@@ -347,10 +300,8 @@ class Sweeper:
 
     def held_expired_count(self) -> int:
         """Expired active items a sweep leaves alone because they or their org are on hold."""
-        items = MediaItem.__table__
-        statement = select(func.count()).where(items_sql.held_expired(items, db_now()))
         with self.db.transaction() as session:
-            return session.scalar(statement) or 0
+            return items_sql.held_expired_count(session)
 
     def drain(self, *, limit: int | None = None, deadline: float | None = None, stop: threading.Event | None = None,
               quiet: bool = False) -> SweepCounts:
@@ -369,22 +320,9 @@ class Sweeper:
 
     def preview(self, limit: int | None = None) -> SweepCounts:
         """What a sweep would delete now, without claiming anything."""
-        items = MediaItem.__table__
-        due = or_(
-            items_sql.due(items, db_now()),
-            and_(items.c.state == State.DELETING.value, items.c.lease_until <= db_now()),
-        )
         shown = min(limit or DRY_RUN_LISTING, DRY_RUN_LISTING)
         with self.db.transaction() as session:
-            total, total_bytes = session.execute(
-                select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).where(due)
-            ).one()
-            rows = session.execute(
-                select(items.c.id, items.c.org_id, items.c.storage_key, items.c.size_bytes, items.c.expires_at, items.c.ttl_seconds)
-                .where(due)
-                .order_by(items.c.expires_at)
-                .limit(shown)
-            ).all()
+            total, total_bytes, rows = items_sql.due_preview(session, shown)
         counts = SweepCounts(held_skipped=self.held_expired_count())
         counts.due = min(total, limit) if limit else total
         counts.due_bytes = int(total_bytes) if not limit else sum(row.size_bytes for row in rows)

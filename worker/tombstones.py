@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import insert
 
 from worker import items as items_sql
-from worker.db import Database, db_now
-from worker.models import AuditEvent, MediaItem
+from worker.db import Database
+from worker.models import AuditEvent
 
 log = structlog.get_logger("worker.tombstones")
 
@@ -54,26 +54,20 @@ class Tombstones:
         self.db = db
         self.batch_size = batch_size
 
-    def _old(self, older_than: timedelta):
-        items = MediaItem.__table__
-        return items_sql.tombstone(), items.c.deleted_at < db_now(-int(older_than.total_seconds()))
-
     def compact(self, *, older_than: timedelta, actor: str, dry_run: bool = False,
                 progress: Callable[[str], None] | None = None) -> CompactionReport:
         """Remove tombstones deleted more than `older_than` ago (at least MINIMUM_AGE), a batch per transaction."""
         if older_than < MINIMUM_AGE:
             raise ValueError(f"tombstones younger than {MINIMUM_AGE} are never compacted")
-        items = MediaItem.__table__
         report = CompactionReport(older_than_s=int(older_than.total_seconds()), dry_run=dry_run)
         if dry_run:
             with self.db.transaction() as session:
-                report.eligible = session.scalar(select(func.count()).select_from(items).where(*self._old(older_than))) or 0
+                report.eligible = items_sql.old_tombstone_count(session, report.older_than_s)
             return report
         last_progress = time.monotonic()
         while True:
             with self.db.transaction() as session:
-                batch = select(items.c.id).where(*self._old(older_than)).order_by(items.c.deleted_at).limit(self.batch_size)
-                removed = session.execute(delete(items).where(items.c.id.in_(batch.scalar_subquery()))).rowcount
+                removed = items_sql.compact_tombstones(session, report.older_than_s, self.batch_size)
                 if removed:
                     # Recorded in the batch's own transaction: the trail holds exactly what was removed.
                     session.execute(insert(AuditEvent.__table__).values(

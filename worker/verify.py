@@ -47,9 +47,10 @@ from datetime import datetime, timedelta
 import structlog
 from sqlalchemy import select
 
+from worker import items as items_sql
 from worker.db import Database, db_now
 from config.errors import RetentionError
-from worker.models import MediaItem, Organization, Reason, State
+from worker.models import Reason, State
 from worker.store import BlobInfo, BlobStore, PartialUpload
 
 log = structlog.get_logger("worker.verify")
@@ -137,16 +138,6 @@ class VerifyReport:
         }
 
 
-_ROW_COLUMNS = (
-    MediaItem.id, MediaItem.org_id, MediaItem.storage_key, MediaItem.size_bytes, MediaItem.state,
-    MediaItem.deletion_reason, MediaItem.created_at, MediaItem.ttl_seconds, MediaItem.expires_at,
-    MediaItem.held_at, MediaItem.org_held, MediaItem.claimed_at, MediaItem.deleted_at, MediaItem.lease_until,
-    MediaItem.attempts, MediaItem.last_error,
-    Organization.retention_seconds.label("org_retention_seconds"), Organization.held_at.label("org_held_at"),
-    Organization.updated_at.label("org_updated_at"),
-)
-
-
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
@@ -195,11 +186,8 @@ class Verifier:
     def _rows(self) -> Iterator:
         after: str | None = None
         while True:
-            statement = select(*_ROW_COLUMNS).join(Organization, Organization.id == MediaItem.org_id)
-            if after is not None:
-                statement = statement.where(MediaItem.storage_key > after)
             with self.db.transaction() as session:
-                rows = session.execute(statement.order_by(MediaItem.storage_key).limit(PAGE)).all()
+                rows = items_sql.rows_by_key_order(session, after, PAGE)
             yield from rows
             if len(rows) < PAGE:
                 return
@@ -327,8 +315,7 @@ class Verifier:
         keys = [candidate.key for candidate in pending]
         stats = list(self._pool.map(self._stat, keys))
         with self.db.transaction() as session:
-            fresh = {row.storage_key: row for row in session.execute(
-                select(*_ROW_COLUMNS).join(Organization, Organization.id == MediaItem.org_id).where(MediaItem.storage_key.in_(keys)))}
+            fresh = {row.storage_key: row for row in items_sql.rows_by_keys(session, keys)}
         report = self.report
         for candidate, info in zip(pending, stats, strict=True):
             if isinstance(info, Exception):

@@ -46,7 +46,7 @@ def explain(db, sweeper) -> str:
     """EXPLAIN ANALYZE of the fresh claim on a batch, rolled back."""
     with db.engine.connect() as connection:
         transaction = connection.begin()
-        lines = connection.execute(text("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING OFF) " + str(sweeper._fresh_claim)),
+        lines = connection.execute(text("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING OFF) " + str(sweeper._claims.expired_statement)),
                                    {"token": "explain", "limit": BATCH}).scalars().all()
         transaction.rollback()
     return "\n".join(lines)

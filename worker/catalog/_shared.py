@@ -6,9 +6,8 @@ import getpass
 import os
 from collections.abc import Sequence
 
-from sqlalchemy import select
-
 from config.errors import NotFound
+from worker import items as items_sql
 from worker.models import MediaItem
 from worker.store.keys import validate_id
 
@@ -24,7 +23,7 @@ def require_items(session, ids: Sequence[str]) -> dict[str, MediaItem]:
     """The rows of `ids`, locked for update; NotFound (changing nothing) when one was never registered."""
     for media_id in ids:
         validate_id(media_id)
-    found = {item.id: item for item in session.scalars(select(MediaItem).where(MediaItem.id.in_(list(ids))).with_for_update())}
+    found = {item.id: item for item in items_sql.locked_by_ids(session, list(ids))}
     for media_id in ids:
         if media_id not in found:
             raise NotFound(f"media id {media_id!r} was never registered; nothing was changed.")

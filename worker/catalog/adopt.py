@@ -24,10 +24,11 @@ from datetime import timedelta
 import structlog
 from sqlalchemy import select
 
+from worker import items as items_sql
 from worker.catalog.registration import Registration, _NewItem
 from worker.db import db_now
 from config.errors import BadInput, NotFound
-from worker.models import MediaItem, Organization
+from worker.models import Organization
 from worker.store import BlobInfo
 from worker.store.keys import validate_id, validate_key, validate_new_key
 
@@ -82,7 +83,7 @@ class Adopter:
         for page in self._pages(prefix):
             summary.listed += len(page)
             with db.transaction() as session:
-                known = set(session.scalars(select(MediaItem.storage_key).where(MediaItem.storage_key.in_([b.key for b in page]))))
+                known = items_sql.known_keys(session, [b.key for b in page])
             summary.known += len(known)
             fresh: list[_NewItem] = []
             for blob in page:

@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import select
 
+from worker import items as items_sql
 from worker import validation
 from worker.catalog._shared import default_actor, require_items
 from worker.catalog.results import HoldResult
 from worker.db import Database, db_now
 from config.errors import BadInput, Gone, NotFound
-from worker.models import AuditEvent, MediaItem, Organization, State
+from worker.models import AuditEvent, Organization, State
 from worker.store.keys import validate_id
 
 log = structlog.get_logger("worker.catalog")
@@ -44,11 +45,7 @@ class Holds:
                     changed.append(org)
                 target.held_at, target.hold_reason = stamp, (reason if held else None)
                 # Mirror the hold on the org's active rows in the same transaction (see MediaItem.org_held).
-                items = MediaItem.__table__
-                session.execute(
-                    update(items).where(items.c.org_id == org, items.c.state == State.ACTIVE.value, items.c.org_held.is_(not held))
-                    .values(org_held=held)
-                )
+                items_sql.mirror_org_hold(session, org, held)
                 session.add(AuditEvent(action=f"org_{action}", actor=actor, org_id=org, reason=reason))
             else:
                 found = require_items(session, ids)
@@ -60,7 +57,7 @@ class Holds:
                     item = found[media_id]
                     if (item.held_at is not None) != held:
                         changed.append(media_id)
-                    item.held_at, item.hold_reason = stamp, (reason if held else None)
+                    items_sql.set_hold(item, stamp, reason if held else None)
                     session.add(AuditEvent(action=action, actor=actor, org_id=item.org_id, media_id=media_id, reason=reason))
         log.info(f"media.{action}", org=org, ids=list(ids)[:20], changed=len(changed), actor=actor, reason=reason)
         return HoldResult(action=action, org=org, ids=tuple(dict.fromkeys(ids)), changed=tuple(changed), reason=reason,

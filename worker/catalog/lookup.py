@@ -6,10 +6,11 @@ from datetime import datetime, timedelta, timezone
 
 import structlog
 
+from worker import items as items_sql
 from worker.catalog.results import Item, PresignedUrl, Tombstone
 from worker.db import Database
 from config.errors import BadInput, Gone, NotFound
-from worker.models import MediaItem, State
+from worker.models import State
 from worker.store import BlobStore
 from worker.store.keys import validate_id
 
@@ -34,7 +35,7 @@ class Lookup:
     def _answer(self, media_id: str, *, org: str | None) -> Item | Tombstone | None:
         validate_id(media_id)
         with self.db.transaction() as session:
-            row = session.get(MediaItem, media_id)
+            row = items_sql.by_id(session, media_id)
         if row is None or (org is not None and row.org_id != org):
             return None
         if row.state != State.ACTIVE.value:

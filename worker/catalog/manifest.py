@@ -27,7 +27,7 @@ from worker.catalog._shared import default_actor
 from worker.catalog.registration import Registration, _NewItem, _open_regular, _source_digest
 from worker.catalog.results import ManifestSummary
 from config.errors import BadInput, RetentionError
-from worker.models import MediaItem, Organization
+from worker.models import Organization
 from worker.store.keys import key_for_id
 
 log = structlog.get_logger("worker.catalog")
@@ -235,7 +235,7 @@ class ManifestImport:
             by_id = {row.id: row for row in items_sql.existing(
                 session, sql, "id", [item.id for _, item, explicit in chunk if explicit])}
             key_owner = dict(items_sql.existing(
-                session, sql, "storage_key", [item.key for _, item, _ in chunk], MediaItem.storage_key, MediaItem.id))
+                session, sql, "storage_key", [item.key for _, item, _ in chunk], "storage_key", "id"))
         to_store: list[tuple[int, _NewItem, bool]] = []
         records: list[tuple] = []
         for number, item, explicit in chunk:

@@ -5,14 +5,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import func, select, update
-
+from worker import items as items_sql
 from worker import validation
 from worker.catalog._shared import default_actor
 from worker.catalog.results import OrgView
-from worker.db import Database, db_now, plus_seconds
+from worker.db import Database, db_now
 from config.errors import NotFound
-from worker.models import AuditEvent, MediaItem, Organization, State
+from worker.models import AuditEvent, Organization, State
 from worker.policy import describe, parse_retention
 from worker.store.keys import validate_id
 
@@ -32,7 +31,6 @@ class Orgs:
         validate_id(org_id, "organization id")
         new = parse_retention(retention) if retention is not None else None
         actor = validation.actor(actor or default_actor())
-        items = MediaItem.__table__
         with self.db.transaction() as session:
             # Row lock: registrations read the retention under a share lock, so none slips between
             # this update and the rewrite of expiry times below.
@@ -51,11 +49,7 @@ class Orgs:
                 org.retention_seconds = seconds
                 # The database's clock: `verify` compares it with claim times, which are the database's too.
                 org.updated_at = db_now()
-                rewritten = session.execute(
-                    update(items)
-                    .where(items.c.org_id == org_id, items.c.state == State.ACTIVE.value, items.c.ttl_seconds.is_(None))
-                    .values(expires_at=plus_seconds(items.c.created_at, seconds))
-                ).rowcount
+                rewritten = items_sql.rewrite_expiry(session, org_id, seconds)
             if created or seconds != old:
                 session.add(
                     AuditEvent(
@@ -73,21 +67,12 @@ class Orgs:
 
     def show(self, org_id: str) -> OrgView:
         validate_id(org_id, "organization id")
-        items = MediaItem.__table__
         with self.db.transaction() as session:
             org = session.get(Organization, org_id)
             if org is None:
                 raise NotFound(f"organization {org_id!r} does not exist; create it with `media-retention org set {org_id}`.")
-            by_state = dict(
-                session.execute(
-                    select(items.c.state, func.count()).where(items.c.org_id == org_id).group_by(items.c.state)
-                ).all()
-            )
-            active_bytes = session.scalar(
-                select(func.coalesce(func.sum(items.c.size_bytes), 0)).where(
-                    items.c.org_id == org_id, items.c.state == State.ACTIVE.value
-                )
-            )
+            by_state = items_sql.counts_by_state(session, org_id)
+            active_bytes = items_sql.active_bytes(session, org_id)
         return OrgView(
             org=org.id,
             retention=describe(timedelta(seconds=org.retention_seconds)),

@@ -11,13 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, case, func, select
-
 from worker import items as items_sql
-
-from worker.db import Database, db_now, plus_seconds
+from worker.db import Database
 from config.errors import BadInput, NotFound
-from worker.models import MediaItem, Organization, State
+from worker.models import Organization
 from worker.policy import describe, parse_retention
 from worker.store.keys import validate_id
 
@@ -48,34 +45,11 @@ def preview_retention(db: Database, org_id: str, retention: str | None) -> Reten
     if retention is None:
         raise BadInput("--dry-run previews a retention change; give the new period with --retention.")
     seconds = int(parse_retention(retention).total_seconds())
-    items = MediaItem.__table__
     with db.transaction() as session:
         org = session.get(Organization, org_id)
         if org is None:
             raise NotFound(f"organization {org_id!r} does not exist; it has no media a new retention could affect.")
-        now = db_now()
-        new_expiry = case((items.c.ttl_seconds.is_(None), plus_seconds(items.c.created_at, seconds)), else_=items.c.expires_at)
-        due_new = new_expiry <= now
-        due_old = items.c.expires_at <= now
-        # The sweep's own predicate (worker/items.py): an org hold is mirrored onto its items (`org_held`).
-        claimable = items_sql.claimable()
-        ttl_less = items.c.ttl_seconds.is_(None)
-
-        def count(condition):
-            return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
-
-        def size(condition):
-            return func.coalesce(func.sum(case((condition, items.c.size_bytes), else_=0)), 0)
-
-        row = session.execute(
-            select(
-                count(and_(claimable, due_new)), size(and_(claimable, due_new)),
-                count(and_(claimable, due_new, ~due_old)), size(and_(claimable, due_new, ~due_old)),
-                count(and_(ttl_less, new_expiry > items.c.expires_at)),
-                count(due_new),
-                count(~ttl_less),
-            ).where(items.c.org_id == org_id, items.c.state == State.ACTIVE.value)
-        ).one()
+        row = items_sql.retention_preview(session, org_id, seconds)
     due, due_bytes, newly_due, newly_due_bytes, kept_longer, all_due, ttl_items = (int(value) for value in row)
     org_held = org.held_at is not None
     held = all_due - due

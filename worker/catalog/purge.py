@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select
-
+from worker import items as items_sql
 from worker import validation
 from worker.catalog._shared import default_actor, require_items
 from worker.catalog.results import PurgeResult
 from worker.db import Database
 from config.errors import BadInput, NotFound
-from worker.models import AuditEvent, MediaItem, Organization, State
+from worker.models import AuditEvent, Organization, State
 from worker.store.keys import validate_id
 from worker.sweep import Sweeper
 
@@ -32,7 +31,6 @@ class Purge:
         actor = validation.actor(actor or default_actor())
         if reason is not None:
             validation.reason(reason)
-        items = MediaItem.__table__
         with self.db.transaction() as session:
             if org is not None:
                 validate_id(org, "organization id")
@@ -41,13 +39,10 @@ class Purge:
                     raise NotFound(f"organization {org!r} does not exist; nothing was purged.")
                 if target.held_at is not None:
                     raise BadInput(f"organization {org!r} is on hold ({target.hold_reason}); release it before purging.")
-                scope = items.c.org_id == org
+                rows = items_sql.purge_candidates(session, org_id=org)
             else:
                 found = require_items(session, ids)
-                scope = items.c.id.in_(list(found))
-            rows = session.execute(
-                select(items.c.id, items.c.org_id, items.c.state, items.c.held_at, items.c.org_held, items.c.size_bytes).where(scope)
-            ).all()
+                rows = items_sql.purge_candidates(session, ids=list(found))
         eligible = [r for r in rows if r.state == State.ACTIVE.value and r.held_at is None and not r.org_held]
         named = tuple(dict.fromkeys(ids))
         found_so_far = dict(

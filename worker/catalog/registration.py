@@ -27,7 +27,7 @@ from worker import validation
 from worker.catalog.results import Item
 from worker.db import Database, db_now
 from config.errors import BadInput, BlobExists
-from worker.models import AuditEvent, MediaItem, Organization, State
+from worker.models import AuditEvent, Organization, State
 from worker.policy import effective_lifetime, parse_ttl
 from worker.store import BlobDigest, BlobStore, open_source, source_digest
 from worker.store.keys import key_for_id, validate_id, validate_new_key

@@ -8,10 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
-
+from worker import items as items_sql
 from worker.db import Database
-from worker.models import MediaItem, State
 from worker.volume.levels import Usage
 
 if TYPE_CHECKING:
@@ -21,10 +19,7 @@ if TYPE_CHECKING:
 def live_media_bytes(db: Database) -> int:
     """Bytes of media that still has a blob: active items and items being deleted."""
     with db.transaction() as session:
-        return int(session.scalar(
-            select(func.coalesce(func.sum(MediaItem.size_bytes), 0))
-            .where(MediaItem.state.in_([State.ACTIVE.value, State.DELETING.value]))
-        ))
+        return items_sql.live_bytes(session)
 
 
 def store_usage(db: Database, store: BlobStore, *, capacity_bytes: int | None) -> Callable[[], Usage]:

@@ -1,0 +1,96 @@
+"""The claim, written once: one `UPDATE ... RETURNING` moves a batch of rows to `deleting` under a claim
+token and a lease, its cutoff the database's clock.
+
+SQL text rather than Core: the statement every invariant of the sweep rests on reads best as the SQL
+it is. The two things the databases spell differently come from `worker/dialect.py`: PostgreSQL picks
+the rows FOR UPDATE (SKIP LOCKED for sweeps), so concurrent sweepers take disjoint batches, and joins
+them to the UPDATE under an alias; SQLite has one writer at a time (BEGIN IMMEDIATE), so its claim is
+exclusive without row locks, and its UPDATE has no alias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import BigInteger, Integer, String, bindparam, text
+
+from worker import models
+from worker.db import db_now
+from worker.dialect import Dialect
+from worker.items.predicates import CLAIMABLE, DELETING, predicate
+
+# Evaluated on the updated row (`{m}`: `m.` on PostgreSQL, bare on SQLite).
+REASON_BY_TTL = "CASE WHEN {m}ttl_seconds IS NULL THEN 'retention' ELSE 'ttl' END"
+
+# The rows a claim takes: those of `media_items AS c` matching {where}, first by {order}, at most :limit.
+_PICK = """SELECT c.id FROM media_items AS c
+    WHERE {where}
+    ORDER BY {order} LIMIT :limit
+    {lock}"""
+
+_CLAIM = """
+UPDATE {target}
+SET state = 'deleting',
+    deletion_reason = COALESCE({m}deletion_reason, {reason}),
+    claim_token = :token,
+    claimed_at = COALESCE({m}claimed_at, {now}),
+    lease_until = {lease}
+{picked}
+RETURNING {m}id, {m}storage_key, {m}size_bytes, {m}deletion_reason, {m}attempts
+"""
+
+_RETURNED = dict(id=String, storage_key=String, size_bytes=BigInteger, deletion_reason=String, attempts=Integer)
+
+
+def claim_sql(dialect: Dialect, *, where: str, order: str, reason: str, now: str, lease: str, skip_locked: bool) -> str:
+    """The claim's SQL for `dialect`: rows of `media_items AS c` matching `where` (may name `{now}`), in
+    `order`, moved to `deleting` with `reason` (may name `{m}` columns of the updated row) and a lease
+    until `lease`."""
+    m = dialect.update_alias("m")
+    picked = _PICK.format(where=where.format(now=now), order=order, lock=dialect.row_lock(skip_locked=skip_locked))
+    return _CLAIM.format(target=dialect.update_target("media_items", "m"), m=m, reason=reason.format(m=m), now=now,
+                         lease=lease, picked=dialect.update_picked("m", picked))
+
+
+class Claims:
+    """The claims of sweeps and purges on one database with one lease, built once. Each runs in the
+    caller's transaction under the caller's claim token and returns the rows it claimed (`id`,
+    `storage_key`, `size_bytes`, `deletion_reason`, `attempts`)."""
+
+    def __init__(self, dialect: Dialect, *, lease_seconds: int):
+        self.dialect = dialect
+        self._now = dialect.compile(db_now())
+        self._lease = dialect.compile(db_now(lease_seconds))
+        # The sweep's two claims, each spelling its partial index's predicate exactly as the index does,
+        # so the planner uses it.
+        self.stale_statement = self._statement(f"{predicate(DELETING, 'c')} AND c.lease_until <= {{now}}",
+                                               "c.lease_until", REASON_BY_TTL)
+        self.expired_statement = self._statement(f"{predicate(CLAIMABLE, 'c')} AND c.expires_at <= {{now}}",
+                                                 "c.expires_at", REASON_BY_TTL)
+        self._org_statement = self._statement(f"c.org_id = :org AND {predicate(CLAIMABLE, 'c')}", "c.expires_at",
+                                              f"'{models.Reason.ORG_PURGE.value}'")
+
+    def _statement(self, where: str, order: str, reason: str, *, skip_locked: bool = True, ids: bool = False):
+        sql = claim_sql(self.dialect, where=where, order=order, reason=reason, now=self._now, lease=self._lease,
+                        skip_locked=skip_locked)
+        statement = text(sql).columns(**_RETURNED)
+        return statement.bindparams(bindparam("ids", expanding=True)) if ids else statement
+
+    def stale(self, session, token: str, limit: int) -> list:
+        """Claims whose lease ran out (a worker died or was too slow), by lease, skipping locked rows."""
+        return session.execute(self.stale_statement, {"token": token, "limit": limit}).all()
+
+    def expired(self, session, token: str, limit: int) -> list:
+        """Claimable items expired by the database clock, by expiry, skipping locked rows."""
+        return session.execute(self.expired_statement, {"token": token, "limit": limit}).all()
+
+    def named(self, session, token: str, ids: Sequence[str], reason) -> list:
+        """The named active, unheld items, regardless of expiry (a purge): waits for locked rows
+        instead of skipping them."""
+        statement = self._statement(f"c.id IN :ids AND {predicate(CLAIMABLE, 'c')}", "c.id",
+                                    f"'{models.Reason(reason).value}'", skip_locked=False, ids=True)
+        return session.execute(statement, {"token": token, "limit": len(ids), "ids": list(ids)}).all()
+
+    def org(self, session, token: str, org_id: str, limit: int) -> list:
+        """An org's active, unheld items, regardless of expiry (an org purge), by expiry."""
+        return session.execute(self._org_statement, {"token": token, "limit": limit, "org": org_id}).all()

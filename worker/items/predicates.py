@@ -1,0 +1,61 @@
+"""The `media_items` row predicates, defined once.
+
+Each predicate is SQL text with a `{c}` column prefix: the partial indexes (`worker/models.py`) are
+built on the bare text, the claims qualify it with their alias, and the counts read it as a Core
+fragment. Queries that spell a partial index's predicate exactly as the index does are the ones both
+planners match to it (never `state = :param`: a generic plan cannot know the value). Migrations keep
+their own literal SQL: a migration is history.
+
+This module imports nothing from the rest of the package: `worker/models.py` reads it while it
+defines the indexes.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import and_, text
+from sqlalchemy.sql.elements import TextClause
+
+# Active and held neither itself nor through its org: what a sweep may claim once it expired.
+CLAIMABLE = "{c}state = 'active' AND {c}held_at IS NULL AND NOT {c}org_held"
+# Active but held, itself or through its org: what every sweep counts as held_skipped.
+HELD = "{c}state = 'active' AND ({c}held_at IS NOT NULL OR {c}org_held)"
+# Claimed for deletion: lookups answer 404, the blob may still exist.
+DELETING = "{c}state = 'deleting'"
+# Deleted: the blob is gone, the row answers 404 with its reason and time.
+TOMBSTONE = "{c}state = 'deleted'"
+
+
+def predicate(template: str, alias: str | None = None) -> str:
+    """The predicate's SQL, its columns qualified with `alias` when given."""
+    return template.format(c=f"{alias}." if alias else "")
+
+
+def claimable() -> TextClause:
+    return text(predicate(CLAIMABLE))
+
+
+def held() -> TextClause:
+    return text(predicate(HELD))
+
+
+def deleting() -> TextClause:
+    return text(predicate(DELETING))
+
+
+def tombstone() -> TextClause:
+    return text(predicate(TOMBSTONE))
+
+
+def due(items, now):
+    """Claimable and expired by `now` (the database clock): what a sweep would claim."""
+    return and_(claimable(), items.c.expires_at <= now)
+
+
+def held_expired(items, now):
+    """Expired but held: what a sweep leaves alone."""
+    return and_(held(), items.c.expires_at <= now)
+
+
+def deleted_before(items, cutoff):
+    """Tombstones deleted before `cutoff` (read by the tombstones' deletion-time index): what compaction removes."""
+    return and_(tombstone(), items.c.deleted_at < cutoff)

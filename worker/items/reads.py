@@ -1,0 +1,301 @@
+"""The reads of `media_items`: each takes a session (the caller's transaction) and plain values, and
+returns rows, counts or sums. What to make of them stays with the caller."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import and_, case, func, or_, select
+
+from worker import models
+from worker.db import db_now, plus_seconds
+from worker.dialect import Dialect
+from worker.items.predicates import claimable, deleted_before, deleting, due, held, held_expired, tombstone
+
+# -- the sweep: what is due, what it leaves alone ------------------------------------------------------
+
+
+def next_due(session) -> tuple[datetime, datetime | None, datetime | None]:
+    """The database's time, the earliest expiry of a claimable item and the earliest lease of a claimed
+    one (None where there is none): two reads of the first entry of the claims' own partial indexes."""
+    items = models.MediaItem.__table__
+    next_expiry = select(func.min(items.c.expires_at)).where(claimable()).scalar_subquery()
+    next_lease = select(func.min(items.c.lease_until)).where(deleting()).scalar_subquery()
+    now, expiry, lease = session.execute(select(db_now(), next_expiry, next_lease)).one()
+    return now, expiry, lease
+
+
+def held_expired_count(session) -> int:
+    """Expired active items a sweep leaves alone because they or their org are on hold."""
+    items = models.MediaItem.__table__
+    return session.scalar(select(func.count()).where(held_expired(items, db_now()))) or 0
+
+
+def due_preview(session, shown: int) -> tuple[int, int, list]:
+    """What a sweep would claim now, without claiming it (expired claimable items and claims whose lease
+    ran out): how many, their bytes, and the first `shown` of them by expiry (`id`, `org_id`,
+    `storage_key`, `size_bytes`, `expires_at`, `ttl_seconds`)."""
+    items = models.MediaItem.__table__
+    now_due = or_(
+        due(items, db_now()),
+        and_(items.c.state == models.State.DELETING.value, items.c.lease_until <= db_now()),
+    )
+    total, total_bytes = session.execute(
+        select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).where(now_due)
+    ).one()
+    rows = session.execute(
+        select(items.c.id, items.c.org_id, items.c.storage_key, items.c.size_bytes, items.c.expires_at, items.c.ttl_seconds)
+        .where(now_due)
+        .order_by(items.c.expires_at)
+        .limit(shown)
+    ).all()
+    return total, total_bytes, rows
+
+
+# -- fleet status: the backlog, what is stuck, how late deletions went ---------------------------------
+# Where a partial index serves, its predicate as the index spells it (not `state = :param`), so even a
+# generic plan (a long-lived exporter prepares these) reads the index.
+
+
+def due_count(session) -> int:
+    """Expired, unheld, active items: what a sweep would claim now (index range scan on expiry)."""
+    items = models.MediaItem.__table__
+    return session.scalar(select(func.count()).where(due(items, db_now()))) or 0
+
+
+def due_totals(session) -> tuple[int, int]:
+    """How many items a sweep would claim now, and their bytes."""
+    items = models.MediaItem.__table__
+    return tuple(session.execute(
+        select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).where(due(items, db_now()))
+    ).one())
+
+
+def deleting_count(session) -> int:
+    """Items claimed and not finalized yet."""
+    items = models.MediaItem.__table__
+    return session.scalar(select(func.count()).select_from(items).where(deleting())) or 0
+
+
+def oldest_overdue(session):
+    """The item due the longest (`id`, `expires_at`): due and unclaimed, or claimed and not finished;
+    None when there is none."""
+    items = models.MediaItem.__table__
+    # The oldest of the two index heads: an OR of both predicates would read neither index.
+    heads = [session.execute(select(items.c.id, items.c.expires_at).where(where).order_by(items.c.expires_at).limit(1)).first()
+             for where in (due(items, db_now()), deleting())]
+    return min((head for head in heads if head is not None), key=lambda head: head.expires_at, default=None)
+
+
+def stuck_claims(session, listed: int) -> tuple[int, list]:
+    """Claims whose delete failed at least once, or whose lease ran out with nobody taking them over:
+    how many, and the first `listed` (`id`, `attempts`, `last_error`, `lease_until`, `claimed_at`), most
+    attempts first."""
+    items = models.MediaItem.__table__
+    stuck = deleting() & or_(items.c.attempts > 0, items.c.lease_until < db_now())
+    count = session.scalar(select(func.count()).select_from(items).where(stuck)) or 0
+    rows = session.execute(
+        select(items.c.id, items.c.attempts, items.c.last_error, items.c.lease_until, items.c.claimed_at)
+        .where(stuck)
+        .order_by(items.c.attempts.desc(), items.c.claimed_at)
+        .limit(listed)
+    ).all()
+    return count, rows
+
+
+def missing_blob_counts(session) -> tuple[int, int]:
+    """Active items whose blob reconcile found missing, and how many of them are held (read by the
+    partial index on missing_since)."""
+    items = models.MediaItem.__table__
+    missing = items.c.missing_since.is_not(None) & (items.c.state == models.State.ACTIVE.value)
+    count = session.scalar(select(func.count()).where(missing)) or 0
+    held_count = session.scalar(select(func.count()).where(missing, held())) or 0
+    return count, held_count
+
+
+def recent_deletions(session, window_seconds: int, reasons, limit: int) -> list:
+    """`expires_at` and `deleted_at` of the latest tombstones deleted for `reasons` within the last
+    `window_seconds` (database clock), at most `limit`, newest first: read by the tombstones'
+    deletion-time index."""
+    items = models.MediaItem.__table__
+    return session.execute(
+        select(items.c.expires_at, items.c.deleted_at)
+        .where(tombstone(), items.c.deleted_at >= db_now(-window_seconds), items.c.deletion_reason.in_(reasons))
+        .order_by(items.c.deleted_at.desc())
+        .limit(limit)
+    ).all()
+
+
+# -- registration, manifest import, adopt: what is taken already ---------------------------------------
+
+
+def first_taken(session, dialect: Dialect, column: str, values: list[str]) -> str | None:
+    """One of `values` already in `column` (`id` or `storage_key`) of any row, tombstones included, or None.
+    As one array parameter on PostgreSQL: a list of placeholders, prepared and planned generically
+    after a few runs, made the planner pick a scan of the whole table."""
+    if not values:
+        return None
+    found = models.MediaItem.__table__.c[column]
+    return session.execute(select(found).where(dialect.id_in(found, values)).limit(1)).scalar()
+
+
+def existing(session, dialect: Dialect, column: str, values: list[str], *wanted: str) -> list:
+    """The rows whose `column` is one of `values`: the `wanted` columns (by name), else every column."""
+    if not values:
+        return []
+    items = models.MediaItem.__table__
+    return session.execute(select(*((items.c[name] for name in wanted) if wanted else (items,)))
+                           .where(dialect.id_in(items.c[column], values))).all()
+
+
+def known_keys(session, keys: list[str]) -> set[str]:
+    """Those of `keys` that a row (any state) already has."""
+    items = models.MediaItem.__table__
+    return set(session.scalars(select(items.c.storage_key).where(items.c.storage_key.in_(keys))))
+
+
+# -- one item, a list of items -------------------------------------------------------------------------
+
+
+def by_id(session, media_id: str):
+    """The item (a `MediaItem`, any state), or None for an ID never registered."""
+    return session.get(models.MediaItem, media_id)
+
+
+def locked_by_ids(session, ids: list[str]) -> list:
+    """The items of `ids` that exist (`MediaItem`s), locked for update until the transaction ends."""
+    MediaItem = models.MediaItem
+    return list(session.scalars(select(MediaItem).where(MediaItem.id.in_(ids)).with_for_update()))
+
+
+def purge_candidates(session, *, org_id: str | None = None, ids: list[str] | None = None) -> list:
+    """The items of an org, or of `ids`, as a purge judges them: `id`, `org_id`, `state`, `held_at`,
+    `org_held`, `size_bytes`."""
+    items = models.MediaItem.__table__
+    scope = items.c.org_id == org_id if org_id is not None else items.c.id.in_(ids)
+    return session.execute(
+        select(items.c.id, items.c.org_id, items.c.state, items.c.held_at, items.c.org_held, items.c.size_bytes).where(scope)
+    ).all()
+
+
+# -- one org -------------------------------------------------------------------------------------------
+
+
+def counts_by_state(session, org_id: str) -> dict[str, int]:
+    """How many of the org's items are in each state (states without items left out)."""
+    items = models.MediaItem.__table__
+    return dict(session.execute(
+        select(items.c.state, func.count()).where(items.c.org_id == org_id).group_by(items.c.state)
+    ).all())
+
+
+def active_bytes(session, org_id: str) -> int:
+    """Bytes of the org's active items."""
+    items = models.MediaItem.__table__
+    return session.scalar(
+        select(func.coalesce(func.sum(items.c.size_bytes), 0)).where(
+            items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value
+        )
+    )
+
+
+def retention_preview(session, org_id: str, seconds: int) -> tuple[int, ...]:
+    """What a retention of `seconds` would make of the org's active items, by the next sweep's own
+    predicate with the new period in place of the stored expiry: how many would be due and their
+    bytes, how many of those the current period still keeps and their bytes, how many TTL-less items
+    would be kept longer, how many would be due held or not, and how many have a TTL."""
+    items = models.MediaItem.__table__
+    now = db_now()
+    new_expiry = case((items.c.ttl_seconds.is_(None), plus_seconds(items.c.created_at, seconds)), else_=items.c.expires_at)
+    due_new = new_expiry <= now
+    due_old = items.c.expires_at <= now
+    # The sweep's own predicate: an org hold is mirrored onto its items (`org_held`).
+    eligible = claimable()
+    ttl_less = items.c.ttl_seconds.is_(None)
+
+    def count(condition):
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+    def size(condition):
+        return func.coalesce(func.sum(case((condition, items.c.size_bytes), else_=0)), 0)
+
+    return tuple(session.execute(
+        select(
+            count(and_(eligible, due_new)), size(and_(eligible, due_new)),
+            count(and_(eligible, due_new, ~due_old)), size(and_(eligible, due_new, ~due_old)),
+            count(and_(ttl_less, new_expiry > items.c.expires_at)),
+            count(due_new),
+            count(~ttl_less),
+        ).where(items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value)
+    ).one())
+
+
+# -- reconcile and verify: the catalog beside the store's listing --------------------------------------
+
+
+def key_owners(session, keys: list[str]) -> list:
+    """The rows (any state) that `keys` belong to: `storage_key`, `state`, `deletion_reason`, `expires_at`."""
+    items = models.MediaItem.__table__
+    return session.execute(
+        select(items.c.storage_key, items.c.state, items.c.deletion_reason, items.c.expires_at)
+        .where(items.c.storage_key.in_(keys))
+    ).all()
+
+
+def active_after(session, after: str, limit: int) -> list:
+    """The next `limit` active items by ID after `after` (`id`, `storage_key`, `held_at`, `org_held`,
+    `expires_at`, `missing_since`): reconcile's walk of the catalog, a page at a time."""
+    items = models.MediaItem.__table__
+    return session.execute(
+        select(items.c.id, items.c.storage_key, items.c.held_at, items.c.org_held, items.c.expires_at,
+               items.c.missing_since)
+        .where(items.c.state == models.State.ACTIVE.value, items.c.id > after)
+        .order_by(items.c.id)
+        .limit(limit)
+    ).all()
+
+
+def _with_org():
+    """Every row (any state) as verify judges it: the item's columns and its org's retention, hold and
+    last change."""
+    MediaItem, Organization = models.MediaItem, models.Organization
+    return select(
+        MediaItem.id, MediaItem.org_id, MediaItem.storage_key, MediaItem.size_bytes, MediaItem.state,
+        MediaItem.deletion_reason, MediaItem.created_at, MediaItem.ttl_seconds, MediaItem.expires_at,
+        MediaItem.held_at, MediaItem.org_held, MediaItem.claimed_at, MediaItem.deleted_at, MediaItem.lease_until,
+        MediaItem.attempts, MediaItem.last_error,
+        Organization.retention_seconds.label("org_retention_seconds"), Organization.held_at.label("org_held_at"),
+        Organization.updated_at.label("org_updated_at"),
+    ).join(Organization, Organization.id == MediaItem.org_id)
+
+
+def rows_by_key_order(session, after: str | None, limit: int) -> list:
+    """The next `limit` rows (any state, with their org's policy) in storage-key order after `after`
+    (from the first when None): verify's stream of the catalog, merged with the store's listing."""
+    statement = _with_org()
+    if after is not None:
+        statement = statement.where(models.MediaItem.storage_key > after)
+    return session.execute(statement.order_by(models.MediaItem.storage_key).limit(limit)).all()
+
+
+def rows_by_keys(session, keys: list[str]) -> list:
+    """The rows (any state, with their org's policy) of `keys`: verify's second look at a disagreement."""
+    return session.execute(_with_org().where(models.MediaItem.storage_key.in_(keys))).all()
+
+
+# -- tombstone compaction and the volume ---------------------------------------------------------------
+
+
+def old_tombstone_count(session, older_than_seconds: int) -> int:
+    """How many tombstones compaction would remove."""
+    items = models.MediaItem.__table__
+    return session.scalar(select(func.count()).select_from(items).where(deleted_before(items, db_now(-older_than_seconds)))) or 0
+
+
+def live_bytes(session) -> int:
+    """Bytes of media that still has a blob: active items and items being deleted."""
+    items = models.MediaItem.__table__
+    return int(session.scalar(
+        select(func.coalesce(func.sum(items.c.size_bytes), 0))
+        .where(items.c.state.in_([models.State.ACTIVE.value, models.State.DELETING.value]))
+    ))

@@ -1,0 +1,133 @@
+"""The writes of `media_items`: each takes a session (the caller's transaction) and plain values, and
+returns what the caller needs of the rows it changed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy import Integer, and_, bindparam, delete, or_, select, update
+
+from worker import models
+from worker.db import db_now, plus_seconds
+from worker.dialect import Dialect
+from worker.items.predicates import claimable, deleted_before
+
+# -- registration --------------------------------------------------------------------------------------
+
+
+def insert_rows(session, dialect: Dialect, rows: list[dict]) -> None:
+    """New active items, in the session's transaction (by COPY on PostgreSQL)."""
+    dialect.insert_rows(session, models.MediaItem.__table__, rows)
+
+
+# -- finalize: a claimed batch's outcome, only on rows still under its claim token ---------------------
+
+
+def tombstone_claimed(session, dialect: Dialect, token: str, ids: list[str]) -> list:
+    """Tombstone the rows of `ids` still claimed under `token` (deleted now; lease, token and error
+    cleared). Returns `org_id`, `deletion_reason`, `size_bytes` and the seconds from its expiry to its
+    deletion (computed by the database: one float instead of two timestamps to convert) of each row it changed."""
+    items = models.MediaItem.__table__
+    State = models.State
+    return session.execute(
+        update(items)
+        .where(dialect.id_in(items.c.id, ids), items.c.claim_token == token, items.c.state == State.DELETING.value)
+        .values(state=State.DELETED.value, deleted_at=db_now(), lease_until=None, claim_token=None, last_error=None)
+        .returning(items.c.org_id, items.c.deletion_reason, items.c.size_bytes,
+                   dialect.seconds_between(items.c.deleted_at, items.c.expires_at))
+    ).all()
+
+
+def fail_claimed(session, failures: Iterable[tuple[str, str, str, int]]) -> None:
+    """Failed deletes, each `(id, token, error, backoff_seconds)`, on rows still claimed under that token:
+    one more attempt, the error, and the lease pushed out by the backoff (database clock)."""
+    items = models.MediaItem.__table__
+    session.execute(
+        update(items)
+        .where(items.c.id == bindparam("b_id"), items.c.claim_token == bindparam("b_token"),
+               items.c.state == models.State.DELETING.value)
+        .values(
+            attempts=items.c.attempts + 1,
+            last_error=bindparam("b_error"),
+            lease_until=plus_seconds(db_now(), bindparam("b_backoff", type_=Integer)),
+        ),
+        [{"b_id": media_id, "b_token": token, "b_error": error, "b_backoff": backoff}
+         for media_id, token, error, backoff in failures],
+    )
+
+
+# -- holds and retention: what a hold or an org's new period writes on the rows ------------------------
+
+
+def rewrite_expiry(session, org_id: str, retention_seconds: int) -> int:
+    """Reschedule the org's active TTL-less items to `created_at + retention_seconds` (exact on both
+    databases); returns how many."""
+    items = models.MediaItem.__table__
+    return session.execute(
+        update(items)
+        .where(items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.ttl_seconds.is_(None))
+        .values(expires_at=plus_seconds(items.c.created_at, retention_seconds))
+    ).rowcount
+
+
+def mirror_org_hold(session, org_id: str, held: bool) -> None:
+    """Mirror the org's hold (or release) on its active rows (`org_held`); in the transaction that
+    changes the org row."""
+    items = models.MediaItem.__table__
+    session.execute(
+        update(items).where(items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.org_held.is_(not held))
+        .values(org_held=held)
+    )
+
+
+def set_hold(item, held_at, reason: str | None) -> None:
+    """An item's own hold (`held_at` None releases it) on a row `locked_by_ids` returned: the session
+    writes it when it flushes."""
+    item.held_at, item.hold_reason = held_at, reason
+
+
+# -- reconcile: blobs found missing --------------------------------------------------------------------
+
+
+def mark_missing_since(session, ids: list[str]) -> None:
+    """Record that the blobs of these active items were found missing now (database clock), where not
+    recorded already."""
+    items = models.MediaItem.__table__
+    session.execute(update(items).where(items.c.id.in_(ids), items.c.state == models.State.ACTIVE.value,
+                                        items.c.missing_since.is_(None)).values(missing_since=db_now()))
+
+
+def clear_missing_since(session, ids: list[str]) -> None:
+    """Forget that these items' blobs were missing: they were seen again."""
+    items = models.MediaItem.__table__
+    session.execute(update(items).where(items.c.id.in_(ids)).values(missing_since=None))
+
+
+def tombstone_missing(session, ids: list[str], grace_seconds: int) -> list:
+    """Tombstone (reason `missing_blob`) those of `ids` that are still claimable and either expired or
+    recorded missing at least `grace_seconds` ago, every condition re-checked on the row itself (a hold
+    or a claim committed since wins). Returns `id`, `org_id` of each row it changed."""
+    items = models.MediaItem.__table__
+    State, Reason = models.State, models.Reason
+    return session.execute(
+        update(items)
+        .where(items.c.id.in_(ids), claimable(),
+               or_(items.c.expires_at <= db_now(),
+                   and_(items.c.missing_since.is_not(None),
+                        items.c.missing_since <= db_now(-grace_seconds))))
+        .values(state=State.DELETED.value, deletion_reason=Reason.MISSING_BLOB.value, deleted_at=db_now(),
+                claimed_at=db_now())
+        .returning(items.c.id, items.c.org_id)
+    ).all()
+
+
+# -- tombstone compaction ------------------------------------------------------------------------------
+
+
+def compact_tombstones(session, older_than_seconds: int, limit: int) -> int:
+    """Remove up to `limit` tombstones deleted more than `older_than_seconds` ago, oldest first; never a
+    live or claimed row. Returns how many."""
+    items = models.MediaItem.__table__
+    batch = (select(items.c.id).where(deleted_before(items, db_now(-older_than_seconds)))
+             .order_by(items.c.deleted_at).limit(limit))
+    return session.execute(delete(items).where(items.c.id.in_(batch.scalar_subquery()))).rowcount
