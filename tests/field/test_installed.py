@@ -69,8 +69,11 @@ def fleet(installed, outside, fresh_schema, redis_server, tmp_path_factory) -> I
         database_url=fresh_schema, broker_url=redis_server.url, storage_url=media.as_uri(), data_dir=base / "data",
         log_format="json", metrics_port=port,
         # Beat's sweeps stay out of the way (the tests drive sweeps through the broker themselves);
-        # its volume checks come every 2 s, so a test sees beat at work within seconds.
-        sweep_interval="1h", volume_check_interval="2s")
+        # its volume checks come every 2 s, so a test sees beat at work within seconds. The expiry
+        # watch is off for the same reason: on, it deletes an expired item within about a second of
+        # its registration, racing the test's own lookup and sweeps (it lost that race on a loaded
+        # machine, under pytest-xdist).
+        sweep_interval="1h", volume_check_interval="2s", watch_interval="off")
     upgrade = run([installed.bin("media-retention"), "db", "upgrade", "--json"], env=env, cwd=outside)
     assert upgrade.returncode == 0, upgrade.stderr
     processes = Processes(base)
