@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import socket
 import subprocess
 import urllib.request
@@ -170,13 +171,18 @@ def _scraped_names(body: str) -> set[str]:
 
 
 def _full_scrape(fleet: Field) -> str:
-    """A scrape once every kind of series exists: a volume check and a finished sweep have happened."""
+    """A scrape once every kind of series exists: a volume check and a finished sweep that deleted an item
+    have happened. The sweep and its item are this call's own, so a test reading the scrape passes alone
+    or after the others, on whichever pytest-xdist worker it runs."""
+    assert fleet.cli("org", "set", "acme", "--retention", "30d").returncode == 0
+    _expired_item(fleet, f"field-scrape-{secrets.token_hex(4)}")
     assert fleet.cli("sweep", "--enqueue").returncode == 0
 
     def complete() -> str | None:
         body = fleet.scrape()
         names = _scraped_names(body)
-        wanted = {"media_retention_volume_used_ratio", "media_retention_last_sweep_items"}
+        wanted = {"media_retention_volume_used_ratio", "media_retention_last_sweep_items",
+                  "media_retention_deleted_items_total"}
         return body if wanted <= names else None
 
     try:
