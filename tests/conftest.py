@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import socket
 from collections.abc import Iterator
@@ -32,6 +33,46 @@ pytest_plugins = ("tests.fleet", "tests.s3", "tests.receiver")
 PG_URL = os.environ.get("MEDIA_RETENTION_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("MEDIA_RETENTION_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+# -- the fault-injection suite's seed and summary, across pytest-xdist's workers ----------------------------
+#
+# tests/faults draws its kill times from one seed a run and prints a summary of what it injected. Under
+# `pytest -n` its tests run in worker processes while the summary is printed by the controller, which
+# never imports tests/faults/conftest.py: so the seed is chosen here, in the controller (or the one
+# process of a serial run), and handed to each worker; the rows each test records come back on its
+# report (`user_properties`, which xdist carries over) and are printed from here.
+
+FAULT_SEED: int = 0
+FAULT_SUMMARY_PROPERTY = "fault_summary"
+_fault_rows: list[dict] = []
+
+
+def pytest_configure(config) -> None:
+    global FAULT_SEED
+    given = getattr(config, "workerinput", {}).get("fault_seed")
+    if given is None:
+        given = os.environ.get("MEDIA_RETENTION_TEST_FAULT_SEED") or random.SystemRandom().randrange(2**32)
+    FAULT_SEED = int(given)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """(pytest-xdist, in the controller) every worker gets the controller's seed."""
+    node.workerinput["fault_seed"] = FAULT_SEED
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.when == "teardown":
+        _fault_rows.extend(value for name, value in report.user_properties if name == FAULT_SUMMARY_PROPERTY)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _fault_rows:
+        return
+    terminalreporter.section(f"fault injection (seed {FAULT_SEED})")
+    for row in _fault_rows:
+        terminalreporter.write_line("faults: " + json.dumps(row, sort_keys=False))
 
 
 def free_port() -> int:

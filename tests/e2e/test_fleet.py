@@ -49,7 +49,8 @@ def test_worker_killed_mid_batch_has_its_claims_finished_by_another_after_the_le
     fleet.env["MEDIA_RETENTION_CLAIM_LEASE"] = "3s"
     fleet.worker("doomed", extra_env={"FLEET_TEST_PAUSE_AFTER_DELETE": "3"})
     fleet.beat("beat")
-    wait_until(lambda: fleet.deleted_keys(), 30, "the doomed worker to delete its first batch", interval=0.05)
+    wait_until(lambda: any(fleet.journal.glob("*.paused")), 30, "the doomed worker to delete its first batch",
+               interval=0.05)
     fleet.kill("doomed")
     stranded = counts_by_state(database).get(State.DELETING.value, 0)
     assert stranded >= 100, "the kill should have left a claimed, half-done batch"

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from tests import conftest
 from tests.conftest import ON_CI
 from tests.factories import Blobs, end_leases, plant_blob, seed_items, seed_org
 from worker.db import Database
@@ -27,10 +28,18 @@ from worker.store.keys import key_for_id
 ROOT = Path(__file__).resolve().parents[2]
 # How many SIGKILLs each killed command takes; `make faults` raises it for soak runs.
 KILLS = int(os.environ.get("MEDIA_RETENTION_TEST_KILLS", "20"))
-# One seed per run, printed with every failure so the same kill times can be replayed.
-SEED = int(os.environ.get("MEDIA_RETENTION_TEST_FAULT_SEED", str(random.SystemRandom().randrange(2**32))))
 
-# Figures for the summary line printed at the end of the session (README's fault table).
+
+def seed() -> int:
+    """This run's seed (MEDIA_RETENTION_TEST_FAULT_SEED, or drawn at random), printed with every failure so
+    the same kill times can be replayed. tests/conftest.py chooses it when pytest configures and hands it
+    to pytest-xdist's workers: read it when a test runs, never when a module is imported (this conftest
+    can be imported before pytest is configured)."""
+    return conftest.FAULT_SEED
+
+
+# Figures for the summary printed at the end of the session (README's fault table): each test's rows go
+# onto its report (see `_summary_rows`), and tests/conftest.py prints them, in one process or from xdist's.
 SUMMARY: list[dict] = []
 
 
@@ -38,17 +47,17 @@ def record(fault: str, how: str, times: int, lost: int, early: int, result: str,
     SUMMARY.append(dict(fault=fault, how=how, times=times, lost=lost, early=early, result=result, **extra))
 
 
-def pytest_terminal_summary(terminalreporter):
-    if not SUMMARY:
-        return
-    terminalreporter.section(f"fault injection (seed {SEED})")
-    for row in SUMMARY:
-        terminalreporter.write_line("faults: " + json.dumps(row, sort_keys=False))
+@pytest.fixture(autouse=True)
+def _summary_rows(request):
+    """What this test recorded, put on its report for the session's summary."""
+    before = len(SUMMARY)
+    yield
+    request.node.user_properties.extend((conftest.FAULT_SUMMARY_PROPERTY, row) for row in SUMMARY[before:])
 
 
 def pytest_runtest_makereport(item, call):
     if call.when == "call" and call.excinfo is not None and item.path.parent == Path(__file__).parent:
-        item.add_report_section("call", "replay", f"replay with MEDIA_RETENTION_TEST_FAULT_SEED={SEED}")
+        item.add_report_section("call", "replay", f"replay with MEDIA_RETENTION_TEST_FAULT_SEED={seed()}")
 
 
 def skip_or_fail(reason: str) -> None:
@@ -61,7 +70,7 @@ def skip_or_fail(reason: str) -> None:
 @pytest.fixture
 def rng(request) -> random.Random:
     # Each test gets its own stream from the session seed, so one test replays alone.
-    return random.Random(f"{SEED}:{request.node.name}")
+    return random.Random(f"{seed()}:{request.node.name}")
 
 
 @dataclass
@@ -170,8 +179,8 @@ class World:
         states = self.states()
         early = sorted(m for m in self.record.kept if states.get(m) != State.ACTIVE.value or not self.exists(self.record.keys[m]))
         lost = sorted(m for m in self.record.doomed if states.get(m) != State.DELETED.value or self.exists(self.record.keys[m]))
-        assert not early, f"kept items deleted or changed: {early[:10]} (seed {SEED})"
-        assert not lost, f"expired items not cleanly deleted: {lost[:10]} (seed {SEED})"
+        assert not early, f"kept items deleted or changed: {early[:10]} (seed {seed()})"
+        assert not lost, f"expired items not cleanly deleted: {lost[:10]} (seed {seed()})"
         return len(lost), len(early)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from worker.store.keys import key_for_id
 
-from tests.faults.conftest import KILLS, SEED, kill_after_work_starts, measure_work, record
+from tests.faults.conftest import KILLS, kill_after_work_starts, measure_work, record, seed
 from worker.models import State
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ def test_a_sweep_killed_at_random_moments_loses_nothing_and_deletes_nothing_earl
     kills = attempts = 0
     while kills < KILLS:
         attempts += 1
-        assert attempts < KILLS * 4, f"only {kills} of {attempts} runs were killed before they finished (seed {SEED})"
+        assert attempts < KILLS * 4, f"only {kills} of {attempts} runs were killed before they finished (seed {seed()})"
         world.seed(f"r{attempts}", expired=40)
         before = world.states()
         deleted_so_far[0] = sum(1 for s in before.values() if s != State.ACTIVE.value)
@@ -71,7 +71,7 @@ def test_a_sweep_killed_at_random_moments_loses_nothing_and_deletes_nothing_earl
     assert clean["failed"] == 0
     lost, early = world.check_record()
     world.verify_clean()
-    print(f"sweep kills: {kills} of {attempts} runs, phases {dict(phases)} (seed {SEED})")
+    print(f"sweep kills: {kills} of {attempts} runs, phases {dict(phases)} (seed {seed()})")
     record("SIGKILL of `sweep`", "SIGKILL at a random moment of the measured run, 1 item a batch", kills, lost, early,
            "clean sweep, verify clean", phases=dict(phases), items=len(world.record.keys))
 
@@ -108,7 +108,7 @@ def test_register_manifest_killed_at_random_moments_is_completed_by_a_re_run(wor
     kills = attempts = 0
     while kills < KILLS:
         attempts += 1
-        assert attempts < KILLS * 4, f"only {kills} of {attempts} runs were killed before they finished (seed {SEED})"
+        assert attempts < KILLS * 4, f"only {kills} of {attempts} runs were killed before they finished (seed {seed()})"
         path, ids = manifest(f"m{attempts}", 60)
         all_ids += ids
         if not kill_after_work_starts(world.start("register", "--manifest", str(path), "--json"), copying(ids), kill_delay(rng, work)):
@@ -139,7 +139,7 @@ def test_register_manifest_killed_at_random_moments_is_completed_by_a_re_run(wor
     world.ok("sweep")
     lost, early = world.check_record()
     world.verify_clean()
-    print(f"register --manifest kills: {kills} of {attempts} runs, phases {dict(phases)} (seed {SEED})")
+    print(f"register --manifest kills: {kills} of {attempts} runs, phases {dict(phases)} (seed {seed()})")
     record("SIGKILL of `register --manifest`", "SIGKILL at a random moment, then the same manifest re-run", kills, lost, early,
            "re-run imports the rest, clean sweep, verify clean", phases=dict(phases), items=len(world.record.keys),
            partial_uploads_reconciled=partial)
@@ -161,7 +161,7 @@ def test_reconcile_killed_at_random_moments_deletes_only_orphans(world_factory, 
     kills = attempts = 0
     while kills < KILLS:
         attempts += 1
-        assert attempts < KILLS * 4, f"only {kills} of {attempts} runs were killed before they finished (seed {SEED})"
+        assert attempts < KILLS * 4, f"only {kills} of {attempts} runs were killed before they finished (seed {seed()})"
         batch = world.orphans(f"r{attempts}", 40)
         orphans += batch
         time.sleep(1.1)
@@ -178,6 +178,6 @@ def test_reconcile_killed_at_random_moments_deletes_only_orphans(world_factory, 
     world.ok("sweep")
     lost, early = world.check_record()
     world.verify_clean()
-    print(f"reconcile kills: {kills} of {attempts} runs, outcomes {dict(outcomes)} (seed {SEED})")
+    print(f"reconcile kills: {kills} of {attempts} runs, outcomes {dict(outcomes)} (seed {seed()})")
     record("SIGKILL of `reconcile`", "SIGKILL at a random moment, orphans among live/held/expired items", kills, lost, early,
            "clean reconcile (grace 1 s) + sweep, verify clean", outcomes=dict(outcomes), items=len(world.record.keys))

@@ -1,10 +1,10 @@
 """The product as it is installed in the field.
 
 A wheel is built from this tree and installed, without the test extras, into a fresh virtual
-environment (once per session; pip's cache keeps it to about half a minute). Every process of these
-tests runs from that environment with its working directory outside the repository and no
-PYTHONPATH, so nothing can import the source tree by accident: what runs is what `pip install .`
-(the Dockerfile's install) delivers.
+environment (once per run, shared by pytest-xdist's workers; pip's cache keeps it to about half a
+minute). Every process of these tests runs from that environment with its working directory outside
+the repository and no PYTHONPATH, so nothing can import the source tree by accident: what runs is
+what `pip install .` (the Dockerfile's install) delivers.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from sqlalchemy import text
 
 from tests.conftest import _schema_url
@@ -55,10 +56,28 @@ class Installed:
 
 @pytest.fixture(scope="session")
 def installed(tmp_path_factory) -> Installed:
-    """Build the wheel from a copy of the sources and install it into a new venv, without test extras."""
-    root = tmp_path_factory.mktemp("field-install")
+    """Build the wheel from a copy of the sources and install it into a new venv, without test extras.
+
+    Once per run: under pytest-xdist each worker process has a session of its own, so the build goes
+    into the directory this run's workers share (the parent of a worker's base temp dir), under a file
+    lock; the first worker to take it builds, the others wait and reuse what it built."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # .../pytest-N/popen-gwK -> .../pytest-N: this run's own, never another session's.
+        shared = shared.parent
+    root = shared / "field-install"
+    with FileLock(str(shared / "field-install.lock")):
+        if not (root / "installed").exists():
+            shutil.rmtree(root, ignore_errors=True)  # what a failed build in another worker left
+            _build(root)
+            (root / "installed").touch()
+    [wheel] = (root / "dist").glob("media_retention-*.whl")
+    return Installed(venv=root / "venv", wheel=wheel)
+
+
+def _build(root: Path) -> None:
     source = root / "source"
-    source.mkdir()
+    source.mkdir(parents=True)
     for name in SOURCES:
         origin = ROOT / name
         if origin.is_dir():
@@ -73,7 +92,6 @@ def installed(tmp_path_factory) -> Installed:
         _run_or_fail(step)
     [wheel] = (root / "dist").glob("media_retention-*.whl")
     _run_or_fail([str(root / "venv" / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", str(wheel)])
-    return Installed(venv=root / "venv", wheel=wheel)
 
 
 def _run_or_fail(argv: list[str]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import socket
 import subprocess
 import urllib.request
@@ -69,8 +70,11 @@ def fleet(installed, outside, fresh_schema, redis_server, tmp_path_factory) -> I
         database_url=fresh_schema, broker_url=redis_server.url, storage_url=media.as_uri(), data_dir=base / "data",
         log_format="json", metrics_port=port,
         # Beat's sweeps stay out of the way (the tests drive sweeps through the broker themselves);
-        # its volume checks come every 2 s, so a test sees beat at work within seconds.
-        sweep_interval="1h", volume_check_interval="2s")
+        # its volume checks come every 2 s, so a test sees beat at work within seconds. The expiry
+        # watch is off for the same reason: on, it deletes an expired item within about a second of
+        # its registration, racing the test's own lookup and sweeps (it lost that race on a loaded
+        # machine, under pytest-xdist).
+        sweep_interval="1h", volume_check_interval="2s", watch_interval="off")
     upgrade = run([installed.bin("media-retention"), "db", "upgrade", "--json"], env=env, cwd=outside)
     assert upgrade.returncode == 0, upgrade.stderr
     processes = Processes(base)
@@ -167,13 +171,18 @@ def _scraped_names(body: str) -> set[str]:
 
 
 def _full_scrape(fleet: Field) -> str:
-    """A scrape once every kind of series exists: a volume check and a finished sweep have happened."""
+    """A scrape once every kind of series exists: a volume check and a finished sweep that deleted an item
+    have happened. The sweep and its item are this call's own, so a test reading the scrape passes alone
+    or after the others, on whichever pytest-xdist worker it runs."""
+    assert fleet.cli("org", "set", "acme", "--retention", "30d").returncode == 0
+    _expired_item(fleet, f"field-scrape-{secrets.token_hex(4)}")
     assert fleet.cli("sweep", "--enqueue").returncode == 0
 
     def complete() -> str | None:
         body = fleet.scrape()
         names = _scraped_names(body)
-        wanted = {"media_retention_volume_used_ratio", "media_retention_last_sweep_items"}
+        wanted = {"media_retention_volume_used_ratio", "media_retention_last_sweep_items",
+                  "media_retention_deleted_items_total"}
         return body if wanted <= names else None
 
     try:
