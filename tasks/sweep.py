@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from config.schedule import DRAIN_TASK, PURGE_TASK, SCHEDULED_SWEEP_TASK, SWEEP_TASK
+from config.schedule import DRAIN_TASK, PURGE_TASK, SCHEDULED_SWEEP_TASK, SWEEP_TASK, expires_after
 from tasks import task_context
 from worker import runtime
 from worker.app import SWEEP_TASK_BUDGET_S, app
@@ -23,8 +23,8 @@ def scheduled_sweep() -> dict:
 
         def send_drains(run_id: int, count: int) -> None:
             for _ in range(count):
-                # Drains expire with the slot: a drain that waited a whole interval is superseded by the next sweep.
-                drain.apply_async(kwargs={"run_id": run_id}, expires=runs.interval.total_seconds())
+                # A drain that waited a whole interval (at least MIN_EXPIRES_S) is superseded by the next sweep.
+                drain.apply_async(kwargs={"run_id": run_id}, expires=expires_after(runs.interval.total_seconds()))
 
         counts = runs.scheduled(worker=scheduled_sweep.request.hostname or socket.gethostname(), deadline=_deadline(),
                                 send_drains=send_drains)

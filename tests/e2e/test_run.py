@@ -33,13 +33,19 @@ def running(data_dir, tmp_path):
     log.close()
 
 
-def wait_for(predicate, timeout, what):
+def log_tail(log, lines=40) -> str:
+    log.flush()
+    log.seek(0)
+    return "".join(log.readlines()[-lines:])
+
+
+def wait_for(predicate, timeout, what, log=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f"; the end of run's log:\n{log_tail(log)}" if log else ""))
 
 
 def test_run_starts_from_an_empty_data_dir_and_a_scheduled_sweep_deletes_an_expired_item(running, shell, data_dir, tmp_path):
@@ -57,11 +63,15 @@ def test_run_starts_from_an_empty_data_dir_and_a_scheduled_sweep_deletes_an_expi
     # Written (the store reports its size) - but beat sweeps every second, so it may already be gone.
     assert item.json["size"] == len(b"OggS voice note")
     blob = data_dir / "media" / item.json["key"]
-    wait_for(lambda: shell("lookup", "expired").code == 3, 45, "the scheduled sweep to delete the item")
+    wait_for(lambda: shell("lookup", "expired").code == 3, 45, "the scheduled sweep to delete the item", log)
     assert not blob.exists()
     assert shell("lookup", "fresh").code == 0
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0
+    try:
+        code = process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"run did not stop within 60 s of SIGTERM; the end of its log:\n{log_tail(log)}") from None
+    assert code == 0, log_tail(log)
     log.seek(0)
     events = [json.loads(line) for line in log if line.startswith("{")]
     finished = [e for e in events if e.get("event") == "sweep.finished" and e.get("deleted")]
