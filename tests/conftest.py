@@ -75,6 +75,23 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line("faults: " + json.dumps(row, sort_keys=False))
 
 
+# -- the slowest tests start first ---------------------------------------------------------------------------
+#
+# Under pytest-xdist the run ends when its last worker does. A test of two minutes collected late starts
+# late and ends the run alone; marked `critical_path(seconds=N)` (N: its duration in a parallel run, roughly)
+# it is moved to the front, longest first, and xdist's round-robin hands the longest ones to different
+# workers while the short tests fill in around them.
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items) -> None:
+    def expected_seconds(item) -> float:
+        marker = item.get_closest_marker("critical_path")
+        return marker.kwargs["seconds"] if marker else 0.0
+
+    items.sort(key=expected_seconds, reverse=True)  # stable: the rest keep their order
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now, for a server a test starts."""
     with socket.socket() as probe:

@@ -195,6 +195,7 @@ def _prepare(deployed: Deployed, number: int, *, base: Path, installed: Installe
     return Started(deployed, name, {**installed.env(), **env}, cwd, database, port)
 
 
+@pytest.mark.critical_path(seconds=20)
 def test_every_deploy_command_starts_from_the_installed_venv(installed, fresh_schema, redis_server, tmp_path):
     """The schema upgrades (run together) exit 0; every worker answers `celery inspect ping` and its probes
     and HEALTHCHECK pass; every beat puts a task on its queue, and its liveness probe passes."""
