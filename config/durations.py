@@ -6,6 +6,7 @@ SQLite and PostgreSQL expiry arithmetic exact.
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import timedelta
 
@@ -23,6 +24,11 @@ DURATION_MAX = timedelta(days=36500)
 
 def parse_duration(text: str) -> timedelta:
     """Parse a positive duration or raise `BadInput` with a sentence naming the bad text."""
+    # A manifest names the same few TTLs on every line: parsed once each (errors are never cached).
+    return _parse_cached(text) if isinstance(text, str) else _parse(text)
+
+
+def _parse(text: str) -> timedelta:
     if not isinstance(text, str) or not text.strip():
         raise BadInput(f"empty duration {text!r}; use e.g. 30s, 15m, 1h, 7d, 2w or PT1H.")
     too_long = f"duration {text[:40]!r}{'...' if len(text) > 40 else ''} is too long: at most {DURATION_MAX.days}d."
@@ -54,6 +60,9 @@ def parse_duration(text: str) -> timedelta:
     if seconds > DURATION_MAX.total_seconds():
         raise BadInput(too_long)
     return timedelta(seconds=seconds)
+
+
+_parse_cached = functools.lru_cache(maxsize=1024)(_parse)
 
 
 def format_duration(value: timedelta) -> str:

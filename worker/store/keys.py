@@ -12,6 +12,7 @@ _ID = re.compile(r"[A-Za-z0-9._-]{1,%d}" % ID_LENGTH)
 # NAME_MAX of Linux filesystems: a longer key step could never be a file name on a media volume.
 KEY_STEP_BYTES = 255
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_BAD_STEPS = frozenset(("", ".", ".."))
 
 
 def validate_id(value: str, what: str = "media id") -> str:
@@ -38,10 +39,11 @@ def validate_key(key: str) -> str:
         raise BadInput(f"invalid storage key {key!r}: it is not valid UTF-8.") from None
     if len(encoded) > KEY_LENGTH:
         raise BadInput(f"invalid storage key {key[:40]!r}...: longer than {KEY_LENGTH} bytes.")
+    # Every delete and every manifest line passes here: set and length tests, no per-step generator.
     parts = key.split("/")
-    if any(part in ("", ".", "..") for part in parts):
+    if not _BAD_STEPS.isdisjoint(parts):
         raise BadInput(f"invalid storage key {key!r}: empty, '.' and '..' path steps are not allowed.")
-    if any(len(part.encode("utf-8")) > KEY_STEP_BYTES for part in parts):
+    if len(encoded) > KEY_STEP_BYTES and any(len(part.encode("utf-8")) > KEY_STEP_BYTES for part in parts):
         raise BadInput(f"invalid storage key {key[:40]!r}...: a step between slashes is longer than {KEY_STEP_BYTES} bytes.")
     return key
 
