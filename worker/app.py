@@ -17,6 +17,7 @@ from config.logging import configure_logging
 from config.schedule import beat_schedule
 from config.settings import Settings, get_settings
 from config.errors import BadInput
+from worker.broker import TRANSPORT as BROKER_TRANSPORT
 
 # Hard limit on a single task. Redis redelivers an unacknowledged message after its visibility
 # timeout; the limits stay well below it so a slow task is never run twice concurrently by redelivery.
@@ -92,6 +93,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         }
     app.conf.update(
         broker_url=settings.broker_url,
+        # The embedded broker writes each message whole before a consumer can see it (worker/broker.py).
+        broker_transport=BROKER_TRANSPORT if settings.embedded_broker else None,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         # JSON only: a pickled message could run arbitrary code in the worker, so it is refused.
