@@ -34,7 +34,6 @@ def race(transport, module, directory, monkeypatch) -> tuple[list, list]:
     monkeypatch.setattr(module, "dumps", slow_dumps)
     producer, consumer = channel(transport, directory), channel(transport, directory)
     received, errors = [], []
-    done = threading.Event()
 
     def consume():
         deadline = time.monotonic() + 10
@@ -45,7 +44,6 @@ def race(transport, module, directory, monkeypatch) -> tuple[list, list]:
                 pass
             except Exception as exc:  # noqa: BLE001 - what a worker would die of
                 errors.append(exc)
-        done.set()
 
     thread = threading.Thread(target=consume)
     thread.start()
@@ -80,12 +78,12 @@ def test_the_embedded_broker_of_the_app_uses_this_transport(tmp_path):
         assert isinstance(connection.transport, Transport)
 
 
-@pytest.mark.parametrize("failing", ["open", "replace"])
+@pytest.mark.parametrize("failing", ["write", "rename"])
 def test_a_failed_write_leaves_no_partial_file_and_raises_a_channel_error(tmp_path, monkeypatch, failing):
     from kombu.exceptions import ChannelError
 
     producer = channel(Transport, tmp_path)
-    if failing == "open":
+    if failing == "write":
         monkeypatch.setattr(worker.broker, "str_to_bytes", lambda text: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     else:
         monkeypatch.setattr(worker.broker.os, "replace", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")))
