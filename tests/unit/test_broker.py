@@ -82,11 +82,12 @@ def test_the_embedded_broker_of_the_app_uses_this_transport(tmp_path):
 def test_a_failed_write_leaves_no_partial_file_and_raises_a_channel_error(tmp_path, monkeypatch, failing):
     from kombu.exceptions import ChannelError
 
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
     producer = channel(Transport, tmp_path)
-    if failing == "write":
-        monkeypatch.setattr(worker.broker, "str_to_bytes", lambda text: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    else:
-        monkeypatch.setattr(worker.broker.os, "replace", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    # The write fails with the partial file open; the rename fails with it written whole.
+    monkeypatch.setattr(*((worker.broker, "str_to_bytes") if failing == "write" else (worker.broker.os, "replace")), no_space)
     with pytest.raises(ChannelError):
         producer._put("celery", {"number": 1})
     assert list(tmp_path.iterdir()) == []
