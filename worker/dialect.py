@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Float, String, any_, bindparam, func, text
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,16 @@ class Dialect:
             session.execute(table.insert(), rows)
             return
         columns = list(rows[0])
+        statement = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
         driver = session.connection().connection.driver_connection
-        with driver.cursor() as cursor, cursor.copy(
-                f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row([row[column] for column in columns])
+        try:
+            with driver.cursor() as cursor, cursor.copy(statement) as copy:
+                for row in rows:
+                    copy.write_row([row[column] for column in columns])
+        except driver.IntegrityError as exc:
+            # The driver's own error (the COPY bypasses SQLAlchemy): raised as SQLAlchemy's, like any
+            # other statement's, so callers catch one IntegrityError whichever way rows went in.
+            raise IntegrityError(statement, None, exc) from exc
 
     def seconds_between(self, later, earlier):
         """`later - earlier` in seconds as a float, computed by the database: a sweep reads it for every

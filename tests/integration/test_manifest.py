@@ -91,29 +91,55 @@ def test_every_bad_line_is_reported_by_number_across_batches(catalog, acme, uplo
 
 
 def test_the_same_manifest_succeeds_again_after_a_crash_mid_import(catalog, acme, upload, media_root, tmp_path, monkeypatch):
-    """Killed after the first batch committed and the second batch's blobs were copied (no cleanup
-    runs under SIGKILL): re-running the same command imports the rest, skips what is already there
-    and adopts the blobs it wrote before; verify then finds nothing."""
+    """The second batch is killed after its blobs were copied (no cleanup runs under SIGKILL): the batches
+    written beside it commit whole, the killed one leaves no row; re-running the same command imports the
+    rest, skips what is already there and adopts the blobs the killed batch wrote; verify finds nothing."""
     path = manifest(tmp_path / "m.jsonl", [{"org": acme, "id": f"item-{n}", "file": str(upload), "ttl": "7d"} for n in range(5)])
     real_insert = Registration._insert
-    calls = []
 
-    def killed_on_second_batch(self, items, *rest):
-        calls.append(len(items))
-        if len(calls) == 2:
+    def killed_in_second_batch(self, items, *rest, **options):
+        if any(item.id == "item-2" for item in items):
             raise SystemExit("SIGKILL")
-        return real_insert(self, items, *rest)
+        return real_insert(self, items, *rest, **options)
 
-    monkeypatch.setattr(Registration, "_insert", killed_on_second_batch)
+    monkeypatch.setattr(Registration, "_insert", killed_in_second_batch)
     monkeypatch.setattr(Registration, "_discard", lambda self, keys: None)  # a killed process cleans nothing up
     with pytest.raises(SystemExit):
         catalog.register_manifest(path, batch_size=2)
     monkeypatch.undo()
-    assert item_count(catalog) == 2 and len(files_under(media_root)) == 4
+    with catalog.db.transaction() as session:
+        committed = set(session.scalars(select(MediaItem.id)))
+    assert committed <= {"item-0", "item-1", "item-4"} and {"item-0", "item-1"} <= committed
+    assert len(files_under(media_root)) == 5
     summary = catalog.register_manifest(path, batch_size=2)
-    assert (summary.imported, summary.already_registered) == (3, 2)
+    assert (summary.imported, summary.already_registered) == (5 - len(committed), len(committed))
     assert item_count(catalog) == 5 and len(files_under(media_root)) == 5
     assert Verifier(catalog.db, catalog.store).run(grace=timedelta(days=1), stuck_after=timedelta(days=1)).clean
+
+
+def test_a_line_registered_by_someone_else_after_the_check_fails_only_its_own_batch(catalog, acme, media_root, tmp_path,
+                                                                                   monkeypatch):
+    """Between the check pass and the import, another process registers one line's ID: that line's batch
+    fails whole with a clear error (the catalog's unique key decides, no line is half-imported), the
+    batches beside it commit whole, and the other process's row is left as it was."""
+    for number in range(6):
+        plant_blob(media_root, f"legacy/{number}.jpg", b"bytes")
+    plant_blob(media_root, "legacy/theirs.jpg", b"theirs")
+    path = manifest(tmp_path / "m.jsonl", [{"org": acme, "id": f"item-{n}", "key": f"legacy/{n}.jpg"} for n in range(6)])
+    real_insert = Registration._insert
+
+    def raced(self, items, *rest, **options):
+        if any(item.id == "item-3" for item in items) and options.get("checked"):  # the manifest's batch, not theirs
+            catalog.register(org=acme, key="legacy/theirs.jpg", media_id="item-3")
+        return real_insert(self, items, *rest, **options)
+
+    monkeypatch.setattr(Registration, "_insert", raced)
+    with pytest.raises(BadInput, match="registered concurrently; nothing in this batch was imported"):
+        catalog.register_manifest(path, batch_size=2)
+    with catalog.db.transaction() as session:
+        rows = dict(session.execute(select(MediaItem.id, MediaItem.storage_key)).all())
+    assert rows["item-3"] == "legacy/theirs.jpg" and "item-2" not in rows
+    assert {"item-0", "item-1"} <= rows.keys() <= {"item-0", "item-1", "item-3", "item-4", "item-5"}
 
 
 def test_an_already_registered_id_with_other_content_is_a_bad_line(catalog, acme, upload, tmp_path):

@@ -163,13 +163,15 @@ class Registration:
                 if not result.ok:
                     log.error("register.cleanup_failed", key=result.key, error=result.error)
 
-    def _insert(self, new_items: Sequence[_NewItem], audit: dict | None = None) -> list[Item]:
-        """Insert the rows in one transaction; with `audit` (action, actor, details), one audit event per
-        org in the same transaction, counting that org's rows: the trail of an import is exactly what committed."""
+    def _insert(self, new_items: Sequence[_NewItem], audit: dict | None = None, *, checked: bool = False) -> list[dict]:
+        """Insert the rows in one transaction and return them (column -> value); with `audit` (action, actor,
+        details), one audit event per org in the same transaction, counting that org's rows: the trail of an
+        import is exactly what committed. Unless `checked`, a taken ID or key is named first (see write_batch)."""
         with self.db.transaction() as session:
             now = session.scalar(select(db_now()))
             policies = self._org_policies(session, {item.org for item in new_items}, lock=True)
-            self._check_free(session, new_items)
+            if not checked:
+                self._check_free(session, new_items)
             rows = []
             for item in new_items:
                 created = item.created_at or now
@@ -201,25 +203,33 @@ class Registration:
                                  "bytes": sum(row["size_bytes"] for row in org_rows)}}
                     for org_id, org_rows in sorted(by_org.items())
                 ])
-        return [Item(id=row["id"], org=row["org_id"], key=row["storage_key"], size=row["size_bytes"], mime=row["mime_type"],
-                     sha256=row["sha256"], created_at=row["created_at"], ttl_seconds=row["ttl_seconds"],
-                     expires_at=row["expires_at"], state=row["state"]) for row in rows]
+        return rows
 
     def register_batch(self, new_items: Sequence[_NewItem], audit: dict | None = None) -> list[Item]:
+        """`write_batch`, answered as items."""
+        return [Item(id=row["id"], org=row["org_id"], key=row["storage_key"], size=row["size_bytes"], mime=row["mime_type"],
+                     sha256=row["sha256"], created_at=row["created_at"], ttl_seconds=row["ttl_seconds"],
+                     expires_at=row["expires_at"], state=row["state"]) for row in self.write_batch(new_items, audit)]
+
+    def write_batch(self, new_items: Sequence[_NewItem], audit: dict | None = None, *, checked: bool = False) -> list[dict]:
         """Store blobs, then insert rows in one transaction; on any failure remove the blobs written.
-        When blobs are to be copied in, the rows' orgs, IDs and keys are checked first, so a doomed batch
-        writes nothing; a batch of keys already in the store goes straight to the insert, which checks
-        the same in its own transaction."""
+        Returns the rows inserted (column -> value): an import of millions sums their sizes and needs no
+        `Item` for each. When blobs are to be copied in, the rows' orgs, IDs and keys are checked first, so
+        a doomed batch writes nothing; a batch of keys already in the store goes straight to the insert,
+        which checks the same in its own transaction. `checked`: the caller has just found the IDs and keys
+        free (a manifest's check pass), so the insert's transaction does not look again; a registration that
+        raced in since still fails the batch, on the catalog's unique constraints."""
         if any(item.source is not None for item in new_items):
             with self.db.transaction() as session:
                 self._org_policies(session, {item.org for item in new_items}, lock=False)
                 self._check_free(session, new_items)
         written = self._store_blobs(new_items)
         try:
-            return self._insert(new_items, audit)
+            return self._insert(new_items, audit, checked=checked)
         except IntegrityError:
             self._discard(written)
-            raise BadInput("a media id or storage key in this request was registered concurrently; nothing was imported.") from None
+            raise BadInput("a media id or storage key in this batch was registered concurrently; "
+                           "nothing in this batch was imported.") from None
         except BaseException:
             self._discard(written)
             raise
