@@ -350,12 +350,16 @@ class ManifestImport:
                     settle(MANIFEST_WRITERS - 1)
                     in_flight.append(writers.submit(contextvars.copy_context().run, write, batch))
                 settle(0)
-            except BaseException:
+            except BaseException as exc:
                 # The batches still in flight finish (or fail) before the first error is raised: the progress
                 # reported is what committed, and no transaction outlives the command.
                 while in_flight:
                     with contextlib.suppress(BaseException):
                         settle(len(in_flight) - 1)
+                if isinstance(exc, BadInput) and summary["imported"]:
+                    # Bad input changes nothing, and this import has changed something: a failure (exit 1).
+                    raise RetentionError(f"{str(exc).rstrip('.')}; {summary['imported']} items of the manifest were "
+                                         f"imported before it (a re-run skips them and names the line).") from exc
                 raise
         return summary
 
