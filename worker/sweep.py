@@ -175,13 +175,12 @@ class Sweeper:
                 tombstoned: Counter[tuple[str, str]] = Counter()
                 tombstoned_bytes: Counter[tuple[str, str]] = Counter()
                 for token, ids in ids_by_token.items():
-                    finalized = items_sql.tombstone_claimed(session, self.db.sql, token, ids)
-                    counts.deleted += len(finalized)
-                    for org_id, reason, size, late in finalized:
-                        tombstoned[(org_id, reason)] += 1
-                        tombstoned_bytes[(org_id, reason)] += size
-                        if reason in EXPIRY_REASONS:
-                            lateness.append(late)
+                    for group in items_sql.tombstone_claimed(session, self.db.sql, token, ids):
+                        counts.deleted += group.count
+                        tombstoned[(group.org_id, group.reason)] += group.count
+                        tombstoned_bytes[(group.org_id, group.reason)] += group.size_bytes
+                        if group.reason in EXPIRY_REASONS:
+                            lateness += group.lateness
                 counts.already_missing = sum(1 for _, result in done if result.missing)
                 counts.bytes_freed = sum(item.size_bytes for item, result in done if not result.missing)
                 # Counts by org and reason, in the finalize's own transaction: the trail records exactly the

@@ -4,8 +4,9 @@ returns what the caller needs of the rows it changed."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
-from sqlalchemy import Integer, and_, bindparam, delete, or_, select, update
+from sqlalchemy import BigInteger, Integer, and_, bindparam, delete, func, or_, select, update
 
 from worker import models
 from worker.db import db_now, plus_seconds
@@ -23,19 +24,43 @@ def insert_rows(session, dialect: Dialect, rows: list[dict]) -> None:
 # -- finalize: a claimed batch's outcome, only on rows still under its claim token ---------------------
 
 
-def tombstone_claimed(session, dialect: Dialect, token: str, ids: list[str]) -> list:
+class Tombstoned(NamedTuple):
+    """What a finalize tombstoned of one org for one deletion reason."""
+
+    org_id: str
+    reason: str
+    count: int
+    size_bytes: int
+    lateness: list[float]  # each row's seconds from its expiry to its deletion, by the database's clock
+
+
+def tombstone_claimed(session, dialect: Dialect, token: str, ids: list[str]) -> list[Tombstoned]:
     """Tombstone the rows of `ids` still claimed under `token` (deleted now; lease, token and error
-    cleared). Returns `org_id`, `deletion_reason`, `size_bytes` and the seconds from its expiry to its
-    deletion (computed by the database: one float instead of two timestamps to convert) of each row it changed."""
+    cleared). Returns, per org and deletion reason, how many rows it changed, their bytes and each one's
+    lateness (computed by the database: one float instead of two timestamps to convert). On PostgreSQL the
+    database groups them (the UPDATE's RETURNING feeds a GROUP BY, the lateness comes as one float array):
+    a thousand result rows built and tallied in Python were half a finalize's CPU."""
     items = models.MediaItem.__table__
     State = models.State
-    return session.execute(
+    changed = (
         update(items)
         .where(dialect.id_in(items.c.id, ids), items.c.claim_token == token, items.c.state == State.DELETING.value)
         .values(state=State.DELETED.value, deleted_at=db_now(), lease_until=None, claim_token=None, last_error=None)
         .returning(items.c.org_id, items.c.deletion_reason, items.c.size_bytes,
-                   dialect.seconds_between(items.c.deleted_at, items.c.expires_at))
-    ).all()
+                   dialect.seconds_between(items.c.deleted_at, items.c.expires_at).label("late"))
+    )
+    if dialect.postgresql:
+        done = changed.cte("done")
+        return [Tombstoned(*row) for row in session.execute(
+            select(done.c.org_id, done.c.deletion_reason, func.count(), func.sum(done.c.size_bytes).cast(BigInteger),
+                   func.array_agg(done.c.late))
+            .group_by(done.c.org_id, done.c.deletion_reason))]
+    groups: dict[tuple[str, str], Tombstoned] = {}
+    for org_id, reason, size, late in session.execute(changed):
+        group = groups.setdefault((org_id, reason), Tombstoned(org_id, reason, 0, 0, []))
+        groups[(org_id, reason)] = group._replace(count=group.count + 1, size_bytes=group.size_bytes + size)
+        group.lateness.append(late)
+    return list(groups.values())
 
 
 def fail_claimed(session, failures: Iterable[tuple[str, str, str, int]]) -> None:
