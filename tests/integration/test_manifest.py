@@ -117,52 +117,52 @@ def test_the_same_manifest_succeeds_again_after_a_crash_mid_import(catalog, acme
     assert Verifier(catalog.db, catalog.store).run(grace=timedelta(days=1), stuck_after=timedelta(days=1)).clean
 
 
+def raced_manifest(catalog, org, media_root, tmp_path, monkeypatch, lines: int, taken: str) -> Path:
+    """A manifest of `lines` key lines (`item-N` at `legacy/N.jpg`) whose line `taken` another process
+    registers (at a key of its own) just as the manifest's batch holding it is inserted: after the check
+    pass found it free."""
+    for number in range(lines):
+        plant_blob(media_root, f"legacy/{number}.jpg", b"bytes")
+    plant_blob(media_root, "legacy/theirs.jpg", b"theirs")
+    path = manifest(tmp_path / "m.jsonl", [{"org": org, "id": f"item-{n}", "key": f"legacy/{n}.jpg"} for n in range(lines)])
+    real_insert = Registration._insert
+
+    def raced(self, items, *rest, **options):
+        if any(item.id == taken for item in items) and options.get("checked"):  # the manifest's batch, not theirs
+            catalog.register(org=org, key="legacy/theirs.jpg", media_id=taken)
+        return real_insert(self, items, *rest, **options)
+
+    monkeypatch.setattr(Registration, "_insert", raced)
+    return path
+
+
+def catalog_rows(catalog) -> dict[str, str]:
+    with catalog.db.transaction() as session:
+        return dict(session.execute(select(MediaItem.id, MediaItem.storage_key)).all())
+
+
 def test_a_line_registered_by_someone_else_after_the_check_fails_only_its_own_batch(catalog, acme, media_root, tmp_path,
                                                                                    monkeypatch):
     """Between the check pass and the import, another process registers one line's ID: that line's batch
     fails whole with a clear error (the catalog's unique key decides, no line is half-imported), the
     batches beside it commit whole, and the other process's row is left as it was. The import has then
     changed something, so it is a failure (exit 1), not bad input (exit 2, which promises no change)."""
-    for number in range(6):
-        plant_blob(media_root, f"legacy/{number}.jpg", b"bytes")
-    plant_blob(media_root, "legacy/theirs.jpg", b"theirs")
-    path = manifest(tmp_path / "m.jsonl", [{"org": acme, "id": f"item-{n}", "key": f"legacy/{n}.jpg"} for n in range(6)])
-    real_insert = Registration._insert
-
-    def raced(self, items, *rest, **options):
-        if any(item.id == "item-3" for item in items) and options.get("checked"):  # the manifest's batch, not theirs
-            catalog.register(org=acme, key="legacy/theirs.jpg", media_id="item-3")
-        return real_insert(self, items, *rest, **options)
-
-    monkeypatch.setattr(Registration, "_insert", raced)
+    path = raced_manifest(catalog, acme, media_root, tmp_path, monkeypatch, lines=6, taken="item-3")
     with pytest.raises(RetentionError, match="registered concurrently; nothing in this batch was imported; "
                                              r"\d items of the manifest were imported before it") as excinfo:
         catalog.register_manifest(path, batch_size=2)
     assert excinfo.value.exit_code == 1 and not isinstance(excinfo.value, BadInput)
-    with catalog.db.transaction() as session:
-        rows = dict(session.execute(select(MediaItem.id, MediaItem.storage_key)).all())
+    rows = catalog_rows(catalog)
     assert rows["item-3"] == "legacy/theirs.jpg" and "item-2" not in rows
     assert {"item-0", "item-1"} <= rows.keys() <= {"item-0", "item-1", "item-3", "item-4", "item-5"}
 
 
 def test_a_race_in_a_manifests_only_batch_is_bad_input_and_changes_nothing(catalog, acme, media_root, tmp_path, monkeypatch):
     """The same race in a manifest of one batch: nothing of it was imported, so it stays bad input (exit 2)."""
-    for number in range(3):
-        plant_blob(media_root, f"legacy/{number}.jpg", b"bytes")
-    plant_blob(media_root, "legacy/theirs.jpg", b"theirs")
-    path = manifest(tmp_path / "m.jsonl", [{"org": acme, "id": f"item-{n}", "key": f"legacy/{n}.jpg"} for n in range(3)])
-    real_insert = Registration._insert
-
-    def raced(self, items, *rest, **options):
-        if options.get("checked"):
-            catalog.register(org=acme, key="legacy/theirs.jpg", media_id="item-1")
-        return real_insert(self, items, *rest, **options)
-
-    monkeypatch.setattr(Registration, "_insert", raced)
+    path = raced_manifest(catalog, acme, media_root, tmp_path, monkeypatch, lines=3, taken="item-1")
     with pytest.raises(BadInput, match="registered concurrently; nothing in this batch was imported.$"):
         catalog.register_manifest(path)
-    with catalog.db.transaction() as session:
-        assert dict(session.execute(select(MediaItem.id, MediaItem.storage_key)).all()) == {"item-1": "legacy/theirs.jpg"}
+    assert catalog_rows(catalog) == {"item-1": "legacy/theirs.jpg"}
 
 
 def test_an_already_registered_id_with_other_content_is_a_bad_line(catalog, acme, upload, tmp_path):
