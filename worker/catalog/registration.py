@@ -6,17 +6,14 @@ transaction after, and on any failure the blobs this call wrote are removed agai
 
 from __future__ import annotations
 
-import hashlib
 import mimetypes
 import os
 import re
 import secrets
-import stat as stat_module
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import BinaryIO
 
 import structlog
 from sqlalchemy import insert, select
@@ -26,7 +23,7 @@ from worker import items as items_sql
 from worker import validation
 from worker.catalog.results import Item
 from worker.db import Database, db_now
-from config.errors import BadInput, BlobExists
+from config.errors import BadInput
 from worker.models import AuditEvent, Organization, State
 from worker.policy import effective_lifetime, parse_ttl
 from worker.store import BlobDigest, BlobStore, open_source, source_digest
