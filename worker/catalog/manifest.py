@@ -333,20 +333,24 @@ class ManifestImport:
                 if progress:
                     progress(summary["imported"])
 
-        batch: list[_NewItem] = []
+        def batches() -> Iterator[list[_NewItem]]:
+            """The spooled lines still to import, a batch at a time (the already registered only counted)."""
+            batch: list[_NewItem] = []
+            for record in _unspool(spool):
+                item, registered = _unspooled(record)
+                if registered:
+                    summary["already_registered"] += 1
+                    continue
+                batch.append(item)
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
         with ThreadPoolExecutor(MANIFEST_WRITERS, thread_name_prefix="manifest-write") as writers:
             try:
-                for record in _unspool(spool):
-                    item, registered = _unspooled(record)
-                    if registered:
-                        summary["already_registered"] += 1
-                        continue
-                    batch.append(item)
-                    if len(batch) == batch_size:
-                        settle(MANIFEST_WRITERS - 1)
-                        in_flight.append(writers.submit(contextvars.copy_context().run, write, batch))
-                        batch = []
-                if batch:
+                for batch in batches():
                     settle(MANIFEST_WRITERS - 1)
                     in_flight.append(writers.submit(contextvars.copy_context().run, write, batch))
                 settle(0)

@@ -3,6 +3,7 @@ returns what the caller needs of the rows it changed."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -55,13 +56,12 @@ def tombstone_claimed(session, dialect: Dialect, token: str, ids: list[str]) -> 
             select(done.c.org_id, done.c.deletion_reason, func.count(), func.sum(done.c.size_bytes).cast(BigInteger),
                    func.array_agg(done.c.late))
             .group_by(done.c.org_id, done.c.deletion_reason))]
-    sizes: dict[tuple[str, str], list[int]] = {}
+    size_bytes: Counter[tuple[str, str]] = Counter()
     lateness: dict[tuple[str, str], list[float]] = {}
     for org_id, reason, size, late in session.execute(changed):
-        sizes.setdefault((org_id, reason), []).append(size)
+        size_bytes[org_id, reason] += size
         lateness.setdefault((org_id, reason), []).append(late)
-    return [Tombstoned(org_id, reason, len(sizes[org_id, reason]), sum(sizes[org_id, reason]), late)
-            for (org_id, reason), late in lateness.items()]
+    return [Tombstoned(org_id, reason, len(late), size_bytes[org_id, reason], late) for (org_id, reason), late in lateness.items()]
 
 
 def fail_claimed(session, failures: Iterable[tuple[str, str, str, int]]) -> None:
