@@ -206,6 +206,12 @@ class Settings(BaseSettings):
         return self.alertmanager_url.split(",") if self.alertmanager_url else []
 
     @property
+    def embedded_store(self) -> bool:
+        """Whether the media live in the data dir's own `media` directory (the embedded default), the one
+        media root this worker creates: any other root is a volume someone mounts, never recreated."""
+        return self.storage_url == (self.data_dir / "media").as_uri()
+
+    @property
     def embedded_broker(self) -> bool:
         return self.broker_url.startswith("filesystem://")
 

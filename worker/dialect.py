@@ -75,6 +75,10 @@ class Dialect:
             # other statement's, so callers catch one IntegrityError whichever way rows went in.
             raise IntegrityError(statement, None, exc) from exc
 
+    def insert(self, table):
+        """An INSERT of this database's own dialect, the one that can say ON CONFLICT (an upsert)."""
+        return (postgresql.insert if self.postgresql else sqlite.insert)(table)
+
     def seconds_between(self, later, earlier):
         """`later - earlier` in seconds as a float, computed by the database: a sweep reads it for every
         item it deletes, and a number costs the client nothing where two timestamps cost a conversion each."""

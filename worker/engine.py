@@ -119,7 +119,7 @@ def volume_notifiers(settings: Settings) -> list["Notifier"]:
 def store_options(settings: Settings) -> dict:
     return {"delete_threads": settings.delete_threads, "endpoint_url": settings.s3_endpoint_url,
             "delete_mode": settings.s3_delete_mode, "addressing_style": settings.s3_addressing_style,
-            "protected": protected_paths(settings)}
+            "protected": protected_paths(settings), "create": settings.embedded_store}
 
 
 def protected_paths(settings: Settings) -> dict[str, Path]:

@@ -166,6 +166,43 @@ class MediaItem(Base):
         }
 
 
+class KeyReservation(Base):
+    """A storage key taken in the catalog by whoever is about to write, adopt or delete its blob.
+
+    The catalog's arbitration of blob ownership (worker/reservations.py): a registration reserves its keys
+    (committed) before it writes or adopts a byte under them and consumes the reservations in the
+    transaction that inserts its rows; reconcile reserves a key (uncommitted, in the transaction that
+    deletes the blob) before it deletes an orphan. Whoever holds a key's reservation is the only one that
+    may delete a blob it wrote there."""
+
+    __tablename__ = "key_reservations"
+
+    storage_key: Mapped[str] = mapped_column(
+        String(KEY_LENGTH).with_variant(String(KEY_LENGTH, collation="C"), "postgresql"), primary_key=True
+    )
+    # The holder: a registration's or reconcile's token; a takeover writes its own.
+    token: Mapped[str] = mapped_column(String(32))
+    purpose: Mapped[str] = mapped_column(String(16))  # register | import | adopt | reconcile
+    media_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    reserved_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=db_now())
+
+    __table_args__ = (Index("ix_key_reservations_token", "token"),)
+
+
+class CatalogIdentity(Base):
+    """This catalog's identity (one row, made by the migration that created the table). A store carries
+    a marker naming the catalog it belongs to; destructive commands act only on a store whose marker
+    names this identity (worker/binding.py)."""
+
+    __tablename__ = "catalog_identity"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=db_now())
+    # The store this catalog bound (informational: the marker in the store is what is checked).
+    store_url: Mapped[str | None] = mapped_column(Text)
+    bound_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 class AuditEvent(Base):
     """Who did what and why: holds, releases, purges and policy changes."""
 

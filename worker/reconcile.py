@@ -5,11 +5,18 @@ Blobs (the store's listing, each key looked up in the catalog):
 - a blob whose key belongs to a `deleted` row is a leak, deleted only when that row's item expired
   (database clock) or was purged; the blob of a `missing_blob` tombstone whose item has not
   expired came back after reconcile gave up on it, and is kept (and reported) until the expiry;
-- a blob no row points at is an orphan, deleted only when older than the grace (a registration
-  writes its blob before its row); so is what a killed upload left (a `.incoming-*` temporary file,
-  an S3 multipart upload never completed), which every listing skips otherwise. Its age is the store's: on a filesystem the later of the
-  modification and change times (`touch -d` back-dates the first but never the second, and any
-  rename or chmod refreshes the change time), on S3 LastModified, set by the server.
+- a blob no row points at is an orphan, deleted only when older than the grace and not reserved by a
+  registration in flight; so is what a killed upload left (a `.incoming-*` temporary file, an S3
+  multipart upload never completed), which every listing skips otherwise. Its age is the store's: on a
+  filesystem the later of the modification and change times (`touch -d` back-dates the first but never
+  the second, and any rename or chmod refreshes the change time), on S3 LastModified, set by the server.
+
+Every blob reconcile deletes, it deletes holding its key in the catalog (worker/reservations.py): in one
+transaction per batch it reserves the keys (taking over only reservations older than the grace: their
+registrations died), reads their rows again, deletes what is still doomed, and drops its reservations. A
+registration of one of those keys waits for that transaction, then finds the blob gone (a clear error, or
+its own copy written anew); one that got there first holds the key, which reconcile then leaves alone.
+Reservations older than the grace that nothing took over are dropped at the end of a run.
 
 Items (active rows, each blob checked):
 - held (item or org) with a missing blob: never tombstoned; surfaced (report, `status`, metric,
@@ -20,12 +27,16 @@ Items (active rows, each blob checked):
   operator's `mv` that is undone in time costs nothing. A blob seen again clears the record.
 
 Both passes stream in fixed-size batches. Neither changes anything until it has counted what it
-would change: a wrong database URL or an unmounted volume would otherwise look like "every blob is
-an orphan" or "every blob is missing", so a count above the limits aborts with nothing changed.
+would change: a wrong database URL, a wrong prefix or an unmounted volume would otherwise look like
+"every blob is an orphan" or "every blob is missing". So a count above the absolute limits, or drift of
+nearly everything (an empty catalog facing a store with blobs, at least MASS_DRIFT of the listed blobs
+orphans, or of the active items missing their blob) aborts with nothing changed, whatever the counts,
+unless the operator says it is real (`allow_mass_drift`); a dry run says why it would abort.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +47,9 @@ import structlog
 from sqlalchemy import select
 
 from worker import items as items_sql
+from worker import reservations
 from worker.db import Database, db_now
-from config.errors import RetentionError
+from config.errors import BadInput
 from worker.models import AuditEvent, Reason, State
 from worker.store import BlobInfo, BlobStore, PartialUpload, chunked
 
@@ -53,6 +65,9 @@ PROGRESS_EVERY_S = 5.0
 # likely a misconfiguration (wrong database, wrong prefix, unmounted volume) than real drift.
 DEFAULT_MAX_ORPHANS = 10_000
 DEFAULT_MAX_MISSING = 1_000
+# Drift of nearly everything: this share of the listed blobs being orphans, or of the active items
+# missing their blob, is what a wrong database, prefix or volume looks like, however few they are.
+MASS_DRIFT = 0.9
 # How many keys / IDs the summary names per list (the counts cover all of them).
 LISTED = 50
 # Tombstones whose blobs may be deleted as leaks: the operator asked for these to go now.
@@ -74,6 +89,8 @@ class ReconcileReport:
     partial_uploads_discarded: int = 0
     orphan_delete_failures: int = 0
     young_blobs_skipped: int = 0  # blobs and partial uploads younger than the grace: possibly in flight
+    reserved_skipped: int = 0  # blobs and partial uploads whose key a registration holds right now
+    stale_reservations_dropped: int = 0  # reservations older than the grace (dry run: that would be dropped)
     items_checked: int = 0
     check_errors: int = 0
     missing_blobs: int = 0  # active items whose blob is missing now
@@ -86,13 +103,15 @@ class ReconcileReport:
     leaked_keys: list[str] = field(default_factory=list)
     missing_ids: list[str] = field(default_factory=list)
     held_missing_ids: list[str] = field(default_factory=list)
+    # Why this run refused to change anything (drift of nearly everything); a dry run says it here.
+    refused: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-class TooMany(RetentionError):
-    """More drift than the limits allow: probably a misconfiguration, so nothing was changed."""
+class TooMany(BadInput):
+    """More drift than the limits allow: probably a misconfiguration, so nothing was changed (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -119,19 +138,29 @@ class Reconciler:
         self._progress = self.progress
 
     def run(self, *, grace: timedelta, dry_run: bool = False, max_orphans: int = DEFAULT_MAX_ORPHANS,
-            max_missing: int = DEFAULT_MAX_MISSING, actor: str = "reconcile",
+            max_missing: int = DEFAULT_MAX_MISSING, allow_mass_drift: bool = False, actor: str = "reconcile",
             progress: Callable[[str], None] | None = None) -> ReconcileReport:
         # A caller's progress for this run (the CLI's), else the one given at construction.
         self._progress = progress or self.progress
         report = ReconcileReport(dry_run=dry_run, grace_seconds=int(grace.total_seconds()))
         with self.db.transaction() as session:
             now = session.scalar(select(db_now()))
-        doomed = self._find_doomed_blobs(report, now, now - grace, max_orphans)
+            catalog_empty = not items_sql.has_items(session)
+        cutoff = now - grace
+        doomed = self._find_doomed_blobs(report, now, cutoff, max_orphans)
         with ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="reconcile-check") as self._pool:
-            plan = self._check_items(report, now, now - grace, max_missing)
-            if not dry_run:
-                self._delete_blobs(report, doomed)
+            plan = self._check_items(report, now, cutoff, max_missing)
+            report.refused = None if allow_mass_drift else mass_drift(report, catalog_empty)
+            if dry_run:
+                with self.db.transaction() as session:
+                    report.stale_reservations_dropped = reservations.count_stale(session, cutoff)
+            else:
+                if report.refused:
+                    raise TooMany(f"{report.refused}, so nothing was changed (re-run with --allow-mass-drift if it is real).")
+                self._delete_blobs(report, doomed, cutoff)
                 self._apply(report, plan, grace, actor)
+                with self.db.transaction() as session:
+                    report.stale_reservations_dropped = reservations.drop_stale(session, cutoff)
         if not dry_run:
             with self.db.transaction() as session:
                 session.add(AuditEvent(action="reconcile", actor=actor, details={
@@ -145,12 +174,12 @@ class Reconciler:
 
     # -- blobs -----------------------------------------------------------------------------------
 
-    def _rows_by_key(self, keys: list[str]) -> tuple[datetime, dict]:
-        """The database's time and the rows (any state) that the keys belong to."""
+    def _owners(self, keys: list[str]) -> tuple[dict, dict]:
+        """The rows (any state) and the reservations of `keys`."""
         with self.db.transaction() as session:
-            now = session.scalar(select(db_now()))
             rows = items_sql.key_owners(session, keys)
-        return now, {row.storage_key: row for row in rows}
+            reserved = reservations.holders(session, self.db.sql, keys)
+        return {row.storage_key: row for row in rows}, reserved
 
     @staticmethod
     def _leak_may_go(row, now: datetime) -> bool:
@@ -160,22 +189,19 @@ class Reconciler:
         doomed: list[_Doomed | PartialUpload] = []
         last_progress = time.monotonic()
         for batch in chunked(self.store.iter_keys(partial_uploads=True), BATCH):
-            blobs = [entry for entry in batch if isinstance(entry, BlobInfo)]
-            report.blobs_listed += len(blobs)
-            _, rows = self._rows_by_key([blob.key for blob in blobs])
+            report.blobs_listed += sum(1 for entry in batch if isinstance(entry, BlobInfo))
+            rows, reserved = self._owners(sorted({entry.key for entry in batch}))
             for entry in batch:
-                if isinstance(entry, PartialUpload):
-                    # Ours by name (a temporary file, an unfinished multipart upload): only its age matters.
-                    if entry.started is None or entry.started > cutoff:
-                        report.young_blobs_skipped += 1
-                    else:
-                        report.partial_uploads += 1
-                        doomed.append(entry)
+                if entry.key in reserved and reserved[entry.key] > cutoff and rows.get(entry.key) is None:
+                    report.reserved_skipped += 1  # a registration holds the key right now
                     continue
-                found = self._classify_blob(report, entry, rows.get(entry.key), now, cutoff)
+                if isinstance(entry, PartialUpload):
+                    found = self._classify_partial_upload(report, entry, rows.get(entry.key), cutoff)
+                else:
+                    found = self._classify_blob(report, entry, rows.get(entry.key), now, cutoff)
                 if found is None:
                     continue
-                if not found.tombstone and report.orphans > limit:
+                if isinstance(found, _Doomed) and not found.tombstone and report.orphans > limit:
                     raise TooMany(f"more than {limit} orphan blobs (no item points at them); that looks like the wrong "
                                   f"database or store, so nothing was changed (raise --max-orphans if it is real).")
                 doomed.append(found)
@@ -185,6 +211,19 @@ class Reconciler:
         report.orphan_keys = [entry.key for entry in doomed if isinstance(entry, _Doomed) and not entry.tombstone][:LISTED]
         report.leaked_keys = [entry.key for entry in doomed if isinstance(entry, _Doomed) and entry.tombstone][:LISTED]
         return doomed
+
+    @staticmethod
+    def _classify_partial_upload(report: ReconcileReport, upload: PartialUpload, row, cutoff: datetime) -> PartialUpload | None:
+        if upload.upload_id is None and row is not None:
+            # A file named like our temporary files that an item was registered at (before such names were
+            # refused): it is that item's blob, not an upload.
+            log.warning("reconcile.registered_blob_with_a_temporary_name", key=upload.key)
+            return None
+        if upload.started is None or upload.started > cutoff:
+            report.young_blobs_skipped += 1
+            return None
+        report.partial_uploads += 1
+        return upload
 
     def _classify_blob(self, report: ReconcileReport, blob: BlobInfo, row, now: datetime, cutoff: datetime) -> _Doomed | None:
         if row is None:
@@ -203,28 +242,44 @@ class Reconciler:
         report.leaks += 1
         return _Doomed(blob.key, blob.size, tombstone=True)
 
-    def _delete_blobs(self, report: ReconcileReport, doomed: list[_Doomed | PartialUpload]) -> None:
-        partial = [entry for entry in doomed if isinstance(entry, PartialUpload)]
-        for batch in chunked(partial, BATCH):
-            for result in self.store.discard_partial_uploads(batch):
-                if result.ok:
-                    report.partial_uploads_discarded += 1
-                else:
-                    report.orphan_delete_failures += 1
-                    log.warning("reconcile.partial_upload_discard_failed", key=result.key, error=result.error)
-        for batch in chunked([entry for entry in doomed if isinstance(entry, _Doomed)], BATCH):
-            # Re-check just before deleting: a row registered since the listing makes an orphan live.
-            now, rows = self._rows_by_key([entry.key for entry in batch])
-            still = [entry for entry in batch if self._still_doomed(entry, rows.get(entry.key), now)]
-            is_leak = {entry.key: entry.tombstone for entry in still}
-            for result in self.store.delete_many(list(is_leak)):
-                if not result.ok:
-                    report.orphan_delete_failures += 1
-                    log.warning("reconcile.blob_delete_failed", key=result.key, error=result.error)
-                elif is_leak[result.key]:
-                    report.leaks_deleted += 1
-                else:
-                    report.orphans_deleted += 1
+    def _delete_blobs(self, report: ReconcileReport, doomed: list[_Doomed | PartialUpload], cutoff: datetime) -> None:
+        """Delete what the listing found doomed, a batch at a time, each batch in one transaction that holds
+        its keys in the catalog (see the module's docstring): what the catalog says then decides, not what
+        the listing said."""
+        token = secrets.token_hex(16)
+        for batch in chunked(doomed, BATCH):
+            with self.db.transaction() as session:
+                held = reservations.reserve(session, self.db.sql, token, "reconcile", dict.fromkeys(entry.key for entry in batch),
+                                            take_over=cutoff)
+                now = session.scalar(select(db_now()))
+                rows = {row.storage_key: row for row in items_sql.key_owners(session, sorted(held))}
+                report.reserved_skipped += sum(1 for entry in batch if entry.key not in held)
+                partial = [entry for entry in batch if isinstance(entry, PartialUpload) and entry.key in held
+                           and (entry.upload_id is not None or rows.get(entry.key) is None)]
+                blobs = [entry for entry in batch if isinstance(entry, _Doomed) and entry.key in held
+                         and self._still_doomed(entry, rows.get(entry.key), now)]
+                self._discard(report, partial)
+                self._delete(report, blobs)
+                reservations.drop(session, token)
+
+    def _discard(self, report: ReconcileReport, partial: list[PartialUpload]) -> None:
+        for result in self.store.discard_partial_uploads(partial) if partial else []:
+            if result.ok:
+                report.partial_uploads_discarded += 1
+            else:
+                report.orphan_delete_failures += 1
+                log.warning("reconcile.partial_upload_discard_failed", key=result.key, error=result.error)
+
+    def _delete(self, report: ReconcileReport, blobs: list[_Doomed]) -> None:
+        is_leak = {entry.key: entry.tombstone for entry in blobs}
+        for result in self.store.delete_many(list(is_leak)) if is_leak else []:
+            if not result.ok:
+                report.orphan_delete_failures += 1
+                log.warning("reconcile.blob_delete_failed", key=result.key, error=result.error)
+            elif is_leak[result.key]:
+                report.leaks_deleted += 1
+            else:
+                report.orphans_deleted += 1
 
     def _still_doomed(self, entry: _Doomed, row, now: datetime) -> bool:
         if not entry.tombstone:
@@ -321,3 +376,19 @@ class Reconciler:
         for media_id in marked:
             log.warning("reconcile.missing_blob_tombstoned", media_id=media_id, key=keys[media_id])
         return marked
+
+
+def mass_drift(report: ReconcileReport, catalog_empty: bool) -> str | None:
+    """Why this run's drift looks like a misconfiguration rather than drift (None when it does not): an empty
+    catalog facing a store with blobs, nearly every listed blob an orphan, or nearly every active item missing
+    its blob, however few they are."""
+    if catalog_empty and report.blobs_listed:
+        return (f"this catalog has no items but the store lists {report.blobs_listed} blobs: that looks like the wrong "
+                f"database (is MEDIA_RETENTION_DATABASE_URL set?)")
+    if report.orphans and report.orphans >= MASS_DRIFT * report.blobs_listed:
+        return (f"{report.orphans} of the {report.blobs_listed} blobs listed have no item in this catalog: that looks like "
+                f"the wrong database or the wrong prefix")
+    if report.missing_blobs and report.missing_blobs >= MASS_DRIFT * report.items_checked:
+        return (f"{report.missing_blobs} of the {report.items_checked} active items have no blob: that looks like an "
+                f"unmounted volume or the wrong store or prefix")
+    return None

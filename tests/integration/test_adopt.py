@@ -39,7 +39,7 @@ def volume(catalog, media_root):
     put(media_root, "2026/01/old-1.jpg", timedelta(days=60), b"o" * 100)
     put(media_root, "2026/01/old-2.ogg", timedelta(days=45), b"o" * 50)
     put(media_root, "2026/11/recent.jpg", timedelta(days=2), b"r" * 20)
-    put(media_root, "2026/11/.incoming-upload-7f3a", timedelta(days=3))  # our own upload in flight
+    put(media_root, "2026/11/.incoming-0123456789abcdef", timedelta(days=3))  # our own upload in flight
     put(media_root, "2026/11/being-written.jpg", timedelta(seconds=5))  # upstream still writing
     put(media_root, "known/k.jpg", timedelta(days=90))
     catalog.register(org="acme", key="known/k.jpg", media_id="known-1")
@@ -61,7 +61,7 @@ def test_adopt_registers_unknown_blobs_with_their_modification_time_and_the_swee
     counts = catalog.sweeper.sweep()
     assert counts.deleted == summary.due and counts.bytes_freed == summary.due_bytes
     assert not (volume / "2026/01/old-1.jpg").exists() and (volume / "2026/11/recent.jpg").exists()
-    assert (volume / "2026/11/.incoming-upload-7f3a").exists() and (volume / "2026/11/being-written.jpg").exists()
+    assert (volume / "2026/11/.incoming-0123456789abcdef").exists() and (volume / "2026/11/being-written.jpg").exists()
     [entry] = AuditTrail(catalog.db).read(org="acme", action="adopt").entries
     assert (entry.actor, entry.details["count"], entry.details["bytes"]) == ("ops", 3, 170)
 
@@ -90,19 +90,19 @@ def test_adopt_resumes_after_a_crash_without_duplicates(catalog, media_root, mon
     for number in range(7):
         put(media_root, f"m/{number}.bin", timedelta(days=1))
     monkeypatch.setattr(adopt_module, "ADOPT_BATCH", 3)
-    real_insert, calls = catalog.registration._insert, []
+    real_adopt, calls = catalog.registration.adopt_batch, []
 
-    def killed_on_second_batch(items, audit=None):
+    def killed_on_second_batch(items, audit):
         calls.append(len(items))
         if len(calls) == 2:
             raise SystemExit("SIGKILL")
-        return real_insert(items, audit)
+        return real_adopt(items, audit)
 
-    monkeypatch.setattr(catalog.registration, "_insert", killed_on_second_batch)
+    monkeypatch.setattr(catalog.registration, "adopt_batch", killed_on_second_batch)
     with pytest.raises(SystemExit):
         catalog.adopter().run(org="acme", grace=timedelta(minutes=10), actor="ops")
     assert len(items_by_key(catalog)) == 3
-    monkeypatch.setattr(catalog.registration, "_insert", real_insert)
+    monkeypatch.setattr(catalog.registration, "adopt_batch", real_adopt)
     resumed = catalog.adopter().run(org="acme", grace=timedelta(minutes=10), actor="ops")
     assert (resumed.known, resumed.adopted) == (3, 4)
     with catalog.db.transaction() as session:
@@ -170,6 +170,12 @@ def test_adopt_memory_stays_flat_however_many_blobs_the_store_lists(catalog):
             raise NotImplementedError
 
         def delete_many(self, keys):
+            raise NotImplementedError
+
+        def read_marker(self):
+            raise NotImplementedError
+
+        def write_marker(self, content):
             raise NotImplementedError
 
     catalog.set_org("acme", "30d")

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from tests.factories import make_file, plant_blob
 from worker.catalog import MANIFEST_LINE_MAX, ManifestError
+from worker import reservations
 from worker.catalog.registration import Registration
 from config.errors import BadInput, RetentionError
 from worker.models import MediaItem
@@ -103,7 +104,7 @@ def test_the_same_manifest_succeeds_again_after_a_crash_mid_import(catalog, acme
         return real_insert(self, items, *rest, **options)
 
     monkeypatch.setattr(Registration, "_insert", killed_in_second_batch)
-    monkeypatch.setattr(Registration, "_discard", lambda self, keys: None)  # a killed process cleans nothing up
+    monkeypatch.setattr(reservations, "release", lambda *args: [])  # a killed process cleans nothing up
     with pytest.raises(SystemExit):
         catalog.register_manifest(path, batch_size=2)
     monkeypatch.undo()
@@ -128,7 +129,7 @@ def raced_manifest(catalog, org, media_root, tmp_path, monkeypatch, lines: int, 
     real_insert = Registration._insert
 
     def raced(self, items, *rest, **options):
-        if any(item.id == taken for item in items) and options.get("checked"):  # the manifest's batch, not theirs
+        if any(item.id == taken for item in items) and rest[0] is not None:  # the manifest's (audited) batch, not theirs
             catalog.register(org=org, key="legacy/theirs.jpg", media_id=taken)
         return real_insert(self, items, *rest, **options)
 

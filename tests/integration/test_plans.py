@@ -101,6 +101,7 @@ def test_every_statement_of_a_long_lived_process_keeps_an_index_plan_under_gener
     psycopg's prepare threshold, none planned as a sequential scan of media_items."""
     db, plans = planned
     media = tmp_path / "media"
+    media.mkdir()
     settings = load_settings(data_dir=tmp_path / "data", database_url=db.url, storage_url=media.as_uri(),
                              sweep_batch_size=100)
     engine = build(settings, database=db)

@@ -95,6 +95,7 @@ def filesystem_backend(request, tmp_path: Path) -> Backend:
     beside = tmp_path / "volume"
     for name, content in OUTSIDE.items():
         plant_blob(beside, name, content)
+    (beside / "media").mkdir()
     store = FilesystemStore(beside / "media", delete_threads=2)
     request.addfinalizer(store.close)
 
@@ -234,7 +235,9 @@ def test_put_files_writes_a_batch_and_answers_each_file_with_its_size_and_sha256
     size and sha256, and nothing temporary is left behind."""
     contents = [f"blob {n}".encode() * (n + 1) for n in range(BATCH)]
     files = [(f"b/{n:02d}", upload(content)) for n, content in enumerate(contents)]
-    stored = store.put_files(files)
+    written: list[str] = []
+    stored = store.put_files(files, written)
+    assert written == [key for key, _ in files]
     assert [(blob.key, blob.size, blob.sha256, blob.written) for blob in stored] == [
         (key, len(content), hashlib.sha256(content).hexdigest(), True) for (key, _), content in zip(files, contents)]
     assert {key: store.digest(key).size for key, _ in files} == {key: len(content) for (key, _), content in zip(files, contents)}
@@ -246,21 +249,28 @@ def test_put_files_leaves_a_blob_already_at_a_key_alone_and_says_so(backend, sto
     keeps its bytes, and the other files of the batch go in."""
     backend.plant("b/05", b"someone else's")
     files = [(f"b/{n:02d}", upload(f"mine {n}".encode())) for n in range(BATCH)]
-    stored = store.put_files(files)
+    written: list[str] = []
+    stored = store.put_files(files, written)
     assert [blob.written for blob in stored] == [n != 5 for n in range(BATCH)]
+    assert written == [key for n, (key, _) in enumerate(files) if n != 5]
     assert stored[5].sha256 == hashlib.sha256(b"mine 5").hexdigest()
     assert store.digest("b/05").sha256 == hashlib.sha256(b"someone else's").hexdigest()
 
 
 @pytest.mark.parametrize("size", [3, BATCH])
-def test_put_files_that_fails_part_way_leaves_nothing_it_wrote(store, upload, tmp_path, size):
-    """A source that cannot be read half-way through a batch (small or large): bad input naming it, and
-    none of the batch's blobs, nor any temporary file or partial upload, is left."""
+def test_put_files_that_fails_part_way_names_every_blob_it_wrote_and_leaves_no_temporary_file(store, upload, tmp_path, size):
+    """A source that cannot be read half-way through a batch (small or large): bad input naming it; the
+    blobs the call did write are exactly the ones it named in `written` (the store never deletes one on its
+    own: the caller decides under its reservation), and no temporary file or partial upload is left."""
     files = [(f"b/{n:02d}", upload(f"blob {n}".encode())) for n in range(size)]
     files[size // 2] = (files[size // 2][0], tmp_path / "vanished.bin")
+    written: list[str] = []
     with pytest.raises(BadInput, match="vanished.bin"):
-        store.put_files(files)
-    assert list(store.iter_keys(partial_uploads=True)) == []
+        store.put_files(files, written)
+    listed = list(store.iter_keys(partial_uploads=True))
+    assert all(isinstance(entry, BlobInfo) for entry in listed)
+    assert sorted(entry.key for entry in listed) == sorted(written)
+    assert set(written) <= {key for key, _ in files[: size // 2]}
 
 
 # -- deleting --------------------------------------------------------------------------------------

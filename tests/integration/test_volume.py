@@ -77,6 +77,7 @@ def test_worker_processes_racing_on_postgresql_notify_once(tmp_path, pg_database
 
 def test_real_filesystem_thresholds_raise_and_clear_the_alert_on_postgresql(tmp_path, pg_database, receiver):
     """statvfs of a real media root against thresholds below, then above, its usage: firing, then resolved."""
+    (tmp_path / "media").mkdir()
     store = FilesystemStore(tmp_path / "media", delete_threads=1)
     ratio = real_ratio(store.root)
     for thresholds, expected in ((thresholds_below(ratio), ("critical", "firing")), (thresholds_above(ratio), ("ok", "resolved"))):

@@ -14,6 +14,7 @@ from worker.store.fs import FilesystemStore
 
 @pytest.fixture
 def store(tmp_path):
+    (tmp_path / "media").mkdir()
     store = FilesystemStore(tmp_path / "media", delete_threads=4)
     yield store
     store.close()

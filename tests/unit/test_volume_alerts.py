@@ -99,6 +99,7 @@ def events(logs: list[dict], prefix: str = "volume.alert_") -> list[str]:
 def test_thresholds_below_the_real_usage_raise_an_alert_and_thresholds_above_it_clear_it(tmp_path, sqlite_database, receiver):
     """statvfs of the media root against the settings: critical fires once (with a sweep), then resolves."""
     media = tmp_path / "media"
+    media.mkdir()
     store = FilesystemStore(media, delete_threads=1)
     ratio = real_ratio(media)
     sweeps: list[float] = []
@@ -240,6 +241,7 @@ def test_several_workers_sampling_at_once_notify_once_not_once_each(tmp_path, sq
 
 def critical_engine(tmp_path: Path, db: Database, **overrides) -> Engine:
     media = tmp_path / "media"
+    media.mkdir(exist_ok=True)
     settings = volume_settings(tmp_path, db, **thresholds_below(real_ratio(tmp_path)), **overrides)
     return build(settings, database=db, store=FilesystemStore(media, delete_threads=2))
 
@@ -454,6 +456,12 @@ class _ObjectStore(BlobStore):
         raise NotImplementedError
 
     def iter_keys(self):
+        raise NotImplementedError
+
+    def read_marker(self):
+        raise NotImplementedError
+
+    def write_marker(self, content):
         raise NotImplementedError
 
 

@@ -9,7 +9,11 @@ skipped, so a re-run after a crash registers only the rest.
 
 Never adopted: leftovers of uploads in flight (the filesystem store's `.incoming-*` files and S3's
 unfinished multipart uploads, which listings leave out), blobs modified within the grace (an
-upstream service may still be writing them), and keys the catalog cannot hold (control characters).
+upstream service may still be writing them), keys the catalog cannot hold (control characters, the
+store's reserved names), and keys a registration holds at that moment: each page's keys are reserved in
+the catalog first (never taking over a registration's reservation), checked against the catalog again
+and looked at in the store after that (reconcile may have deleted one meanwhile), and only then
+registered (worker/reservations.py). So adopt racing a registration or a reconcile skips, never fails.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class AdoptSummary:
     due_bytes: int = 0
     too_young: int = 0  # modified within the grace: possibly still being written
     unusable_keys: int = 0  # keys the catalog cannot hold
+    raced: int = 0  # taken by a registration, or gone from the store, between the listing and the adoption
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,12 +110,19 @@ class Adopter:
                 fresh.append(_NewItem(id=secrets.token_urlsafe(18), org=org, key=key, source=None, ttl=ttl,
                                       created_at=created, mime=mimetypes.guess_type(key)[0] or "application/octet-stream",
                                       sha256=None, size=blob.size))
-                if created + lifetime <= now and not org_held:
+                if created_due(fresh[-1], lifetime, now, org_held):
                     summary.due += 1
                     summary.due_bytes += blob.size
             if fresh and not dry_run:
-                self.registration._insert(fresh, {"action": "adopt", "actor": actor,
-                                             "details": {"under": prefix or None, "ttl_seconds": int(ttl.total_seconds()) if ttl else None}})
+                rows = self.registration.adopt_batch(fresh, {"action": "adopt", "actor": actor, "details": {
+                    "under": prefix or None, "ttl_seconds": int(ttl.total_seconds()) if ttl else None}})
+                adopted = {row["storage_key"] for row in rows}
+                summary.raced += len(fresh) - len(adopted)
+                for item in fresh:
+                    if item.key not in adopted and created_due(item, lifetime, now, org_held):
+                        summary.due -= 1
+                        summary.due_bytes -= item.size
+                fresh = [item for item in fresh if item.key in adopted]
             summary.adopted += len(fresh)
             summary.adopted_bytes += sum(item.size for item in fresh)
             if time.monotonic() - last_progress >= self.progress_every:
@@ -130,3 +142,8 @@ class Adopter:
                 page = []
         if page:
             yield page
+
+
+def created_due(item: _NewItem, lifetime: timedelta, now, org_held: bool) -> bool:
+    """Whether the next sweep deletes this adopted item (past its lifetime, its org not held)."""
+    return item.created_at + lifetime <= now and not org_held

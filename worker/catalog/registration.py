@@ -1,7 +1,13 @@
 """Registration: one item (a file copied in, or a blob already in the store adopted) or a batch of them.
 
-Every field is validated before anything changes; blobs are stored first and the rows inserted in one
-transaction after, and on any failure the blobs this call wrote are removed again.
+Every field is validated before anything changes. Then, in three steps (worker/reservations.py):
+1. the batch's storage keys are reserved in the catalog (committed), and its IDs and keys checked free in
+   the same transaction, after the reservation;
+2. files are copied in under the reserved keys (never over an existing blob), keys to adopt are looked
+   at in the store (a blob must be there, after the reservation: reconcile may have just deleted it);
+3. the rows are inserted in one transaction that consumes the reservations: all of them still held by
+   this batch, or nothing is inserted.
+On any failure the batch gives its keys back, removing only the blobs it wrote under keys it still holds.
 """
 
 from __future__ import annotations
@@ -20,14 +26,14 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
 from worker import items as items_sql
-from worker import validation
+from worker import reservations, validation
 from worker.catalog.results import Item
 from worker.db import Database, db_now
-from config.errors import BadInput
+from config.errors import BadInput, RetentionError
 from worker.models import AuditEvent, Organization, State
 from worker.policy import effective_lifetime, parse_ttl
-from worker.store import BlobDigest, BlobStore, open_source, source_digest
-from worker.store.keys import key_for_id, validate_id, validate_new_key
+from worker.store import BlobDigest, BlobInfo, BlobStore, open_source, source_digest
+from worker.store.keys import key_for_id, validate_id, validate_new_id, validate_new_key
 
 log = structlog.get_logger("worker.catalog")
 
@@ -78,7 +84,7 @@ class Registration:
         validate_id(org, "organization id")
         if (file is None) == (key is None):
             raise BadInput("give exactly one of a file to copy in or a key already in the store.")
-        media_id = validate_id(media_id) if media_id is not None else secrets.token_urlsafe(18)
+        media_id = validate_new_id(media_id) if media_id is not None else secrets.token_urlsafe(18)
         ttl_value = parse_ttl(ttl) if ttl is not None else None
         created = parse_created_at(created_at) if isinstance(created_at, str) else created_at
         if created is not None:
@@ -124,83 +130,98 @@ class Registration:
             raise BadInput(f"organization {missing[0]!r} does not exist; create it with `media-retention org set {missing[0]}`.")
         return found
 
-    def _store_blobs(self, new_items: Sequence[_NewItem]) -> list[str]:
-        """Copy in files (one `put_files` batch) and size adopted keys; return the keys this call wrote
-        (to undo on failure).
+    def _reserve(self, token: str, new_items: Sequence[_NewItem], purpose: str) -> None:
+        """Step 1, one transaction: the orgs exist, every key is reserved under `token` (taking over any other
+        holder: a re-run after a crash, or a racing registration of the same key), then the IDs and keys are
+        checked free. Checked after the reservation, so a registration of the same key that was consuming its
+        own reservation meanwhile (we waited for it) is seen."""
+        with self.db.transaction() as session:
+            self._org_policies(session, {item.org for item in new_items}, lock=False)
+            reservations.reserve(session, self.db.sql, token, purpose, {item.key: item.id for item in new_items},
+                                 take_over="any")
+            self._check_free(session, new_items)
 
-        A file whose key already holds a blob with exactly its bytes (size and sha256) adopts that
-        blob: it is what a killed run of the same command wrote before its row was committed (the
-        caller checked that no row claims the key), so re-running the command succeeds."""
+    def _store_blobs(self, new_items: Sequence[_NewItem], written: list[str]) -> None:
+        """Step 2, under the reservations: copy in files (one `put_files` batch; `written` gets each key this
+        call gave a blob) and size the blobs of keys to adopt, read after the reservation.
+
+        A file whose key already holds a blob with exactly its bytes (size and sha256) adopts that blob: what a
+        killed run of the same command wrote before its row was committed, or what a registration of the same
+        key racing this one wrote (whichever inserts its row first owns it; the other, having lost the key,
+        deletes nothing)."""
         files = [item for item in new_items if item.source is not None]
-        stored = self.store.put_files([(item.key, item.source) for item in files]) if files else []
-        written = [blob.key for blob in stored if blob.written]
-        try:
-            for item, blob in zip(files, stored, strict=True):
-                if item.sha256 is not None and item.sha256 != blob.sha256:
-                    raise BadInput(f"the sha256 given for {str(item.source)!r} does not match the file.")
-                if not blob.written:
-                    if self.store.digest(item.key) != BlobDigest(blob.size, blob.sha256):
-                        raise BadInput(f"storage key {item.key!r} already holds a different blob; refusing to overwrite it.")
-                    log.info("register.blob_adopted", media_id=item.id, key=item.key, size=blob.size)
-                item.sha256, item.size = blob.sha256, blob.size
-            for item in new_items:
-                if item.source is None and item.size is None:
-                    info = self.store.stat(item.key)
-                    if info is None:
-                        raise BadInput(f"no blob at storage key {item.key!r} in {self.store.url}.")
-                    item.size = info.size
-        except BaseException:
-            self._discard(written)
-            raise
-        return written
+        stored = self.store.put_files([(item.key, item.source) for item in files], written) if files else []
+        for item, blob in zip(files, stored, strict=True):
+            if item.sha256 is not None and item.sha256 != blob.sha256:
+                raise BadInput(f"the sha256 given for {str(item.source)!r} does not match the file.")
+            if not blob.written:
+                if self.store.digest(item.key) != BlobDigest(blob.size, blob.sha256):
+                    raise BadInput(f"storage key {item.key!r} already holds a different blob; refusing to overwrite it.")
+                log.info("register.blob_adopted", media_id=item.id, key=item.key, size=blob.size)
+            item.sha256, item.size = blob.sha256, blob.size
+        keyed = [item for item in new_items if item.source is None]
+        for item, info in zip(keyed, self.store.stat_many([item.key for item in keyed]), strict=True):
+            if isinstance(info, RetentionError):
+                raise info
+            if info is None:
+                raise BadInput(f"no blob at storage key {item.key!r} in {self.store.url}.")
+            item.size = info.size
 
-    def _discard(self, keys: list[str]) -> None:
-        if keys:
-            for result in self.store.delete_many(keys):
-                if not result.ok:
-                    log.error("register.cleanup_failed", key=result.key, error=result.error)
-
-    def _insert(self, new_items: Sequence[_NewItem], audit: dict | None = None, *, checked: bool = False) -> list[dict]:
-        """Insert the rows in one transaction and return them (column -> value); with `audit` (action, actor,
-        details), one audit event per org in the same transaction, counting that org's rows: the trail of an
-        import is exactly what committed. Unless `checked`, a taken ID or key is named first (see write_batch)."""
+    def _insert(self, new_items: Sequence[_NewItem], audit: dict | None, token: str) -> list[dict]:
+        """Step 3, one transaction: consume this batch's reservations (all still held, or nothing is inserted)
+        and insert the rows; with `audit` (action, actor, details), one audit event per org in the same
+        transaction, counting that org's rows: the trail of an import is exactly what committed. Returns the
+        rows inserted (column -> value)."""
         with self.db.transaction() as session:
             now = session.scalar(select(db_now()))
             policies = self._org_policies(session, {item.org for item in new_items}, lock=True)
-            if not checked:
-                self._check_free(session, new_items)
-            rows = []
-            for item in new_items:
-                created = item.created_at or now
-                retention_seconds, org_held = policies[item.org]
-                lifetime = effective_lifetime(item.ttl, timedelta(seconds=retention_seconds))
-                rows.append(
-                    {
-                        "id": item.id,
-                        "org_id": item.org,
-                        "storage_key": item.key,
-                        "size_bytes": item.size,
-                        "mime_type": item.mime,
-                        "sha256": item.sha256,
-                        "created_at": created,
-                        "ttl_seconds": int(item.ttl.total_seconds()) if item.ttl else None,
-                        "expires_at": created + lifetime,
-                        "state": State.ACTIVE.value,
-                        "org_held": org_held,
-                    }
-                )
+            held = reservations.consume(session, self.db.sql, token, [item.key for item in new_items])
+            lost = sorted({item.key for item in new_items} - held)
+            if lost:
+                raise reservations.ReservationLost(
+                    f"storage key {lost[0]!r} was taken over by another registration of the same key while this one "
+                    f"was in flight; nothing in this batch was registered.")
+            rows = self._rows(new_items, policies, now)
             items_sql.insert_rows(session, self.db.sql, rows)
             if audit is not None:
-                by_org: dict[str, list[dict]] = {}
-                for row in rows:
-                    by_org.setdefault(row["org_id"], []).append(row)
-                session.execute(insert(AuditEvent.__table__), [
-                    {"action": audit["action"], "actor": audit["actor"], "org_id": org_id,
-                     "details": {**audit.get("details", {}), "count": len(org_rows),
-                                 "bytes": sum(row["size_bytes"] for row in org_rows)}}
-                    for org_id, org_rows in sorted(by_org.items())
-                ])
+                self._audit(session, rows, audit)
         return rows
+
+    @staticmethod
+    def _rows(new_items: Sequence[_NewItem], policies: dict[str, tuple[int, bool]], now: datetime) -> list[dict]:
+        rows = []
+        for item in new_items:
+            created = item.created_at or now
+            retention_seconds, org_held = policies[item.org]
+            lifetime = effective_lifetime(item.ttl, timedelta(seconds=retention_seconds))
+            rows.append(
+                {
+                    "id": item.id,
+                    "org_id": item.org,
+                    "storage_key": item.key,
+                    "size_bytes": item.size,
+                    "mime_type": item.mime,
+                    "sha256": item.sha256,
+                    "created_at": created,
+                    "ttl_seconds": int(item.ttl.total_seconds()) if item.ttl else None,
+                    "expires_at": created + lifetime,
+                    "state": State.ACTIVE.value,
+                    "org_held": org_held,
+                }
+            )
+        return rows
+
+    @staticmethod
+    def _audit(session, rows: list[dict], audit: dict) -> None:
+        by_org: dict[str, list[dict]] = {}
+        for row in rows:
+            by_org.setdefault(row["org_id"], []).append(row)
+        session.execute(insert(AuditEvent.__table__), [
+            {"action": audit["action"], "actor": audit["actor"], "org_id": org_id,
+             "details": {**audit.get("details", {}), "count": len(org_rows),
+                         "bytes": sum(row["size_bytes"] for row in org_rows)}}
+            for org_id, org_rows in sorted(by_org.items())
+        ])
 
     def register_batch(self, new_items: Sequence[_NewItem], audit: dict | None = None) -> list[Item]:
         """`write_batch`, answered as items."""
@@ -208,28 +229,61 @@ class Registration:
                      sha256=row["sha256"], created_at=row["created_at"], ttl_seconds=row["ttl_seconds"],
                      expires_at=row["expires_at"], state=row["state"]) for row in self.write_batch(new_items, audit)]
 
-    def write_batch(self, new_items: Sequence[_NewItem], audit: dict | None = None, *, checked: bool = False) -> list[dict]:
-        """Store blobs, then insert rows in one transaction; on any failure remove the blobs written.
-        Returns the rows inserted (column -> value): an import of millions sums their sizes and needs no
-        `Item` for each. When blobs are to be copied in, the rows' orgs, IDs and keys are checked first, so
-        a doomed batch writes nothing; a batch of keys already in the store goes straight to the insert,
-        which checks the same in its own transaction. `checked`: the caller has just found the IDs and keys
-        free (a manifest's check pass), so the insert's transaction does not look again; a registration that
-        raced in since still fails the batch, on the catalog's unique constraints."""
-        if any(item.source is not None for item in new_items):
-            with self.db.transaction() as session:
-                self._org_policies(session, {item.org for item in new_items}, lock=False)
-                self._check_free(session, new_items)
-        written = self._store_blobs(new_items)
+    def write_batch(self, new_items: Sequence[_NewItem], audit: dict | None = None, *, purpose: str = "register") -> list[dict]:
+        """Reserve the keys, store the blobs, insert the rows (the module's three steps); all or nothing.
+        Returns the rows inserted (column -> value): an import of millions sums their sizes and needs no `Item`
+        for each. On any failure the batch gives its keys back and removes the blobs it wrote under keys it
+        still holds; a raced ID or key fails the batch on the catalog's unique keys or its reservations."""
+        token = secrets.token_hex(16)
+        written: list[str] = []
         try:
-            return self._insert(new_items, audit, checked=checked)
-        except IntegrityError:
-            self._discard(written)
-            raise BadInput("a media id or storage key in this batch was registered concurrently; "
-                           "nothing in this batch was imported.") from None
-        except BaseException:
-            self._discard(written)
+            self._reserve(token, new_items, purpose)
+            self._store_blobs(new_items, written)
+            return self._insert(new_items, audit, token)
+        except BaseException as exc:
+            try:
+                reservations.release(self.db, self.store, token, [item.key for item in new_items], written)
+            except Exception as cleanup:  # noqa: BLE001 - the batch's own error is the one to report
+                log.error("register.release_failed", error=f"{type(cleanup).__name__}: {cleanup}", keys=len(new_items))
+            if isinstance(exc, IntegrityError):
+                raise BadInput("a media id or storage key in this batch was registered concurrently; "
+                               "nothing in this batch was imported.") from None
             raise
+
+    def adopt_batch(self, new_items: Sequence[_NewItem], audit: dict) -> list[dict]:
+        """Register blobs already in the store (`adopt`), skipping instead of failing: a key another
+        registration has reserved (in flight), a key the catalog knows (checked after the reservation), a blob
+        gone since it was listed (reconcile may have deleted it). Nothing is taken over and nothing is written
+        or deleted in the store. Returns the rows inserted."""
+        token = secrets.token_hex(16)
+        wanted = {item.key: item for item in new_items}
+        try:
+            with self.db.transaction() as session:
+                held = reservations.reserve(session, self.db.sql, token, "adopt", {key: item.id for key, item in wanted.items()},
+                                            take_over="none")
+                known = items_sql.known_keys(session, sorted(held)) if held else set()
+            fresh = [wanted[key] for key in sorted(held - known)]
+            present: list[_NewItem] = []
+            for item, info in zip(fresh, self.store.stat_many([item.key for item in fresh]), strict=True):
+                if isinstance(info, BlobInfo):
+                    item.size = info.size
+                    present.append(item)
+            with self.db.transaction() as session:
+                now = session.scalar(select(db_now()))
+                policies = self._org_policies(session, {item.org for item in present}, lock=True) if present else {}
+                consumed = reservations.consume(session, self.db.sql, token, [item.key for item in present])
+                rows = self._rows([item for item in present if item.key in consumed], policies, now)
+                items_sql.insert_rows(session, self.db.sql, rows)
+                reservations.drop(session, token)
+                if rows:
+                    self._audit(session, rows, audit)
+        except BaseException:
+            try:
+                reservations.release(self.db, self.store, token, list(wanted), [])
+            except Exception as cleanup:  # noqa: BLE001
+                log.error("adopt.release_failed", error=f"{type(cleanup).__name__}: {cleanup}")
+            raise
+        return rows
 
     def register(self, *, org: str, file: str | Path | None = None, key: str | None = None, media_id: str | None = None,
                  ttl: str | None = None, created_at: str | datetime | None = None, mime: str | None = None,

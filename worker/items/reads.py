@@ -233,6 +233,13 @@ def retention_preview(session, org_id: str, seconds: int) -> tuple[int, ...]:
 # -- reconcile and verify: the catalog beside the store's listing --------------------------------------
 
 
+def has_items(session) -> bool:
+    """Whether the catalog holds any item row at all (any state): an empty catalog facing a store full of
+    blobs is what a wrong database URL looks like."""
+    items = models.MediaItem.__table__
+    return session.execute(select(items.c.id).limit(1)).first() is not None
+
+
 def key_owners(session, keys: list[str]) -> list:
     """The rows (any state) that `keys` belong to: `storage_key`, `state`, `deletion_reason`, `expires_at`."""
     items = models.MediaItem.__table__

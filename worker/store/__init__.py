@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from worker.volume.levels import Usage
 
 
+# The file at the top of a store that names the catalog it belongs to (worker/binding.py). Listings never
+# show it and no key may take its name (worker/store/keys.py), so nothing registers, adopts or deletes it.
+MARKER_NAME = ".media-retention.json"
+
+
 @dataclass(frozen=True)
 class DeleteResult:
     """The outcome for one key. `ok` covers "was already missing" (`missing=True`) as well."""
@@ -106,24 +111,24 @@ class BlobStore(abc.ABC):
     def put_file(self, key: str, source: Path) -> int:
         """Copy a local file to `key` (atomically: readers never see half a blob); return its size."""
 
-    def put_files(self, files: Sequence[tuple[str, Path]]) -> list[StoredFile]:
+    def put_files(self, files: Sequence[tuple[str, Path]], written: list[str]) -> list[StoredFile]:
         """Copy each local file to its key (never over an existing blob: that key comes back with
-        `written=False`); a result per file, in order. All or nothing: on an error the blobs this call
-        wrote are removed and the error raised. Stores may do it faster than one `put_file` at a time
-        (the filesystem makes a whole batch durable with two syncs instead of one per file)."""
+        `written=False`); a result per file, in order. Every key that gets a blob from this call is appended
+        to `written` the moment it has it, so after an error the caller knows exactly what this call wrote.
+        The store never deletes a blob on its own: whether a blob may go is the catalog's decision (the
+        caller removes what it wrote only while its reservation of the key holds, worker/reservations.py),
+        since another registration of the same key may already have adopted it. Stores may do it faster than
+        one `put_file` at a time (the filesystem makes a whole batch durable with two syncs instead of one per file)."""
         stored: list[StoredFile] = []
-        try:
-            for key, source in files:
-                digest = source_digest(source)
-                try:
-                    size = self.put_file(key, source)
-                except BlobExists:
-                    stored.append(StoredFile(key, digest.size, digest.sha256, written=False))
-                else:
-                    stored.append(StoredFile(key, size, digest.sha256, written=True))
-        except BaseException:
-            self.delete_many([blob.key for blob in stored if blob.written])
-            raise
+        for key, source in files:
+            digest = source_digest(source)
+            try:
+                size = self.put_file(key, source)
+            except BlobExists:
+                stored.append(StoredFile(key, digest.size, digest.sha256, written=False))
+            else:
+                written.append(key)
+                stored.append(StoredFile(key, size, digest.sha256, written=True))
         return stored
 
     @abc.abstractmethod
@@ -172,6 +177,14 @@ class BlobStore(abc.ABC):
         """A GET URL for `key`, valid for `expires_in` seconds, that needs no other credentials."""
         raise BadInput(f"presigned URLs need an object store (s3://...); {self.url} cannot hand them out.")
 
+    @abc.abstractmethod
+    def read_marker(self) -> bytes | None:
+        """The binding marker at the top of the store (MARKER_NAME), or None when there is none."""
+
+    @abc.abstractmethod
+    def write_marker(self, content: bytes) -> bool:
+        """Write the binding marker unless one is there already (never replaced); False when one was."""
+
     def usage(self) -> "Usage | None":
         """How full the volume under the store is, when the store can tell (a filesystem: `statvfs`).
         None for an object store, which has no size of its own: the volume monitor then measures the
@@ -191,7 +204,7 @@ def open_store(url: str, **options) -> BlobStore:
         from worker.store.fs import FilesystemStore
 
         return FilesystemStore(Path(unquote(parsed.path)), delete_threads=options.get("delete_threads", 8),
-                               protected=options.get("protected"))
+                               protected=options.get("protected"), create=options.get("create", False))
     from worker.store.s3 import S3Store
 
     return S3Store.from_url(url, **options)

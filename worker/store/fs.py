@@ -22,13 +22,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from config.errors import BadInput, BlobExists, RetentionError, StoreError
-from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload, StoredFile, open_source
-from worker.store.keys import validate_key
+from worker.store import MARKER_NAME, BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload, StoredFile, open_source
+from worker.store.keys import TEMP_NAME, TEMP_PREFIX, validate_key
 from worker.volume.filesystem import filesystem_usage
 from worker.volume.levels import Usage
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_TEMP_PREFIX = ".incoming-"
 # A batch's deletes go to the threads in runs: about four runs a thread balance a slow disk's stragglers,
 # and no run shorter than this, so a small batch is not cut into single keys.
 DELETE_RUNS_PER_THREAD = 4
@@ -100,11 +99,16 @@ def check_media_root(root: Path, protected: dict[str, Path] | None = None) -> Pa
 
 
 class FilesystemStore(BlobStore):
-    def __init__(self, root: Path, delete_threads: int = 8, protected: dict[str, Path] | None = None):
-        # Checked before the root is created: a refused root is not touched at all. The root itself
-        # may be a symlink (e.g. /mnt/wa/media): it is resolved once and trusted from then on.
+    def __init__(self, root: Path, delete_threads: int = 8, protected: dict[str, Path] | None = None,
+                 create: bool = False):
+        # Checked before anything else: a refused root is not touched at all. The root itself may be a
+        # symlink (e.g. /mnt/wa/media): it is resolved once and trusted from then on. A root that is not
+        # there is an error at its first use, never created: a volume that is not mounted would otherwise
+        # get its media written to the disk beneath the mount point, and lose it when the volume comes back.
+        # Only the embedded default (`<data dir>/media`, which nothing mounts) is created (`create`).
         self.root = check_media_root(root, protected)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
         self.url = self.root.as_uri()
         self._threads = delete_threads
         self._pool: ThreadPoolExecutor | None = None
@@ -114,7 +118,7 @@ class FilesystemStore(BlobStore):
         """Yield (fd of the key's directory, file name); raises FileNotFoundError or _Escape. `root_fd`, an
         open descriptor of the root, saves opening it again (a batch of deletes shares one); it stays open."""
         *dirs, name = validate_key(key).split("/")
-        fd = os.open(self.root, _DIR_FLAGS) if root_fd is None else root_fd
+        fd = self._open_root() if root_fd is None else root_fd
         try:
             for part in dirs:
                 try:
@@ -137,11 +141,20 @@ class FilesystemStore(BlobStore):
             if fd != root_fd:
                 os.close(fd)
 
+    def _open_root(self) -> int:
+        """A descriptor of the media root; StoreError when it is not there (an unmounted volume)."""
+        try:
+            return os.open(self.root, _DIR_FLAGS)
+        except FileNotFoundError:
+            raise StoreError(f"the media root {self.root} does not exist: is its volume mounted? It is never created "
+                             f"here; create it (or fix MEDIA_RETENTION_STORAGE_URL) and try again.") from None
+
     def _write_temp(self, key: str, source: Path, *, durable: bool) -> tuple[str, int, str]:
         """Copy `source` to a temporary file beside the key's blob, hashing it on the way; (temp name,
         size, sha256). With `durable`, fsynced before it returns. A failed copy (ENOSPC, EIO) removes it:
-        a partial temp file must not fill the volume further."""
-        temp = f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
+        a partial temp file must not fill the volume further. The name (TEMP_NAME: the prefix and 16 random
+        hex digits) is one no key can take (worker/store/keys.py), so the file is ours by construction."""
+        temp = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
         hasher = hashlib.sha256()
         with self._parent_dir(key, create=True) as (dir_fd, _name):
             out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
@@ -175,12 +188,12 @@ class FilesystemStore(BlobStore):
                 os.unlink(temp, dir_fd=dir_fd)
 
     def _discard_temp(self, key: str, temp: str) -> None:
-        with contextlib.suppress(OSError, _Escape), self._parent_dir(key) as (dir_fd, _name):
+        with contextlib.suppress(OSError, _Escape, StoreError), self._parent_dir(key) as (dir_fd, _name):
             os.unlink(temp, dir_fd=dir_fd)
 
     def _sync(self) -> None:
         """Everything written on the media volume reaches the disk (syncfs; a full sync where there is none)."""
-        fd = os.open(self.root, _DIR_FLAGS)
+        fd = self._open_root()
         try:
             if _SYNCFS is None:
                 os.sync()
@@ -199,12 +212,13 @@ class FilesystemStore(BlobStore):
         except _Escape as exc:
             raise BadInput(f"{exc}; refusing to follow it out of the media root.") from None
 
-    def put_files(self, files: Sequence[tuple[str, Path]]) -> list[StoredFile]:
+    def put_files(self, files: Sequence[tuple[str, Path]], written: list[str]) -> list[StoredFile]:
         """A batch goes in three steps: every file to a temporary name (not synced), one sync of the volume,
         every temporary file linked to its key, one more sync; an fsync per file instead costs a journal
         commit each (measured here: ~700 files/s against ~10,000). A blob is complete before it has its
         name, so a crash leaves only whole blobs under keys (adopted by a re-run) and temporary files
-        (removed by reconcile). Small batches are synced file by file, which costs no more."""
+        (removed by reconcile). Small batches are synced file by file, which costs no more. On an error the
+        temporary files go (nobody else can have them); blobs already linked stay, named in `written`."""
         batched = len(files) >= BATCH_SYNC_MIN
         temps: list[tuple[str, str, int, str]] = []
         stored: list[StoredFile] = []
@@ -215,16 +229,17 @@ class FilesystemStore(BlobStore):
             if batched:
                 self._sync()
             for index, (key, temp, size, sha256) in enumerate(temps):
-                written = self._link_temp(key, temp)
+                linked = self._link_temp(key, temp)
                 temps[index] = (key, "", size, sha256)  # linked or removed: nothing left to discard
-                stored.append(StoredFile(key, size, sha256, written))
+                if linked:
+                    written.append(key)
+                stored.append(StoredFile(key, size, sha256, linked))
             if batched:
                 self._sync()
         except BaseException as exc:
             for key, temp, _size, _sha256 in temps:
                 if temp:
                     self._discard_temp(key, temp)
-            self.delete_many([blob.key for blob in stored if blob.written])
             if isinstance(exc, _Escape):
                 raise BadInput(f"{exc}; refusing to follow it out of the media root.") from None
             raise
@@ -233,7 +248,7 @@ class FilesystemStore(BlobStore):
     def stat_many(self, keys: Sequence[str]) -> list[BlobInfo | None | RetentionError]:
         """Every key's stat from one descriptor of the root, in this thread: a local stat costs less than
         handing it to another."""
-        root_fd = os.open(self.root, _DIR_FLAGS)
+        root_fd = self._open_root()
         answers: list[BlobInfo | None | RetentionError] = [None] * len(keys)
         # Keys sharing a directory (an imported tree: legacy/2019/...) are asked from one walk to it.
         by_directory: dict[str, list[int]] = {}
@@ -308,7 +323,7 @@ class FilesystemStore(BlobStore):
     def discard_partial_uploads(self, uploads: list[PartialUpload]) -> list[DeleteResult]:
         results = []
         for upload in uploads:
-            if not upload.key.rsplit("/", 1)[-1].startswith(_TEMP_PREFIX):
+            if not TEMP_NAME.fullmatch(upload.key.rsplit("/", 1)[-1]):
                 results.append(DeleteResult(upload.key, ok=False, error="refused: not a temporary upload file"))
             else:
                 results.append(self._delete_one(upload.key))
@@ -341,9 +356,10 @@ class FilesystemStore(BlobStore):
     def _delete_run(self, keys: list[str]) -> list[DeleteResult]:
         """Delete `keys` in order, every walk starting from one descriptor of the root."""
         try:
-            root_fd = os.open(self.root, _DIR_FLAGS)
-        except OSError as exc:
-            return [DeleteResult(key, ok=False, error=f"cannot open the media root: {exc.strerror}") for key in keys]
+            root_fd = self._open_root()
+        except (OSError, StoreError) as exc:
+            return [DeleteResult(key, ok=False, error=f"cannot open the media root: {getattr(exc, 'strerror', None) or exc}")
+                    for key in keys]
         try:
             return [self._delete_one(key, root_fd) for key in keys]
         finally:
@@ -354,10 +370,7 @@ class FilesystemStore(BlobStore):
         its parent's descriptor with O_NOFOLLOW, so a directory swapped for a symlink mid-walk is
         not entered, and a renamed-away directory can only show names (every delete walks from the
         root again). An entry that vanishes mid-walk (a concurrent sweep) is skipped, not an error."""
-        try:
-            root_fd = os.open(self.root, _DIR_FLAGS)
-        except OSError as exc:
-            raise StoreError(f"cannot list the media root {self.root}: {exc.strerror}") from None
+        root_fd = self._open_root()
         yield from self._walk(root_fd, "", ordered, partial_uploads)
 
     def _walk(self, dir_fd: int, prefix: str, ordered: bool, partial_uploads: bool) -> Iterator[BlobInfo | PartialUpload]:
@@ -386,7 +399,9 @@ class FilesystemStore(BlobStore):
                             raise StoreError(f"cannot list {key}: {exc.strerror}") from None
                         yield from self._walk(child, key, ordered, partial_uploads)
                         continue
-                    temporary = entry.name.startswith(_TEMP_PREFIX)
+                    if not prefix and entry.name == MARKER_NAME:
+                        continue  # the binding marker: not a blob
+                    temporary = TEMP_NAME.fullmatch(entry.name) is not None
                     if temporary and not partial_uploads:
                         continue
                     try:
@@ -405,7 +420,44 @@ class FilesystemStore(BlobStore):
 
     def usage(self) -> Usage:
         """Bytes and inodes of the filesystem holding the media root (`statvfs`)."""
+        os.close(self._open_root())  # a clear error for a root that is not there
         return filesystem_usage(self.root)
+
+    def read_marker(self) -> bytes | None:
+        root_fd = self._open_root()
+        try:
+            fd = os.open(MARKER_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=root_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read the binding marker of {self.root}: {exc.strerror}") from None
+        finally:
+            os.close(root_fd)
+        with open(fd, "rb") as handle:
+            return handle.read(64 * 1024)
+
+    def write_marker(self, content: bytes) -> bool:
+        """Written whole under a temporary name, synced, then linked into place: never half a marker,
+        never over another one."""
+        root_fd = self._open_root()
+        temp = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        try:
+            out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=root_fd)
+            try:
+                os.write(out, content)
+                os.fsync(out)
+            finally:
+                os.close(out)
+            try:
+                os.link(temp, MARKER_NAME, src_dir_fd=root_fd, dst_dir_fd=root_fd, follow_symlinks=False)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(temp, dir_fd=root_fd)
+            os.fsync(root_fd)
+            return True
+        finally:
+            os.close(root_fd)
 
     def close(self) -> None:
         if self._pool is not None:

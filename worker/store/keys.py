@@ -13,6 +13,13 @@ _ID = re.compile(r"[A-Za-z0-9._-]{1,%d}" % ID_LENGTH)
 KEY_STEP_BYTES = 255
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BAD_STEPS = frozenset(("", ".", ".."))
+# Names the stores use for their own files, which no new ID or key may take: a filesystem upload's
+# temporary file is `.incoming-<16 hex digits>` beside its target (worker/store/fs.py), and the binding
+# marker sits at the top of the store (worker/store/MARKER_NAME). A whole family of names is reserved,
+# not only the exact forms, so a name cannot even look like one of ours.
+TEMP_PREFIX = ".incoming-"
+TEMP_NAME = re.compile(r"\.incoming-[0-9a-f]{16}")
+MARKER_PREFIX = ".media-retention"
 
 
 def validate_id(value: str, what: str = "media id") -> str:
@@ -20,6 +27,15 @@ def validate_id(value: str, what: str = "media id") -> str:
     because it would read as a path step in logs, URLs and keys."""
     if not isinstance(value, str) or not _ID.fullmatch(value) or ".." in value or set(value) == {"."}:
         raise BadInput(f"invalid {what} {value!r}: use 1-{ID_LENGTH} characters of A-Z, a-z, 0-9, '.', '_' or '-' (no '..').")
+    return value
+
+
+def validate_new_id(value: str, what: str = "media id") -> str:
+    """An ID for a new registration: valid, and not of a form the stores keep for their own files (an ID
+    is the last step of its sharded key)."""
+    validate_id(value, what)
+    if value.startswith(TEMP_PREFIX):
+        raise BadInput(f"invalid {what} {value!r}: IDs starting with {TEMP_PREFIX!r} are reserved for the store's own temporary files.")
     return value
 
 
@@ -55,6 +71,11 @@ def validate_new_key(key: str) -> str:
     validate_key(key)
     if _CONTROL.search(key):
         raise BadInput(f"invalid storage key {key!r}: it contains a control character.")
+    steps = key.split("/")
+    if steps[0].startswith(MARKER_PREFIX):
+        raise BadInput(f"invalid storage key {key!r}: names starting with {MARKER_PREFIX!r} at the top of the store are reserved for its binding marker.")
+    if any(step.startswith(TEMP_PREFIX) for step in steps):
+        raise BadInput(f"invalid storage key {key!r}: steps starting with {TEMP_PREFIX!r} are reserved for the store's own temporary files.")
     return key
 
 

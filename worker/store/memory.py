@@ -21,6 +21,7 @@ class MemoryStore(BlobStore):
     def __init__(self, name: str = "test"):
         self.url = f"memory://{name}"
         self._blobs: dict[str, tuple[bytes, datetime]] = {}
+        self._marker: bytes | None = None
         # Sweeps delete from helper threads while tests register: one lock keeps the dict consistent.
         self._lock = threading.Lock()
 
@@ -63,6 +64,17 @@ class MemoryStore(BlobStore):
                 missing = self._blobs.pop(key, None) is None
             results.append(DeleteResult(key, ok=True, missing=missing))
         return results
+
+    def read_marker(self) -> bytes | None:
+        with self._lock:
+            return self._marker
+
+    def write_marker(self, content: bytes) -> bool:
+        with self._lock:
+            if self._marker is not None:
+                return False
+            self._marker = bytes(content)
+            return True
 
     def iter_keys(self, *, ordered: bool = False, partial_uploads: bool = False) -> Iterator[BlobInfo | PartialUpload]:
         with self._lock:

@@ -33,7 +33,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from config.errors import BadInput, BlobExists, RetentionError, StoreError
 from config.redact import redact_url
-from worker.store import BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload, chunked
+from worker.store import MARKER_NAME, BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload, chunked
 from worker.store.keys import validate_key
 
 log = structlog.get_logger("worker.store.s3")
@@ -213,6 +213,32 @@ class S3Store(BlobStore):
         log.debug("store.s3.uploaded", key=key, size=info.size)
         return info.size
 
+    def read_marker(self) -> bytes | None:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._object_key(MARKER_NAME))["Body"].read(64 * 1024)
+        except ClientError as exc:
+            code, status, message = _error_of(exc)
+            if status == 404 or code in _MISSING:
+                return None
+            raise StoreError(f"cannot read the binding marker of {self.url}: {code} {message}".strip() + ".") from None
+        except BotoCoreError as exc:
+            raise StoreError(f"cannot reach {self.url}: {exc}") from None
+
+    def write_marker(self, content: bytes) -> bool:
+        """A create-only PUT (If-None-Match, added to every PutObject of this client): never over another marker."""
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._object_key(MARKER_NAME), Body=content,
+                                   ContentType="application/json")
+        except ClientError as exc:
+            code, status, message = _error_of(exc)
+            if code in _ALREADY_EXISTS or status in (409, 412):
+                return False
+            raise StoreError(f"cannot write the binding marker of {self.url}: {code} {message}".strip() + ".") from None
+        except BotoCoreError as exc:
+            raise StoreError(f"cannot reach {self.url}: {exc}") from None
+        # An endpoint that ignores If-None-Match would have replaced a marker: what is there now decides.
+        return self.read_marker() == content
+
     def presigned_url(self, key: str, expires_in: int) -> str:
         if not 1 <= expires_in <= MAX_PRESIGN_SECONDS:
             raise BadInput(f"a presigned URL must be valid for 1 s to 7 days, not {expires_in} s.")
@@ -233,6 +259,8 @@ class S3Store(BlobStore):
                     if not name.startswith(listed):
                         continue
                     relative = name[len(listed):]
+                    if relative == MARKER_NAME:
+                        continue  # the binding marker: not a blob
                     try:
                         self._object_key(relative)
                     except BadInput:
