@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import secrets
 import threading
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text, update
 
-from tests.factories import plant_blob, register_aged, seed_items, wait_until_older
+from tests.factories import plant_blob, register_aged, seed_items, wait_until_blocked_by, wait_until_older
 from tests.s3 import PREFIX
 from worker import items as items_sql
 from worker import verify as verify_module
@@ -220,18 +219,6 @@ def test_an_item_of_a_held_org_claimed_after_the_hold_is_a_breach_and_one_claime
             claimed_at=db_now(5), deleted_at=db_now(5))
     report = run_verify(catalog_under_test)
     assert only(report, "held_deleted") and report.examples["held_deleted"][0]["id"] == after.id
-
-
-def wait_until_blocked_by(db, pid: int, timeout: float = 10.0) -> None:
-    """Return once another session waits for a lock that the backend `pid` holds."""
-    deadline = time.monotonic() + timeout
-    blocked = text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))")
-    while True:
-        with db.transaction() as session:
-            if session.scalar(blocked, {"pid": pid}):
-                return
-        assert time.monotonic() < deadline, f"nothing waited for the locks of backend {pid} within {timeout} s"
-        time.sleep(0.02)
 
 
 def claims_racing(catalog, change: Callable[[], object]) -> list[ClaimedItem]:
