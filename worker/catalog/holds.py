@@ -52,7 +52,7 @@ class Holds:
                     gone = [media_id for media_id in ids if found[media_id].state != State.ACTIVE.value]
                     if gone:
                         raise Gone(f"media id {gone[0]!r} is already being deleted or gone; nothing was changed.")
-                # The rows are locked and still active: a claim that reached one first made this fail above.
+                # Stamped once the rows are locked: a claim that reached one first has committed (and a hold was refused).
                 stamp = took_effect_at(session)
                 for media_id in dict.fromkeys(ids):
                     item = found[media_id]
