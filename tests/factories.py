@@ -152,6 +152,21 @@ def wait_until_older(paths: list[Path], age: timedelta, timeout: float = 30.0) -
             time.sleep(0.02)
 
 
+def blocked_by(db: Database, pid: int) -> bool:
+    """Whether another session waits for a lock that the PostgreSQL backend `pid` holds."""
+    with db.transaction() as session:
+        return bool(session.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
+                                   {"pid": pid}))
+
+
+def wait_until_blocked_by(db: Database, pid: int, timeout: float = 10.0) -> None:
+    """Return once another session waits for a lock that the PostgreSQL backend `pid` holds."""
+    deadline = time.monotonic() + timeout
+    while not blocked_by(db, pid):
+        assert time.monotonic() < deadline, f"nothing waited for the locks of backend {pid} within {timeout} s"
+        time.sleep(0.02)
+
+
 def fill_catalog(db: Database, count: int, *, prefix: str = "row", expired: int = 0, state: str = "active",
                  start: int = 0, orgs: int = 1, org: str = "bench", vacuum: bool = True) -> None:
     """`count` rows `<prefix>-<n>` (n from `start`) made by PostgreSQL itself, one INSERT ... SELECT from

@@ -1,4 +1,4 @@
-"""Engine and transactions, plus the two clock expressions every expiry decision is made with.
+"""Engine and transactions, plus the clock expressions every expiry decision is made with.
 
 The cutoff of a sweep is always the *database's* clock (`db_now()`), never a worker's: workers on
 many machines disagree about the time, the database is one place.
@@ -74,6 +74,25 @@ def _db_now_default(element, compiler, **kw):
 def _db_now_sqlite(element, compiler, **kw):
     modifier = f", '{element.plus_seconds:+d} seconds'" if element.plus_seconds else ""
     return _SQLITE_NOW.format(modifier=modifier)
+
+
+class db_clock(FunctionElement):
+    """The database's wall clock at the moment the statement runs, not when its transaction began: the
+    time a change took effect, stamped after the statements that waited for row locks have run."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(db_clock)
+def _db_clock_default(element, compiler, **kw):
+    return "clock_timestamp()"
+
+
+@compiles(db_clock, "sqlite")
+def _db_clock_sqlite(element, compiler, **kw):
+    # SQLite's 'now' is read afresh by each statement already.
+    return _SQLITE_NOW.format(modifier="")
 
 
 class plus_seconds(FunctionElement):

@@ -338,16 +338,27 @@ class Sweeper:
         ]
         return counts
 
-    def purge_ids(self, ids: Sequence[str]) -> SweepCounts:
+    def purge_ids(self, ids: Sequence[str], *, reason: Reason = Reason.PURGE, taken: set[str] | None = None) -> SweepCounts:
+        """Delete the named items that are still active and unheld; adds the IDs its claims took to `taken`."""
         counts = SweepCounts()
         for start in range(0, len(ids), self.batch_size):
-            claimed = self.claim_ids(ids[start : start + self.batch_size], Reason.PURGE)
+            claimed = self.claim_ids(ids[start : start + self.batch_size], reason)
+            if taken is not None:
+                taken.update(item.id for item in claimed)
             if claimed:
                 counts.add(self.process(claimed))
         log.info("purge.finished", scope="ids", **counts.to_dict())
         return counts
 
-    def purge_org(self, org_id: str, *, deadline: float | None = None) -> SweepCounts:
-        counts = self._drain(lambda size: self.claim_org(org_id, size), None, deadline, "purge", org=org_id)
+    def purge_org(self, org_id: str, *, deadline: float | None = None, taken: set[str] | None = None) -> SweepCounts:
+        """Delete the org's active, unheld items; adds the IDs its claims took to `taken`."""
+
+        def claim(size: int) -> list[ClaimedItem]:
+            claimed = self.claim_org(org_id, size)
+            if taken is not None:
+                taken.update(item.id for item in claimed)
+            return claimed
+
+        counts = self._drain(claim, None, deadline, "purge", org=org_id)
         log.info("purge.finished", scope="org", org=org_id, **counts.to_dict())
         return counts

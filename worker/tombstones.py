@@ -10,7 +10,9 @@ tombstones' deletion-time index. A compacted ID answers 404 `not_found` (a 404 s
 registered again, which is the trade: set the retention longer than anyone asks about deleted media.
 
 Only tombstones are ever touched: never an active or claimed row, so nothing that may still hold a
-blob. A blob found later for a compacted ID is an orphan to reconcile, as any other.
+blob. A blob found later for a compacted ID is an orphan to reconcile, as any other. So a `missing_blob`
+tombstone stays until its item has expired: its blob may come back, and reconcile keeps a returned blob
+until the item's expiry only while the tombstone is there to say so.
 """
 
 from __future__ import annotations

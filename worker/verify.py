@@ -17,6 +17,10 @@ Breaches (exit 1), each an invariant of the design's Part 1:
 - `held_deleted`: a row carrying a hold (`held_at` or `org_held`) that is not active, or an item of
   a held org claimed after the org's hold was placed. (An item claimed before a hold is documented
   to finish its deletion, so that is no breach.)
+
+Both compare a claim's time with the time a hold or retention change took effect, which is stamped
+once the change has locked the org's rows (`worker/catalog/_shared.py`, `took_effect_at`): a claim
+the change had to wait for, which followed the policy then in force, is dated before it.
 - `wrong_expiry`: an active item whose `expires_at` is not `created_at` plus its TTL or its org's
   retention: it would be deleted at the wrong time.
 - `tombstone_with_blob`: a deleted item whose blob still exists (a leak). A `missing_blob`

@@ -3,8 +3,9 @@
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import text
 
-from tests.factories import register_aged, states
+from tests.factories import register_aged, seed_items, states
 from worker.engine import build
 from config.errors import BadInput, Gone, NotFound
 from worker.responses import not_found_body
@@ -205,6 +206,59 @@ def test_purge_of_an_org_deletes_all_its_unheld_items_and_nothing_else(catalog, 
     with pytest.raises(Gone) as gone:
         catalog.lookup(doomed[0].id)
     assert gone.value.tombstone.reason == "org_purge"
+
+
+@pytest.mark.parametrize("scope", ["ids", "org"])
+def test_a_purge_accounts_for_every_eligible_item_when_holds_and_a_sweep_win_some_meanwhile(catalog, acme, media_root,
+                                                                                            monkeypatch, scope):
+    """Between the purge's count and its first claim another session holds three eligible items and a sweep
+    takes the two expired ones: the result reports them held and gone since the count, and adds up."""
+    due = seed_items(catalog.db, media_root, acme, 2, prefix="due")
+    fresh = seed_items(catalog.db, media_root, acme, 8, prefix="fresh", expired=False)
+    name = "claim_org" if scope == "org" else "claim_ids"
+    claim = getattr(catalog.sweeper, name)
+    meddled: list[bool] = []
+
+    def hold_and_sweep_then_claim(*args):
+        if not meddled:
+            meddled.append(True)
+            catalog.set_hold(held=True, reason="new case", ids=fresh[:3])
+            assert catalog.sweeper.sweep().deleted == 2
+        return claim(*args)
+
+    monkeypatch.setattr(catalog.sweeper, name, hold_and_sweep_then_claim)
+    body = (catalog.purge(org=acme) if scope == "org" else catalog.purge(ids=due + fresh)).to_dict()
+    accounted = body["deleted"] + body["failed"] + body.get("held_since_count", 0) + body.get("gone_since_count", 0)
+    assert meddled and body["eligible"] == accounted == 10, body
+    assert (body["deleted"], body["held_since_count"], body["gone_since_count"], body["held_skipped"]) == (5, 3, 2, 0)
+    assert states(catalog, fresh[:3]) == dict.fromkeys(fresh[:3], "active")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_an_org_purge_waits_for_rows_another_transaction_holds_locked_instead_of_leaving_them(catalog, acme, media_root):
+    """Two of the org's items are locked by an open transaction (as a retention rewrite or an item hold
+    locks them): the org's claims skip them, then the purge claims them by name once the lock is gone."""
+    import threading
+    import time
+
+    from tests.factories import blocked_by
+    from worker import items as items_sql
+
+    ids = seed_items(catalog.db, media_root, acme, 10, expired=False)
+    results = []
+    purger = threading.Thread(target=lambda: results.append(catalog.purge(org=acme)))
+    with catalog.db.transaction() as session:
+        items_sql.locked_by_ids(session, ids[:2])
+        pid = session.scalar(text("SELECT pg_backend_pid()"))
+        purger.start()
+        deadline = time.monotonic() + 10
+        while purger.is_alive() and not blocked_by(catalog.db, pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    purger.join(timeout=30)
+    [summary] = results
+    assert (summary.eligible, summary.counts.deleted, summary.held_since_count, summary.gone_since_count) == (10, 10, 0, 0)
+    assert set(states(catalog, ids).values()) == {"deleted"}
 
 
 def test_purge_dry_run_changes_nothing(catalog, acme, uploads):

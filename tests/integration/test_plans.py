@@ -28,6 +28,7 @@ from worker import status
 from worker.db import Database
 from worker.engine import build
 from worker.store.keys import key_for_id
+from worker.tombstones import Tombstones
 
 pytestmark = pytest.mark.postgres
 
@@ -97,8 +98,9 @@ def sequential_scans(plan: dict) -> Iterator[str]:
 
 def test_every_statement_of_a_long_lived_process_keeps_an_index_plan_under_generic_planning(planned, tmp_path):
     """Register (one file, a manifest of keys), look up, hold and release, purge, the expiry watch's probe, a
-    sweep (claims, finalize), the fleet status a scrape reads, API-key checks: each run more times than
-    psycopg's prepare threshold, none planned as a sequential scan of media_items."""
+    sweep (claims, finalize), the fleet status a scrape reads, API-key checks, tombstone compaction and its
+    dry run: each run more times than psycopg's prepare threshold, none planned as a sequential scan of
+    media_items."""
     db, plans = planned
     media = tmp_path / "media"
     media.mkdir()
@@ -106,6 +108,7 @@ def test_every_statement_of_a_long_lived_process_keeps_an_index_plan_under_gener
                              sweep_batch_size=100)
     engine = build(settings, database=db)
     catalog, sweeper = engine.catalog, engine.sweeper
+    tombstones = Tombstones(db)
     org = "bench-7"
     token = catalog.api_keys.create(org, name="plans", actor="test").token
     uploads = tmp_path / "uploads"
@@ -129,6 +132,8 @@ def test_every_statement_of_a_long_lived_process_keeps_an_index_plan_under_gener
         sweeper.sweep(limit=50)
         status.fleet_status(db)
         status.due_count(db)
+        tombstones.compact(older_than=timedelta(days=30), actor="test", dry_run=True)
+        tombstones.compact(older_than=timedelta(days=30), actor="test")
     engine.store.close()
 
     assert len(plans) > 200, "auto_explain reported too few plans: is it loaded?"

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, update
 
 from config.errors import Gone, NotFound
-from tests.factories import seed_items
+from tests.factories import register_aged, seed_items, states, wait_until_older
+from worker.db import db_now
 from worker.models import MediaItem, State
+from worker.reconcile import Reconciler
 from worker.tombstones import Tombstones
 
 
@@ -62,3 +65,37 @@ def test_a_dry_run_counts_and_removes_nothing_and_a_retention_under_a_day_is_ref
     assert (report.eligible, report.removed) == (7, 0) and counts(catalog.db)[State.DELETED.value] == 7
     with pytest.raises(ValueError):
         Tombstones(catalog.db).compact(older_than=timedelta(hours=23), actor="test")
+
+
+def test_a_missing_blob_tombstone_stays_until_its_item_expires_so_its_returning_blob_is_kept(catalog, media_root, tmp_path):
+    """Reconcile tombstoned an unexpired item whose blob was away, 40 days ago; the item expires in 40 days.
+    Compaction (and its dry run) leaves that tombstone and removes an expired one's, so when the blob comes
+    back reconcile keeps it until the expiry instead of deleting it as an orphan; after the expiry it goes."""
+    catalog.set_org("acme", "90d")
+    uploads = tmp_path / "uploads"
+    away = register_aged(catalog, "acme", timedelta(days=50), uploads=uploads)
+    lost = register_aged(catalog, "acme", timedelta(days=50), ttl="30d", uploads=uploads)
+    shutil.move(media_root / away.key, tmp_path / "away")
+    (media_root / lost.key).unlink()
+    reconciler = Reconciler(catalog.db, catalog.store)
+    reconciler.run(grace=timedelta(days=1))  # the expired one is tombstoned at once, the other first seen missing
+    with catalog.db.transaction() as session:
+        session.execute(update(MediaItem.__table__).where(MediaItem.__table__.c.id == away.id)
+                        .values(missing_since=db_now(-86400 - 60)))
+    assert reconciler.run(grace=timedelta(days=1)).marked_missing == 1
+    age_tombstones(catalog.db, [away.id, lost.id], days=40)
+
+    tombstones = Tombstones(catalog.db)
+    assert tombstones.compact(older_than=timedelta(days=30), actor="test", dry_run=True).eligible == 1
+    assert tombstones.compact(older_than=timedelta(days=30), actor="test").removed == 1
+    assert states(catalog, [away.id, lost.id]) == {away.id: State.DELETED.value}
+    shutil.move(tmp_path / "away", media_root / away.key)
+    wait_until_older([media_root / away.key], timedelta(seconds=1))
+    report = reconciler.run(grace=timedelta(seconds=1))
+    assert (report.returned_blobs_kept, report.orphans_deleted) == (1, 0) and (media_root / away.key).exists()
+
+    with catalog.db.transaction() as session:
+        session.execute(update(MediaItem.__table__).where(MediaItem.__table__.c.id == away.id)
+                        .values(expires_at=db_now(-60)))
+    assert tombstones.compact(older_than=timedelta(days=30), actor="test").removed == 1
+    assert states(catalog, [away.id]) == {}

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import secrets
+import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, text, update
 
-from tests.factories import plant_blob, register_aged, wait_until_older
+from tests.factories import plant_blob, register_aged, seed_items, wait_until_blocked_by, wait_until_older
 from tests.s3 import PREFIX
+from worker import items as items_sql
 from worker import verify as verify_module
 from worker.db import db_now
-from worker.models import MediaItem
+from worker.models import AuditEvent, MediaItem, Organization
+from worker.sweep import ClaimedItem
 from worker.verify import BREACH_KINDS, OutOfOrder, Verifier
 
 DAY = timedelta(days=1)
@@ -214,6 +219,109 @@ def test_an_item_of_a_held_org_claimed_after_the_hold_is_a_breach_and_one_claime
             claimed_at=db_now(5), deleted_at=db_now(5))
     report = run_verify(catalog_under_test)
     assert only(report, "held_deleted") and report.examples["held_deleted"][0]["id"] == after.id
+
+
+def claims_racing(catalog, change: Callable[[], object]) -> list[ClaimedItem]:
+    """Race `change` (an operator's hold or retention change) against two sweep claims of the org's
+    expired items, the way a busy fleet does, and finish their deletions; returns what was claimed.
+
+    The first claim locks the first item and stays open; `change` starts on a thread and waits for that
+    row; a second claim, begun after `change` began, takes the other items (the change has not reached
+    them) and commits; then the first commits, and `change` goes on to take effect and commit."""
+    claims = items_sql.Claims(catalog.db.sql, lease_seconds=300)
+    token = secrets.token_hex(16)
+    failures: list[BaseException] = []
+
+    def run_change():
+        try:
+            change()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the assertion below
+            failures.append(exc)
+
+    changer = threading.Thread(target=run_change)
+    with catalog.db.transaction() as session:
+        first = [ClaimedItem(*row, token) for row in claims.expired(session, token, 1)]
+        pid = session.scalar(text("SELECT pg_backend_pid()"))
+        changer.start()
+        wait_until_blocked_by(catalog.db, pid)
+        rest = catalog.sweeper.claim_expired(100)
+    changer.join(timeout=30)
+    assert not changer.is_alive() and not failures, failures
+    claimed = first + rest
+    assert len(first) == 1 and len(rest) >= 1, "the second claim should have taken the items the change had not reached"
+    assert catalog.sweeper.process(claimed).deleted == len(claimed)
+    return claimed
+
+
+def claim_times(catalog, claimed: list[ClaimedItem]) -> list:
+    with catalog.db.transaction() as session:
+        return list(session.scalars(select(MediaItem.claimed_at).where(MediaItem.id.in_([item.id for item in claimed]))))
+
+
+def latest_event(catalog, action: str) -> AuditEvent:
+    with catalog.db.transaction() as session:
+        return session.scalars(select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.id.desc())).first()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_items_claimed_while_an_org_hold_waited_for_their_rows_are_not_held_deleted(database, catalog, media_root):
+    """A hold that waited for a claim's row locks takes effect after the claims it waited for: the
+    deletions they finish are no breach, and the org's held_at and its audit entry say when it took effect."""
+    catalog.set_org("acme", "30d")
+    ids = seed_items(catalog.db, media_root, "acme", 1, prefix="first") + seed_items(catalog.db, media_root, "acme", 5)
+    claimed = claims_racing(catalog, lambda: catalog.set_hold(held=True, reason="litigation", org="acme"))
+    assert sorted(item.id for item in claimed) == sorted(ids)
+    report = run_verify(catalog)
+    assert report.clean and report.breaches["held_deleted"] == 0, report.to_dict()
+    with catalog.db.transaction() as session:
+        held_at = session.get(Organization, "acme").held_at
+    assert max(claim_times(catalog, claimed)) < held_at == latest_event(catalog, "org_hold").at
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_items_claimed_while_a_longer_retention_waited_for_their_rows_are_not_early_deletions(database, catalog, tmp_path):
+    """Claimed under a 1 d retention while a change to 30 d waited for their rows: deleted on time by the
+    policy then in force, so verify is clean; the org's updated_at and the audit entry come after the claims."""
+    catalog.set_org("acme", "1d")
+    ids = [register_aged(catalog, "acme", timedelta(days=2), uploads=tmp_path).id for _ in range(6)]
+    claimed = claims_racing(catalog, lambda: catalog.set_org("acme", "30d"))
+    assert sorted(item.id for item in claimed) == sorted(ids)
+    report = run_verify(catalog)
+    assert report.clean and report.breaches["early_deletion"] == 0, report.to_dict()
+    with catalog.db.transaction() as session:
+        updated_at = session.get(Organization, "acme").updated_at
+    assert max(claim_times(catalog, claimed)) < updated_at == latest_event(catalog, "org_set").at
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_an_item_hold_that_waited_for_a_claim_of_its_row_is_refused_and_the_deletion_is_clean(database, catalog, media_root):
+    """`hold ID` locks the row before it judges it, so a claim that reached the row first wins: the hold
+    answers Gone once the claim commits, and the deletion the claim finishes is no breach."""
+    from config.errors import Gone
+
+    catalog.set_org("acme", "30d")
+    [media_id] = seed_items(catalog.db, media_root, "acme", 1)
+    token = secrets.token_hex(16)
+    refused: list[BaseException] = []
+
+    def hold():
+        try:
+            catalog.set_hold(held=True, reason="litigation", ids=[media_id])
+        except Gone as exc:
+            refused.append(exc)
+
+    holder = threading.Thread(target=hold)
+    with catalog.db.transaction() as session:
+        rows = items_sql.Claims(catalog.db.sql, lease_seconds=300).expired(session, token, 1)
+        holder.start()
+        wait_until_blocked_by(catalog.db, session.scalar(text("SELECT pg_backend_pid()")))
+    holder.join(timeout=30)
+    assert len(refused) == 1 and not holder.is_alive()
+    assert catalog.sweeper.process([ClaimedItem(*row, token) for row in rows]).deleted == 1
+    assert run_verify(catalog).clean
 
 
 def test_a_deletion_whose_lease_ran_out_long_ago_is_stuck(catalog_under_test, tmp_path):

@@ -1,9 +1,10 @@
+import time
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
 
-from worker.db import Database, db_now
+from worker.db import Database, db_clock, db_now
 
 
 @pytest.fixture
@@ -26,3 +27,13 @@ def test_database_clock_is_utc_with_microsecond_text_on_sqlite(db):
     with db.transaction() as session:
         value = session.scalar(select(db_now()))
     assert value.utcoffset() == timedelta(0)
+
+
+def test_the_wall_clock_moves_on_within_one_transaction(db):
+    """db_clock() read twice in one transaction, 20 ms apart, gives the later time the second time."""
+    with db.transaction() as session:
+        first = session.scalar(select(db_clock()))
+        time.sleep(0.02)
+        second = session.scalar(select(db_clock()))
+    assert first.utcoffset() == timedelta(0)
+    assert timedelta(milliseconds=15) < second - first < timedelta(seconds=5)

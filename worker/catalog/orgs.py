@@ -7,9 +7,9 @@ from datetime import timedelta
 import structlog
 from worker import items as items_sql
 from worker import validation
-from worker.catalog._shared import default_actor
+from worker.catalog._shared import default_actor, took_effect_at
 from worker.catalog.results import OrgView
-from worker.db import Database, db_now
+from worker.db import Database
 from config.errors import NotFound
 from worker.models import AuditEvent, Organization, State
 from worker.policy import describe, parse_retention
@@ -47,12 +47,16 @@ class Orgs:
             rewritten = 0
             if not created and seconds != old:
                 org.retention_seconds = seconds
-                # The database's clock: `verify` compares it with claim times, which are the database's too.
-                org.updated_at = db_now()
                 rewritten = items_sql.rewrite_expiry(session, org_id, seconds)
             if created or seconds != old:
+                # Stamped only now, by the database's clock (`verify` compares it with claim times): the
+                # rewrite may have waited for claims of the org's rows under the old period, which finish.
+                stamp = took_effect_at(session)
+                if not created:
+                    org.updated_at = stamp
                 session.add(
                     AuditEvent(
+                        at=stamp,
                         action="org_create" if created else "org_set",
                         actor=actor,
                         org_id=org_id,

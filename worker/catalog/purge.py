@@ -10,12 +10,14 @@ from worker.catalog._shared import default_actor, require_items
 from worker.catalog.results import PurgeResult
 from worker.db import Database
 from config.errors import BadInput, NotFound
-from worker.models import AuditEvent, Organization, State
+from worker.models import AuditEvent, Organization, Reason, State
 from worker.store.keys import validate_id
 from worker.sweep import Sweeper
 
 # How many items a dry run names; the counts cover all of them.
 PURGE_PREVIEW_LISTING = 1000
+# IDs re-read per query after a purge, to say why its claims left an eligible item.
+REREAD_BATCH = 1000
 
 
 class Purge:
@@ -68,5 +70,29 @@ class Purge:
                 session.add(AuditEvent(action="purge", actor=actor, org_id=org_id, reason=reason,
                                        details={"ids": org_ids[:1000],
                                                 "eligible": sum(1 for r in eligible if r.org_id == org_id)}))
-        counts = self.sweeper.purge_org(org) if org else self.sweeper.purge_ids([r.id for r in eligible])
-        return PurgeResult(**found_so_far, counts=counts)
+        eligible_ids = [r.id for r in eligible]
+        taken: set[str] = set()
+        if org:
+            counts = self.sweeper.purge_org(org, taken=taken)
+            # The org's claims skip rows another transaction holds locked (a retention rewrite, a sweep's
+            # claim in flight): those still to be purged are claimed by name, which waits for the locks.
+            passed_over = [media_id for media_id in eligible_ids if media_id not in taken]
+            if passed_over:
+                counts.add(self.sweeper.purge_ids(passed_over, reason=Reason.ORG_PURGE, taken=taken))
+        else:
+            counts = self.sweeper.purge_ids(eligible_ids, taken=taken)
+        held_since, gone_since = self._not_taken(eligible_ids, taken)
+        return PurgeResult(**found_so_far, counts=counts, held_since_count=held_since, gone_since_count=gone_since,
+                           added_since_count=len(taken.difference(eligible_ids)))
+
+    def _not_taken(self, eligible_ids: list[str], taken: set[str]) -> tuple[int, int]:
+        """Why the eligible items this purge's claims did not take were left, read after the purge: how
+        many are still active (a by-name claim, which waits for row locks, passed them over, so they were
+        held when it came: a hold won) and how many are claimed or gone (someone else took them first)."""
+        left = [media_id for media_id in eligible_ids if media_id not in taken]
+        held = 0
+        for start in range(0, len(left), REREAD_BATCH):
+            with self.db.transaction() as session:
+                rows = items_sql.purge_candidates(session, ids=left[start : start + REREAD_BATCH])
+            held += sum(1 for row in rows if row.state == State.ACTIVE.value)
+        return held, len(left) - held

@@ -117,6 +117,12 @@ class PurgeResult:
     already_gone: int
     would_delete: tuple[str, ...] | None = None  # dry runs: the first eligible items by name
     counts: SweepCounts | None = None  # real runs: what the pipeline claimed and deleted
+    # Real runs, read after the pipeline: eligible items its claims did not take because a hold placed
+    # since the count kept them, or because someone else (a sweep, another purge, reconcile) claimed them
+    # first; and items an org purge took that were not eligible at the count (registered or released since).
+    held_since_count: int = 0
+    gone_since_count: int = 0
+    added_since_count: int = 0
 
     @property
     def failed(self) -> int:
@@ -136,6 +142,8 @@ class PurgeResult:
         if self.counts is not None:
             # The pipeline counts what it claimed and deleted; holds were tallied per item, above.
             data.update({name: value for name, value in self.counts.to_dict().items() if name != "held_skipped"})
+            data.update(held_since_count=self.held_since_count, gone_since_count=self.gone_since_count,
+                        added_since_count=self.added_since_count)
         return data
 
 

@@ -22,7 +22,7 @@ from worker.items.predicates import (
     HELD,
     TOMBSTONE,
     claimable,
-    deleted_before,
+    compactable,
     deleting,
     due,
     held,

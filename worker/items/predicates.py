@@ -12,7 +12,7 @@ defines the indexes.
 
 from __future__ import annotations
 
-from sqlalchemy import and_, text
+from sqlalchemy import and_, or_, text
 from sqlalchemy.sql.elements import TextClause
 
 # Active and held neither itself nor through its org: what a sweep may claim once it expired.
@@ -56,6 +56,9 @@ def held_expired(items, now):
     return and_(held(), items.c.expires_at <= now)
 
 
-def deleted_before(items, cutoff):
-    """Tombstones deleted before `cutoff` (read by the tombstones' deletion-time index): what compaction removes."""
-    return and_(tombstone(), items.c.deleted_at < cutoff)
+def compactable(items, cutoff, now):
+    """Tombstones deleted before `cutoff` (read by the tombstones' deletion-time index): what compaction
+    removes. Except a `missing_blob` tombstone whose item has not expired by `now` (the database clock):
+    its blob may come back, and reconcile keeps a returned blob until the expiry only while a row names it."""
+    return and_(tombstone(), items.c.deleted_at < cutoff,
+                or_(items.c.deletion_reason != "missing_blob", items.c.expires_at <= now))

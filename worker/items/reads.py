@@ -10,7 +10,7 @@ from sqlalchemy import and_, case, func, or_, select
 from worker import models
 from worker.db import db_now, plus_seconds
 from worker.dialect import Dialect
-from worker.items.predicates import claimable, deleted_before, deleting, due, held, held_expired, tombstone
+from worker.items.predicates import claimable, compactable, deleting, due, held, held_expired, tombstone
 
 # -- the sweep: what is due, what it leaves alone ------------------------------------------------------
 
@@ -296,7 +296,8 @@ def rows_by_keys(session, keys: list[str]) -> list:
 def old_tombstone_count(session, older_than_seconds: int) -> int:
     """How many tombstones compaction would remove."""
     items = models.MediaItem.__table__
-    return session.scalar(select(func.count()).select_from(items).where(deleted_before(items, db_now(-older_than_seconds)))) or 0
+    return session.scalar(select(func.count()).select_from(items)
+                          .where(compactable(items, db_now(-older_than_seconds), db_now()))) or 0
 
 
 def live_bytes(session) -> int:

@@ -12,7 +12,7 @@ from sqlalchemy import BigInteger, Integer, and_, bindparam, delete, func, or_, 
 from worker import models
 from worker.db import db_now, plus_seconds
 from worker.dialect import Dialect
-from worker.items.predicates import claimable, deleted_before
+from worker.items.predicates import claimable, compactable
 
 # -- registration --------------------------------------------------------------------------------------
 
@@ -152,8 +152,8 @@ def tombstone_missing(session, ids: list[str], grace_seconds: int) -> list:
 
 def compact_tombstones(session, older_than_seconds: int, limit: int) -> int:
     """Remove up to `limit` tombstones deleted more than `older_than_seconds` ago, oldest first; never a
-    live or claimed row. Returns how many."""
+    live or claimed row, nor a `missing_blob` tombstone of an item that has not expired. Returns how many."""
     items = models.MediaItem.__table__
-    batch = (select(items.c.id).where(deleted_before(items, db_now(-older_than_seconds)))
+    batch = (select(items.c.id).where(compactable(items, db_now(-older_than_seconds), db_now()))
              .order_by(items.c.deleted_at).limit(limit))
     return session.execute(delete(items).where(items.c.id.in_(batch.scalar_subquery()))).rowcount
