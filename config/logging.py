@@ -48,6 +48,6 @@ def configure_logging(log_format: str = "console", level: str = "INFO", redact: 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # botocore, urllib3 and alembic's migration context narrate routine steps at INFO; keep them to warnings.
-    for noisy in ("botocore", "urllib3", "s3transfer", "alembic.runtime.migration"):
+    # botocore, urllib3 and alembic (its plugins, its migration context) narrate routine steps at INFO; keep them to warnings.
+    for noisy in ("botocore", "urllib3", "s3transfer", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -179,8 +179,10 @@ def settings(tmp_path: Path, database: Database, media_root: Path) -> Settings:
 
 @pytest.fixture
 def engine(database: Database, media_root: Path, settings: Settings) -> Iterator[Engine]:
-    """The engine on this test's database and a filesystem store in its media root."""
+    """The engine on this test's database and a filesystem store in its media root, bound to each other
+    (both empty, as a new deployment's are)."""
     engine = build(settings, database=database, store=FilesystemStore(media_root, delete_threads=4))
+    engine.binding.ensure()
     yield engine
     engine.store.close()
 

@@ -28,6 +28,7 @@ from tests.conftest import free_port
 from worker.catalog import Catalog
 from worker.engine import build
 from worker.db import Database
+from worker.store import MARKER_NAME
 from worker.store.s3 import S3Store
 
 # moto keeps every account's buckets in memory, in this process: seeding thousands of objects through
@@ -111,14 +112,18 @@ def s3_settings_for(tmp_path: Path, database: Database, bucket: str, endpoint: s
 
 @pytest.fixture
 def s3_catalog(tmp_path: Path, database: Database, bucket: str, s3_endpoint: str, s3_store: S3Store) -> Catalog:
-    """A catalog on `s3://<bucket>/media` (runs on SQLite and on PostgreSQL, like `database`)."""
-    return build(s3_settings_for(tmp_path, database, bucket, s3_endpoint), database=database, store=s3_store).catalog
+    """A catalog on `s3://<bucket>/media` (runs on SQLite and on PostgreSQL, like `database`), bound to its store."""
+    engine = build(s3_settings_for(tmp_path, database, bucket, s3_endpoint), database=database, store=s3_store)
+    engine.binding.ensure()
+    return engine.catalog
 
 
 @pytest.fixture
 def pg_s3_catalog(tmp_path: Path, pg_database: Database, bucket: str, s3_endpoint: str, s3_store: S3Store) -> Catalog:
     """The same on PostgreSQL only, for tests whose subject is the store, not the database."""
-    return build(s3_settings_for(tmp_path, pg_database, bucket, s3_endpoint), database=pg_database, store=s3_store).catalog
+    engine = build(s3_settings_for(tmp_path, pg_database, bucket, s3_endpoint), database=pg_database, store=s3_store)
+    engine.binding.ensure()
+    return engine.catalog
 
 
 class Objects:
@@ -143,9 +148,10 @@ class Objects:
         return lambda key, body: self.put(bucket, [f"{prefix}/{key}" if prefix else key], body)
 
     def names(self, bucket: str, prefix: str = "") -> set[str]:
+        """The names of the objects under `prefix`: blobs, not the store's binding marker."""
         found: set[str] = set()
         for page in self.raw.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            found.update(entry["Key"] for entry in page.get("Contents", []))
+            found.update(entry["Key"] for entry in page.get("Contents", []) if entry["Key"].rpartition("/")[2] != MARKER_NAME)
         return found
 
 

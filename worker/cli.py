@@ -127,11 +127,29 @@ def open_engine() -> Engine:
     engine = runtime.engine()
     if not schema.is_current(engine.db):
         if engine.db.dialect == "sqlite":
+            created = schema.current_revision(engine.db) is None
             schema.upgrade(engine.db)
+            if created:
+                _new_embedded_catalog(engine, current)
         else:
             runtime.close()
             raise RetentionError("the database schema is not current; run `media-retention db upgrade` first.")
     return engine
+
+
+def _new_embedded_catalog(engine: Engine, current: Settings) -> None:
+    """A SQLite catalog was just created. On the embedded defaults that is a new deployment: its empty store is
+    bound to it at once. Facing a configured store it is more likely a DATABASE_URL left unset: said loudly,
+    and the store is bound only where that is plainly right (worker/binding.py), so nothing acts on a store full
+    of another catalog's media."""
+    embedded = current.embedded_store
+    (log.debug if embedded else log.warning)(
+        "catalog.created", database=redact_url(engine.db.url), store=redact_url(engine.store.url),
+        hint=None if embedded else "MEDIA_RETENTION_DATABASE_URL is not set: this is a new, empty catalog")
+    try:
+        engine.binding.ensure(quiet=embedded)
+    except RetentionError as exc:
+        log.warning("catalog.store_not_bound", error=str(exc))
 
 
 def with_engine(command: Callable) -> Callable:
@@ -159,6 +177,18 @@ def cli() -> None:
 # -- run and schema ----------------------------------------------------------------------------
 
 
+def _bind_store(engine: Engine, out: Output) -> dict:
+    """Bind the configured store to this catalog where that is plainly right (worker/binding.py) and say how it
+    stands. Never fails the command that asks: a schema upgrade is about the database, and may run where the
+    media volume is not mounted (an init container); what refuses is every command that would act on the store."""
+    try:
+        state = engine.binding.ensure()
+        return {"url": redact_url(engine.store.url), "bound": True, "catalog": state.catalog}
+    except RetentionError as exc:
+        out.notice(f"media-retention: {_sentence(str(exc))}")
+        return {"url": redact_url(engine.store.url), "bound": False, "error": str(exc)}
+
+
 @cli.command()
 @click.option("--loglevel", default=None, help="Celery log level (default: MEDIA_RETENTION_LOG_LEVEL).")
 @json_option
@@ -167,6 +197,8 @@ def run(loglevel: str | None, out: Output) -> None:
     current = settings()
     current.data_dir.mkdir(parents=True, exist_ok=True)
     revision = schema.upgrade(runtime.engine().db)
+    # The worker deletes media: it starts only on a store bound to this catalog (one sentence, exit 2, if not).
+    runtime.engine().binding.ensure()
     out.notice(
         f"media-retention: data dir {current.data_dir}, schema {revision}, store {redact_url(current.storage_url)}, "
         f"sweeping every {int(current.sweep_interval.total_seconds())}s"
@@ -189,13 +221,15 @@ def upgrade(out: Output) -> None:
     """Create or migrate the schema to the newest revision."""
     current = settings()
     current.data_dir.mkdir(parents=True, exist_ok=True)
-    db = runtime.engine().db
+    engine = runtime.engine()
+    db = engine.db
     try:
         before = schema.current_revision(db)
         after = schema.upgrade(db)
+        binding = _bind_store(engine, out)
     finally:
         runtime.close()
-    out.result({"from": before, "to": after, "database": redact_url(db.url)})
+    out.result({"from": before, "to": after, "database": redact_url(db.url), "store": binding})
 
 
 # -- organizations -------------------------------------------------------------------------------
@@ -418,21 +452,27 @@ def purge(engine: Engine, ids, org_id, dry_run, yes, enqueue_it, actor, out: Out
               help="Abort, changing nothing, if more orphan blobs than this are found.")
 @click.option("--max-missing", type=click.IntRange(min=0), default=DEFAULT_MAX_MISSING, show_default=True,
               help="Abort, changing nothing, if more active items than this have no blob.")
+@click.option("--allow-mass-drift", is_flag=True,
+              help="Go on although nearly every blob is an orphan or every item is missing its blob (or the catalog is "
+                   "empty): only when you know the catalog and the store are the right ones.")
 @click.option("--enqueue", "enqueue_it", is_flag=True, help="Send the reconcile to the workers instead of running it here.")
 @click.option("--by", "actor", help="Who reconciles (recorded; default: the OS user).")
 @json_option
 @with_engine
-def reconcile(engine: Engine, dry_run, grace, max_orphans, max_missing, enqueue_it, actor, out: Output) -> None:
+def reconcile(engine: Engine, dry_run, grace, max_orphans, max_missing, allow_mass_drift, enqueue_it, actor, out: Output) -> None:
     """Delete orphan blobs (no live item, older than --grace); tombstone items whose blob is missing."""
     grace_value = parse_duration(grace)
     actor = validation.actor(actor or default_actor())
     if enqueue_it:
         send_to_fleet(RECONCILE_TASK, out, grace_seconds=int(grace_value.total_seconds()), max_orphans=max_orphans,
-                      max_missing=max_missing, actor=actor, dry_run=dry_run)
+                      max_missing=max_missing, actor=actor, dry_run=dry_run, allow_mass_drift=allow_mass_drift or None)
         return
     report = engine.reconciler.run(grace=grace_value, dry_run=dry_run, max_orphans=max_orphans, max_missing=max_missing,
-                                   actor=actor, progress=out.progress)
+                                   allow_mass_drift=allow_mass_drift, actor=actor, progress=out.progress)
     out.result(report.to_dict(), title=None if out.as_json or not dry_run else "dry run: nothing was changed")
+    if dry_run and report.refused:
+        out.notice(f"media-retention: a real run would refuse and change nothing: {report.refused} "
+                   f"(--allow-mass-drift if it is real).")
     if report.orphan_delete_failures:
         raise click.exceptions.Exit(EXIT_FAILURE)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from config.settings import Settings
+from worker.binding import StoreBinding
 from worker.catalog import Catalog
 from worker.db import Database
 from worker.reconcile import Reconciler
@@ -40,6 +41,8 @@ class Engine:
 
     db: Database
     store: BlobStore
+    # The store's binding to this catalog (worker/binding.py), shared by every service of the process.
+    binding: StoreBinding
     sweeper: Sweeper
     catalog: Catalog
     runs: SweepRuns
@@ -64,7 +67,8 @@ def build(settings: Settings, *, store: BlobStore | None = None, database: Datab
     """Every service wired from `settings`; `store` and `database` replace the configured ones (tests)."""
     db = database if database is not None else Database(settings.database_url)
     store = store if store is not None else open_store(settings.storage_url, **store_options(settings))
-    sweeper = Sweeper(db, store, claim_lease=settings.claim_lease, batch_size=settings.sweep_batch_size)
+    binding = StoreBinding(db, store)
+    sweeper = Sweeper(db, store, claim_lease=settings.claim_lease, batch_size=settings.sweep_batch_size, binding=binding)
 
     def volume_monitor_on_store(*, enqueue_sweep: Callable[[], None] | None = None) -> "VolumeMonitor":
         from worker.volume.measure import store_usage
@@ -75,12 +79,13 @@ def build(settings: Settings, *, store: BlobStore | None = None, database: Datab
     return Engine(
         db=db,
         store=store,
+        binding=binding,
         sweeper=sweeper,
         catalog=Catalog(db, store, sweeper, default_retention=settings.default_retention, presign_ttl=settings.presign_ttl),
         runs=SweepRuns(db, sweeper, interval=settings.sweep_interval, batch_size=settings.sweep_batch_size,
                        fanout_max=settings.sweep_fanout_max),
-        reconciler=Reconciler(db, store),
-        verifier=Verifier(db, store),
+        reconciler=Reconciler(db, store, binding=binding),
+        verifier=Verifier(db, store, binding=binding),
         tombstones=Tombstones(db),
         watch=ExpiryWatch(sweeper, interval_s=settings.watch_interval.total_seconds()) if settings.watch_interval else None,
         _volume_monitor=volume_monitor_on_store,

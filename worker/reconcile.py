@@ -48,6 +48,7 @@ from sqlalchemy import select
 
 from worker import items as items_sql
 from worker import reservations
+from worker.binding import StoreBinding
 from worker.db import Database, db_now
 from config.errors import BadInput
 from worker.models import AuditEvent, Reason, State
@@ -131,9 +132,11 @@ class _ItemPlan:
 
 
 class Reconciler:
-    def __init__(self, db: Database, store: BlobStore, *, progress: Callable[[str], None] | None = None):
+    def __init__(self, db: Database, store: BlobStore, *, progress: Callable[[str], None] | None = None,
+                 binding: StoreBinding | None = None):
         self.db = db
         self.store = store
+        self.binding = binding or StoreBinding(db, store)
         self.progress = progress or (lambda message: None)
         self._progress = self.progress
 
@@ -142,6 +145,9 @@ class Reconciler:
             progress: Callable[[str], None] | None = None) -> ReconcileReport:
         # A caller's progress for this run (the CLI's), else the one given at construction.
         self._progress = progress or self.progress
+        # Only on the store bound to this catalog, dry run or not: a marker missing or naming another catalog
+        # is the wrong database, store or prefix, and then every count below would be wrong too.
+        self.binding.require()
         report = ReconcileReport(dry_run=dry_run, grace_seconds=int(grace.total_seconds()))
         with self.db.transaction() as session:
             now = session.scalar(select(db_now()))

@@ -35,6 +35,7 @@ from sqlalchemy import insert
 
 from worker import items as items_sql
 from worker import metrics
+from worker.binding import StoreBinding
 from worker.db import Database
 from worker.models import AuditEvent, Reason
 from worker.store import BlobStore, DeleteResult
@@ -100,9 +101,12 @@ class SweepCounts:
 class Sweeper:
     """Runs the claim -> delete -> finalize pipeline for sweeps and purges against one DB and store."""
 
-    def __init__(self, db: Database, store: BlobStore, *, claim_lease: timedelta, batch_size: int = 1000):
+    def __init__(self, db: Database, store: BlobStore, *, claim_lease: timedelta, batch_size: int = 1000,
+                 binding: StoreBinding | None = None):
         self.db = db
         self.store = store
+        # Sweeps act only on a store bound to this catalog (binding an unmarked one when that is plainly right).
+        self.binding = binding or StoreBinding(db, store)
         self.lease_seconds = int(claim_lease.total_seconds())
         self.batch_size = batch_size
         # Who the audit trail names for deletions this process finalizes.
@@ -305,6 +309,7 @@ class Sweeper:
     def drain(self, *, limit: int | None = None, deadline: float | None = None, stop: threading.Event | None = None,
               quiet: bool = False) -> SweepCounts:
         """Claim and delete due items batch by batch until none are left, `limit`, `deadline` or `stop`."""
+        self.binding.ensure()
         return self._drain(self.claim_expired, limit, deadline, "sweep", stop, quiet)
 
     def sweep(self, *, limit: int | None = None, dry_run: bool = False, deadline: float | None = None) -> SweepCounts:

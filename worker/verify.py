@@ -52,6 +52,7 @@ import structlog
 from sqlalchemy import select
 
 from worker import items as items_sql
+from worker.binding import StoreBinding
 from worker.db import Database, db_now
 from config.errors import RetentionError
 from worker.models import Reason, State
@@ -155,9 +156,11 @@ class _Candidate:
 
 
 class Verifier:
-    def __init__(self, db: Database, store: BlobStore, *, progress: Callable[[str], None] | None = None):
+    def __init__(self, db: Database, store: BlobStore, *, progress: Callable[[str], None] | None = None,
+                 binding: StoreBinding | None = None):
         self.db = db
         self.store = store
+        self.binding = binding or StoreBinding(db, store)
         self.progress = progress or (lambda message: None)
         self._progress = self.progress
 
@@ -165,6 +168,8 @@ class Verifier:
             progress: Callable[[str], None] | None = None) -> VerifyReport:
         # A caller's progress for this run (the CLI's), else the one given at construction.
         self._progress = progress or self.progress
+        # Comparing a catalog with a store that is not its own would report every blob and item as a breach.
+        self.binding.require()
         report = VerifyReport(grace_seconds=int(grace.total_seconds()), stuck_after_seconds=int(stuck_after.total_seconds()),
                               max_examples=max_examples)
         started = time.monotonic()

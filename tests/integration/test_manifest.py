@@ -18,6 +18,7 @@ from worker import reservations
 from worker.catalog.registration import Registration
 from config.errors import BadInput, RetentionError
 from worker.models import MediaItem
+from worker.store import MARKER_NAME
 from worker.store.keys import key_for_id
 from worker.verify import Verifier
 
@@ -47,7 +48,8 @@ def item_count(catalog) -> int:
 
 
 def files_under(root: Path) -> set[str]:
-    return {str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()}
+    """The blobs under a media root (not its binding marker)."""
+    return {str(path.relative_to(root)) for path in root.rglob("*") if path.is_file() and path.name != MARKER_NAME}
 
 
 def bad_lines(excinfo) -> dict[int, str]:

@@ -55,8 +55,9 @@ class Catalog:
         self.db = db
         self.store = store
         self.sweeper = sweeper
+        self.binding = sweeper.binding
         self.orgs = Orgs(db, default_retention=default_retention)
-        self.registration = Registration(db, store)
+        self.registration = Registration(db, store, self.binding)
         self.manifest = ManifestImport(self.registration)
         self.lookups = Lookup(db, store, presign_ttl=presign_ttl)
         self.holds = Holds(db)

@@ -83,6 +83,13 @@ class Adopter:
             org_held = target.held_at is not None
             now = session.scalar(select(db_now()))
         lifetime = ttl if ttl is not None else retention
+        binding = self.registration.binding
+        if dry_run:
+            state = binding.state()
+            if state.marker is not None and not state.bound:
+                binding.require()  # another catalog's store: says so, in the sentence every command uses
+        else:
+            binding.ensure(adopting=True)
         summary = AdoptSummary(org=org, dry_run=dry_run)
         last_progress = time.monotonic()
         for page in self._pages(prefix):

@@ -24,6 +24,7 @@ class Purge:
     def __init__(self, db: Database, sweeper: Sweeper):
         self.db = db
         self.sweeper = sweeper
+        self.binding = sweeper.binding
 
     def purge(self, *, ids: Sequence[str] = (), org: str | None = None, dry_run: bool = False,
               actor: str | None = None, reason: str | None = None) -> PurgeResult:
@@ -58,6 +59,8 @@ class Purge:
         )
         if dry_run:
             return PurgeResult(**found_so_far, would_delete=tuple(r.id for r in eligible[:PURGE_PREVIEW_LISTING]))
+        # Deletes media that has not expired: only ever on the store this catalog is bound to.
+        self.binding.require()
         # One event per org whose media is purged, each naming only that org's IDs: a purge by IDs
         # that spans orgs never shows one org's media under another in the audit trail.
         ids_by_org: dict[str, list[str]] = {}

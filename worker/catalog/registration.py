@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 from worker import items as items_sql
 from worker import reservations, validation
+from worker.binding import StoreBinding
 from worker.catalog.results import Item
 from worker.db import Database, db_now
 from config.errors import BadInput, RetentionError
@@ -69,9 +70,12 @@ _source_digest = source_digest
 
 
 class Registration:
-    def __init__(self, db: Database, store: BlobStore):
+    def __init__(self, db: Database, store: BlobStore, binding: StoreBinding | None = None):
         self.db = db
         self.store = store
+        # Blobs go only into the store bound to this catalog: an unmounted volume (its mount point an empty
+        # directory) or another catalog's store refuses the registration before a byte is written.
+        self.binding = binding or StoreBinding(db, store)
 
     def database_now(self) -> datetime:
         with self.db.transaction() as session:
@@ -234,6 +238,10 @@ class Registration:
         Returns the rows inserted (column -> value): an import of millions sums their sizes and needs no `Item`
         for each. On any failure the batch gives its keys back and removes the blobs it wrote under keys it
         still holds; a raced ID or key fails the batch on the catalog's unique keys or its reservations."""
+        # A registration may bind an unmarked store although the catalog is empty (adopting): importing an
+        # existing volume (`register --manifest` of its keys) is how a catalog starts out. Never one whose
+        # catalog has live items but no blob of theirs in the store (an unmounted volume).
+        self.binding.ensure(adopting=True)
         token = secrets.token_hex(16)
         written: list[str] = []
         try:

@@ -43,7 +43,7 @@ from worker.items.reads import (
     # one org
     active_bytes, counts_by_state, retention_preview,
     # reconcile and verify
-    active_after, has_items, key_owners, rows_by_key_order, rows_by_keys,
+    active_after, has_items, key_owners, live_keys, rows_by_key_order, rows_by_keys,
     # tombstone compaction and the volume
     live_bytes, old_tombstone_count,
 )

@@ -240,6 +240,17 @@ def has_items(session) -> bool:
     return session.execute(select(items.c.id).limit(1)).first() is not None
 
 
+def live_keys(session, limit: int) -> list[str]:
+    """Storage keys of up to `limit` items that still have a blob (claimable, held or being deleted), each kind
+    read from the head of its own partial index: a handful of index entries however large the catalog."""
+    items = models.MediaItem.__table__
+    keys: list[str] = []
+    for where, order in ((claimable(), items.c.expires_at), (held(), items.c.expires_at), (deleting(), items.c.lease_until)):
+        if len(keys) < limit:
+            keys += session.scalars(select(items.c.storage_key).where(where).order_by(order).limit(limit - len(keys)))
+    return keys
+
+
 def key_owners(session, keys: list[str]) -> list:
     """The rows (any state) that `keys` belong to: `storage_key`, `state`, `deletion_reason`, `expires_at`."""
     items = models.MediaItem.__table__

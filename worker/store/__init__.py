@@ -172,6 +172,9 @@ class BlobStore(abc.ABC):
 
     # Only object stores can hand out presigned URLs; callers check this before any other work.
     can_presign = False
+    # Whether reading the binding marker is as cheap as a local stat (worker/binding.py then reads it at every
+    # check, instead of trusting a verified one for a minute).
+    cheap_marker = False
 
     def presigned_url(self, key: str, expires_in: int) -> str:
         """A GET URL for `key`, valid for `expires_in` seconds, that needs no other credentials."""

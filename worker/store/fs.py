@@ -99,6 +99,8 @@ def check_media_root(root: Path, protected: dict[str, Path] | None = None) -> Pa
 
 
 class FilesystemStore(BlobStore):
+    cheap_marker = True
+
     def __init__(self, root: Path, delete_threads: int = 8, protected: dict[str, Path] | None = None,
                  create: bool = False):
         # Checked before anything else: a refused root is not touched at all. The root itself may be a

@@ -18,6 +18,8 @@ from worker.store.keys import validate_key
 
 
 class MemoryStore(BlobStore):
+    cheap_marker = True
+
     def __init__(self, name: str = "test"):
         self.url = f"memory://{name}"
         self._blobs: dict[str, tuple[bytes, datetime]] = {}
