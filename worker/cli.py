@@ -282,7 +282,8 @@ def register(engine: Engine, org_id, file, key, media_id, ttl, created_at, mime,
 @json_option
 @with_engine
 def lookup(engine: Engine, media_id: str, presign: bool, out: Output) -> None:
-    """Show an active item; exit 3 with a 404 body once it is claimed, deleted or never seen."""
+    """Show an active item; exit 3 with a 404 body from its expiry (unless held), once it is claimed or deleted,
+    or if it was never seen."""
     try:
         found = engine.catalog.presigned_url(media_id) if presign else engine.catalog.lookup(media_id)
     except Gone as exc:

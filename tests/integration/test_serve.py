@@ -20,6 +20,7 @@ import requests
 from openapi_spec_validator import validate as validate_openapi
 
 from tests.conftest import free_port
+from tests.factories import db_time
 from tests.s3 import PREFIX
 from worker.catalog import Catalog
 from worker.catalog.apikeys import ApiKeys
@@ -132,7 +133,6 @@ def test_an_active_item_answers_200_then_404_gone_with_reason_once_expired_and_s
     body = active.json()
     assert (body["id"], body["org"], body["state"], body["size"]) == ("photo-1", "acme", "active", 70)
     assert body["url"] is None  # a filesystem store hands out no URLs
-    assert server.get("/v1/media/voice-1", orgs["acme"]).status_code == 200  # expired, not yet swept: still there
 
     catalog.sweeper.sweep()
     gone = server.get("/v1/media/voice-1", orgs["acme"])
@@ -144,6 +144,29 @@ def test_an_active_item_answers_200_then_404_gone_with_reason_once_expired_and_s
     catalog.purge(ids=["photo-1"], actor="test")
     purged = server.get("/v1/media/photo-1", orgs["acme"]).json()
     assert (purged["status"], purged["error"], purged["reason"]) == (404, "gone", "purge")
+
+
+def test_an_item_past_its_expiry_answers_404_gone_before_any_sweep_unless_it_is_held(server, catalog, orgs, tmp_path):
+    """Unswept but expired by the database clock: 404 gone (ttl, then retention after `org set` shortens it),
+    state `expired`, deleted_at its expiry; the same item held answers 200."""
+    created = db_time(catalog) - timedelta(hours=2)
+    voice = register(catalog, tmp_path, "acme", "voice-1", ttl="1h", created_at=created)
+    photo = register(catalog, tmp_path, "acme", "photo-1", created_at=db_time(catalog) - timedelta(days=10))
+    register(catalog, tmp_path, "acme", "held-1", ttl="1h", created_at=created)
+    catalog.set_hold(held=True, reason="litigation", ids=["held-1"], actor="test")
+
+    gone = server.get("/v1/media/voice-1", orgs["acme"])
+    assert gone.status_code == 404
+    assert gone.json() == {"id": "voice-1", "status": 404, "error": "gone", "reason": "ttl",
+                           "deleted_at": voice.expires_at.isoformat(), "state": "expired"}
+    assert server.get("/v1/media/photo-1", orgs["acme"]).status_code == 200
+    catalog.set_org("acme", "7d")
+    retention = server.get("/v1/media/photo-1", orgs["acme"]).json()
+    assert (retention["status"], retention["reason"], retention["state"]) == (404, "retention", "expired")
+    assert datetime.fromisoformat(retention["deleted_at"]) == photo.created_at + timedelta(days=7)
+    held = server.get("/v1/media/held-1", orgs["acme"])
+    assert (held.status_code, held.json()["state"], held.json()["held"]) == (200, "active", True)
+    assert server.get("/v1/media/voice-1", orgs["globex"]).json()["error"] == "not_found"
 
 
 def test_an_id_never_seen_answers_404_not_found_and_a_malformed_one_400(server, orgs):
@@ -218,9 +241,11 @@ def test_no_key_or_secret_reaches_the_server_log(server, catalog, orgs, tmp_path
 
 
 def test_the_openapi_description_is_valid_and_answers_match_its_schemas(server, catalog, orgs, tmp_path):
-    """/openapi.json is a valid OpenAPI document; 200, 404 (both kinds), 400 and 401 bodies fit its schemas."""
+    """/openapi.json is a valid OpenAPI document; 200, 404 (gone: deleted or expired; not_found), 400 and 401
+    bodies fit its schemas."""
     register(catalog, tmp_path, "acme", "photo-1")
     register(catalog, tmp_path, "acme", "photo-2")
+    register(catalog, tmp_path, "acme", "voice-1", ttl="1h", created_at=db_time(catalog) - timedelta(hours=2))
     catalog.purge(ids=["photo-2"], actor="test")
     document = server.get("/openapi.json").json()
     validate_openapi(document)
@@ -232,8 +257,8 @@ def test_the_openapi_description_is_valid_and_answers_match_its_schemas(server, 
         return {**schema, "components": document["components"]}
 
     for path, token, status in [("/v1/media/photo-1", orgs["acme"], 200), ("/v1/media/photo-2", orgs["acme"], 404),
-                                ("/v1/media/unknown", orgs["acme"], 404), ("/v1/media/bad%20id", orgs["acme"], 400),
-                                ("/v1/media/photo-1", None, 401)]:
+                                ("/v1/media/voice-1", orgs["acme"], 404), ("/v1/media/unknown", orgs["acme"], 404),
+                                ("/v1/media/bad%20id", orgs["acme"], 400), ("/v1/media/photo-1", None, 401)]:
         answer = server.get(path, token)
         assert answer.status_code == status
         jsonschema.validate(answer.json(), schema_for(status),

@@ -56,12 +56,13 @@ class Item:
 
 @dataclass(frozen=True)
 class Tombstone:
-    """What is left of an item once it was claimed for deletion or deleted: lookups answer 404 from it."""
+    """What a lookup answers 404 from: an item claimed for deletion or deleted, or one past its expiry
+    (database clock) and unheld that no sweep has claimed yet."""
 
     id: str
-    state: str
+    state: str  # `deleting`, `deleted`, or `expired` (still active in the catalog, gone all the same)
     reason: str | None
-    deleted_at: datetime  # when it was deleted, or claimed while the deletion is in flight
+    deleted_at: datetime  # when it was deleted, claimed while the deletion is in flight, or expired
 
 
 @dataclass(frozen=True)

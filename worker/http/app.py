@@ -1,8 +1,8 @@
 """`GET /v1/media/{id}` for upstream services in any language, scoped by org API keys.
 
 The app renders what one seam answers (`MediaLookup.find_for_org`, the engine's lookup use case):
-an `Item` while active (200), a `Tombstone` once claimed or deleted, or nothing (404 either way, the
-body built by `worker.responses` like the CLI's). Another org's media is answered
+an `Item` while active (200), a `Tombstone` once claimed, deleted or expired, or nothing (404 either way,
+the body built by `worker.responses` like the CLI's). Another org's media is answered
 exactly like media never seen, so a key cannot even learn that an ID exists elsewhere.
 """
 
@@ -72,7 +72,7 @@ class GoneBody(BaseModel):
     error: Literal["gone"]
     reason: str | None
     deleted_at: datetime
-    state: Literal["deleting", "deleted"]
+    state: Literal["deleting", "deleted", "expired"]
 
 
 class NotFoundBody(BaseModel):
@@ -146,8 +146,8 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
     app = FastAPI(
         title="media-retention lookup",
         version="1",
-        description="Look media up by ID with an org-scoped API key: 200 while active, 404 once it expired, "
-                    "was purged, or belongs to another org.",
+        description="Look media up by ID with an org-scoped API key: 200 while active, 404 from its expiry "
+                    "(unless held), once it was purged, or if it belongs to another org.",
     )
     registry = CollectorRegistry()
     bearer = HTTPBearer(auto_error=False, description="An org API key from `media-retention apikey create`.")
@@ -191,7 +191,7 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
             400: {"model": ErrorBody, "description": "The ID is malformed."},
             401: {"model": ErrorBody, "description": "No API key, or one that is unknown or revoked."},
             404: {"model": GoneBody | NotFoundBody,
-                  "description": "Gone (claimed for deletion or deleted), never seen, or another org's."},
+                  "description": "Gone (expired, claimed for deletion or deleted), never seen, or another org's."},
         },
     )
     def get_media(media_id: str = Path(description="The media ID (1-128 of A-Za-z0-9._-)."),
