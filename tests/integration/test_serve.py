@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import jsonschema
 import pytest
@@ -282,6 +283,40 @@ def test_an_object_store_item_comes_with_a_working_presigned_url_valid_at_most_a
     catalog.purge(ids=["photo-1"], actor="test")
     gone = server.get("/v1/media/photo-1", token)
     assert gone.status_code == 404 and "url" not in gone.json()
+
+
+def test_an_object_store_url_never_outlives_its_item_and_an_item_about_to_expire_answers_gone(
+        serve, database, s3_catalog, bucket, s3_endpoint, tmp_path):
+    """On S3: ten minutes left, the URL and url_expires_at end at the expiry; a held expired item's URL lives
+    the full hour; with half a second left the answer is 404 gone, no URL."""
+    catalog = s3_catalog
+    catalog.set_org("acme", "30d")
+    token = ApiKeys(database).create("acme", actor="test").token
+    server = serve(MEDIA_RETENTION_DATABASE_URL=database.url, MEDIA_RETENTION_STORAGE_URL=f"s3://{bucket}/{PREFIX}",
+                   MEDIA_RETENTION_S3_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="testing",
+                   AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    soon = register(catalog, tmp_path, "acme", "soon-1", ttl="1h", created_at=db_time(catalog) - timedelta(minutes=50))
+    body = server.get("/v1/media/soon-1", token).json()
+    assert 590 < int(url_expires_param(body["url"])) <= 600
+    assert soon.expires_at - timedelta(seconds=1) < datetime.fromisoformat(body["url_expires_at"]) <= soon.expires_at
+
+    register(catalog, tmp_path, "acme", "held-1", ttl="1h", created_at=db_time(catalog) - timedelta(hours=2))
+    catalog.set_hold(held=True, reason="litigation", ids=["held-1"], actor="test")
+    held = server.get("/v1/media/held-1", token).json()
+    assert url_expires_param(held["url"]) == "3600" and requests.get(held["url"], timeout=10).status_code == 200
+
+    last = register(catalog, tmp_path, "acme", "last-1", ttl="1h",
+                    created_at=db_time(catalog) - timedelta(hours=1, seconds=-0.5))
+    gone = server.get("/v1/media/last-1", token)
+    assert gone.status_code == 404 and "url" not in gone.json()
+    assert gone.json() == {"id": "last-1", "status": 404, "error": "gone", "reason": "ttl",
+                           "deleted_at": last.expires_at.isoformat(), "state": "expired"}
+
+
+def url_expires_param(url: str) -> str:
+    """The validity a presigned URL was signed with (SigV4's X-Amz-Expires, in seconds)."""
+    [seconds] = parse_qs(urlparse(url).query)["X-Amz-Expires"]
+    return seconds
 
 
 def test_api_keys_are_stored_only_as_a_hash_of_their_secret(catalog):

@@ -24,7 +24,7 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker.catalog.results import Item, Tombstone
-from config.errors import BadInput
+from config.errors import BadInput, Gone
 from worker.responses import not_found_body
 
 log = structlog.get_logger("worker.http")
@@ -39,7 +39,7 @@ class MediaLookup(Protocol):
 
     def find_for_org(self, org: str, media_id: str) -> Item | Tombstone | None: ...
 
-    def sign(self, key: str) -> tuple[str, datetime] | None: ...
+    def sign(self, item: Item) -> tuple[str, datetime] | None: ...
 
 
 class KeyCheck(Protocol):
@@ -61,7 +61,8 @@ class MediaItemBody(BaseModel):
     expires_at: datetime
     state: Literal["active"]
     held: bool
-    # A presigned GET URL on an object store (null on a filesystem store), valid until url_expires_at.
+    # A presigned GET URL on an object store (null on a filesystem store), valid until url_expires_at,
+    # never past the item's expiry.
     url: str | None = None
     url_expires_at: datetime | None = None
 
@@ -199,8 +200,11 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
         found = lookup.find_for_org(org, media_id)
         if not isinstance(found, Item):
             return JSONResponse(not_found_body(media_id, found), status_code=404)
+        try:
+            signed = lookup.sign(found)
+        except Gone as gone:
+            return JSONResponse(not_found_body(media_id, gone.tombstone), status_code=404)
         body = found.to_dict()
-        signed = lookup.sign(found.key)
         if signed is not None:
             body["url"], body["url_expires_at"] = signed[0], signed[1].isoformat()
         return body
