@@ -312,11 +312,13 @@ def register(engine: Engine, org_id, file, key, media_id, ttl, created_at, mime,
 @cli.command()
 @click.argument("media_id", metavar="ID")
 @click.option("--url", "presign", is_flag=True,
-              help="Print a presigned GET URL instead (object store only; valid MEDIA_RETENTION_PRESIGN_TTL, at most 1h).")
+              help="Print a presigned GET URL instead (object store only; valid MEDIA_RETENTION_PRESIGN_TTL, at most 1h, "
+                   "never past the item's expiry).")
 @json_option
 @with_engine
 def lookup(engine: Engine, media_id: str, presign: bool, out: Output) -> None:
-    """Show an active item; exit 3 with a 404 body once it is claimed, deleted or never seen."""
+    """Show an active item; exit 3 with a 404 body from its expiry (unless held), once it is claimed or deleted,
+    or if it was never seen."""
     try:
         found = engine.catalog.presigned_url(media_id) if presign else engine.catalog.lookup(media_id)
     except Gone as exc:

@@ -7,7 +7,8 @@ from worker.catalog.results import Tombstone
 
 
 def not_found_body(media_id: str, tombstone: Tombstone | None) -> dict:
-    """`error: gone` with when and why for a claimed or deleted item, `error: not_found` for an ID never seen."""
+    """`error: gone` with when and why for an expired, claimed or deleted item, `error: not_found` for an ID
+    never seen."""
     if tombstone is None:
         return {"id": media_id, "status": 404, "error": "not_found"}
     return {

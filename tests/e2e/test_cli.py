@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from config.settings import get_settings
-from tests.factories import plant_blob, wait_until_older
+from tests.factories import database_time, plant_blob, wait_until_older
 
 
 def snapshot(data_dir):
@@ -62,6 +62,34 @@ def test_lookup_answers_zero_while_active_and_three_with_a_404_body_once_gone(cl
     assert gone.code == 3
     assert {k: gone.json[k] for k in ("id", "status", "error", "reason")} == {"id": "img-1", "status": 404, "error": "gone", "reason": "purge"}
     assert gone.json["deleted_at"]
+
+
+def test_lookup_of_an_item_past_its_expiry_exits_three_with_the_gone_body_before_any_sweep(cli, data_dir, database,
+                                                                                            monkeypatch, tmp_path):
+    """On SQLite and PostgreSQL, unswept: an item past its TTL (database clock) exits 3 with gone/ttl/expired and
+    deleted_at its expiry; a TTL-less one does after `org set` shortens the retention (retention); held, exit 0."""
+    monkeypatch.setenv("MEDIA_RETENTION_DATABASE_URL", database.url)
+    get_settings.cache_clear()
+    upload = tmp_path / "voice.ogg"
+    upload.write_bytes(b"OggS voice")
+    now = database_time(database)
+    assert cli("org", "set", "acme", "--retention", "30d").code == 0
+    voice = cli("register", "--org", "acme", "--file", str(upload), "--id", "voice-1", "--ttl", "1h",
+                "--created-at", (now - timedelta(hours=2)).isoformat(), "--json")
+    photo = cli("register", "--org", "acme", "--file", str(upload), "--id", "photo-1",
+                "--created-at", (now - timedelta(days=10)).isoformat(), "--json")
+    assert (voice.code, photo.code) == (0, 0), voice.stderr + photo.stderr
+
+    gone = cli("lookup", "voice-1", "--json")
+    assert (gone.code, gone.json) == (3, {"id": "voice-1", "status": 404, "error": "gone", "reason": "ttl",
+                                          "deleted_at": voice.json["expires_at"], "state": "expired"})
+    assert "gone" in gone.stderr
+    assert cli("lookup", "photo-1", "--json").code == 0
+    assert cli("org", "set", "acme", "--retention", "7d").code == 0
+    retention = cli("lookup", "photo-1", "--json")
+    assert retention.code == 3 and (retention.json["reason"], retention.json["state"]) == ("retention", "expired")
+    assert cli("hold", "voice-1", "--reason", "legal").code == 0
+    assert cli("lookup", "voice-1", "--json").code == 0
 
 
 def test_lookup_of_an_unknown_id_exits_three_with_not_found(cli, seeded):
@@ -193,11 +221,13 @@ def test_manifest_imports_every_line_in_batches(cli, seeded, tmp_path, data_dir)
     time, with a progress event per batch."""
     blobs = data_dir / "media" / "legacy"
     blobs.mkdir()
+    # A day ago with a 2-day TTL: not expired, so the lookup below answers with the item.
+    yesterday = (datetime.now(timezone.utc) - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     rows = []
     for n in range(4500):
         if n % 2:
             (blobs / f"b{n}").write_bytes(b"x" * n)
-            rows.append({"org": "acme", "id": f"m{n}", "key": f"legacy/b{n}", "ttl": "2d", "created_at": "2026-01-01T00:00:00Z"})
+            rows.append({"org": "acme", "id": f"m{n}", "key": f"legacy/b{n}", "ttl": "2d", "created_at": yesterday})
         else:
             rows.append({"org": "acme", "id": f"m{n}", "file": str(seeded), "mime": "image/jpeg"})
     result = cli("register", "--manifest", str(write_manifest(tmp_path / "m.jsonl", rows)), "--json")

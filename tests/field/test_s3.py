@@ -16,8 +16,9 @@ pytestmark = [pytest.mark.slow]
 
 def test_register_presign_sweep_and_lookup_on_s3_from_the_installed_venv(installed, outside, s3_endpoint, bucket, raw_s3,
                                                                         tmp_path):
-    """`register --file` uploads, `lookup --url` presigns a working GET, `sweep` deletes the expired object
-    with DeleteObjects, and `lookup` answers 404: on the embedded catalog, from the venv."""
+    """`register --file` uploads, `lookup --url` answers 404 for the expired item and presigns a working GET
+    while it is held, `sweep` deletes it with DeleteObjects once released, and `lookup` answers 404: on the
+    embedded catalog, from the venv."""
     env = installed.env(data_dir=tmp_path / "data", storage_url=f"s3://{bucket}/media", s3_endpoint_url=s3_endpoint,
                         s3_addressing_style="path")
 
@@ -32,9 +33,14 @@ def test_register_presign_sweep_and_lookup_on_s3_from_the_installed_venv(install
                      "--created-at", created)
     assert registered.returncode == 0, registered.stderr
     key = json.loads(registered.stdout)["key"]
+    expired = cli("lookup", "voice-1", "--url")
+    assert expired.returncode == 3 and json.loads(expired.stdout)["state"] == "expired"
+    # Held media is served past its expiry: the one way to presign an item this old.
+    assert cli("hold", "voice-1", "--reason", "field test").returncode == 0
     presigned = cli("lookup", "voice-1", "--url")
     assert presigned.returncode == 0, presigned.stderr
     assert urllib.request.urlopen(json.loads(presigned.stdout)["url"], timeout=10).read() == b"OggS field test"
+    assert cli("release", "voice-1", "--reason", "field test done").returncode == 0
 
     swept = cli("sweep")
     assert swept.returncode == 0, swept.stderr

@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import text
 
 from tests.factories import register_aged, seed_items, states
+from worker.catalog import Item
 from worker.engine import build
 from config.errors import BadInput, Gone, NotFound
 from worker.responses import not_found_body
@@ -43,6 +44,45 @@ def test_item_is_never_deleted_before_its_expiry(catalog, acme, uploads):
     item = register_aged(catalog, acme, timedelta(minutes=59), ttl="1h", uploads=uploads)
     assert catalog.sweeper.sweep().claimed == 0
     assert catalog.lookup(item.id).state == "active" and blob_exists(catalog, item)
+
+
+def test_an_item_past_its_ttl_answers_gone_on_every_lookup_before_any_sweep_claims_it(catalog, acme, uploads):
+    """Expired by the database clock and not yet swept: lookup, find and find_for_org answer gone (ttl, expired)."""
+    item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    with pytest.raises(Gone) as gone:
+        catalog.lookup(item.id)
+    assert not_found_body(item.id, gone.value.tombstone) == {
+        "id": item.id, "status": 404, "error": "gone", "reason": "ttl", "deleted_at": item.expires_at.isoformat(),
+        "state": "expired"}
+    assert catalog.find(item.id) == gone.value.tombstone == catalog.lookups.find_for_org(acme, item.id)
+    assert catalog.lookups.find_for_org("other", item.id) is None
+    assert states(catalog, [item.id]) == {item.id: "active"} and blob_exists(catalog, item)
+
+
+def test_an_item_without_ttl_answers_gone_with_reason_retention_once_org_set_shortens_the_retention(catalog, acme, uploads):
+    """A 10-day-old TTL-less item is served under 30d; after `org set --retention 7d` it answers gone (retention)
+    before any sweep."""
+    item = register_aged(catalog, acme, timedelta(days=10), uploads=uploads)
+    assert catalog.lookup(item.id).state == "active"
+    catalog.set_org(acme, "7d")
+    with pytest.raises(Gone) as gone:
+        catalog.lookup(item.id)
+    tombstone = gone.value.tombstone
+    assert (tombstone.state, tombstone.reason) == ("expired", "retention")
+    assert tombstone.deleted_at == item.created_at + timedelta(days=7)
+
+
+@pytest.mark.parametrize("hold", ["item", "org"])
+def test_a_held_item_past_its_expiry_is_served_until_the_hold_is_released(catalog, acme, uploads, hold):
+    """Held media is kept and served past its expiry (item or org hold); released, it answers gone at once."""
+    item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    scope = {"ids": [item.id]} if hold == "item" else {"org": acme}
+    catalog.set_hold(held=True, reason="litigation", **scope)
+    assert catalog.lookup(item.id).state == "active" and isinstance(catalog.find(item.id), Item)
+    catalog.set_hold(held=False, reason="case closed", **scope)
+    with pytest.raises(Gone) as gone:
+        catalog.lookup(item.id)
+    assert (gone.value.tombstone.state, gone.value.tombstone.reason) == ("expired", "ttl")
 
 
 def test_item_without_ttl_follows_its_org_retention(catalog, acme, uploads):

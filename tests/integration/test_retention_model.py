@@ -10,7 +10,8 @@ every step the two must agree:
 - a blob disappears only if the model allowed its deletion: it had expired (by the model's clock and
   the org's retention *now*) or was purged, and it was not held;
 - an item leaves `active` (its ID starts answering 404) only in an operation that was allowed to take it;
-- every lookup answers what the model says (the item, gone, or not found); gone never comes back;
+- every lookup answers what the model says (the item, gone, or not found): gone from its expiry unless
+  held, before any sweep takes it, and for good once an operation took it;
 - at the end, with every blob back and the clock far ahead, a sweep and a reconcile leave no blob behind
   a tombstone and `verify`-style checks find nothing.
 
@@ -524,11 +525,17 @@ class RetentionModel(RuleBasedStateMachine):
 
     @invariant()
     def lookups_answer_what_the_model_says(self):
+        """Gone once taken; gone too from its expiry (database clock) unless held, before any sweep; else the item."""
         catalog = self.system.catalog
+        now = self.now()
         for item in self.items.values():
             if item.gone:
                 with pytest.raises(Gone):
                     catalog.lookup(item.id)
+            elif self.expired(item, now) and not self.held(item):
+                with pytest.raises(Gone) as gone:
+                    catalog.lookup(item.id)
+                assert gone.value.tombstone.state == "expired", f"{item.id}: {gone.value.tombstone}"
             else:
                 assert catalog.lookup(item.id).state == State.ACTIVE.value
         with pytest.raises(NotFound):

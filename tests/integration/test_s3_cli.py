@@ -1,10 +1,13 @@
 """`media-retention` on an s3:// store: register --file/--key and lookup --url, as an operator runs them."""
 
 
+from datetime import datetime, timedelta
+
 import pytest
 import urllib3
 
 from config.settings import get_settings
+from tests.factories import database_time
 from tests.s3 import PREFIX
 
 
@@ -32,6 +35,29 @@ def test_lookup_url_prints_a_working_presigned_url_then_404_bodies_like_lookup(c
     assert "url" not in gone.stdout
     unknown = cli("lookup", "nobody", "--url", "--json")
     assert (unknown.code, unknown.json) == (3, {"id": "nobody", "status": 404, "error": "not_found"})
+
+
+def test_lookup_url_never_outlives_the_item_and_an_expired_item_exits_three(cli, on_s3, database, monkeypatch, tmp_path):
+    """On SQLite and PostgreSQL: five minutes left under a 15m PRESIGN_TTL, the URL lives those five minutes
+    (expires_in, expires_at); past its expiry and unswept, exit 3 with the gone body."""
+    monkeypatch.setenv("MEDIA_RETENTION_DATABASE_URL", database.url)
+    get_settings.cache_clear()
+    upload = tmp_path / "photo.jpg"
+    upload.write_bytes(b"\xff\xd8 photo")
+    now = database_time(database)
+    assert cli("org", "set", "acme", "--retention", "30d").code == 0
+    for media_id, age in (("soon-1", timedelta(minutes=55)), ("old-1", timedelta(hours=2))):
+        registered = cli("register", "--org", "acme", "--file", str(upload), "--id", media_id, "--ttl", "1h",
+                         "--created-at", (now - age).isoformat(), "--json")
+        assert registered.code == 0, registered.stderr
+    soon = cli("lookup", "soon-1", "--url", "--json")
+    assert soon.code == 0 and 290 < soon.json["expires_in"] <= 300
+    expiry = now + timedelta(minutes=5)
+    assert expiry - timedelta(seconds=1) < datetime.fromisoformat(soon.json["expires_at"]) <= expiry
+    gone = cli("lookup", "old-1", "--url", "--json")
+    assert gone.code == 3 and "url" not in gone.json
+    assert {k: gone.json[k] for k in ("status", "error", "reason", "state")} == {
+        "status": 404, "error": "gone", "reason": "ttl", "state": "expired"}
 
 
 def test_register_key_adopts_an_object_already_in_the_bucket(cli, on_s3, objects):

@@ -264,6 +264,36 @@ def test_lookup_url_is_a_presigned_get_that_downloads_the_blob_and_none_once_gon
         s3_catalog.presigned_url("never-seen")
 
 
+def test_a_presigned_url_for_an_item_expiring_in_ten_minutes_ends_at_its_expiry_not_an_hour_later(s3_catalog, acme, uploads):
+    """An item with ten minutes left (database clock) gets a URL valid those ten minutes, whole seconds, floored."""
+    item = register_aged(s3_catalog, acme, timedelta(minutes=50), ttl="1h", uploads=uploads)
+    answer = s3_catalog.presigned_url(item.id)
+    assert 590 < answer.expires_in <= 600
+    assert parse_qs(urlparse(answer.url).query)["X-Amz-Expires"] == [str(answer.expires_in)]
+    assert item.expires_at - timedelta(seconds=1) < answer.expires_at <= item.expires_at
+
+
+def test_an_item_with_less_than_a_second_left_answers_gone_instead_of_a_url(s3_catalog, acme, uploads):
+    """Half a second before its expiry an item gets no URL: Gone (expired, ttl), like an item already past it."""
+    item = register_aged(s3_catalog, acme, timedelta(hours=1, seconds=-0.5), ttl="1h", uploads=uploads)
+    with pytest.raises(Gone) as gone:
+        s3_catalog.presigned_url(item.id)
+    assert (gone.value.tombstone.state, gone.value.tombstone.reason) == ("expired", "ttl")
+    assert gone.value.tombstone.deleted_at == item.expires_at
+
+
+def test_a_held_item_past_its_expiry_gets_a_url_for_the_full_presign_ttl_and_none_once_released(s3_catalog, acme, uploads):
+    """Held media has no end yet: its URL lives presign_ttl (1h); released, the expired item answers Gone."""
+    item = register_aged(s3_catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    s3_catalog.set_hold(held=True, reason="litigation", ids=[item.id])
+    answer = s3_catalog.presigned_url(item.id)
+    assert answer.expires_in == 3600 and parse_qs(urlparse(answer.url).query)["X-Amz-Expires"] == ["3600"]
+    s3_catalog.set_hold(held=False, reason="case closed", ids=[item.id])
+    with pytest.raises(Gone) as gone:
+        s3_catalog.presigned_url(item.id)
+    assert gone.value.tombstone.state == "expired"
+
+
 def test_lookup_url_on_a_filesystem_store_is_bad_input(catalog):
     """A filesystem store cannot presign: BadInput (exit 2), whatever the ID."""
     with pytest.raises(BadInput, match="object store") as error:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import jsonschema
 import pytest
@@ -20,6 +21,7 @@ import requests
 from openapi_spec_validator import validate as validate_openapi
 
 from tests.conftest import free_port
+from tests.factories import db_time
 from tests.s3 import PREFIX
 from worker.catalog import Catalog
 from worker.catalog.apikeys import ApiKeys
@@ -132,7 +134,6 @@ def test_an_active_item_answers_200_then_404_gone_with_reason_once_expired_and_s
     body = active.json()
     assert (body["id"], body["org"], body["state"], body["size"]) == ("photo-1", "acme", "active", 70)
     assert body["url"] is None  # a filesystem store hands out no URLs
-    assert server.get("/v1/media/voice-1", orgs["acme"]).status_code == 200  # expired, not yet swept: still there
 
     catalog.sweeper.sweep()
     gone = server.get("/v1/media/voice-1", orgs["acme"])
@@ -144,6 +145,29 @@ def test_an_active_item_answers_200_then_404_gone_with_reason_once_expired_and_s
     catalog.purge(ids=["photo-1"], actor="test")
     purged = server.get("/v1/media/photo-1", orgs["acme"]).json()
     assert (purged["status"], purged["error"], purged["reason"]) == (404, "gone", "purge")
+
+
+def test_an_item_past_its_expiry_answers_404_gone_before_any_sweep_unless_it_is_held(server, catalog, orgs, tmp_path):
+    """Unswept but expired by the database clock: 404 gone (ttl, then retention after `org set` shortens it),
+    state `expired`, deleted_at its expiry; the same item held answers 200."""
+    created = db_time(catalog) - timedelta(hours=2)
+    voice = register(catalog, tmp_path, "acme", "voice-1", ttl="1h", created_at=created)
+    photo = register(catalog, tmp_path, "acme", "photo-1", created_at=db_time(catalog) - timedelta(days=10))
+    register(catalog, tmp_path, "acme", "held-1", ttl="1h", created_at=created)
+    catalog.set_hold(held=True, reason="litigation", ids=["held-1"], actor="test")
+
+    gone = server.get("/v1/media/voice-1", orgs["acme"])
+    assert gone.status_code == 404
+    assert gone.json() == {"id": "voice-1", "status": 404, "error": "gone", "reason": "ttl",
+                           "deleted_at": voice.expires_at.isoformat(), "state": "expired"}
+    assert server.get("/v1/media/photo-1", orgs["acme"]).status_code == 200
+    catalog.set_org("acme", "7d")
+    retention = server.get("/v1/media/photo-1", orgs["acme"]).json()
+    assert (retention["status"], retention["reason"], retention["state"]) == (404, "retention", "expired")
+    assert datetime.fromisoformat(retention["deleted_at"]) == photo.created_at + timedelta(days=7)
+    held = server.get("/v1/media/held-1", orgs["acme"])
+    assert (held.status_code, held.json()["state"], held.json()["held"]) == (200, "active", True)
+    assert server.get("/v1/media/voice-1", orgs["globex"]).json()["error"] == "not_found"
 
 
 def test_an_id_never_seen_answers_404_not_found_and_a_malformed_one_400(server, orgs):
@@ -218,9 +242,11 @@ def test_no_key_or_secret_reaches_the_server_log(server, catalog, orgs, tmp_path
 
 
 def test_the_openapi_description_is_valid_and_answers_match_its_schemas(server, catalog, orgs, tmp_path):
-    """/openapi.json is a valid OpenAPI document; 200, 404 (both kinds), 400 and 401 bodies fit its schemas."""
+    """/openapi.json is a valid OpenAPI document; 200, 404 (gone: deleted or expired; not_found), 400 and 401
+    bodies fit its schemas."""
     register(catalog, tmp_path, "acme", "photo-1")
     register(catalog, tmp_path, "acme", "photo-2")
+    register(catalog, tmp_path, "acme", "voice-1", ttl="1h", created_at=db_time(catalog) - timedelta(hours=2))
     catalog.purge(ids=["photo-2"], actor="test")
     document = server.get("/openapi.json").json()
     validate_openapi(document)
@@ -232,8 +258,8 @@ def test_the_openapi_description_is_valid_and_answers_match_its_schemas(server, 
         return {**schema, "components": document["components"]}
 
     for path, token, status in [("/v1/media/photo-1", orgs["acme"], 200), ("/v1/media/photo-2", orgs["acme"], 404),
-                                ("/v1/media/unknown", orgs["acme"], 404), ("/v1/media/bad%20id", orgs["acme"], 400),
-                                ("/v1/media/photo-1", None, 401)]:
+                                ("/v1/media/voice-1", orgs["acme"], 404), ("/v1/media/unknown", orgs["acme"], 404),
+                                ("/v1/media/bad%20id", orgs["acme"], 400), ("/v1/media/photo-1", None, 401)]:
         answer = server.get(path, token)
         assert answer.status_code == status
         jsonschema.validate(answer.json(), schema_for(status),
@@ -257,6 +283,40 @@ def test_an_object_store_item_comes_with_a_working_presigned_url_valid_at_most_a
     catalog.purge(ids=["photo-1"], actor="test")
     gone = server.get("/v1/media/photo-1", token)
     assert gone.status_code == 404 and "url" not in gone.json()
+
+
+def test_an_object_store_url_never_outlives_its_item_and_an_item_about_to_expire_answers_gone(
+        serve, database, s3_catalog, bucket, s3_endpoint, tmp_path):
+    """On S3: ten minutes left, the URL and url_expires_at end at the expiry; a held expired item's URL lives
+    the full hour; with half a second left the answer is 404 gone, no URL."""
+    catalog = s3_catalog
+    catalog.set_org("acme", "30d")
+    token = ApiKeys(database).create("acme", actor="test").token
+    server = serve(MEDIA_RETENTION_DATABASE_URL=database.url, MEDIA_RETENTION_STORAGE_URL=f"s3://{bucket}/{PREFIX}",
+                   MEDIA_RETENTION_S3_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="testing",
+                   AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    soon = register(catalog, tmp_path, "acme", "soon-1", ttl="1h", created_at=db_time(catalog) - timedelta(minutes=50))
+    body = server.get("/v1/media/soon-1", token).json()
+    assert 590 < int(url_expires_param(body["url"])) <= 600
+    assert soon.expires_at - timedelta(seconds=1) < datetime.fromisoformat(body["url_expires_at"]) <= soon.expires_at
+
+    register(catalog, tmp_path, "acme", "held-1", ttl="1h", created_at=db_time(catalog) - timedelta(hours=2))
+    catalog.set_hold(held=True, reason="litigation", ids=["held-1"], actor="test")
+    held = server.get("/v1/media/held-1", token).json()
+    assert url_expires_param(held["url"]) == "3600" and requests.get(held["url"], timeout=10).status_code == 200
+
+    last = register(catalog, tmp_path, "acme", "last-1", ttl="1h",
+                    created_at=db_time(catalog) - timedelta(hours=1, seconds=-0.5))
+    gone = server.get("/v1/media/last-1", token)
+    assert gone.status_code == 404 and "url" not in gone.json()
+    assert gone.json() == {"id": "last-1", "status": 404, "error": "gone", "reason": "ttl",
+                           "deleted_at": last.expires_at.isoformat(), "state": "expired"}
+
+
+def url_expires_param(url: str) -> str:
+    """The validity a presigned URL was signed with (SigV4's X-Amz-Expires, in seconds)."""
+    [seconds] = parse_qs(urlparse(url).query)["X-Amz-Expires"]
+    return seconds
 
 
 def test_api_keys_are_stored_only_as_a_hash_of_their_secret(catalog):

@@ -3,7 +3,7 @@
     from worker.engine import build
     catalog = build(get_settings()).catalog
     item = catalog.register(org="acme", file=Path("photo.jpg"), ttl="1h")
-    catalog.lookup(item.id)             # the Item while active; raises Gone once claimed/deleted
+    catalog.lookup(item.id)             # the Item while active; raises Gone once expired (unless held), claimed or deleted
 
 One module per use case: `orgs`, `registration` (and `manifest` for imports), `lookup`, `holds`,
 `purge`; each returns the frozen values of `results`. `Catalog` is a thin facade over them, wired by

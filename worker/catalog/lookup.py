@@ -1,20 +1,28 @@
-"""Lookup: the item while it is active, its tombstone once claimed or deleted; presigned URLs."""
+"""Lookup: the item while it is active and not past its expiry (or held), its tombstone otherwise;
+presigned URLs that never outlive the item."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import structlog
+from sqlalchemy import select
 
 from worker import items as items_sql
 from worker.catalog.results import Item, PresignedUrl, Tombstone
-from worker.db import Database
+from worker.db import Database, db_now
 from config.errors import BadInput, Gone, NotFound
-from worker.models import State
+from worker.models import Reason, State
 from worker.store import BlobStore
 from worker.store.keys import validate_id
 
 log = structlog.get_logger("worker.catalog")
+
+# The state a lookup reports for an item past its expiry that no sweep has claimed yet: the row is still
+# active, but the contract says it answers 404 from its expiry.
+EXPIRED = "expired"
+# S3 signs whole seconds, at least one: an item with less left gets no URL, it is as good as gone.
+MIN_URL_SECONDS = 1
 
 
 class Lookup:
@@ -24,7 +32,8 @@ class Lookup:
         self.presign_ttl = presign_ttl
 
     def find(self, media_id: str) -> Item | Tombstone | None:
-        """The item while active, its tombstone once claimed or deleted, None for an ID never registered."""
+        """The item while active and not expired (or held), its tombstone once claimed, deleted or expired
+        (database clock), None for an ID never registered."""
         return self._answer(media_id, org=None)
 
     def find_for_org(self, org: str, media_id: str) -> Item | Tombstone | None:
@@ -35,23 +44,32 @@ class Lookup:
     def _answer(self, media_id: str, *, org: str | None) -> Item | Tombstone | None:
         validate_id(media_id)
         with self.db.transaction() as session:
-            row = items_sql.by_id(session, media_id)
-        if row is None or (org is not None and row.org_id != org):
+            found = items_sql.by_id_and_now(session, media_id)
+        if found is None:
+            return None
+        row, now = found
+        if org is not None and row.org_id != org:
             return None
         if row.state != State.ACTIVE.value:
             return Tombstone(id=media_id, state=row.state, reason=row.deletion_reason,
                              deleted_at=row.deleted_at or row.claimed_at)
-        return Item.from_row(row)
+        item = Item.from_row(row, as_of=now)
+        if item.expires_at <= now and not item.kept_by_hold:
+            # No sweep has claimed it yet (a backlog, workers down): it is gone from its expiry all the same.
+            return _expired(item)
+        return item
 
-    def sign(self, key: str) -> tuple[str, datetime] | None:
-        """A fresh presigned GET URL for `key` and when it expires, or None on a store without them."""
+    def sign(self, item: Item) -> tuple[str, datetime] | None:
+        """A fresh presigned GET URL for a looked-up `item` and when it expires (database clock), or None on a
+        store without them. It never outlives the item: valid `presign_ttl`, or until the item's expiry if
+        that comes first (a held item has no end yet). Raises Gone when less than a second is left."""
         if not self.store.can_presign:
             return None
-        seconds = int(self.presign_ttl.total_seconds())
-        return self.store.presigned_url(key, seconds), datetime.now(timezone.utc) + timedelta(seconds=seconds)
+        url, _seconds, expires_at = self._sign(item)
+        return url, expires_at
 
     def lookup(self, media_id: str) -> Item:
-        """The item while active. Raises Gone (claimed or deleted; it carries the tombstone) or NotFound."""
+        """The item while active. Raises Gone (claimed, deleted or expired; it carries the tombstone) or NotFound."""
         found = self.find(media_id)
         if found is None:
             raise NotFound(f"media id {media_id!r} was never registered.")
@@ -60,13 +78,35 @@ class Lookup:
         return found
 
     def presigned_url(self, media_id: str) -> PresignedUrl:
-        """A presigned GET URL for an active item, valid for `presign_ttl`. Raises BadInput on a store
-        without presigned URLs (filesystem), then Gone or NotFound exactly like `lookup`."""
+        """A presigned GET URL for an active item, valid `presign_ttl` or until the item expires if sooner.
+        Raises BadInput on a store without presigned URLs (filesystem), then Gone or NotFound exactly like
+        `lookup` (Gone too for an item with less than a second left)."""
         validate_id(media_id)
         if not self.store.can_presign:
             raise BadInput(f"lookup --url needs an object store (s3://...); {self.store.url} cannot hand out presigned URLs.")
-        item = self.lookup(media_id)
-        url, expires_at = self.sign(item.key)
-        seconds = int(self.presign_ttl.total_seconds())
+        url, seconds, expires_at = self._sign(self.lookup(media_id))
         log.info("media.presigned", media_id=media_id, expires_in_s=seconds)
         return PresignedUrl(id=media_id, url=url, expires_in=seconds, expires_at=expires_at)
+
+    def _sign(self, item: Item) -> tuple[str, int, datetime]:
+        """The URL, its validity in whole seconds (floored) and its end, all counted from the database time
+        the item was read at."""
+        now = item.as_of or self._database_now()
+        seconds = int(self.presign_ttl.total_seconds())
+        if not item.kept_by_hold:
+            left = (item.expires_at - now).total_seconds()
+            if left < MIN_URL_SECONDS:
+                raise Gone(f"media id {item.id!r} is gone (it expires in under a second).", _expired(item))
+            seconds = min(seconds, int(left))
+        return self.store.presigned_url(item.key, seconds), seconds, now + timedelta(seconds=seconds)
+
+    def _database_now(self) -> datetime:
+        with self.db.transaction() as session:
+            return session.scalar(select(db_now()))
+
+
+def _expired(item: Item) -> Tombstone:
+    """The 404 of an item past its expiry that no sweep claimed yet: gone since its expiry, for the reason
+    a sweep will record."""
+    reason = Reason.RETENTION.value if item.ttl_seconds is None else Reason.TTL.value
+    return Tombstone(id=item.id, state=EXPIRED, reason=reason, deleted_at=item.expires_at)

@@ -6,7 +6,7 @@ body of a lookup is built at the edges from a `Tombstone` (see `worker.responses
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from worker.sweep import SweepCounts
@@ -28,13 +28,19 @@ class Item:
     state: str
     # Lookups report whether the item is held; a registration does not (None), as it always did.
     held: bool | None = None
+    # What a lookup read along with the item, so that a presigned URL ends by the database clock and never
+    # outlives the item: the database's time of the read (None from a registration), and whether a hold,
+    # its own or its org's, keeps it past its expiry. Neither is rendered.
+    as_of: datetime | None = field(default=None, compare=False)
+    kept_by_hold: bool = field(default=False, compare=False)
 
     @classmethod
-    def from_row(cls, row) -> "Item":
-        """From a `MediaItem` (a lookup, which reports holds)."""
+    def from_row(cls, row, as_of: datetime | None = None) -> "Item":
+        """From a `MediaItem` (a lookup, which reports holds) read at the database time `as_of`."""
         return cls(id=row.id, org=row.org_id, key=row.storage_key, size=row.size_bytes, mime=row.mime_type,
                    sha256=row.sha256, created_at=row.created_at, ttl_seconds=row.ttl_seconds, expires_at=row.expires_at,
-                   state=row.state, held=row.held_at is not None)
+                   state=row.state, held=row.held_at is not None, as_of=as_of,
+                   kept_by_hold=row.held_at is not None or bool(row.org_held))
 
     def to_dict(self) -> dict:
         data = {
@@ -56,12 +62,13 @@ class Item:
 
 @dataclass(frozen=True)
 class Tombstone:
-    """What is left of an item once it was claimed for deletion or deleted: lookups answer 404 from it."""
+    """What a lookup answers 404 from: an item claimed for deletion or deleted, or one past its expiry
+    (database clock) and unheld that no sweep has claimed yet."""
 
     id: str
-    state: str
+    state: str  # `deleting`, `deleted`, or `expired` (still active in the catalog, gone all the same)
     reason: str | None
-    deleted_at: datetime  # when it was deleted, or claimed while the deletion is in flight
+    deleted_at: datetime  # when it was deleted, claimed while the deletion is in flight, or expired
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """`GET /v1/media/{id}` for upstream services in any language, scoped by org API keys.
 
 The app renders what one seam answers (`MediaLookup.find_for_org`, the engine's lookup use case):
-an `Item` while active (200), a `Tombstone` once claimed or deleted, or nothing (404 either way, the
-body built by `worker.responses` like the CLI's). Another org's media is answered
+an `Item` while active (200), a `Tombstone` once claimed, deleted or expired, or nothing (404 either way,
+the body built by `worker.responses` like the CLI's). Another org's media is answered
 exactly like media never seen, so a key cannot even learn that an ID exists elsewhere.
 """
 
@@ -24,7 +24,7 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker.catalog.results import Item, Tombstone
-from config.errors import BadInput
+from config.errors import BadInput, Gone
 from worker.responses import not_found_body
 
 log = structlog.get_logger("worker.http")
@@ -39,7 +39,7 @@ class MediaLookup(Protocol):
 
     def find_for_org(self, org: str, media_id: str) -> Item | Tombstone | None: ...
 
-    def sign(self, key: str) -> tuple[str, datetime] | None: ...
+    def sign(self, item: Item) -> tuple[str, datetime] | None: ...
 
 
 class KeyCheck(Protocol):
@@ -61,7 +61,8 @@ class MediaItemBody(BaseModel):
     expires_at: datetime
     state: Literal["active"]
     held: bool
-    # A presigned GET URL on an object store (null on a filesystem store), valid until url_expires_at.
+    # A presigned GET URL on an object store (null on a filesystem store), valid until url_expires_at,
+    # never past the item's expiry.
     url: str | None = None
     url_expires_at: datetime | None = None
 
@@ -72,7 +73,7 @@ class GoneBody(BaseModel):
     error: Literal["gone"]
     reason: str | None
     deleted_at: datetime
-    state: Literal["deleting", "deleted"]
+    state: Literal["deleting", "deleted", "expired"]
 
 
 class NotFoundBody(BaseModel):
@@ -146,8 +147,8 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
     app = FastAPI(
         title="media-retention lookup",
         version="1",
-        description="Look media up by ID with an org-scoped API key: 200 while active, 404 once it expired, "
-                    "was purged, or belongs to another org.",
+        description="Look media up by ID with an org-scoped API key: 200 while active, 404 from its expiry "
+                    "(unless held), once it was purged, or if it belongs to another org.",
     )
     registry = CollectorRegistry()
     bearer = HTTPBearer(auto_error=False, description="An org API key from `media-retention apikey create`.")
@@ -191,7 +192,7 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
             400: {"model": ErrorBody, "description": "The ID is malformed."},
             401: {"model": ErrorBody, "description": "No API key, or one that is unknown or revoked."},
             404: {"model": GoneBody | NotFoundBody,
-                  "description": "Gone (claimed for deletion or deleted), never seen, or another org's."},
+                  "description": "Gone (expired, claimed for deletion or deleted), never seen, or another org's."},
         },
     )
     def get_media(media_id: str = Path(description="The media ID (1-128 of A-Za-z0-9._-)."),
@@ -199,8 +200,11 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
         found = lookup.find_for_org(org, media_id)
         if not isinstance(found, Item):
             return JSONResponse(not_found_body(media_id, found), status_code=404)
+        try:
+            signed = lookup.sign(found)
+        except Gone as gone:
+            return JSONResponse(not_found_body(media_id, gone.tombstone), status_code=404)
         body = found.to_dict()
-        signed = lookup.sign(found.key)
         if signed is not None:
             body["url"], body["url_expires_at"] = signed[0], signed[1].isoformat()
         return body

@@ -39,7 +39,7 @@ from worker.items.reads import (
     # registration, manifest import, adopt
     existing, first_taken, known_keys,
     # one item, a list of items
-    by_id, locked_by_ids, purge_candidates,
+    by_id_and_now, locked_by_ids, purge_candidates,
     # one org
     active_bytes, counts_by_state, retention_preview,
     # reconcile and verify

@@ -157,9 +157,12 @@ def known_keys(session, keys: list[str]) -> set[str]:
 # -- one item, a list of items -------------------------------------------------------------------------
 
 
-def by_id(session, media_id: str):
-    """The item (a `MediaItem`, any state), or None for an ID never registered."""
-    return session.get(models.MediaItem, media_id)
+def by_id_and_now(session, media_id: str) -> tuple | None:
+    """The item (a `MediaItem`, any state) and the database's time, read by one statement so that a lookup
+    judges the expiry by the clock of the moment it read the row; None for an ID never registered."""
+    MediaItem = models.MediaItem
+    found = session.execute(select(MediaItem, db_now()).where(MediaItem.id == media_id)).first()
+    return tuple(found) if found is not None else None
 
 
 def locked_by_ids(session, ids: list[str]) -> list:
