@@ -14,7 +14,10 @@ Before they act, the commands that delete blobs, and those that write them, look
   version with markers); or, for `adopt`, a catalog with no live items taking over a store that has blobs.
   An empty catalog facing a store full of blobs is the wrong database (an unset DATABASE_URL makes a new
   SQLite catalog); a catalog whose live items have no blob in the store is an unmounted volume, the wrong
-  prefix or the wrong bucket. Neither is ever bound, and nothing acts on it.
+  prefix or the wrong bucket. Neither is ever bound, and nothing acts on it. Nor is any unmarked store
+  bound to a catalog that has been bound before: its store lost its marker, or this is not its store (an
+  empty mount point whose volume is not mounted looks exactly like a new, empty store). Media moved to
+  a new volume or bucket take the marker with them (`cp -a`, `aws s3 sync` copy it).
 
 A verified marker is trusted for RECHECK_SECONDS on a store where reading it is a round trip (S3); on a
 filesystem it is read at every check, so a volume unmounted under a running worker (its mount point then
@@ -37,7 +40,7 @@ from config.errors import BadInput
 from worker import items as items_sql
 from worker.db import Database, db_now
 from worker.models import CatalogIdentity
-from worker.store import BlobInfo, BlobStore
+from worker.store import MARKER_NAME, BlobInfo, BlobStore
 
 log = structlog.get_logger("worker.binding")
 
@@ -137,8 +140,13 @@ class StoreBinding:
     def refusal(self, *, adopting: bool = False) -> str | None:
         """Why an unmarked store may not be bound to this catalog, or None when it may."""
         with self.db.transaction() as session:
+            bound = session.execute(select(CatalogIdentity.store_url, CatalogIdentity.bound_at)).first()
             live = items_sql.live_keys(session, SAMPLE)
             has_rows = items_sql.has_items(session)
+        if bound is not None and bound.bound_at is not None:
+            return (f"this catalog was bound to {bound.store_url} on {bound.bound_at.isoformat()} and a store it was "
+                    f"bound to keeps its marker: is the volume mounted, is the prefix right? (Media moved to a new "
+                    f"store take their marker with them: copy {MARKER_NAME} from the old one.)")
         store_has_blobs = next(islice((entry for entry in self.store.iter_keys() if isinstance(entry, BlobInfo)), 1), None) is not None
         if not live:
             if not store_has_blobs or adopting:
