@@ -21,7 +21,10 @@ from sqlalchemy import select
 from tests import conftest
 from tests.conftest import ON_CI
 from tests.factories import Blobs, end_leases, plant_blob, seed_items, seed_org
+from config.errors import RetentionError
+from config.settings import load_settings
 from worker.db import Database
+from worker.engine import build
 from worker.models import MediaItem, State
 from worker.store.keys import key_for_id
 
@@ -112,13 +115,31 @@ class World:
         self.env.update({f"MEDIA_RETENTION_{k.upper()}": v for k, v in settings.items()})
         # Whether a blob is in the store (replaced for an object store).
         self.exists = lambda key: (self.media / key).exists()
+        self.bound = False
 
     # -- processes -------------------------------------------------------------------------------
 
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-c", "from worker.cli import entry_point; entry_point()", *args]
 
+    def bind(self) -> None:
+        """Bind the world's store to its catalog, as `db upgrade` does for a deployment (a new one's store, or
+        one whose live items' blobs the store holds); once, before its first command."""
+        if self.bound:
+            return
+        self.bound = True
+        values = {name.removeprefix("MEDIA_RETENTION_").lower(): value for name, value in self.env.items()
+                  if name.startswith("MEDIA_RETENTION_")}
+        engine = build(load_settings(**values), database=self.db)
+        try:
+            engine.binding.ensure()
+        except (RetentionError, OSError):
+            pass  # a full or missing volume: the commands the test runs bind it, or refuse in one sentence
+        finally:
+            engine.store.close()
+
     def start(self, *args: str, env: dict | None = None, user: str | None = None) -> subprocess.Popen:
+        self.bind()
         argv = self.command(*args)
         if user:
             argv = ["runuser", "-u", user, "--", *argv]

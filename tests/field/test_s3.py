@@ -45,6 +45,7 @@ def test_register_presign_sweep_and_lookup_on_s3_from_the_installed_venv(install
     swept = cli("sweep")
     assert swept.returncode == 0, swept.stderr
     assert json.loads(swept.stdout)["deleted"] == 1
-    assert raw_s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0, f"{key} should be deleted"
+    left = [entry["Key"] for entry in raw_s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert left == ["media/.media-retention.json"], f"{key} should be deleted and the store's binding marker kept: {left}"
     gone = cli("lookup", "voice-1")
     assert gone.returncode == 3 and json.loads(gone.stdout)["status"] == 404

@@ -446,16 +446,18 @@ class FilesystemStore(BlobStore):
         try:
             out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=root_fd)
             try:
-                os.write(out, content)
-                os.fsync(out)
-            finally:
-                os.close(out)
-            try:
+                try:
+                    os.write(out, content)
+                    os.fsync(out)
+                finally:
+                    os.close(out)
                 os.link(temp, MARKER_NAME, src_dir_fd=root_fd, dst_dir_fd=root_fd, follow_symlinks=False)
             except FileExistsError:
                 return False
             finally:
-                os.unlink(temp, dir_fd=root_fd)
+                # Linked or not (a full volume), the temporary name goes: it is ours alone.
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=root_fd)
             os.fsync(root_fd)
             return True
         finally:
