@@ -37,3 +37,10 @@ class Gone(RetentionError):
 
 class StoreError(RetentionError):
     """The blob store failed in a way that is not the caller's fault (exit 1)."""
+
+
+class MediaRootMissing(StoreError):
+    """The media root is not there (a volume not mounted, a wrong setting): it is never created, and every
+    command that needs it refuses, changing nothing (exit 2, like a bad setting)."""
+
+    exit_code = 2

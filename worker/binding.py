@@ -125,6 +125,9 @@ class StoreBinding:
             if state.marker is None and bind:
                 state = self._bind(state, adopting=adopting, quiet=quiet)
             if state.marker is None:
+                earlier = self._bound_before()
+                if earlier is not None:
+                    raise Unbound(f"the store {state.store_url} carries no binding marker: {earlier}; nothing was changed.")
                 raise Unbound(f"the store {state.store_url} carries no binding marker, so it is not known to be this "
                               f"catalog's; run `media-retention db upgrade` (or `adopt`) with the same settings to bind "
                               f"it; nothing was changed.")
@@ -137,16 +140,24 @@ class StoreBinding:
 
     # -- binding -----------------------------------------------------------------------------------
 
-    def refusal(self, *, adopting: bool = False) -> str | None:
-        """Why an unmarked store may not be bound to this catalog, or None when it may."""
+    def _bound_before(self) -> str | None:
+        """Why no unmarked store may be bound to this catalog any more, when it has been bound before."""
         with self.db.transaction() as session:
             bound = session.execute(select(CatalogIdentity.store_url, CatalogIdentity.bound_at)).first()
+        if bound is None or bound.bound_at is None:
+            return None
+        return (f"this catalog was bound to {bound.store_url} on {bound.bound_at.isoformat()} and a store it was bound "
+                f"to keeps its marker: is its volume mounted, is the prefix right? (Media moved to a new store take their "
+                f"marker with them: copy {MARKER_NAME} from the old one.)")
+
+    def refusal(self, *, adopting: bool = False) -> str | None:
+        """Why an unmarked store may not be bound to this catalog, or None when it may."""
+        earlier = self._bound_before()
+        if earlier is not None:
+            return earlier
+        with self.db.transaction() as session:
             live = items_sql.live_keys(session, SAMPLE)
             has_rows = items_sql.has_items(session)
-        if bound is not None and bound.bound_at is not None:
-            return (f"this catalog was bound to {bound.store_url} on {bound.bound_at.isoformat()} and a store it was "
-                    f"bound to keeps its marker: is the volume mounted, is the prefix right? (Media moved to a new "
-                    f"store take their marker with them: copy {MARKER_NAME} from the old one.)")
         store_has_blobs = next(islice((entry for entry in self.store.iter_keys() if isinstance(entry, BlobInfo)), 1), None) is not None
         if not live:
             if not store_has_blobs or adopting:

@@ -5,6 +5,7 @@ Every command takes `--json`; results go to stdout, logs and errors to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import socket
@@ -146,10 +147,8 @@ def _new_embedded_catalog(engine: Engine, current: Settings) -> None:
     (log.debug if embedded else log.warning)(
         "catalog.created", database=redact_url(engine.db.url), store=redact_url(engine.store.url),
         hint=None if embedded else "MEDIA_RETENTION_DATABASE_URL is not set: this is a new, empty catalog")
-    try:
+    with contextlib.suppress(RetentionError):  # the commands that act on the store say why, in their sentence
         engine.binding.ensure(quiet=embedded)
-    except RetentionError as exc:
-        log.warning("catalog.store_not_bound", error=str(exc))
 
 
 def with_engine(command: Callable) -> Callable:

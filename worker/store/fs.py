@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from config.errors import BadInput, BlobExists, RetentionError, StoreError
+from config.errors import BadInput, BlobExists, MediaRootMissing, RetentionError, StoreError
 from worker.store import MARKER_NAME, BlobDigest, BlobInfo, BlobStore, DeleteResult, PartialUpload, StoredFile, open_source
 from worker.store.keys import TEMP_NAME, TEMP_PREFIX, validate_key
 from worker.volume.filesystem import filesystem_usage
@@ -144,11 +144,11 @@ class FilesystemStore(BlobStore):
                 os.close(fd)
 
     def _open_root(self) -> int:
-        """A descriptor of the media root; StoreError when it is not there (an unmounted volume)."""
+        """A descriptor of the media root; MediaRootMissing when it is not there (an unmounted volume)."""
         try:
             return os.open(self.root, _DIR_FLAGS)
         except FileNotFoundError:
-            raise StoreError(f"the media root {self.root} does not exist: is its volume mounted? It is never created "
+            raise MediaRootMissing(f"the media root {self.root} does not exist: is its volume mounted? It is never created "
                              f"here; create it (or fix MEDIA_RETENTION_STORAGE_URL) and try again.") from None
 
     def _write_temp(self, key: str, source: Path, *, durable: bool) -> tuple[str, int, str]:
