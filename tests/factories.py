@@ -96,7 +96,14 @@ def _blob_writer(blobs: Blobs) -> Callable[[str, bytes], None]:
 def bind_store(engine) -> None:
     """Mark the engine's store as its catalog's, whatever both hold: for tests whose catalog has rows without
     blobs (plans, benchmarks), which a real binding rightly refuses (worker/binding.py)."""
-    engine.store.write_marker(json.dumps({"catalog": engine.binding.identity()}).encode())
+    mark_store(engine.db, engine.store)
+
+
+def mark_store(db: Database, store: BlobStore) -> None:
+    """Write `store`'s binding marker naming `db`'s catalog (see `bind_store`)."""
+    from worker.binding import StoreBinding
+
+    store.write_marker(json.dumps({"catalog": StoreBinding(db, store).identity()}).encode())
 
 
 def make_file(directory: Path, content: bytes = b"media bytes") -> Path:

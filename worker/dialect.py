@@ -4,6 +4,7 @@ UPDATE of picked rows, bulk inserts, commit durability. Everything else is writt
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from sqlalchemy import Float, String, any_, bindparam, func, text
@@ -75,9 +76,17 @@ class Dialect:
             # other statement's, so callers catch one IntegrityError whichever way rows went in.
             raise IntegrityError(statement, None, exc) from exc
 
-    def insert(self, table):
-        """An INSERT of this database's own dialect, the one that can say ON CONFLICT (an upsert)."""
-        return (postgresql.insert if self.postgresql else sqlite.insert)(table)
+    def rows_of(self, columns: list[str], rows: list[tuple]) -> tuple[str, dict]:
+        """A FROM item that yields `rows` (tuples of text, in order) under the names `columns`, and its
+        parameters: a whole batch as one or two parameters instead of a placeholder per value, which a
+        multi-row VALUES of thousands of rows costs the client to build (PostgreSQL: unnest of one array a
+        column; SQLite: json_each of one JSON array of rows)."""
+        if self.postgresql:
+            arrays = ", ".join(f"CAST(:{name} AS text[])" for name in columns)
+            return (f"unnest({arrays}) AS rows ({', '.join(columns)})",
+                    {name: [row[index] for row in rows] for index, name in enumerate(columns)})
+        picked = ", ".join(f"json_extract(value, '$[{index}]') AS {name}" for index, name in enumerate(columns))
+        return f"(SELECT {picked} FROM json_each(:rows)) AS rows", {"rows": json.dumps(rows)}
 
     def seconds_between(self, later, earlier):
         """`later - earlier` in seconds as a float, computed by the database: a sweep reads it for every

@@ -27,19 +27,19 @@ from datetime import datetime
 from typing import Literal
 
 import structlog
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select, text
 
 from config.errors import BadInput
-from worker.db import Database, db_now
+from worker.db import Database, UTCDateTime, db_now
 from worker.dialect import Dialect
 from worker.models import KeyReservation
 from worker.store import BlobStore, chunked
 
 log = structlog.get_logger("worker.reservations")
 
-# Rows per upsert statement: four parameters a row keeps a statement well inside SQLite's and
-# PostgreSQL's parameter limits, and a batch of a manifest (2,000 lines) is two statements.
-RESERVE_CHUNK = 1000
+# Keys per statement that names them: a manifest's batch (2,000 lines) in one, on PostgreSQL as one array
+# parameter; on SQLite well inside its limit of bound parameters.
+RESERVE_CHUNK = 2000
 
 _table = KeyReservation.__table__
 
@@ -54,22 +54,26 @@ def reserve(session, dialect: Dialect, token: str, purpose: str, keys: Mapping[s
     return those now held by it. `take_over`: "any" takes over every other holder's reservation (a
     registration), "none" leaves them (adopt), a time takes over only those reserved at or before it (reconcile:
     holders that died). On PostgreSQL a key another transaction is reserving or consuming right now is waited
-    for; on SQLite write transactions never overlap."""
-    held: set[str] = set()
-    rows = [{"storage_key": key, "token": token, "purpose": purpose, "media_id": keys[key]} for key in sorted(keys)]
-    for chunk in chunked(rows, RESERVE_CHUNK):
-        statement = dialect.insert(_table).values(chunk)
-        if take_over == "none":
-            statement = statement.on_conflict_do_nothing(index_elements=[_table.c.storage_key])
-        else:
-            statement = statement.on_conflict_do_update(
-                index_elements=[_table.c.storage_key],
-                set_={"token": statement.excluded.token, "purpose": statement.excluded.purpose,
-                      "media_id": statement.excluded.media_id, "reserved_at": db_now()},
-                where=None if take_over == "any" else _table.c.reserved_at <= take_over,
-            )
-        held.update(session.scalars(statement.returning(_table.c.storage_key)))
-    return held
+    for; on SQLite write transactions never overlap. One statement, the batch as one parameter a column."""
+    if not keys:
+        return set()
+    source, params = dialect.rows_of(["storage_key", "media_id"], [(key, keys[key]) for key in sorted(keys)])
+    if take_over == "none":
+        conflict = "DO NOTHING"
+    else:
+        conflict = ("DO UPDATE SET token = excluded.token, purpose = excluded.purpose, media_id = excluded.media_id, "
+                    "reserved_at = excluded.reserved_at")
+        if take_over != "any":
+            conflict += " WHERE key_reservations.reserved_at <= :stale_before"
+            params["stale_before"] = take_over
+    # WHERE true: SQLite's parser needs it between an INSERT's SELECT and its ON CONFLICT.
+    statement = text(
+        f"INSERT INTO key_reservations (storage_key, token, purpose, media_id, reserved_at) "
+        f"SELECT rows.storage_key, :token, :purpose, rows.media_id, {dialect.compile(db_now())} FROM {source} "
+        f"WHERE true ORDER BY rows.storage_key "
+        f"ON CONFLICT (storage_key) {conflict} RETURNING storage_key"
+    ).bindparams(bindparam("stale_before", type_=UTCDateTime()) if "stale_before" in params else bindparam("token"))
+    return set(session.scalars(statement, {"token": token, "purpose": purpose, **params}))
 
 
 def locked(session, dialect: Dialect, token: str, keys: Iterable[str]) -> set[str]:
@@ -87,11 +91,16 @@ def locked(session, dialect: Dialect, token: str, keys: Iterable[str]) -> set[st
 
 
 def consume(session, dialect: Dialect, token: str, keys: Iterable[str]) -> set[str]:
-    """Lock and delete `token`'s reservations of `keys`, in the transaction that inserts their items; returns
-    the keys it still held (the caller inserts rows only for those, or none when one is missing)."""
-    held = locked(session, dialect, token, keys)
-    for chunk in chunked(sorted(held), RESERVE_CHUNK):
-        session.execute(delete(_table).where(_table.c.token == token, dialect.id_in(_table.c.storage_key, chunk)))
+    """Delete `token`'s reservations of `keys` (locked in key order first), in the transaction that inserts their
+    items; returns the keys it still held (the caller inserts rows only for those, or none when one is missing).
+    One statement a chunk: the deleted rows come back."""
+    held: set[str] = set()
+    for chunk in chunked(sorted(set(keys)), RESERVE_CHUNK):
+        mine = (select(_table.c.storage_key)
+                .where(_table.c.token == token, dialect.id_in(_table.c.storage_key, chunk))
+                .order_by(_table.c.storage_key).with_for_update())
+        held.update(session.scalars(delete(_table).where(_table.c.storage_key.in_(mine.scalar_subquery()))
+                                    .returning(_table.c.storage_key)))
     return held
 
 
@@ -133,7 +142,9 @@ def release(db: Database, store: BlobStore, token: str, keys: Iterable[str], wri
                     removed.append(result.key)
                 else:
                     log.error("register.cleanup_failed", key=result.key, error=result.error)
-        drop(session, token)
+        # Only these keys: a manifest's other batches hold theirs under the same token.
+        for chunk in chunked(sorted(held), RESERVE_CHUNK):
+            session.execute(delete(_table).where(_table.c.token == token, db.sql.id_in(_table.c.storage_key, chunk)))
     abandoned = [key for key in dict.fromkeys(written) if key not in held]
     if abandoned:
         # Taken over: the blob is the new holder's to adopt or leave; reconcile removes it if nobody does.

@@ -52,7 +52,15 @@ def write_tree(root: Path, keys: list[str], size: int = 1024) -> None:
 
 
 def remove_tree(root: Path) -> None:
-    shutil.rmtree(root, ignore_errors=True)
+    """Remove everything under `root` but a media root's binding marker (a store stays bound between rounds)."""
+    from worker.store import MARKER_NAME
+
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            elif child.name != MARKER_NAME:
+                child.unlink(missing_ok=True)
     os.sync()
 
 
@@ -100,7 +108,23 @@ def run(argv: list[str], env: dict | None = None, cwd: Path | None = None) -> Ru
 
 
 def cli_env(database_url: str, storage_url: str, data_dir: Path, **settings: str) -> dict:
-    """The environment an operator's shell would give `media-retention`: the settings, nothing of ours."""
+    """The environment an operator's shell would give `media-retention`: the settings, nothing of ours. A
+    filesystem store is made and bound to the catalog first, as a deployment's is (its rows, filled by SQL,
+    have no blobs yet, which a real binding rightly refuses)."""
+    if storage_url.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        from tests.factories import mark_store
+        from worker.db import Database
+        from worker.store.fs import FilesystemStore
+
+        root = Path(unquote(urlparse(storage_url).path))
+        root.mkdir(parents=True, exist_ok=True)
+        database = Database(database_url)
+        try:
+            mark_store(database, FilesystemStore(root))
+        finally:
+            database.dispose()
     env = {name: value for name, value in os.environ.items() if not name.startswith("MEDIA_RETENTION_")}
     env.update(MEDIA_RETENTION_DATABASE_URL=database_url, MEDIA_RETENTION_STORAGE_URL=storage_url,
                MEDIA_RETENTION_DATA_DIR=str(data_dir), MEDIA_RETENTION_LOG_FORMAT="json")

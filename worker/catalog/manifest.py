@@ -321,7 +321,7 @@ class ManifestImport:
                     item.id = secrets.token_urlsafe(18)
                     if item.source is not None:
                         item.key = key_for_id(item.id)
-            rows = self.registration.write_batch(batch, audit, purpose="import")
+            rows = self.registration.write_batch(batch, audit, purpose="import", checked=True)
             return len(rows), sum(row["size_bytes"] for row in rows)
 
         def settle(keep: int) -> None:

@@ -249,31 +249,55 @@ class FilesystemStore(BlobStore):
 
     def stat_many(self, keys: Sequence[str]) -> list[BlobInfo | None | RetentionError]:
         """Every key's stat from one descriptor of the root, in this thread: a local stat costs less than
-        handing it to another."""
+        handing it to another. Keys are asked directory by directory in sorted order, keeping the chain of
+        open directories from the root, so siblings (`ab/cd/...` and `ab/ce/...`) share their parents'
+        descriptors instead of walking from the root again: half the syscalls of a sharded tree."""
         root_fd = self._open_root()
         answers: list[BlobInfo | None | RetentionError] = [None] * len(keys)
-        # Keys sharing a directory (an imported tree: legacy/2019/...) are asked from one walk to it.
         by_directory: dict[str, list[int]] = {}
         for index, key in enumerate(keys):
             by_directory.setdefault(key.rpartition("/")[0] if isinstance(key, str) else "", []).append(index)
+        chain: list[tuple[str, int]] = []  # open directories below the root: (step, descriptor), deepest last
         try:
-            for indexes in by_directory.values():
-                first = keys[indexes[0]]
+            for directory in sorted(by_directory):
+                indexes = by_directory[directory]
                 try:
-                    with self._parent_dir(first, root_fd=root_fd) as (dir_fd, _name):
-                        for index in indexes:
-                            answers[index] = self._stat_in(keys[index], dir_fd)
+                    validate_key(keys[indexes[0]])  # before any of its steps is opened
+                    dir_fd = self._descend(chain, root_fd, directory.split("/") if directory else [])
+                    for index in indexes:
+                        answers[index] = self._stat_in(keys[index], dir_fd)
                 except FileNotFoundError:
                     pass  # the directory is not there: none of its keys has a blob
-                except (_Escape, RetentionError) as exc:
+                except (_Escape, RetentionError):
                     for index in indexes:  # each key on its own, so each gets its own answer
                         try:
                             answers[index] = self.stat(keys[index], root_fd=root_fd)
                         except RetentionError as error:
                             answers[index] = error
         finally:
+            for _step, fd in chain:
+                os.close(fd)
             os.close(root_fd)
         return answers
+
+    @staticmethod
+    def _descend(chain: list[tuple[str, int]], root_fd: int, steps: list[str]) -> int:
+        """The descriptor of the directory `steps` below the root, reusing the open prefix of `chain` (and
+        leaving the chain at that directory). Each step is opened with O_NOFOLLOW relative to its parent."""
+        common = 0
+        while common < len(chain) and common < len(steps) and chain[common][0] == steps[common]:
+            common += 1
+        while len(chain) > common:
+            os.close(chain.pop()[1])
+        for step in steps[common:]:
+            try:
+                child = os.open(step, _DIR_FLAGS, dir_fd=chain[-1][1] if chain else root_fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _Escape(f"a step {step!r} is a symlink or a file") from None
+                raise
+            chain.append((step, child))
+        return chain[-1][1] if chain else root_fd
 
     def _stat_in(self, key: str, dir_fd: int) -> BlobInfo | None | RetentionError:
         """The blob of `key` in its open directory; its last step is checked like any key's."""
