@@ -23,6 +23,7 @@ from config.errors import BadInput, RetentionError
 from config.settings import load_settings
 from tests.e2e.conftest import SCRIPT
 from tests.factories import make_file, plant_blob, seed_items, wait_until_older
+from tests.s3 import PREFIX
 from worker import reservations
 from worker.catalog.registration import Registration
 from worker.db import plus_seconds
@@ -339,3 +340,17 @@ def test_only_a_file_named_exactly_as_the_store_names_its_temporary_files_is_a_p
     assert listed == {"ab/cd/.incoming-0123456789abcdef": "PartialUpload", "ab/cd/.incoming-00ff00ff": "BlobInfo"}
     assert [entry.key for entry in catalog.store.iter_keys()] == ["ab/cd/.incoming-00ff00ff"]
     assert ours.exists() and alike.exists()
+
+
+def test_on_s3_reconcile_leaves_an_orphans_object_to_a_registration_that_holds_its_key(s3_catalog, objects, bucket, monkeypatch):
+    """The same interleaving on an object store: an old object no item names, `register --key` of it has
+    reserved the key and seen the object when reconcile runs; reconcile keeps it and the item has it."""
+    s3_catalog.set_org("acme", "30d")
+    objects.put(bucket, [f"{PREFIX}/legacy/2019/a.jpg"], body=b"old media", age=timedelta(days=3))
+    seed_items(s3_catalog.db, objects.writer(bucket), "acme", 3, prefix="bystander")
+    reports = interleave_before_insert(monkeypatch, s3_catalog,
+                                       lambda: Reconciler(s3_catalog.db, s3_catalog.store).run(grace=timedelta(days=1)))
+    item = s3_catalog.register(org="acme", key="legacy/2019/a.jpg", media_id="legacy-a")
+    assert reports[0].orphans_deleted == 0 and reports[0].reserved_skipped == 1
+    assert f"{PREFIX}/legacy/2019/a.jpg" in objects.names(bucket) and s3_catalog.lookup(item.id).key == "legacy/2019/a.jpg"
+    assert verify(s3_catalog).clean
