@@ -60,3 +60,35 @@ def test_a_stale_mutation_refuses_and_changes_nothing(tmp_path):
         stale.apply(tmp_path)
     assert (tmp_path / "a.py").read_text() == "x = 1\n" and (tmp_path / "b.py").read_text() == "y = 2\ny = 2\n"
 
+
+FAKE_MODEL_TEST = '''
+import os
+
+from hypothesis import Phase, given, settings, strategies as st
+
+
+@settings(max_examples=int(os.environ["MEDIA_RETENTION_TEST_MODEL_EXAMPLES"]), phases=list(Phase))
+@given(st.integers(0, 100))
+def test_fake_model(n):
+    with open(os.environ["MEDIA_RETENTION_TEST_MODEL_TRACE"], "a") as trace:
+        trace.write(f"{n}\\n")
+    shrinking = Phase.shrink in settings(phases=list(Phase)).phases
+    assert n < 50, f"n is {n}, shrinking {'on' if shrinking else 'off'}"
+'''
+
+
+def test_a_failing_target_is_reported_failed_with_its_message_and_how_many_examples_it_took(tmp_path):
+    """One pytest process of the harness on a stand-in model test: the failure's first line, the examples
+    Hypothesis ran up to it (observed, and as the test traced them), and shrinking turned off."""
+    from tests.mutants.run import run_node
+
+    copy = tmp_path / "tree"
+    for name in ("tests/__init__.py", "tests/mutants/__init__.py", "tests/mutants/noshrink.py"):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, copy / name)
+    (copy / "test_fake_model.py").write_text(FAKE_MODEL_TEST)
+    result = run_node(copy, tmp_path / "scratch", "test_fake_model.py::test_fake_model", examples=200, seed=1,
+                      timeout=120, shrink=False, keep=False)
+    assert result.outcome == "failed", result
+    assert result.failure.startswith("AssertionError: n is ") and result.failure.endswith("shrinking off"), result.failure
+    assert 1 <= result.examples_observed <= result.examples_traced < 200, result
