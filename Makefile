@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench soak faults install clean
+.PHONY: run test bench soak faults mutants install clean
 
 $(BIN)/media-retention: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,9 @@ soak: install
 # with MEDIA_RETENTION_TEST_FAULT_SEED).
 faults: install
 	MEDIA_RETENTION_TEST_KILLS=100 $(BIN)/pytest tests/faults -p no:cacheprovider --durations=10
+
+# Does the model-based test see each planted safety bug (tests/mutants/mutations.py)? Each is planted in a
+# scratch copy of the working tree and the model test run there; the table says killed or survived and how
+# many examples it took. Options after ARGS, e.g. `make mutants ARGS='--only lookups-ignore-expiry --examples 40'`.
+mutants: install
+	$(BIN)/python -m tests.mutants.run $(ARGS)
