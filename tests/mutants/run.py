@@ -115,9 +115,11 @@ def _environment(copy: Path, scratch: Path, examples: int) -> dict[str, str]:
 
 
 def check_imports(copy: Path, env: dict[str, str]) -> str | None:
-    """None when `worker` and `tests` import from the copy; otherwise why not (a mutant that does not even
+    """None when the project's packages import from the copy; otherwise why not (a mutant that does not even
     import, or an interpreter that prefers another checkout)."""
-    probe = subprocess.run([sys.executable, "-c", "import tests, worker; print(worker.__file__); print(tests.__file__)"],
+    packages = ("config", "tasks", "tests", "worker")
+    probe = subprocess.run([sys.executable, "-c", f"import {', '.join(packages)}; "
+                            + "; ".join(f"print({name}.__file__)" for name in packages)],
                            cwd=copy, env=env, capture_output=True, text=True)
     if probe.returncode != 0:
         lines = probe.stderr.strip().splitlines()
