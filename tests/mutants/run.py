@@ -335,7 +335,7 @@ class Runner:
                     break
             elif result.outcome != "passed" and verdict.result == "survived":
                 verdict.result = "inconclusive"
-                verdict.detail = f"{short(node, self.nodes)}: {result.outcome}: {result.failure}"
+                verdict.detail = f"{short(node, self.nodes) or node}: {result.outcome}: {result.failure}"
         return verdict
 
     def _run(self, copy: Path, scratch: Path, node: str) -> NodeResult:
@@ -347,11 +347,12 @@ class Runner:
 
 
 def short(node: str, nodes: list[str]) -> str:
-    """A node's name without what all the targets' names share (`sqlite`, `postgresql` for the model test)."""
+    """A node's name without what all the targets' names share (`sqlite`, `postgresql` for the model test);
+    empty when there is only one node, which needs no name."""
     names = [candidate.rsplit("::", 1)[-1] for candidate in nodes]
     name = node.rsplit("::", 1)[-1]
     if len(set(names)) < 2:
-        return name
+        return ""
     prefix = os.path.commonprefix(names)
     cut = prefix.rfind("_") + 1 if "_" in prefix else len(prefix)
     return name[cut:] or name
@@ -368,12 +369,13 @@ def table(verdicts: list[Verdict], nodes: list[str]) -> str:
     for verdict in verdicts:
         killer = verdict.killer
         if killer is not None:
-            result = f"killed ({short(killer.node, nodes)})"
+            label = short(killer.node, nodes)
+            result = f"killed ({label})" if label else "killed"
             examples = _count(killer.examples)
             failure = killer.failure
         else:
             result = verdict.result
-            examples = " / ".join(f"{short(node.node, nodes)} {_count(node.examples)}" for node in verdict.nodes) or "-"
+            examples = " / ".join(f"{short(node.node, nodes)} {_count(node.examples)}".strip() for node in verdict.nodes) or "-"
             failure = verdict.trouble
         kind = "#19" if verdict.kind == ISSUE_19 else ("audit" if verdict.kind != "-" else "-")
         lines.append(f"| {verdict.name} | {kind} | {result} | {examples} | {verdict.seconds:.0f} | {_cell(failure)} |")
@@ -460,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             verdicts.append(verdict)
             killer = verdict.killer
             print(f"mutants: [{number}/{len(mutations)}] {mutation.name}: {verdict.result}"
-                  + (f" by {short(killer.node, runner.nodes)} after {_count(killer.examples)} examples" if killer else "")
+                  + (f" by {short(killer.node, runner.nodes) or 'the target'} after {_count(killer.examples)} examples"
+                     if killer else "")
                   + f" ({verdict.seconds:.0f} s)", file=sys.stderr)
     finally:
         runner.close()
