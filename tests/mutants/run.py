@@ -22,8 +22,9 @@ the mutation unless `--every-target`. Each process gets:
 - Hypothesis' observability (HYPOTHESIS_EXPERIMENTAL_OBSERVABILITY), written to the run's own storage
   directory: the test cases up to the first failing one are the examples it took (`examples_observed`),
   whether or not the model test keeps a trace;
-- `--hypothesis-seed`, the same for the baseline and every mutation (printed; `--seed` replays a run),
-  and the plugin tests.mutants.noshrink unless `--shrink`: a failure is reported as found.
+- `--hypothesis-seed`, the same for the baseline and every mutation (printed; `--seed` replays a run);
+- unless `--shrink`, MEDIA_RETENTION_TEST_MODEL_SHRINK=0 and the plugin tests.mutants.noshrink (for a test
+  that has no such switch): a failure is reported as found, not shrunk for minutes.
 
 The table is printed as markdown at the end and, with `--json`, written with every detail.
 """
@@ -50,6 +51,9 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TARGETS = ("tests/integration/test_retention_model.py",)
 EXAMPLES_ENV = "MEDIA_RETENTION_TEST_MODEL_EXAMPLES"
 TRACE_ENV = "MEDIA_RETENTION_TEST_MODEL_TRACE"
+# The model test's own switch for Hypothesis' shrink phase ("0": off); tests.mutants.noshrink does the same
+# for any Hypothesis test, this one says it in the model test's terms.
+SHRINK_ENV = "MEDIA_RETENTION_TEST_MODEL_SHRINK"
 # The model test's own default budget (what `make test` runs), so a plain run answers for the suite as it is.
 DEFAULT_EXAMPLES = 120
 # Per pytest process: a surviving mutation runs the whole budget, which on SQLite is about a minute per
@@ -97,9 +101,11 @@ class NodeResult:
         return self.examples_observed if self.examples_observed is not None else self.examples_traced
 
 
-def _environment(copy: Path, scratch: Path, examples: int) -> dict[str, str]:
+def _environment(copy: Path, scratch: Path, examples: int, *, shrink: bool = False) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("PYTEST_", "HYPOTHESIS_")) and name not in (TRACE_ENV, EXAMPLES_ENV)}
+           if not name.startswith(("PYTEST_", "HYPOTHESIS_")) and name not in (TRACE_ENV, EXAMPLES_ENV, SHRINK_ENV)}
+    if not shrink:
+        env[SHRINK_ENV] = "0"
     env.update({
         "PYTHONPATH": str(copy),
         EXAMPLES_ENV: str(examples),
@@ -207,7 +213,7 @@ def _observed_examples(storage: Path) -> int | None:
 def run_node(copy: Path, scratch: Path, node: str, *, examples: int, seed: int, timeout: float, shrink: bool,
              keep: bool) -> NodeResult:
     scratch.mkdir(parents=True)
-    env = _environment(copy, scratch, examples)
+    env = _environment(copy, scratch, examples, shrink=shrink)
     args = [node, "-p", "no:cacheprovider", f"--hypothesis-seed={seed}", f"--basetemp={scratch / 'tmp'}",
             f"--junitxml={scratch / 'junit.xml'}", "-q"]
     if not shrink:
