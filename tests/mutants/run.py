@@ -353,12 +353,16 @@ class Runner:
 
 
 def short(node: str, nodes: list[str]) -> str:
-    """A node's name without what all the targets' names share (`sqlite`, `postgresql` for the model test);
+    """A node's name short enough for the table: its last three words when those tell the nodes apart
+    (`leaks_on_sqlite`, `leaks_on_postgresql` for the model test), else without what all the names share;
     empty when there is only one node, which needs no name."""
     names = [candidate.rsplit("::", 1)[-1] for candidate in nodes]
     name = node.rsplit("::", 1)[-1]
     if len(set(names)) < 2:
         return ""
+    tails = ["_".join(candidate.split("_")[-3:]) for candidate in names]
+    if len(set(tails)) == len(set(names)):
+        return "_".join(name.split("_")[-3:])
     prefix = os.path.commonprefix(names)
     cut = prefix.rfind("_") + 1 if "_" in prefix else len(prefix)
     return name[cut:] or name
