@@ -35,6 +35,7 @@ model, and after every step the two must agree; the oracle sees:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import json
@@ -54,8 +55,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sqlalchemy import create_engine, delete, literal, select, text, update
 from sqlalchemy.orm import sessionmaker
 
-from config.errors import BadInput, Gone, NotFound, RetentionError
+from config.errors import BadInput, Gone, MediaRootMissing, NotFound, RetentionError
 from config.settings import load_settings
+from worker import items as items_sql
 from worker import schema
 from worker.binding import Unbound
 from worker.catalog import Catalog
@@ -575,21 +577,29 @@ class RetentionModel(RuleBasedStateMachine):
                                          st.sampled_from(EXPIRES_IN)), max_size=6),
                 upstream=st.integers(0, 2))
     def a_deployment(self, retentions, items, upstream):
-        """Where each example starts: both orgs, a few items expiring seconds to weeks either side of now, and
-        blobs an upstream service wrote that no item names yet."""
+        """Where each example starts: both orgs, blobs an upstream service wrote two hours ago that no item names
+        yet (older than reconcile's grace), and a few items expiring seconds to weeks either side of now."""
         for org, retention in zip(ORGS, retentions, strict=True):
             self.org_set(org, retention, "90d", None)
-        for org, ttl, expires_in in items:
-            self.register(org, ttl, expires_in, None)
         for _ in range(upstream):
             self.upstream_writes_a_blob()
+        self.advance_clock(2 * HOUR)
+        for org, ttl, expires_in in items:
+            self.register(org, ttl, expires_in, None)
 
     @rule(org=st.sampled_from((*ORGS, "ghost")), ttl=st.none() | st.sampled_from(sorted(TTLS)),
-          expires_in=st.sampled_from(EXPIRES_IN), crash_at=st.none() | st.integers(1, 4))
-    def register(self, org, ttl, expires_in, crash_at):
+          expires_in=st.sampled_from(EXPIRES_IN), crash_at=st.none() | st.integers(1, 4),
+          name=st.sampled_from(("plain", "plain", "temporary-looking")))
+    def register(self, org, ttl, expires_in, crash_at, name="plain"):
         """`register --org ORG --file F --id ID [--ttl T] --created-at T` for an item expiring `expires_in` from now
-        (into an org that does not exist: refused)."""
+        (into an org that does not exist, or under an ID named like the store's temporary files: refused)."""
         self.counter += 1
+        if name == "temporary-looking" and org in self.orgs:
+            before = self.state_of_everything()
+            with pytest.raises(BadInput, match="reserved"):
+                self.system.catalog.register(org=org, file=self.upload(), media_id=f".incoming-{self.counter:016x}")
+            assert self.state_of_everything() == before
+            return
         self._register(f"m{self.counter}", org, ttl, expires_in, crash_at)
 
     def created_for(self, org: str, ttl: str | None, expires_in: int) -> datetime:
@@ -709,24 +719,43 @@ class RetentionModel(RuleBasedStateMachine):
         when the step ended (also a claim a crash left behind, taken over once its lease ran out)."""
         return "deleted" if not self.held(item) and self.expiry(item) <= after else None
 
-    @rule(crash_at=st.none() | st.integers(1, 8))
-    def sweep(self, crash_at):
-        """`sweep`: takes expired, unheld items (and finishes claims a crash left behind)."""
+    def refusing(self, operation, refuse: bool):
+        """`operation(system)`, with the store answering AccessDenied for every delete while it runs when
+        `refuse`: the claimed items must stay `deleting`, their blobs and rows untouched by a finalize."""
+        if not refuse:
+            return operation
+        keys = {item.key for item in self.items.values()}
+
+        def refused(system):
+            added = keys - self.refused
+            self.refused |= added
+            try:
+                return operation(system)
+            finally:
+                self.refused -= added
+
+        return refused
+
+    @rule(crash_at=st.none() | st.integers(1, 8), refuse=st.booleans())
+    def sweep(self, crash_at, refuse=False):
+        """`sweep`: takes expired, unheld items (and finishes claims a crash left behind), against a store that
+        may refuse every delete."""
         before = self.now()
-        counts = self.run(lambda system: system.catalog.sweeper.sweep(), crash_at, self.sweep_may_take)
+        counts = self.run(self.refusing(lambda system: system.catalog.sweeper.sweep(), refuse), crash_at, self.sweep_may_take)
         if counts is not None:
             for item in self.items.values():
                 if not item.gone and self.expiry(item) <= before and not self.held(item):
                     raise AssertionError(f"a finished sweep left {item.id} active though it expired at "
                                          f"{self.expiry(item).isoformat()}, before the sweep began ({before.isoformat()})")
 
-    @rule(picks=st.lists(PICK, min_size=1, max_size=3), crash_at=st.none() | st.integers(1, 4))
-    def purge_items(self, picks, crash_at):
-        """`purge ID... --yes`: deletes now, whatever the expiry, never held media."""
+    @rule(picks=st.lists(PICK, min_size=1, max_size=3), crash_at=st.none() | st.integers(1, 4), refuse=st.booleans())
+    def purge_items(self, picks, crash_at, refuse):
+        """`purge ID... --yes`: deletes now, whatever the expiry, never held media (against a store that may
+        refuse every delete)."""
         chosen = {choose(sorted(self.items), pick) for pick in picks} - {None}
         if not chosen:
             return
-        self.run(lambda system: system.catalog.purge(ids=sorted(chosen), actor="model"), crash_at,
+        self.run(self.refusing(lambda system: system.catalog.purge(ids=sorted(chosen), actor="model"), refuse), crash_at,
                  lambda item, before, after: "deleted" if item.id in chosen and not self.held(item) else None)
 
     @precondition(lambda self: self.orgs)
@@ -756,18 +785,19 @@ class RetentionModel(RuleBasedStateMachine):
             return False
         return None
 
-    @rule(crash_at=st.none() | st.integers(1, 6))
-    def reconcile(self, crash_at):
-        """`reconcile --grace 1h`: may tombstone an unheld item whose blob is missing; deletes no live blob, no
-        orphan younger than the grace; refuses, changing nothing, when every active item's blob is missing."""
+    @rule(crash_at=st.none() | st.integers(1, 6), grace=st.sampled_from((1, HOUR)))
+    def reconcile(self, crash_at, grace=HOUR):
+        """`reconcile --grace G`: may tombstone an unheld item whose blob is missing, counting the held ones it
+        leaves; deletes no live blob, no orphan younger than the grace; refuses, changing nothing, when every
+        active item's blob is missing."""
         drift = self.mass_drift()
-        before = self.now()
+        held_missing = sum(1 for item in self.items.values() if not item.gone and item.stashed and self.held(item))
         blobs = self.blobs_on_disk()
         outcome = Outcome()
 
         def operation(system):
             try:
-                return system.reconciler().run(grace=RECONCILE_GRACE, actor="model")
+                return system.reconciler().run(grace=timedelta(seconds=grace), actor="model")
             except TooMany as exc:
                 outcome.error = exc
                 return None
@@ -779,17 +809,58 @@ class RetentionModel(RuleBasedStateMachine):
                                       f"{'' if drift else 'not '}of nearly everything: {outcome.error or report}")
         if refused:
             assert self.blobs_on_disk() == blobs, "a reconcile that refused deleted blobs"
-        self.orphans_deleted_by_reconcile()
+        elif report is not None:
+            assert report.missing_held == held_missing, f"reconcile counted {report.missing_held} held items missing their blob, not {held_missing}"
+        self.orphans_deleted_by_reconcile(grace)
 
-    def orphans_deleted_by_reconcile(self) -> None:
+    def orphans_deleted_by_reconcile(self, grace: int = HOUR) -> None:
         """An orphan blob reconcile deleted was older than the grace by the database's clock when it ended."""
         after = self.now()
         for key, orphan in list(self.orphans.items()):
             if not (self.root / key).exists():
-                assert orphan.written <= after - RECONCILE_GRACE + timedelta(seconds=1), (
+                assert orphan.written <= after - timedelta(seconds=grace - 1), (
                     f"reconcile deleted {key}, written {orphan.written.isoformat()}, younger than the grace at "
                     f"{after.isoformat()}")
                 del self.orphans[key]
+
+    @rule(pick=PICK)
+    def a_blob_goes_away_for_a_while(self, pick):
+        """An operator's `mv` undone hours later: reconcile records the blob missing, tombstones the unheld item
+        once it has been missing for the grace, and keeps the blob that comes back until the item's expiry."""
+        media_id = choose(sorted(i.id for i in self.items.values() if not i.stashed and not i.gone), pick)
+        if media_id is None:
+            return
+        item = self.items[media_id]
+        self.stash_blob(item)
+        self.reconcile(None)
+        self.advance_clock(2 * HOUR)
+        self.reconcile(None)
+        if item.stashed:
+            self.blob_comes_back_for(item)
+        self.reconcile(None)
+
+    @rule(days=st.sampled_from((1, 40)))
+    def compact(self, days):
+        """`compact --older-than D`: removes tombstones deleted longer ago, never a live or claimed row, never
+        a `missing_blob` tombstone before its item's expiry (its blob may come back). Its IDs answer not_found."""
+        table = MediaItem.__table__
+        with self.reader() as session:
+            tombstones = {row.id: row for row in session.execute(
+                select(table.c.id, table.c.deletion_reason, table.c.deleted_at, table.c.expires_at)
+                .where(table.c.state == State.DELETED.value))}
+        before = self.now()
+        self.system.engine.tombstones.compact(older_than=timedelta(days=days), actor="model")
+        after = self.now()
+        with self.reader() as session:
+            left = set(session.scalars(select(table.c.id)))
+        for media_id in [media_id for media_id in self.items if media_id not in left]:
+            row = tombstones.get(media_id)
+            assert row is not None, f"compaction removed {media_id}, which was not a tombstone"
+            assert row.deleted_at <= after - timedelta(days=days), f"compaction removed {media_id}, deleted {row.deleted_at}"
+            assert row.deletion_reason != "missing_blob" or row.expires_at <= after, (
+                f"compaction removed the missing_blob tombstone of {media_id}, which expires {row.expires_at} "
+                f"(now {before.isoformat()}): a blob coming back would then be taken for an orphan")
+            del self.items[media_id]
 
     @precondition(lambda self: self.orgs)
     @rule(pick=PICK)
@@ -844,25 +915,39 @@ class RetentionModel(RuleBasedStateMachine):
 
     # -- races: the first operation paused at a boundary while the second runs --------------------
 
-    RACES = ("two registrations of one id", "two registrations of one key", "reconcile and a registration of an orphan's key",
-             "adopt and a registration of the same key", "two overlapping manifests", "a sweep and a policy change")
+    # Each race a rule of its own (Hypothesis picks rules evenly): the races are what one owner per blob is about.
+    PAUSES = st.integers(1, 6)
 
     @precondition(lambda self: self.orgs)
-    @rule(race=st.sampled_from(RACES), pick=PICK, pause_at=st.integers(1, 6), flag=st.booleans(), lines=st.integers(1, 4),
-          change=st.sampled_from(("hold-org", "release-org", "retention", "hold-item")),
-          retention=st.sampled_from(sorted(RETENTIONS)))
-    def two_operations_race(self, race, pick, pause_at, flag, lines, change, retention):
-        """Two operations at once, the first paused at a boundary Hypothesis picks while the second runs."""
-        handler = {
-            "two registrations of one id": self.race_two_registrations_of_one_id,
-            "two registrations of one key": self.race_two_registrations_of_one_key,
-            "reconcile and a registration of an orphan's key": self.race_reconcile_and_a_registration_of_an_orphans_key,
-            "adopt and a registration of the same key": self.race_adopt_and_a_registration_of_the_same_key,
-            "two overlapping manifests": self.race_two_overlapping_manifests,
-            "a sweep and a policy change": self.race_a_sweep_and_a_policy_change,
-        }[race]
-        handler(pick=pick, pause_at=pause_at, same_content=flag, reconcile_first=flag, lines=lines, change=change,
-                retention=retention)
+    @rule(pick=PICK, pause_at=PAUSES, same_content=st.booleans())
+    def race_of_two_registrations_of_one_id(self, pick, pause_at, same_content):
+        self.race_two_registrations_of_one_id(pick=pick, pause_at=pause_at, same_content=same_content)
+
+    @precondition(lambda self: self.orgs)
+    @rule(pick=PICK, pause_at=PAUSES)
+    def race_of_two_registrations_of_one_key(self, pick, pause_at):
+        self.race_two_registrations_of_one_key(pick=pick, pause_at=pause_at)
+
+    @precondition(lambda self: self.orgs)
+    @rule(pick=PICK, pause_at=PAUSES, reconcile_first=st.booleans())
+    def race_of_reconcile_and_a_registration_of_an_orphans_key(self, pick, pause_at, reconcile_first):
+        self.race_reconcile_and_a_registration_of_an_orphans_key(pick=pick, pause_at=pause_at, reconcile_first=reconcile_first)
+
+    @precondition(lambda self: self.orgs)
+    @rule(pick=PICK, pause_at=PAUSES, race=st.sampled_from(("adopt and a registration", "two manifests")),
+          lines=st.integers(1, 4))
+    def race_of_adopt_or_manifests(self, pick, pause_at, race, lines):
+        if race == "two manifests":
+            self.race_two_overlapping_manifests(pick=pick, pause_at=pause_at, lines=lines)
+        else:
+            self.race_adopt_and_a_registration_of_the_same_key(pick=pick, pause_at=pause_at)
+
+    @precondition(lambda self: self.orgs)
+    @rule(pick=PICK, pause_at=PAUSES, change=st.sampled_from(("hold-org", "release-org", "retention", "hold-item")),
+          retention=st.sampled_from(sorted(RETENTIONS)), policy_first=st.booleans())
+    def race_of_a_sweep_and_a_policy_change(self, pick, pause_at, change, retention, policy_first):
+        self.race_a_sweep_and_a_policy_change(pick=pick, pause_at=pause_at, change=change, retention=retention,
+                                              policy_first=policy_first)
 
     def attempt(self, operation) -> Outcome:
         try:
@@ -1004,7 +1089,7 @@ class RetentionModel(RuleBasedStateMachine):
             if f"mf{self.counter}-{number}" not in self.items and (self.root / key).exists():
                 self.orphans[key] = Orphan((self.root / key).read_bytes(), self.now())
 
-    def race_a_sweep_and_a_policy_change(self, pick, pause_at, change, retention, **_):
+    def race_a_sweep_and_a_policy_change(self, pick, pause_at, change, retention, policy_first=False, **_):
         """A sweep paused mid-way while a hold, a release or a retention change lands: the sweep may finish what
         it claimed under the old policy, and verify (which judges claims by when each change took effect)
         reports nothing."""
@@ -1030,9 +1115,14 @@ class RetentionModel(RuleBasedStateMachine):
                 return "deleted"
             return self.sweep_may_take(candidate, before, after)
 
-        outcomes = self.raced(lambda: self.system.catalog.sweeper.sweep(), policy, pause_at, may_take)
-        assert outcomes[0].error is None, outcomes[0].error
-        assert outcomes[1].error is None or isinstance(outcomes[1].error, (Gone, BadInput)), outcomes[1].error
+        sweep = lambda: self.system.catalog.sweeper.sweep()  # noqa: E731
+        # The policy change paused in its transaction (after it locked the org, before it touched the items)
+        # while a sweep claims; or the sweep paused (after its claim, its locks held) while the change waits.
+        first, second = (policy, sweep) if policy_first else (sweep, policy)
+        outcomes = self.raced(first, second, pause_at, may_take)
+        swept, changed = (outcomes[1], outcomes[0]) if policy_first else outcomes
+        assert swept.error is None, swept.error
+        assert changed.error is None or isinstance(changed.error, (Gone, BadInput)), changed.error
 
     # -- misconfigurations: every command refuses and nothing changes ------------------------------
 
@@ -1054,9 +1144,9 @@ class RetentionModel(RuleBasedStateMachine):
             "adopt": lambda: system.catalog.adopter().run(org=ORGS[0], grace=timedelta(0), actor="model"),
         }
         # Refused before anything changed: the binding (or, for a command that first names an org, the org).
-        with pytest.raises((BadInput, NotFound)) as refused:
+        with pytest.raises((BadInput, NotFound, MediaRootMissing)) as refused:
             operations[command]()
-        assert isinstance(refused.value, Unbound) or command in ("purge", "adopt"), refused.value
+        assert isinstance(refused.value, (Unbound, MediaRootMissing)) or command in ("purge", "adopt"), refused.value
 
     def upload(self) -> Path:
         source = self.workdir / "up" / "misconfigured.bin"
@@ -1065,13 +1155,32 @@ class RetentionModel(RuleBasedStateMachine):
 
     COMMANDS = ("reconcile", "reconcile-allowing-drift", "sweep", "purge", "verify", "register", "adopt")
 
-    @rule(how=st.sampled_from(("an empty catalog", "the wrong prefix", "an unmounted volume")),
+    @rule(how=st.sampled_from(("an empty catalog", "the wrong prefix", "an unmounted volume", "a missing media root")),
           command=st.sampled_from(COMMANDS), pick=PICK)
     def a_command_misconfigured(self, how, command, pick):
         """A command run with the wrong settings refuses in one sentence and changes nothing."""
         {"an empty catalog": self.a_command_against_an_empty_catalog,
          "the wrong prefix": self.a_command_on_the_wrong_prefix,
-         "an unmounted volume": self.a_command_while_the_volume_is_not_mounted}[how](command=command, pick=pick)
+         "an unmounted volume": self.a_command_while_the_volume_is_not_mounted,
+         "a missing media root": self.a_command_without_its_media_root}[how](command=command, pick=pick)
+
+    def a_command_without_its_media_root(self, command, **_):
+        """The media root is not there at all: a new process refuses, and nothing creates the directory."""
+        before = self.state_of_everything()
+        away = self.workdir / "mounted-away"
+        self.root.rename(away)
+        other = None
+        try:
+            other = System(self.url, self.root, lambda keys: None, self.clock, set())
+            self.refuses(other, command)
+            assert not self.root.exists(), f"{command} created the missing media root"
+        finally:
+            if other is not None:
+                other.close()
+            if self.root.exists():
+                shutil.rmtree(self.root)
+            away.rename(self.root)
+        assert self.state_of_everything() == before
 
     def a_command_against_an_empty_catalog(self, command, **_):
         """MEDIA_RETENTION_DATABASE_URL unset: a new, empty catalog facing this store refuses, whatever the command."""
@@ -1250,8 +1359,44 @@ class RetentionModel(RuleBasedStateMachine):
 EXAMPLES = int(os.environ.get("MEDIA_RETENTION_TEST_MODEL_EXAMPLES", "120"))
 
 
+@contextlib.contextmanager
+def boundaries_inside_transactions():
+    """More boundaries an operation can be paused or killed at, inside transactions that hold row locks: after
+    a sweep's claim statement (its rows locked until it commits), and before a hold or a retention change
+    touches the org's items (the org row locked). A race paused there is the audit's: a hold that waited for
+    a claim, a claim that got in while a change was under way."""
+    real_claim = items_sql.Claims.expired
+    real = {name: getattr(items_sql, name) for name in ("mirror_org_hold", "rewrite_expiry", "set_hold")}
+
+    def claim(self, *args, **kwargs):
+        rows = real_claim(self, *args, **kwargs)
+        cross("claimed")
+        return rows
+
+    def crossing(function):
+        def changed(*args, **kwargs):
+            cross("policy")
+            return function(*args, **kwargs)
+        return changed
+
+    items_sql.Claims.expired = claim
+    for name, function in real.items():
+        setattr(items_sql, name, crossing(function))
+    try:
+        yield
+    finally:
+        items_sql.Claims.expired = real_claim
+        for name, function in real.items():
+            setattr(items_sql, name, function)
+
+
 def run_model(url: str, workdir: Path, max_examples: int, *, postgresql: bool, steps: int = 30) -> None:
     machine = type("Model", (RetentionModel,), {"url": url, "workdir": workdir, "postgresql": postgresql})
+    with boundaries_inside_transactions():
+        _run(machine, max_examples, steps)
+
+
+def _run(machine, max_examples: int, steps: int) -> None:
     run_state_machine_as_test(
         machine,
         # No explain phase: on Python < 3.12 it traces every line, which makes each step of this test crawl.
