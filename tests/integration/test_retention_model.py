@@ -123,16 +123,38 @@ class CrashPlan:
             raise Crash()
 
 
+# Where a raced operation may be paused: the nth boundary of a kind it crosses. A transaction's start, a store
+# write or delete (a delete inside reconcile's transaction, its keys held), right after a sweep's claim
+# statement (its rows locked), or as a hold or retention change is about to touch the org's items (the org
+# locked). An operation that never crosses the chosen one simply runs to its end first. Each operation pauses
+# where it has something to hold (a registration between its reservation, its write and its insert; reconcile
+# while it deletes), so a race draws from its first operation's own list.
+PAUSES = {
+    "registration": (("transaction", 1), ("transaction", 2), ("transaction", 3), ("put", 1)),
+    "reconcile": (("transaction", 1), ("transaction", 2), ("delete", 1), ("delete", 1)),
+    "sweep": (("transaction", 1), ("claimed", 1), ("claimed", 1), ("delete", 1)),
+    "policy": (("transaction", 1), ("policy", 1), ("policy", 1), ("policy", 1)),
+    "adopt": (("transaction", 1), ("transaction", 2), ("transaction", 3), ("transaction", 4)),
+    "manifest": (("transaction", 2), ("transaction", 3), ("transaction", 4), ("put", 1)),
+}
+
+
+def pause_of(operation: str, pick: int) -> tuple[str, int]:
+    return PAUSES[operation][pick % len(PAUSES[operation])]
+
+
 class PausePlan:
     """Stops the operation at the chosen boundary until the racing operation has had its go."""
 
-    def __init__(self, at: int):
-        self.at = at
+    def __init__(self, at: tuple[str, int]):
+        self.kind, self.at = at
         self.crossed = 0
         self.paused = threading.Event()
         self.resume = threading.Event()
 
     def boundary(self, kind: str) -> None:
+        if kind != self.kind:
+            return
         self.crossed += 1
         if self.crossed == self.at:
             self.paused.set()
@@ -653,7 +675,7 @@ class RetentionModel(RuleBasedStateMachine):
         """An upstream service writes a blob straight into the store, to register it by key (or never). It ages
         as the database's clock moves (the listing reports ages by that clock)."""
         self.counter += 1
-        key = f"up/{self.counter}.jpg"
+        key = f"up/{self.counter:06d}.jpg"  # zero-padded: sorted keys come in the order they were written
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(f"upstream {self.counter}".encode())
@@ -823,10 +845,11 @@ class RetentionModel(RuleBasedStateMachine):
                     f"{after.isoformat()}")
                 del self.orphans[key]
 
-    @rule(pick=PICK)
-    def a_blob_goes_away_for_a_while(self, pick):
-        """An operator's `mv` undone hours later: reconcile records the blob missing, tombstones the unheld item
-        once it has been missing for the grace, and keeps the blob that comes back until the item's expiry."""
+    @rule(pick=PICK, days_away=st.sampled_from((0, 2)))
+    def a_blob_goes_away_for_a_while(self, pick, days_away=0):
+        """An operator's `mv` undone hours (or days, with the daily compaction running meanwhile) later:
+        reconcile records the blob missing, tombstones the unheld item once it has been missing for the grace,
+        and keeps the blob that comes back until the item's expiry; compaction keeps that tombstone until then."""
         media_id = choose(sorted(i.id for i in self.items.values() if not i.stashed and not i.gone), pick)
         if media_id is None:
             return
@@ -835,6 +858,9 @@ class RetentionModel(RuleBasedStateMachine):
         self.reconcile(None)
         self.advance_clock(2 * HOUR)
         self.reconcile(None)
+        if days_away:
+            self.advance_clock(days_away * DAY)
+            self.compact(1)
         if item.stashed:
             self.blob_comes_back_for(item)
         self.reconcile(None)
@@ -915,39 +941,50 @@ class RetentionModel(RuleBasedStateMachine):
 
     # -- races: the first operation paused at a boundary while the second runs --------------------
 
-    # Each race a rule of its own (Hypothesis picks rules evenly): the races are what one owner per blob is about.
-    PAUSES = st.integers(1, 6)
+    # Each race a rule of its own (Hypothesis picks rules evenly): the races are what one owner per blob is
+    # about. Each makes what it races over (an orphan old enough, an expired item) so that it always bites.
 
     @precondition(lambda self: self.orgs)
-    @rule(pick=PICK, pause_at=PAUSES, same_content=st.booleans())
-    def race_of_two_registrations_of_one_id(self, pick, pause_at, same_content):
-        self.race_two_registrations_of_one_id(pick=pick, pause_at=pause_at, same_content=same_content)
+    @rule(pick=PICK, pause=st.integers(0, 3), same_content=st.booleans())
+    def race_of_two_registrations_of_one_id(self, pick, pause, same_content):
+        self.race_two_registrations_of_one_id(pick=pick, pause_at=pause_of("registration", pause), same_content=same_content)
 
     @precondition(lambda self: self.orgs)
-    @rule(pick=PICK, pause_at=PAUSES)
-    def race_of_two_registrations_of_one_key(self, pick, pause_at):
-        self.race_two_registrations_of_one_key(pick=pick, pause_at=pause_at)
+    @rule(pick=PICK, pause=st.integers(0, 3))
+    def race_of_two_registrations_of_one_key(self, pick, pause):
+        self.upstream_writes_a_blob()
+        self.race_two_registrations_of_one_key(pick=pick, pause_at=pause_of("registration", pause))
 
     @precondition(lambda self: self.orgs)
-    @rule(pick=PICK, pause_at=PAUSES, reconcile_first=st.booleans())
-    def race_of_reconcile_and_a_registration_of_an_orphans_key(self, pick, pause_at, reconcile_first):
-        self.race_reconcile_and_a_registration_of_an_orphans_key(pick=pick, pause_at=pause_at, reconcile_first=reconcile_first)
+    @rule(pick=PICK, pause=st.integers(0, 3), reconcile_first=st.booleans())
+    def race_of_reconcile_and_a_registration_of_an_orphans_key(self, pick, pause, reconcile_first):
+        # An orphan older than the one-second grace the racing reconcile is given.
+        self.upstream_writes_a_blob()
+        self.advance_clock(3)
+        self.race_reconcile_and_a_registration_of_an_orphans_key(
+            pick=-1, pause_at=pause_of("reconcile" if reconcile_first else "registration", pause),
+            reconcile_first=reconcile_first, org=choose(sorted(self.orgs), pick), grace=1)
 
     @precondition(lambda self: self.orgs)
-    @rule(pick=PICK, pause_at=PAUSES, race=st.sampled_from(("adopt and a registration", "two manifests")),
+    @rule(pick=PICK, pause=st.integers(0, 3), race=st.sampled_from(("adopt and a registration", "two manifests")),
           lines=st.integers(1, 4))
-    def race_of_adopt_or_manifests(self, pick, pause_at, race, lines):
+    def race_of_adopt_or_manifests(self, pick, pause, race, lines):
         if race == "two manifests":
-            self.race_two_overlapping_manifests(pick=pick, pause_at=pause_at, lines=lines)
+            self.race_two_overlapping_manifests(pick=pick, pause_at=pause_of("manifest", pause), lines=lines)
         else:
-            self.race_adopt_and_a_registration_of_the_same_key(pick=pick, pause_at=pause_at)
+            self.upstream_writes_a_blob()
+            self.race_adopt_and_a_registration_of_the_same_key(pick=-1, pause_at=pause_of("adopt", pause),
+                                                               org=choose(sorted(self.orgs), pick))
 
     @precondition(lambda self: self.orgs)
-    @rule(pick=PICK, pause_at=PAUSES, change=st.sampled_from(("hold-org", "release-org", "retention", "hold-item")),
+    @rule(pick=PICK, pause=st.integers(0, 3), change=st.sampled_from(("hold-org", "release-org", "retention", "hold-item")),
           retention=st.sampled_from(sorted(RETENTIONS)), policy_first=st.booleans())
-    def race_of_a_sweep_and_a_policy_change(self, pick, pause_at, change, retention, policy_first):
-        self.race_a_sweep_and_a_policy_change(pick=pick, pause_at=pause_at, change=change, retention=retention,
-                                              policy_first=policy_first)
+    def race_of_a_sweep_and_a_policy_change(self, pick, pause, change, retention, policy_first):
+        # Something for the sweep to claim in the org the change is about.
+        org = choose(sorted(self.orgs), pick)
+        self.register(org, "1h", -3, None)
+        self.race_a_sweep_and_a_policy_change(pick=pick, pause_at=pause_of("policy" if policy_first else "sweep", pause),
+                                              change=change, retention=retention, policy_first=policy_first)
 
     def attempt(self, operation) -> Outcome:
         try:
@@ -955,8 +992,8 @@ class RetentionModel(RuleBasedStateMachine):
         except RetentionError as exc:
             return Outcome(error=exc)
 
-    def race(self, first, second, pause_at: int) -> tuple[Outcome, Outcome]:
-        """Run `first` in a thread paused at its `pause_at`th boundary (or to its end), `second` in another
+    def race(self, first, second, pause_at: tuple[str, int]) -> tuple[Outcome, Outcome]:
+        """Run `first` in a thread paused at the boundary `pause_at` (or to its end), `second` in another
         meanwhile (given RACE_GRACE_S before `first` goes on: it may be waiting for `first`'s locks), then both
         to their ends. Returns their outcomes; an unexpected exception fails the test."""
         plan = PausePlan(pause_at)
@@ -987,7 +1024,7 @@ class RetentionModel(RuleBasedStateMachine):
                 raise outcome.error
         return outcomes[0], outcomes[1]
 
-    def raced(self, first, second, pause_at: int, allowed) -> tuple[Outcome, Outcome]:
+    def raced(self, first, second, pause_at: tuple[str, int], allowed) -> tuple[Outcome, Outcome]:
         before = self.now()
         self.snapshot_leases()
         outcomes = self.race(first, second, pause_at)
@@ -1029,10 +1066,10 @@ class RetentionModel(RuleBasedStateMachine):
         assert sum(1 for outcome in outcomes if outcome.error is None) <= 1, outcomes
         assert sum(1 for item in self.items.values() if item.key == key) <= 1
 
-    def race_reconcile_and_a_registration_of_an_orphans_key(self, pick, pause_at, reconcile_first, **_):
+    def race_reconcile_and_a_registration_of_an_orphans_key(self, pick, pause_at, reconcile_first, org=None, grace=HOUR, **_):
         """Reconcile and `register --key` of an orphan's key at once: the registration ends with an item whose
         blob is there, or fails saying the blob is gone; reconcile never deletes a blob a row names."""
-        key, org = choose(self.upstream_keys(), pick), choose(sorted(self.orgs), pick)
+        key, org = choose(self.upstream_keys(), pick), org or choose(sorted(self.orgs), pick)
         if key is None:
             return
         self.counter += 1
@@ -1042,7 +1079,7 @@ class RetentionModel(RuleBasedStateMachine):
 
         def reconciliation():
             try:
-                return self.system.reconciler().run(grace=RECONCILE_GRACE, actor="model")
+                return self.system.reconciler().run(grace=timedelta(seconds=grace), actor="model")
             except TooMany:
                 return None
 
@@ -1051,11 +1088,11 @@ class RetentionModel(RuleBasedStateMachine):
         registered = outcomes[1] if reconcile_first else outcomes[0]
         if registered.error is not None:
             assert isinstance(registered.error, BadInput), registered.error
-        self.orphans_deleted_by_reconcile()
+        self.orphans_deleted_by_reconcile(grace)
 
-    def race_adopt_and_a_registration_of_the_same_key(self, pick, pause_at, **_):
+    def race_adopt_and_a_registration_of_the_same_key(self, pick, pause_at, org=None, **_):
         """`adopt` and `register --key` of one of the blobs it adopts, at once: one row names the key, with its blob."""
-        key, org = choose(self.upstream_keys(), pick), choose(sorted(self.orgs), pick)
+        key, org = choose(self.upstream_keys(), pick), org or choose(sorted(self.orgs), pick)
         if key is None:
             return
         self.counter += 1
