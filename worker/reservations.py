@@ -72,7 +72,9 @@ def reserve(session, dialect: Dialect, token: str, purpose: str, keys: Mapping[s
         f"SELECT rows.storage_key, :token, :purpose, rows.media_id, {dialect.compile(db_now())} FROM {source} "
         f"WHERE true ORDER BY rows.storage_key "
         f"ON CONFLICT (storage_key) {conflict} RETURNING storage_key"
-    ).bindparams(bindparam("stale_before", type_=UTCDateTime()) if "stale_before" in params else bindparam("token"))
+    )
+    if "stale_before" in params:
+        statement = statement.bindparams(bindparam("stale_before", type_=UTCDateTime()))
     return set(session.scalars(statement, {"token": token, "purpose": purpose, **params}))
 
 
@@ -142,9 +144,7 @@ def release(db: Database, store: BlobStore, token: str, keys: Iterable[str], wri
                     removed.append(result.key)
                 else:
                     log.error("register.cleanup_failed", key=result.key, error=result.error)
-        # Only these keys: a manifest's other batches hold theirs under the same token.
-        for chunk in chunked(sorted(held), RESERVE_CHUNK):
-            session.execute(delete(_table).where(_table.c.token == token, db.sql.id_in(_table.c.storage_key, chunk)))
+        drop(session, token)
     abandoned = [key for key in dict.fromkeys(written) if key not in held]
     if abandoned:
         # Taken over: the blob is the new holder's to adopt or leave; reconcile removes it if nobody does.

@@ -1443,14 +1443,14 @@ def _run(machine, max_examples: int, steps: int) -> None:
     )
 
 
-@pytest.mark.critical_path(seconds=65)
+@pytest.mark.critical_path(seconds=90)
 @pytest.mark.timeout(1200)
 def test_no_sequence_of_operations_deletes_early_deletes_held_media_or_leaks_on_sqlite(sqlite_database, tmp_path):
     """Random operation sequences with crashes, races, misconfigurations and a moving clock never break the promises (SQLite)."""
     run_model(sqlite_database.url, tmp_path, max_examples=EXAMPLES, postgresql=False)
 
 
-@pytest.mark.critical_path(seconds=45)
+@pytest.mark.critical_path(seconds=60)
 @pytest.mark.timeout(1200)
 def test_no_sequence_of_operations_deletes_early_deletes_held_media_or_leaks_on_postgresql(pg_database, tmp_path):
     """The same model against PostgreSQL, whose clock the model sets apart from the process's (fewer examples:
