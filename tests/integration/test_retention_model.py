@@ -1443,7 +1443,7 @@ def _run(machine, max_examples: int, steps: int) -> None:
     )
 
 
-@pytest.mark.critical_path(seconds=90)
+@pytest.mark.critical_path(seconds=120)
 @pytest.mark.timeout(1200)
 def test_no_sequence_of_operations_deletes_early_deletes_held_media_or_leaks_on_sqlite(sqlite_database, tmp_path):
     """Random operation sequences with crashes, races, misconfigurations and a moving clock never break the promises (SQLite)."""
