@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import literal, select
 
-from config.errors import BadInput, RetentionError
+from config.errors import BadInput
 from config.settings import load_settings
 from tests.e2e.conftest import SCRIPT
 from tests.factories import make_file, plant_blob, seed_items, wait_until_older

@@ -27,7 +27,6 @@ from tests.factories import bind_store, fill_catalog, make_file
 from worker import status
 from worker.db import Database
 from worker.engine import build
-from worker.store.keys import key_for_id
 from worker.tombstones import Tombstones
 
 pytestmark = pytest.mark.postgres

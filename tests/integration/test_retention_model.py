@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -63,7 +63,7 @@ from worker.binding import Unbound
 from worker.catalog import Catalog
 from worker.db import Database, UTCDateTime, db_now, normalize_url, plus_seconds
 from worker.engine import build
-from worker.models import Base, CatalogIdentity, KeyReservation, MediaItem, Organization, State
+from worker.models import Base, CatalogIdentity, MediaItem, Organization, State
 from worker.reconcile import Reconciler, TooMany
 from worker.store import MARKER_NAME, BlobInfo, DeleteResult
 from worker.store.fs import FilesystemStore
