@@ -66,9 +66,6 @@ class BindingState:
     def bound(self) -> bool:
         return self.marker == self.catalog
 
-    def to_dict(self) -> dict:
-        return {"catalog": self.catalog, "store": self.store_url, "marker": self.marker, "bound": self.bound}
-
 
 class StoreBinding:
     def __init__(self, db: Database, store: BlobStore):
