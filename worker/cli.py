@@ -486,7 +486,7 @@ def reconcile(engine: Engine, dry_run, grace, max_orphans, max_missing, allow_ma
 @json_option
 @with_engine
 def compact(engine: Engine, older_than: str | None, dry_run: bool, actor: str | None, out: Output) -> None:
-    """Remove old tombstones: their IDs then answer 404 not_found instead of gone (see the README)."""
+    """Remove old tombstones: their IDs then answer 404 not_found instead of gone (see docs/scale.md)."""
     from worker.tombstones import MINIMUM_AGE
 
     if older_than is None and not settings().tombstone_retention:

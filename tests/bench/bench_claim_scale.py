@@ -53,7 +53,7 @@ def explain(db, sweeper) -> str:
 
 
 def sizes(db) -> list[tuple[str, str, str]]:
-    """The table and each index on disk, and bytes a row: what README's plan for a billion rows scales from."""
+    """The table and each index on disk, and bytes a row: what docs/scale.md's plan for a billion rows scales from."""
     with db.engine.connect() as connection:
         rows = connection.execute(text("SELECT count(*) FROM media_items")).scalar()
         found = connection.execute(text("""
@@ -86,7 +86,7 @@ def test_a_claim_costs_the_same_at_ten_million_rows_as_at_a_hundred_thousand(pg_
     large_plan = explain(pg_database, sweeper)
     large = statistics.median(claim_times(sweeper))
     # What else reads the whole live catalog on a schedule: an object store's volume check sums the live
-    # bytes every 5 minutes (README, Scale: what a billion rows needs).
+    # bytes every 5 minutes (docs/scale.md).
     started = time.perf_counter()
     live_media_bytes(pg_database)
     live_bytes_seconds = time.perf_counter() - started

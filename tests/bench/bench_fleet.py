@@ -45,7 +45,7 @@ def phase_rate(fleet, catalog, database, media_root, prefix: str, processes: int
 
 
 def test_two_worker_processes_delete_faster_than_one(fleet, catalog, database, media_root):
-    """Figures for the README: items/s with 1 and 2 worker processes and their ratio."""
+    """Figures for docs/performance.md: items/s with 1 and 2 worker processes and their ratio."""
     catalog.set_org("acme", "30d")
     fleet.env["MEDIA_RETENTION_SWEEP_BATCH_SIZE"] = "500"
     fleet.env["MEDIA_RETENTION_SWEEP_INTERVAL"] = "2s"

@@ -3,7 +3,7 @@ command line run as an operator runs it (a process, timed, its peak memory read 
 and the table each benchmark prints.
 
 Benchmarks run on demand (`make bench`), never in the default suite; each measures its baseline in
-the same run and prints the figures the README quotes.
+the same run and prints the figures docs/performance.md quotes.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def cli_env(database_url: str, storage_url: str, data_dir: Path, **settings: str
 
 
 def table(title: str, header: tuple[str, ...], rows: list[tuple]) -> str:
-    """The figures as a Markdown table (what the README quotes), printed and returned."""
+    """The figures as a Markdown table (what docs/performance.md quotes), printed and returned."""
     lines = [f"\n{title}", "| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     rendered = "\n".join(lines)

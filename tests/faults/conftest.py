@@ -42,7 +42,7 @@ def seed() -> int:
     return conftest.FAULT_SEED
 
 
-# Figures for the summary printed at the end of the session (README's fault table): each test's rows go
+# Figures for the summary printed at the end of the session (docs/safety.md's fault table): each test's rows go
 # onto its report (see `_summary_rows`), and tests/conftest.py prints them, in one process or from xdist's.
 SUMMARY: list[dict] = []
 

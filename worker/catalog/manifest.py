@@ -48,7 +48,7 @@ MANIFEST_ERRORS_KEPT = 1000
 MANIFEST_STORE_CHECKS = 8
 # Batches written at once, each in its own transaction: while one waits on the database (its COPY, its
 # commit) the next one's rows are built. Commits may then land out of order, which a re-run does not
-# mind: it skips every line that committed. (README, Performance: what this and the import's other
+# mind: it skips every line that committed. (docs/performance.md: what this and the import's other
 # changes measured.)
 MANIFEST_WRITERS = 2
 _MANIFEST_FIELDS = {"org", "id", "file", "key", "ttl", "created_at", "mime", "sha256"}
