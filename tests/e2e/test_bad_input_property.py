@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from config.settings import Settings, get_settings
-from tests.e2e.test_cli import snapshot
+from tests.e2e.support import snapshot
 
 # What operators and scripts actually get wrong, mixed into the random text.
 AWKWARD = [

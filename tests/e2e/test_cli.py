@@ -1,33 +1,14 @@
 """The command line contract: outputs, exit codes (0/1/2/3) and "bad input changes nothing"."""
 
-import hashlib
 import json
 import os
-import sqlite3
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from config.settings import get_settings
+from tests.e2e.support import snapshot
 from tests.factories import database_time, plant_blob, wait_until_older
-
-
-def snapshot(data_dir):
-    """Everything a command could change: catalog rows and media files with their bytes."""
-    database = data_dir / "catalog.sqlite3"
-    rows = {}
-    if database.exists():
-        with sqlite3.connect(database) as connection:
-            for table in ("organizations", "media_items", "audit_events"):
-                rows[table] = connection.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
-    files = {}
-    media = data_dir / "media"
-    for directory, _, names in os.walk(media):
-        for name in names:
-            path = os.path.join(directory, name)
-            files[os.path.relpath(path, media)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return rows, files
 
 
 @pytest.fixture
@@ -170,7 +151,7 @@ def test_bad_input_is_one_sentence_exit_two_and_changes_nothing(cli, seeded, dat
     (outside / "victim").write_bytes(b"precious")
     os.symlink(outside, data_dir / "media" / "escape")
     before = snapshot(data_dir)
-    in_two_hours = (datetime.now(timezone.utc) + timedelta(hours=2)).isoformat()
+    in_two_hours = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
     result = cli(*[arg.replace("{upload}", str(seeded)).replace("{in_two_hours}", in_two_hours) for arg in argv])
     assert result.code == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
@@ -222,7 +203,7 @@ def test_manifest_imports_every_line_in_batches(cli, seeded, tmp_path, data_dir)
     blobs = data_dir / "media" / "legacy"
     blobs.mkdir()
     # A day ago with a 2-day TTL: not expired, so the lookup below answers with the item.
-    yesterday = (datetime.now(timezone.utc) - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    yesterday = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     rows = []
     for n in range(4500):
         if n % 2:
