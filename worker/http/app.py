@@ -251,6 +251,7 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
     def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.state.metrics_registry = registry
     return _with_middleware(app, registry)
 
 
