@@ -110,6 +110,12 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_soft_time_limit=TASK_SOFT_TIME_LIMIT_S,
         # Nobody reads task results; counts go to logs and metrics.
         task_ignore_result=True,
+        # Task events (sent, received, started, succeeded, failed) so `celery events` and Flower see the
+        # work as it happens. On Redis they are PUBLISHed: nothing is stored when nobody listens. Not on
+        # the embedded broker: its fanout writes a file per event for every queue ever bound to the event
+        # exchange, and the binding of a `celery events` that has exited stays, so the directory would grow.
+        worker_send_task_events=not settings.embedded_broker,
+        task_send_sent_event=not settings.embedded_broker,
         worker_hijack_root_logger=False,
         beat_schedule=beat_schedule(settings),
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),

@@ -13,7 +13,12 @@ from __future__ import annotations
 import os
 
 import structlog
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
@@ -98,6 +103,10 @@ def build_registry(db: Database) -> CollectorRegistry:
         # asks for names (the health probe) would never consult it.
         registry = CollectorRegistry(support_collectors_without_names=True)
         MultiProcessCollector(registry)
+        # The main process' own `process_*` series (the default registry has them already). Alert rules
+        # need `process_start_time_seconds`: a worker that has run for half an hour and exported no volume
+        # check or finished sweep is an alert, one that started a minute ago is not (deploy/prometheus).
+        ProcessCollector(registry=registry)
     else:
         registry = REGISTRY
     registry.register(FleetStatusCollector(db))

@@ -9,6 +9,7 @@ import re
 import secrets
 import socket
 import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -205,13 +206,36 @@ def test_promtool_check_metrics_accepts_what_a_running_worker_serves(fleet):
     assert checked.stdout + checked.stderr == ""
 
 
-def test_every_metric_the_dashboard_and_the_rules_query_is_one_a_worker_serves(fleet):
-    """Each `media_retention_*` name in the Grafana dashboard and the Prometheus rules is in a real scrape."""
-    served = _scraped_names(_full_scrape(fleet))
+def _lookup_service_scrape(fleet: Field) -> str:
+    """/metrics of the installed `media-retention serve` on the fleet's catalog, after a lookup and a probe."""
+    port = free_port()
+    fleet.processes.start("serve", [fleet.installed.bin("media-retention"), "serve", "--port", str(port)],
+                          env=fleet.env, cwd=fleet.cwd)
+    base = f"http://127.0.0.1:{port}"
+
+    def answered() -> str | None:
+        try:
+            urllib.request.urlopen(base + "/readyz", timeout=5)
+            try:
+                urllib.request.urlopen(base + "/v1/media/field-nothing", timeout=5)
+            except urllib.error.HTTPError:
+                pass  # 401 without a key: counted and timed like any lookup
+            return urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+        except OSError:
+            fleet.processes.assert_alive("serve")
+            return None
+
+    return wait_until(answered, 30, "the lookup service's /metrics")
+
+
+def test_every_metric_the_dashboard_and_the_rules_query_is_one_a_worker_or_the_lookup_service_serves(fleet):
+    """Each `media_retention_*` and `process_*` name in the Grafana dashboard and the Prometheus rules is in a
+    real scrape of a worker or of the lookup service."""
+    served = _scraped_names(_full_scrape(fleet)) | _scraped_names(_lookup_service_scrape(fleet))
     rules = [rule["expr"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
     queries = [expr for _, expr in dashboard_queries()]
     for expr in [*rules, *queries]:
-        named = set(re.findall(r"\bmedia_retention_[a-z_]+\b", expr))
+        named = set(re.findall(r"\b(?:media_retention|process)_[a-z_]+\b", expr))
         assert named, f"queries no metric of ours: {expr}"
         assert named <= served, f"not served by a worker: {sorted(named - served)} in {expr}"
 

@@ -4,6 +4,7 @@ systemd-analyze and a compose client. (That they also run is tests/field.)"""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,13 +72,25 @@ def test_every_dashboard_query_is_valid_promql(tmp_path):
     queries = dashboard_queries()
     assert len(queries) >= 15
     rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{number}", "expr": expr.replace("$__rate_interval", "5m").replace("$job", ".*")}
+        {"record": f"dashboard:query_{number}", "expr": re.sub(r"\$\w+", ".*", expr.replace("$__rate_interval", "5m"))}
         for number, (_, expr) in enumerate(queries)
     ]}]}
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump(rules))
     checked = run(promtool, "check", "rules", str(path))
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_every_input_and_variable_the_dashboard_declares_is_used():
+    """Each `__inputs` entry and templating variable is referenced (`$name` or `${name}`) somewhere in the
+    dashboard: an unused one asks the importing operator a question that changes nothing."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    declared = [entry["name"] for entry in dashboard.get("__inputs", [])]
+    declared += [variable["name"] for variable in dashboard["templating"]["list"]]
+    assert {"datasource", "job", "lookup_job"} <= set(declared)
+    text = DASHBOARD.read_text()
+    for name in declared:
+        assert re.search(r"\$\{?" + re.escape(name) + r"\b", text), f"the dashboard declares {name} and never uses it"
 
 
 def test_amtool_accepts_the_alertmanager_config_of_the_compose_stack():

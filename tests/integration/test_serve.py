@@ -3,6 +3,7 @@ spoken to over HTTP with `requests`, on SQLite and PostgreSQL (and an object sto
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from openapi_spec_validator import validate as validate_openapi
 
 from tests.conftest import free_port
 from tests.factories import db_time
+from tests.fleet import wait_until
 from tests.s3 import PREFIX
 from worker.catalog import Catalog
 from worker.catalog.apikeys import ApiKeys
@@ -225,6 +227,25 @@ def test_health_readiness_and_metrics_answer_with_request_counts_and_latency(ser
     assert 'media_retention_http_requests_total{method="GET",route="/v1/media/{media_id}",status="404"} 3.0' in metrics
     assert 'media_retention_http_requests_total{method="GET",route="/v1/media/{media_id}",status="401"} 1.0' in metrics
     assert 'media_retention_http_request_duration_seconds_count{method="GET",route="/v1/media/{media_id}"} 4.0' in metrics
+
+
+def test_probes_and_scrapes_stay_out_of_the_info_log_while_lookups_are_logged(server, orgs):
+    """At the default INFO level, /healthz, /readyz and /metrics (every few seconds from probes and
+    Prometheus) write no `http.request` line; a lookup writes one, and the lookup service's catalog gauge
+    says the database answers."""
+    assert server.get("/healthz").status_code == 200
+    assert server.get("/readyz").status_code == 200
+    assert "media_retention_http_catalog_up 1.0" in server.get("/metrics").text
+    server.get("/v1/media/nothing-here", orgs["acme"])
+
+    def request_lines() -> list[dict]:
+        events = [json.loads(line) for line in list(server.log_lines) if line.startswith("{")]
+        return [event for event in events if event.get("event") == "http.request"]
+
+    lines = wait_until(lambda: request_lines() or None, 10, "the lookup's http.request line")
+    time.sleep(0.3)  # the log reader is a thread: let any probe line that would follow arrive
+    assert [line["route"] for line in request_lines()] == ["/v1/media/{media_id}"]
+    assert lines[0]["status"] == 404
 
 
 def test_no_key_or_secret_reaches_the_server_log(server, catalog, orgs, tmp_path):

@@ -15,6 +15,7 @@ from config.settings import load_settings
 from worker import metrics
 from config.errors import BadInput
 from worker.exporter import FLEET_STATUS_METRICS
+from worker.http.app import create_app
 from worker.volume import (
     Evaluation,
     Level,
@@ -402,7 +403,8 @@ def test_beat_checks_the_volume_on_its_own_interval(tmp_path):
 
 
 def _exported_metric_names() -> set[str]:
-    """Names in worker/metrics.py and the exporter's fleet-status gauges (tests/field checks a real scrape too)."""
+    """Names in worker/metrics.py, the exporter's fleet-status gauges and the lookup service's metrics
+    (tests/field checks a real scrape too)."""
     names = set(FLEET_STATUS_METRICS)
     for value in vars(metrics).values():
         if hasattr(value, "collect") and hasattr(value, "_name"):
@@ -410,6 +412,13 @@ def _exported_metric_names() -> set[str]:
                 names.add(family.name)
                 names.update(sample.name for sample in family.samples)
             names.add(value._name + ("_total" if value._type == "counter" else ""))
+    # The lookup service's own registry (`media-retention serve`'s /metrics).
+    app = create_app(lookup=None, keys=None, ping=lambda: None)
+    app.build_middleware_stack()  # the request metrics live in the middleware, built with the first request
+    for family in app.state.metrics_registry.collect():
+        names.add(family.name)
+        names.update({"counter": [family.name + "_total"],
+                      "histogram": [family.name + suffix for suffix in ("_bucket", "_count", "_sum")]}.get(family.type, []))
     return names
 
 
@@ -430,3 +439,29 @@ def test_the_prometheus_rules_parse_and_name_only_metrics_the_workers_export():
     assert {("MediaVolumeFilling", "warning"), ("MediaVolumeFilling", "critical")} <= severities
     identities = [(rule["alert"], tuple(sorted(rule["labels"].items()))) for rule in rules]
     assert len(identities) == len(set(identities)), "two rules with one alert name and the same labels merge in Alertmanager"
+
+
+def test_a_volume_that_dropped_and_stayed_flat_is_not_projected_to_fill():
+    """Six hours of growth, then space freed and usage flat for an hour, checked every 20 s: the fit over
+    the whole window still rises, but the recent trend is flat, so no time to full (it used to say ~8 h)."""
+    rising = [(i * 20.0, 300 + i * 0.5) for i in range(1080)]                  # 6 h: 300 -> 840 of 1000
+    flat = [(21600.0 + i * 20.0, 500.0) for i in range(180)]                  # freed to 500, flat for 60 min
+    window = [(x, y) for x, y in rising + flat if x >= flat[-1][0] - 6 * 3600]
+    slope, fitted_now = fit_line(window)
+    assert (1000 - fitted_now) / slope / 3600 == pytest.approx(8.2, abs=0.1), "the whole window's line says 8 h"
+    assert time_to_full(window, 1000).status == "not_filling"
+
+
+def test_a_volume_falling_now_is_not_projected_to_fill_however_it_grew_before():
+    """Growth for most of the window, then usage falling for the last 20 minutes: not filling."""
+    points = series([100, 200, 300, 400, 500, 600, 700, 800, 750, 700, 650, 600, 550])
+    assert fit_line(points)[0] > 0
+    assert time_to_full(points, 1000).status == "not_filling"
+
+
+def test_a_volume_growing_steadily_is_still_projected_from_its_newest_sample():
+    """The guard leaves steady growth alone: +1 a minute from 400 fills 1000 in 600 minutes."""
+    points = [(i * 60.0, 400 + i) for i in range(361)]
+    projection = time_to_full(points, 1360)
+    assert projection.status == "filling"
+    assert projection.seconds_to_full == pytest.approx(600 * 60)

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,6 +33,8 @@ log = structlog.get_logger("worker.http")
 # Lookups are one primary-key read: most answer in a few milliseconds, so the buckets are fine at the
 # low end and stop at 5 s, past any timeout a caller would keep waiting.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Scrapes and probes come every few seconds: logged at DEBUG, so the INFO log holds the lookups.
+QUIET_ROUTES = frozenset({"/metrics", "/healthz", "/readyz"})
 
 
 class MediaLookup(Protocol):
@@ -103,6 +106,25 @@ class _Unauthorized(Exception):
 # -- metrics and the access log ------------------------------------------------------------------------
 
 
+class _CatalogUp:
+    """`media_retention_http_catalog_up`, asked at scrape time: a series every replica exports from its
+    start (the request counters appear only with the first request), so an alert can tell a lookup
+    service that is gone from one that is idle, and one that cannot reach its database."""
+
+    def __init__(self, ping: Callable[[], None]):
+        self.ping = ping
+
+    def collect(self):
+        try:
+            self.ping()
+            up = 1
+        except Exception as exc:  # noqa: BLE001 - a scrape must answer even when the database does not
+            log.warning("http.catalog_unavailable", error_type=type(exc).__name__)
+            up = 0
+        yield GaugeMetricFamily("media_retention_http_catalog_up", "1 when the catalog database answered this scrape.",
+                                value=up)
+
+
 class _Instrumented:
     """Counts and times every request by route template (never by raw path: IDs would explode the series),
     and writes the access log line: method, route, status, duration, org — never a header."""
@@ -135,7 +157,8 @@ class _Instrumented:
             self.requests.labels(scope["method"], route, str(status)).inc()
             self.latency.labels(scope["method"], route).observe(elapsed)
             state = scope.get("state") or {}
-            log.info("http.request", method=scope["method"], route=route, path=scope["path"], status=status,
+            write = log.debug if route in QUIET_ROUTES else log.info
+            write("http.request", method=scope["method"], route=route, path=scope["path"], status=status,
                      duration_ms=round(elapsed * 1000, 2), org=state.get("org"))
 
 
@@ -151,6 +174,7 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
                     "(unless held), once it was purged, or if it belongs to another org.",
     )
     registry = CollectorRegistry()
+    registry.register(_CatalogUp(ping))
     bearer = HTTPBearer(auto_error=False, description="An org API key from `media-retention apikey create`.")
 
     def authenticated_org(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
@@ -227,6 +251,7 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
     def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.state.metrics_registry = registry
     return _with_middleware(app, registry)
 
 

@@ -21,6 +21,12 @@ PROJECTION_MIN_SPAN_SECONDS = 600
 # horizons: the slope of a few hours of samples wobbles around the horizon as deletions come and go,
 # and without a margin that wobble would page on every other check.
 PROJECTION_CLEAR_FACTOR = 2.0
+# The fit over the whole window remembers growth from before space was freed: a volume that grew for
+# hours, then dropped and stayed flat, still has a rising line (a false "full in 8 h" with 20 s checks).
+# So the trend of the newest quarter of the window (at least PROJECTION_MIN_SPAN_SECONDS) must rise too,
+# the slower of the two rates is used, and the room left is counted from the newest sample when that is
+# below the fitted line.
+PROJECTION_RECENT_FRACTION = 0.25
 
 RESOURCES = ("bytes", "inodes")
 
@@ -128,8 +134,14 @@ def time_to_full(points: Sequence[tuple[float, float]], capacity: float) -> Proj
     if fit is None:
         return Projection("insufficient_data", samples=len(points))
     slope, fitted_now = fit
+    newest_x, newest_used = max(points)
+    recent_span = max((newest_x - min(xs)) * PROJECTION_RECENT_FRACTION, PROJECTION_MIN_SPAN_SECONDS)
+    recent = fit_line([(x, y) for x, y in points if x >= newest_x - recent_span])
+    if recent is not None:
+        slope = min(slope, recent[0])
     if slope <= 0:
         return Projection("not_filling", rate_per_second=slope, samples=len(points))
+    fitted_now = min(fitted_now, newest_used)
     if fitted_now >= capacity:
         return Projection("full", seconds_to_full=0.0, rate_per_second=slope, samples=len(points))
     return Projection("filling", seconds_to_full=(capacity - fitted_now) / slope, rate_per_second=slope,
