@@ -18,13 +18,13 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port
+from tests.deploy_files import RULES, alert_rules
 from tests.fleet import wait_until
 from tests.tools import require_tool
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow,
               pytest.mark.parametrize("database", ["postgresql"], indirect=True)]
 
-RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
 CLI = Path(sys.executable).with_name("media-retention")
 TARGET = {"job": "media-retention", "instance": "w1:9808"}
 
@@ -73,7 +73,7 @@ def test_a_worker_that_never_checked_or_swept_raises_the_stale_alerts_after_half
     started = next(sample.value for family in text_string_to_metric_families(body) for sample in family.samples
                    if sample.name == "process_start_time_seconds")
 
-    alerts = [rule["alert"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    alerts = [rule["alert"] for rule in alert_rules()]
     firing_late = {
         "MediaVolumeCheckStale": [{"exp_labels": {"job": TARGET["job"], "severity": "warning", "volume": "media"},
                                    "exp_annotations": {

@@ -17,14 +17,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from tests.conftest import free_port
+from tests.deploy_files import alert_rules, dashboard_queries
 from tests.field.conftest import Installed, Processes, memory_kib, run
 from tests.fleet import wait_until
-from tests.integration.test_deploy_tools import RULES, dashboard_queries
 from tests.tools import require_tool
 from worker import schema
 from worker.db import Database
@@ -232,7 +231,7 @@ def test_every_metric_the_dashboard_and_the_rules_query_is_one_a_worker_or_the_l
     """Each `media_retention_*` and `process_*` name in the Grafana dashboard and the Prometheus rules is in a
     real scrape of a worker or of the lookup service."""
     served = _scraped_names(_full_scrape(fleet)) | _scraped_names(_lookup_service_scrape(fleet))
-    rules = [rule["expr"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    rules = [rule["expr"] for rule in alert_rules()]
     queries = [expr for _, expr in dashboard_queries()]
     for expr in [*rules, *queries]:
         named = set(re.findall(r"\b(?:media_retention|process)_[a-z_]+\b", expr))

@@ -13,12 +13,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.deploy_files import DASHBOARD, DEPLOY, RULE_TESTS, RULES, alert_rules, dashboard_queries
 from tests.tools import require_tool
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-RULES = DEPLOY / "prometheus" / "alerts.yml"
-RULE_TESTS = DEPLOY / "prometheus" / "tests.yml"
-DASHBOARD = DEPLOY / "grafana" / "media-retention.json"
 # The oldest Kubernetes release still in upstream support when this was written, and the newest the
 # bundled schemas know: the manifests must be valid on both.
 KUBERNETES_VERSIONS = ("1.31.0", kubernetes_validate.latest_version())
@@ -51,7 +48,7 @@ def _variants(labels: dict) -> tuple[str, str, str]:
 def test_the_rule_unit_tests_show_every_alert_both_firing_and_silent():
     """Every rule of alerts.yml (each severity and reason of MediaVolumeFilling apart) appears in tests.yml
     with an expected firing alert, and every alert name with an evaluation expecting none."""
-    rules = [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    rules = alert_rules()
     checks = [check for test in yaml.safe_load(RULE_TESTS.read_text())["tests"] for check in test.get("alert_rule_test", [])]
     firing = {(check["alertname"], *_variants(alert["exp_labels"])) for check in checks for alert in check["exp_alerts"]}
     silent = {check["alertname"] for check in checks if not check["exp_alerts"]}
@@ -59,11 +56,6 @@ def test_the_rule_unit_tests_show_every_alert_both_firing_and_silent():
         assert (rule["alert"], *_variants(rule["labels"]))[:3] in {variant[:3] for variant in firing}, \
             f"no test shows {rule['alert']} {rule['labels']} firing"
         assert rule["alert"] in silent, f"no test shows {rule['alert']} silent"
-
-
-def dashboard_queries() -> list[tuple[str, str]]:
-    panels = json.loads(DASHBOARD.read_text())["panels"]
-    return [(panel["title"], target["expr"]) for panel in panels for target in panel.get("targets", [])]
 
 
 def test_every_dashboard_query_is_valid_promql(tmp_path):
