@@ -130,10 +130,21 @@ _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 _API_TOKEN = re.compile(r"\b(mrk_k[0-9a-f]{16}_)[A-Za-z0-9_-]+")
 
 
-def redact_text(text: str) -> str:
-    """`text` with every URL in it redacted, every remembered secret and every bearer credential masked."""
+def redact_text(text: str, keep: Iterable[str] = ()) -> str:
+    """`text` with every URL in it redacted, every remembered secret and every bearer credential masked.
+
+    `keep`: strings printed whole wherever they occur, because the user asked for exactly them (a presigned
+    URL, whose signature is its query; an API token shown once). Only the text around them is redacted."""
     if not isinstance(text, str) or not text:
         return text
+    kept = sorted({piece for piece in keep if piece}, key=len, reverse=True)
+    if kept:
+        pattern = re.compile("|".join(re.escape(piece) for piece in kept))
+        pieces, start = [], 0
+        for match in pattern.finditer(text):
+            pieces += [redact_text(text[start:match.start()]), match.group(0)]
+            start = match.end()
+        return "".join(pieces) + redact_text(text[start:])
     text = _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
     text = _BEARER.sub(lambda match: f"{match.group(1)} {MASK}", text)
     text = _API_TOKEN.sub(lambda match: match.group(1) + MASK, text)

@@ -42,10 +42,11 @@ class Output:
         self.as_json = as_json
         self.line_open = False
 
-    def result(self, data: dict, title: str | None = None) -> None:
+    def result(self, data: dict, title: str | None = None, keep: tuple[str, ...] = ()) -> None:
+        """`keep`: values printed whole, unredacted (see `echo`)."""
         self.end_progress()
         if self.as_json:
-            echo(json.dumps(data, default=str, sort_keys=True))
+            echo(json.dumps(data, default=str, sort_keys=True), keep=keep)
             return
         if title:
             echo(title)
@@ -57,7 +58,7 @@ class Output:
             elif isinstance(value, dict):
                 echo(f"{name}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
             else:
-                echo(f"{name}: {value}")
+                echo(f"{name}: {value}", keep=keep)
 
     def progress(self, message: str) -> None:
         """Where a long command is: one line rewritten in place on a terminal, a log event otherwise
@@ -100,10 +101,13 @@ class ProgressBar:
             self.bar.__exit__(None, None, None)
 
 
-def echo(message: str, err: bool = False) -> None:
+def echo(message: str, err: bool = False, keep: tuple[str, ...] = ()) -> None:
     """Print a line with every secret we know of masked (see config.redact): the one way the CLI prints.
+    `keep`: values the user asked to see, printed whole (a presigned URL's signature is its query, an API
+    token is shown once); as JSON strings too. Everything around them is still redacted.
     Undecodable bytes from argv (surrogate escapes) are shown as \\udcXX rather than failing the write."""
-    click.echo(redact_text(message).encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
+    keep = tuple(keep) + tuple(json.dumps(value)[1:-1] for value in keep)
+    click.echo(redact_text(message, keep=keep).encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
 
 
 def json_option(command: Callable) -> Callable:
@@ -326,7 +330,8 @@ def lookup(engine: Engine, media_id: str, presign: bool, out: Output) -> None:
     except NotFound:
         echo(json.dumps(not_found_body(media_id, None), sort_keys=True))
         raise
-    out.result(found.to_dict())
+    # The URL the user asked for is printed whole: redacting its query (the signature) would make it useless.
+    out.result(found.to_dict(), keep=(found.url,) if presign else ())
 
 
 def send_to_fleet(task_name: str, out: Output, **kwargs) -> None:
@@ -667,11 +672,12 @@ def apikey() -> None:
 def apikey_create(engine: Engine, org_id: str, name: str | None, actor: str | None, out: Output) -> None:
     """Create a key for ORG and print its token: the only time it is shown."""
     created = engine.catalog.api_keys.create(org_id, name=name, actor=actor or default_actor())
-    # Printed without `echo`: its redaction masks API tokens, and this is the one line that must show one.
+    # The token is kept whole: this is the one line that must show one (everything else is redacted as ever).
     if out.as_json:
-        click.echo(json.dumps(created.to_dict(), default=str, sort_keys=True))
+        echo(json.dumps(created.to_dict(), default=str, sort_keys=True), keep=(created.token,))
         return
-    click.echo(f"id: {created.key.id}\norg: {created.key.org}\nname: {created.key.name or ''}\ntoken: {created.token}")
+    echo(f"id: {created.key.id}\norg: {created.key.org}\nname: {created.key.name or ''}\ntoken: {created.token}",
+         keep=(created.token,))
     echo("Store the token now: it is not shown again (only its hash is kept).", err=True)
 
 
