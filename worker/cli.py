@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from worker.responses import not_found_body
 from worker.verify import DEFAULT_EXAMPLES, default_stuck_after
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_FOUND = 0, 1, 2, 3
+# The largest number a database column or LIMIT takes (a signed 64-bit integer): a larger one is bad input, not a crash.
+DB_INT_MAX = 2**63 - 1
 
 log = structlog.get_logger("worker.cli")
 
@@ -351,7 +354,7 @@ def send_to_fleet(task_name: str, out: Output, **kwargs) -> None:
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
-@click.option("--limit", type=click.IntRange(min=1), help="Claim at most N items.")
+@click.option("--limit", type=click.IntRange(1, DB_INT_MAX), help="Claim at most N items.")
 @click.option("--enqueue", is_flag=True, help="Send the sweep to the workers instead of running it here.")
 @json_option
 @with_engine
@@ -637,7 +640,7 @@ def adopt(engine: Engine, org_id, ttl, under, grace, dry_run, yes, actor, out: O
 @click.option("--since", help="Only entries from this time on: ISO-8601, or a duration back from now (7d).")
 @click.option("--action", help="Only this action (deleted, purge, hold, release, org_set, reconcile, import, adopt, ...).")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="Entries per page.")
-@click.option("--before", type=click.IntRange(min=1), help="Page on: only entries older than this entry id.")
+@click.option("--before", type=click.IntRange(1, DB_INT_MAX), help="Page on: only entries older than this entry id.")
 @json_option
 @with_engine
 def audit(engine: Engine, org_id, since, action, limit, before, out: Output) -> None:
@@ -723,13 +726,27 @@ def serve(host: str, port: int, out: Output) -> None:
     engine = open_engine()
     try:
         app = create_app(lookup=engine.catalog.lookups, keys=engine.catalog.api_keys, ping=database_ping(engine.db))
+        listener = _listen(host, port)
         log.info("serve.starting", host=host, port=port, store=redact_url(current.storage_url))
         # Every command takes --json (the contract); a server's only output is its log, JSON with LOG_FORMAT=json.
-        out.notice(json.dumps({"serving": f"http://{host}:{port}"}) if out.as_json else f"media-retention: serving http://{host}:{port}")
+        address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        out.notice(json.dumps({"serving": address}) if out.as_json else f"media-retention: serving {address}")
         # Our own access log line (worker.http) replaces uvicorn's; logging stays as configured above.
-        uvicorn.run(app, host=host, port=port, access_log=False, log_config=None, server_header=False)
+        config = uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None, server_header=False)
+        uvicorn.Server(config).run(sockets=[listener])
     finally:
         runtime.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything claims to serve: a busy port or an address this machine does not
+    have is a usage error said in one sentence (uvicorn would log it and exit 3, our not-found code)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        return socket.create_server(infos[0][4][:2], family=infos[0][0])
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if isinstance(exc.errno, int) and exc.errno > 0 else (exc.strerror or str(exc))
+        raise BadInput(f"cannot listen on {host} port {port}: {reason}; choose another --host or --port.") from None
 
 
 # -- entry point ---------------------------------------------------------------------------------
