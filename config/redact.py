@@ -11,10 +11,13 @@ requests' errors name the host and the path separately, so no URL pattern would 
 
 from __future__ import annotations
 
+import base64
+import html
+import json
 import re
 import threading
 from collections.abc import Iterable
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 MASK = "***"
 # A URL in free text: scheme, then everything up to a space or a quote/bracket that ends it.
@@ -152,3 +155,46 @@ def redact_text(text: str, keep: Iterable[str] = ()) -> str:
         if secret in text:
             text = text.replace(secret, MASK)
     return text
+
+
+def credential_secrets(url: str, authorization: str | None) -> list[str]:
+    """Every credential a request to `url` carrying this `Authorization` value sent: the header and its token,
+    the `user:password` of Basic auth and its password, and the URL's own secrets (`secrets_of`)."""
+    found = secrets_of(url)
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            found += [f"{parts.username or ''}:{parts.password}", f"{unquote(parts.username or '')}:{unquote(parts.password)}"]
+    except ValueError:
+        pass
+    if authorization:
+        scheme, _, token = authorization.strip().partition(" ")
+        found += [authorization, token]
+        if scheme.lower() == "basic":
+            try:
+                pair = base64.b64decode(token, validate=True).decode("utf-8", "replace")
+            except ValueError:
+                pair = ""
+            found += [pair, pair.partition(":")[2]] if pair else []
+    return [piece for piece in found if len(piece) >= _SHORTEST_KNOWN]
+
+
+def encoded_forms(secret: str) -> set[str]:
+    """`secret` as a server or proxy may echo it back: raw, percent- and form-encoded, JSON- and HTML-escaped
+    (`/` as `\\/` too), and in base64."""
+    forms = {secret, quote(secret, safe=""), html.escape(secret)}
+    escaped = json.dumps(secret)[1:-1]
+    forms |= {escaped, escaped.replace("/", "\\/")}
+    raw = secret.encode()
+    forms |= {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}
+    forms |= {form.rstrip("=") for form in list(forms) if form.endswith("=")}
+    return {form for form in forms if len(form) >= _SHORTEST_KNOWN}
+
+
+def mask_secrets(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every encoded form of every one of `secrets` replaced by ***, ignoring case (percent-encoding
+    may come back in lower case; masking a little more than needed is harmless)."""
+    forms = sorted({form for secret in secrets for form in encoded_forms(secret)}, key=len, reverse=True)
+    if not forms or not text:
+        return text
+    return re.sub("|".join(re.escape(form) for form in forms), MASK, text, flags=re.IGNORECASE)

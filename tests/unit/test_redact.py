@@ -50,3 +50,20 @@ def test_text_kept_on_purpose_is_printed_whole_while_everything_around_it_is_sti
     shown = redact_text(line, keep=(presigned,))
     assert shown == f"url: {presigned} via postgresql://app:***@db/x and {presigned}"
     assert "X-Amz-Signature=***" in redact_text(line)
+
+
+def test_a_bearer_token_we_sent_is_masked_in_every_encoding_a_receiver_may_echo_it_in():
+    """The token of an Authorization: Bearer header, echoed raw, percent-encoded, JSON-escaped or in base64."""
+    from base64 import b64encode
+    from urllib.parse import quote
+
+    from config.redact import credential_secrets, mask_secrets
+
+    token = "tok/en+With=Odd_chars-42"
+    secrets = credential_secrets("https://hooks.example/alerts", f"Bearer {token}")
+    echoed = [f"Authorization: Bearer {token}", quote(token, safe=""), token.replace("/", "\\/"),
+              b64encode(token.encode()).decode(), f"auth={quote(token, safe='').lower()}"]
+    for text in echoed:
+        masked = mask_secrets(f"refused: {text} (see docs)", secrets)
+        assert "***" in masked and masked.startswith("refused: ") and masked.endswith(" (see docs)"), masked
+        assert "With=Odd" not in masked and "With%3DOdd" not in masked.replace("%3d", "%3D"), masked
