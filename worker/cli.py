@@ -230,8 +230,7 @@ def upgrade(out: Output) -> None:
     engine = runtime.engine()
     db = engine.db
     try:
-        before = schema.current_revision(db)
-        after = schema.upgrade(db)
+        before, after = schema.migrate(db)  # `before` read under the migration lock: what this upgrade found
         binding = _bind_store(engine, out)
     finally:
         runtime.close()
