@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import ON_CI
 
+pytestmark = pytest.mark.slow
+
 PASSWORD = "Sup3r-secret-pw"
 
 

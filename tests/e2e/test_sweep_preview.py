@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy import text
 
 from tests.factories import seed_items, seed_org
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 DUE = 1500  # more than the listing's 1,000, so a count taken from the listed rows would be wrong
 

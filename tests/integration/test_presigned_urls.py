@@ -22,6 +22,8 @@ from botocore.config import Config
 from tests.conftest import ON_CI, Result, free_port
 from tests.e2e.conftest import SCRIPT
 
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
 S3RVER_DIR = Path(__file__).resolve().parents[1] / "s3rver"
 # s3rver's one built-in account: it signs and checks with this key pair.
 ACCESS_KEY = SECRET_KEY = "S3RVER"
