@@ -11,10 +11,13 @@ requests' errors name the host and the path separately, so no URL pattern would 
 
 from __future__ import annotations
 
+import base64
+import html
+import json
 import re
 import threading
 from collections.abc import Iterable
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 MASK = "***"
 # A URL in free text: scheme, then everything up to a space or a quote/bracket that ends it.
@@ -130,10 +133,21 @@ _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 _API_TOKEN = re.compile(r"\b(mrk_k[0-9a-f]{16}_)[A-Za-z0-9_-]+")
 
 
-def redact_text(text: str) -> str:
-    """`text` with every URL in it redacted, every remembered secret and every bearer credential masked."""
+def redact_text(text: str, keep: Iterable[str] = ()) -> str:
+    """`text` with every URL in it redacted, every remembered secret and every bearer credential masked.
+
+    `keep`: strings printed whole wherever they occur, because the user asked for exactly them (a presigned
+    URL, whose signature is its query; an API token shown once). Only the text around them is redacted."""
     if not isinstance(text, str) or not text:
         return text
+    kept = sorted({piece for piece in keep if piece}, key=len, reverse=True)
+    if kept:
+        pattern = re.compile("|".join(re.escape(piece) for piece in kept))
+        pieces, start = [], 0
+        for match in pattern.finditer(text):
+            pieces += [redact_text(text[start:match.start()]), match.group(0)]
+            start = match.end()
+        return "".join(pieces) + redact_text(text[start:])
     text = _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
     text = _BEARER.sub(lambda match: f"{match.group(1)} {MASK}", text)
     text = _API_TOKEN.sub(lambda match: match.group(1) + MASK, text)
@@ -141,3 +155,46 @@ def redact_text(text: str) -> str:
         if secret in text:
             text = text.replace(secret, MASK)
     return text
+
+
+def credential_secrets(url: str, authorization: str | None) -> list[str]:
+    """Every credential a request to `url` carrying this `Authorization` value sent: the header and its token,
+    the `user:password` of Basic auth and its password, and the URL's own secrets (`secrets_of`)."""
+    found = secrets_of(url)
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            found += [f"{parts.username or ''}:{parts.password}", f"{unquote(parts.username or '')}:{unquote(parts.password)}"]
+    except ValueError:
+        pass
+    if authorization:
+        scheme, _, token = authorization.strip().partition(" ")
+        found += [authorization, token]
+        if scheme.lower() == "basic":
+            try:
+                pair = base64.b64decode(token, validate=True).decode("utf-8", "replace")
+            except ValueError:
+                pair = ""
+            found += [pair, pair.partition(":")[2]] if pair else []
+    return [piece for piece in found if len(piece) >= _SHORTEST_KNOWN]
+
+
+def encoded_forms(secret: str) -> set[str]:
+    """`secret` as a server or proxy may echo it back: raw, percent- and form-encoded, JSON- and HTML-escaped
+    (`/` as `\\/` too), and in base64."""
+    forms = {secret, quote(secret, safe=""), html.escape(secret)}
+    escaped = json.dumps(secret)[1:-1]
+    forms |= {escaped, escaped.replace("/", "\\/")}
+    raw = secret.encode()
+    forms |= {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}
+    forms |= {form.rstrip("=") for form in list(forms) if form.endswith("=")}
+    return {form for form in forms if len(form) >= _SHORTEST_KNOWN}
+
+
+def mask_secrets(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every encoded form of every one of `secrets` replaced by ***, ignoring case (percent-encoding
+    may come back in lower case; masking a little more than needed is harmless)."""
+    forms = sorted({form for secret in secrets for form in encoded_forms(secret)}, key=len, reverse=True)
+    if not forms or not text:
+        return text
+    return re.sub("|".join(re.escape(form) for form in forms), MASK, text, flags=re.IGNORECASE)

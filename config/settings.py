@@ -42,6 +42,10 @@ def _duration_or_off(value: object) -> object:
 DurationOrOff = Annotated[timedelta, BeforeValidator(_duration_or_off)]
 
 
+# The databases the catalog speaks (worker/dialect.py holds what differs between them).
+SUPPORTED_DATABASES = ("postgresql", "sqlite")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEDIA_RETENTION_", frozen=True, extra="ignore")
 
@@ -111,9 +115,19 @@ class Settings(BaseSettings):
             from sqlalchemy.engine import make_url
 
             try:
-                make_url(value)
+                url = make_url(value)
             except Exception:  # noqa: BLE001 - whatever SQLAlchemy objects to, the answer is the same
                 raise ValueError("not a database URL SQLAlchemy can read; use e.g. postgresql+psycopg://user@host:5432/db") from None
+            # Checked here, not at the first connection: a driver that is missing would surface there as an
+            # unexpected ModuleNotFoundError, and the catalog speaks only these two databases (worker/dialect.py).
+            if url.get_backend_name() not in SUPPORTED_DATABASES:
+                raise ValueError(f"{url.get_backend_name()} is not supported; use postgresql+psycopg://user@host:5432/db "
+                                 "or sqlite:///path")
+            try:
+                url.get_dialect().import_dbapi()
+            except Exception:  # noqa: BLE001 - an unknown driver name or a driver that is not installed
+                raise ValueError(f"the database driver {url.drivername} is not installed; use postgresql+psycopg://"
+                                 "user@host:5432/db or sqlite:///path") from None
         return value
 
     @field_validator("storage_url")

@@ -14,11 +14,14 @@ import pytest
 
 class Receiver:
     """A real HTTP endpoint on 127.0.0.1: records every POST and answers `ok` (200), `fail` (500),
-    `refuse` (400) or `hang` (reads the request, then never answers until the test ends)."""
+    `refuse` (400), `hang` (reads the request, then never answers until the test ends) or `echo` (500 with
+    `echo(headers)` as its body, the request line first as `Request`, as a debugging receiver or a proxy that
+    reflects the request does)."""
 
     def __init__(self) -> None:
         self.posts: list[dict] = []
         self.behaviour = "ok"
+        self.echo = lambda headers: "".join(f"{name}: {value}\n" for name, value in headers.items())
         self.arrived = threading.Event()
         self._release = threading.Event()
         receiver = self
@@ -31,6 +34,14 @@ class Receiver:
                 receiver.arrived.set()
                 if receiver.behaviour == "hang":
                     receiver._release.wait(30)
+                    return
+                if receiver.behaviour == "echo":
+                    answer = receiver.echo({"Request": f"POST {self.path}", **dict(self.headers.items())}).encode()
+                    self.send_response(500)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
                     return
                 self.send_response({"ok": 200, "fail": 500, "refuse": 400}[receiver.behaviour])
                 self.send_header("Content-Length", "0")

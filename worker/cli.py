@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from worker.responses import not_found_body
 from worker.verify import DEFAULT_EXAMPLES, default_stuck_after
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_FOUND = 0, 1, 2, 3
+# The largest number a database column or LIMIT takes (a signed 64-bit integer): a larger one is bad input, not a crash.
+DB_INT_MAX = 2**63 - 1
 
 log = structlog.get_logger("worker.cli")
 
@@ -42,10 +45,11 @@ class Output:
         self.as_json = as_json
         self.line_open = False
 
-    def result(self, data: dict, title: str | None = None) -> None:
+    def result(self, data: dict, title: str | None = None, keep: tuple[str, ...] = ()) -> None:
+        """`keep`: values printed whole, unredacted (see `echo`)."""
         self.end_progress()
         if self.as_json:
-            echo(json.dumps(data, default=str, sort_keys=True))
+            echo(json.dumps(data, default=str, sort_keys=True), keep=keep)
             return
         if title:
             echo(title)
@@ -57,7 +61,7 @@ class Output:
             elif isinstance(value, dict):
                 echo(f"{name}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
             else:
-                echo(f"{name}: {value}")
+                echo(f"{name}: {value}", keep=keep)
 
     def progress(self, message: str) -> None:
         """Where a long command is: one line rewritten in place on a terminal, a log event otherwise
@@ -100,10 +104,13 @@ class ProgressBar:
             self.bar.__exit__(None, None, None)
 
 
-def echo(message: str, err: bool = False) -> None:
+def echo(message: str, err: bool = False, keep: tuple[str, ...] = ()) -> None:
     """Print a line with every secret we know of masked (see config.redact): the one way the CLI prints.
+    `keep`: values the user asked to see, printed whole (a presigned URL's signature is its query, an API
+    token is shown once); as JSON strings too. Everything around them is still redacted.
     Undecodable bytes from argv (surrogate escapes) are shown as \\udcXX rather than failing the write."""
-    click.echo(redact_text(message).encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
+    keep = tuple(keep) + tuple(json.dumps(value)[1:-1] for value in keep)
+    click.echo(redact_text(message, keep=keep).encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
 
 
 def json_option(command: Callable) -> Callable:
@@ -223,8 +230,7 @@ def upgrade(out: Output) -> None:
     engine = runtime.engine()
     db = engine.db
     try:
-        before = schema.current_revision(db)
-        after = schema.upgrade(db)
+        before, after = schema.migrate(db)  # `before` read under the migration lock: what this upgrade found
         binding = _bind_store(engine, out)
     finally:
         runtime.close()
@@ -326,7 +332,8 @@ def lookup(engine: Engine, media_id: str, presign: bool, out: Output) -> None:
     except NotFound:
         echo(json.dumps(not_found_body(media_id, None), sort_keys=True))
         raise
-    out.result(found.to_dict())
+    # The URL the user asked for is printed whole: redacting its query (the signature) would make it useless.
+    out.result(found.to_dict(), keep=(found.url,) if presign else ())
 
 
 def send_to_fleet(task_name: str, out: Output, **kwargs) -> None:
@@ -346,7 +353,7 @@ def send_to_fleet(task_name: str, out: Output, **kwargs) -> None:
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
-@click.option("--limit", type=click.IntRange(min=1), help="Claim at most N items.")
+@click.option("--limit", type=click.IntRange(1, DB_INT_MAX), help="Claim at most N items.")
 @click.option("--enqueue", is_flag=True, help="Send the sweep to the workers instead of running it here.")
 @json_option
 @with_engine
@@ -632,7 +639,7 @@ def adopt(engine: Engine, org_id, ttl, under, grace, dry_run, yes, actor, out: O
 @click.option("--since", help="Only entries from this time on: ISO-8601, or a duration back from now (7d).")
 @click.option("--action", help="Only this action (deleted, purge, hold, release, org_set, reconcile, import, adopt, ...).")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="Entries per page.")
-@click.option("--before", type=click.IntRange(min=1), help="Page on: only entries older than this entry id.")
+@click.option("--before", type=click.IntRange(1, DB_INT_MAX), help="Page on: only entries older than this entry id.")
 @json_option
 @with_engine
 def audit(engine: Engine, org_id, since, action, limit, before, out: Output) -> None:
@@ -667,11 +674,12 @@ def apikey() -> None:
 def apikey_create(engine: Engine, org_id: str, name: str | None, actor: str | None, out: Output) -> None:
     """Create a key for ORG and print its token: the only time it is shown."""
     created = engine.catalog.api_keys.create(org_id, name=name, actor=actor or default_actor())
-    # Printed without `echo`: its redaction masks API tokens, and this is the one line that must show one.
+    # The token is kept whole: this is the one line that must show one (everything else is redacted as ever).
     if out.as_json:
-        click.echo(json.dumps(created.to_dict(), default=str, sort_keys=True))
+        echo(json.dumps(created.to_dict(), default=str, sort_keys=True), keep=(created.token,))
         return
-    click.echo(f"id: {created.key.id}\norg: {created.key.org}\nname: {created.key.name or ''}\ntoken: {created.token}")
+    echo(f"id: {created.key.id}\norg: {created.key.org}\nname: {created.key.name or ''}\ntoken: {created.token}",
+         keep=(created.token,))
     echo("Store the token now: it is not shown again (only its hash is kept).", err=True)
 
 
@@ -717,13 +725,27 @@ def serve(host: str, port: int, out: Output) -> None:
     engine = open_engine()
     try:
         app = create_app(lookup=engine.catalog.lookups, keys=engine.catalog.api_keys, ping=database_ping(engine.db))
+        listener = _listen(host, port)
         log.info("serve.starting", host=host, port=port, store=redact_url(current.storage_url))
         # Every command takes --json (the contract); a server's only output is its log, JSON with LOG_FORMAT=json.
-        out.notice(json.dumps({"serving": f"http://{host}:{port}"}) if out.as_json else f"media-retention: serving http://{host}:{port}")
+        address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        out.notice(json.dumps({"serving": address}) if out.as_json else f"media-retention: serving {address}")
         # Our own access log line (worker.http) replaces uvicorn's; logging stays as configured above.
-        uvicorn.run(app, host=host, port=port, access_log=False, log_config=None, server_header=False)
+        config = uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None, server_header=False)
+        uvicorn.Server(config).run(sockets=[listener])
     finally:
         runtime.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything claims to serve: a busy port or an address this machine does not
+    have is a usage error said in one sentence (uvicorn would log it and exit 3, our not-found code)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        return socket.create_server(infos[0][4][:2], family=infos[0][0])
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if isinstance(exc.errno, int) and exc.errno > 0 else (exc.strerror or str(exc))
+        raise BadInput(f"cannot listen on {host} port {port}: {reason}; choose another --host or --port.") from None
 
 
 # -- entry point ---------------------------------------------------------------------------------

@@ -44,22 +44,34 @@ def _serialize_migrations(connection: Connection) -> None:
 
 def upgrade(db: Database, revision: str = "head") -> str:
     """Migrate to `revision` under one transaction; returns the revision now current."""
+    return migrate(db, revision)[1]
+
+
+def migrate(db: Database, revision: str = "head") -> tuple[str | None, str]:
+    """Migrate to `revision` under one transaction; (the revision found, the revision now current). The first is
+    read under the migration lock: an upgrade that waited for another one reports the revision that one left,
+    not the empty catalog both saw before."""
     from alembic import command
 
     config = _config()
     with db.engine.begin() as connection:
         _serialize_migrations(connection)
+        found = _revision(connection)
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
-    return current_revision(db)
+    return found, current_revision(db)
+
+
+def _revision(connection: Connection) -> str | None:
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
 def current_revision(db: Database) -> str | None:
     """The catalog's revision as Alembic recorded it (its `alembic_version` table), None when unmigrated."""
     with db.engine.connect() as connection:
-        if not inspect(connection).has_table("alembic_version"):
-            return None
-        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        return _revision(connection)
 
 
 def head_revision() -> str:

@@ -326,10 +326,9 @@ class Sweeper:
         """What a sweep would delete now, without claiming anything."""
         shown = min(limit or DRY_RUN_LISTING, DRY_RUN_LISTING)
         with self.db.transaction() as session:
-            total, total_bytes, rows = items_sql.due_preview(session, shown)
+            total, total_bytes, rows = items_sql.due_preview(session, shown, limit)
         counts = SweepCounts(held_skipped=self.held_expired_count())
-        counts.due = min(total, limit) if limit else total
-        counts.due_bytes = int(total_bytes) if not limit else sum(row.size_bytes for row in rows)
+        counts.due, counts.due_bytes = total, int(total_bytes)
         counts.would_delete = [
             {
                 "id": row.id,

@@ -69,6 +69,31 @@ def test_concurrent_db_upgrades_on_a_fresh_schema_all_succeed(empty_pg_schema, t
         db.dispose()
 
 
+def test_of_three_concurrent_db_upgrades_one_reports_migrating_the_fresh_schema_and_two_the_revision_they_found(
+        empty_pg_schema, tmp_path):
+    """Three `db upgrade` processes queue on the migration lock of a fresh schema: one reports `from: null`, the
+    two that waited report `from: <head>` (what they found once the lock was theirs), all `to: <head>`."""
+    env = {**os.environ, "MEDIA_RETENTION_DATABASE_URL": empty_pg_schema, "MEDIA_RETENTION_DATA_DIR": str(tmp_path)}
+    holder = Database(empty_pg_schema)
+    try:
+        with holder.engine.connect() as held:
+            held.execute(text("SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))"),
+                         {"key": schema.MIGRATION_LOCK_KEY})
+            processes = [subprocess.Popen([str(SCRIPT), "db", "upgrade", "--json"], env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL) for _ in range(3)]
+            # All three have looked at the fresh schema and wait for the lock: their starts truly overlap.
+            wait_until(lambda: _lock_waiters(held) == 3, 60, "three upgrades to queue for the migration lock")
+            held.rollback()
+        outcomes = [(process.wait(timeout=120), *process.communicate()) for process in processes]
+    finally:
+        holder.dispose()
+    assert [code for code, _, _ in outcomes] == [0] * 3, [err for _, _, err in outcomes]
+    reports = [json.loads(out) for _, out, _ in outcomes]
+    head = schema.head_revision()
+    assert sorted([report["from"] for report in reports], key=str) == sorted([None, head, head], key=str)
+    assert [report["to"] for report in reports] == [head] * 3
+
+
 def test_an_upgrade_waits_while_another_migration_of_the_schema_holds_the_lock(empty_pg_schema):
     """While another session holds the schema's migration lock, an upgrade creates nothing; it migrates once released."""
     holder, db = Database(empty_pg_schema), Database(empty_pg_schema)

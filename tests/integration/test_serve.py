@@ -425,3 +425,23 @@ def test_readyz_answers_503_while_the_database_is_unreachable_and_200_again_afte
         assert server.get("/readyz").status_code == 200
     finally:
         relay.cut()
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_a_lookup_while_the_database_is_unreachable_answers_503_with_the_json_error_body(
+        serve, database, catalog, orgs, media_root):
+    """Cut the connection to PostgreSQL: a lookup answers 503 `unavailable` (JSON, Retry-After), never 500."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database.url)
+    token = orgs["acme"]
+    relay = Relay((url.host, url.port or 5432))
+    server = serve(MEDIA_RETENTION_DATABASE_URL=url.set(host="127.0.0.1", port=relay.port).render_as_string(hide_password=False),
+                   MEDIA_RETENTION_STORAGE_URL=media_root.as_uri())
+    assert server.get("/v1/media/nothing-1", token).status_code == 404
+    relay.cut()
+    answer = server.get("/v1/media/nothing-1", token)
+    assert (answer.status_code, answer.headers["content-type"]) == (503, "application/json")
+    assert answer.json() == {"status": 503, "error": "unavailable",
+                             "message": "the catalog database cannot be reached; retry later."}
+    assert int(answer.headers["Retry-After"]) > 0

@@ -41,3 +41,29 @@ def test_urls_inside_text_are_redacted_and_remembered_secrets_are_masked_in_piec
 def test_secrets_of_names_password_query_values_and_path_tokens():
     """What `remember` will search for, raw and percent-decoded."""
     assert set(secrets_of("https://u:p%40ssw0rd@h/a/LongTokenLongToken1?k=v%2Bvalue")) >= {"p%40ssw0rd", "p@ssw0rd", "LongTokenLongToken1", "v+value"}
+
+
+def test_text_kept_on_purpose_is_printed_whole_while_everything_around_it_is_still_redacted():
+    """A presigned URL the user asked for keeps its signature; a password URL in the same line is still masked."""
+    presigned = "https://bucket.s3.amazonaws.com/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=abcdef0123456789"
+    line = f"url: {presigned} via postgresql://app:hunter22@db/x and {presigned}"
+    shown = redact_text(line, keep=(presigned,))
+    assert shown == f"url: {presigned} via postgresql://app:***@db/x and {presigned}"
+    assert "X-Amz-Signature=***" in redact_text(line)
+
+
+def test_a_bearer_token_we_sent_is_masked_in_every_encoding_a_receiver_may_echo_it_in():
+    """The token of an Authorization: Bearer header, echoed raw, percent-encoded, JSON-escaped or in base64."""
+    from base64 import b64encode
+    from urllib.parse import quote
+
+    from config.redact import credential_secrets, mask_secrets
+
+    token = "tok/en+With=Odd_chars-42"
+    secrets = credential_secrets("https://hooks.example/alerts", f"Bearer {token}")
+    echoed = [f"Authorization: Bearer {token}", quote(token, safe=""), token.replace("/", "\\/"),
+              b64encode(token.encode()).decode(), f"auth={quote(token, safe='').lower()}"]
+    for text in echoed:
+        masked = mask_secrets(f"refused: {text} (see docs)", secrets)
+        assert "***" in masked and masked.startswith("refused: ") and masked.endswith(" (see docs)"), masked
+        assert "With=Odd" not in masked and "With%3DOdd" not in masked.replace("%3d", "%3D"), masked

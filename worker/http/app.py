@@ -22,6 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker.catalog.results import Item, Tombstone
@@ -35,6 +37,10 @@ log = structlog.get_logger("worker.http")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Scrapes and probes come every few seconds: logged at DEBUG, so the INFO log holds the lookups.
 QUIET_ROUTES = frozenset({"/metrics", "/healthz", "/readyz"})
+
+
+# What a 503 asks callers to wait before retrying: a database failover or restart takes seconds.
+RETRY_AFTER_SECONDS = 5
 
 
 class MediaLookup(Protocol):
@@ -202,6 +208,15 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
         return _error(exc.status_code, "not_found" if exc.status_code == 404 else "http_error", str(exc.detail),
                       headers=getattr(exc, "headers", None))
 
+    # The database unreachable (a connection refused or cut, the pool exhausted): the service is unavailable,
+    # as /readyz says, and the caller should retry; not an internal error of ours.
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def database_unavailable(_request, exc: Exception) -> JSONResponse:
+        log.warning("http.database_unavailable", error_type=type(exc).__name__)
+        return _error(503, "unavailable", "the catalog database cannot be reached; retry later.",
+                      headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
     @app.exception_handler(Exception)
     async def server_error(_request, exc: Exception) -> JSONResponse:
         # The type only: a driver's message can quote a connection URL.
@@ -217,6 +232,7 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
             401: {"model": ErrorBody, "description": "No API key, or one that is unknown or revoked."},
             404: {"model": GoneBody | NotFoundBody,
                   "description": "Gone (expired, claimed for deletion or deleted), never seen, or another org's."},
+            503: {"model": ErrorBody, "description": "The catalog database cannot be reached; retry after Retry-After."},
         },
     )
     def get_media(media_id: str = Path(description="The media ID (1-128 of A-Za-z0-9._-)."),

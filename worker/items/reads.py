@@ -31,17 +31,22 @@ def held_expired_count(session) -> int:
     return session.scalar(select(func.count()).where(held_expired(items, db_now()))) or 0
 
 
-def due_preview(session, shown: int) -> tuple[int, int, list]:
+def due_preview(session, shown: int, limit: int | None = None) -> tuple[int, int, list]:
     """What a sweep would claim now, without claiming it (expired claimable items and claims whose lease
     ran out): how many, their bytes, and the first `shown` of them by expiry (`id`, `org_id`,
-    `storage_key`, `size_bytes`, `expires_at`, `ttl_seconds`)."""
+    `storage_key`, `size_bytes`, `expires_at`, `ttl_seconds`). With `limit`, the count and bytes are those
+    of the first `limit` by expiry, what a sweep limited so claims; summed by the database, never loaded."""
     items = models.MediaItem.__table__
     now_due = or_(
         due(items, db_now()),
         and_(items.c.state == models.State.DELETING.value, items.c.lease_until <= db_now()),
     )
+    counted = select(items.c.size_bytes).where(now_due)
+    if limit is not None:
+        counted = counted.order_by(items.c.expires_at).limit(limit)
+    counted = counted.subquery()
     total, total_bytes = session.execute(
-        select(func.count(), func.coalesce(func.sum(items.c.size_bytes), 0)).where(now_due)
+        select(func.count(), func.coalesce(func.sum(counted.c.size_bytes), 0)).select_from(counted)
     ).one()
     rows = session.execute(
         select(items.c.id, items.c.org_id, items.c.storage_key, items.c.size_bytes, items.c.expires_at, items.c.ttl_seconds)

@@ -65,6 +65,17 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
+def _name_real_path(exc: OSError, directory: Path) -> None:
+    """Make `exc` name the real path. A call relative to a directory descriptor (openat, mkdirat, unlinkat) names
+    only the entry, so an operator would read "Read-only file system (7f)" instead of the directory's path."""
+    for attribute in ("filename", "filename2"):
+        name = getattr(exc, attribute)
+        if isinstance(name, str) and not os.path.isabs(name):
+            setattr(exc, attribute, str(directory / name))
+        elif isinstance(name, int):  # the descriptor itself (fstat, scandir): the directory
+            setattr(exc, attribute, str(directory))
+
+
 class _Escape(Exception):
     """A key step is a symlink or not a directory: following it could leave the root."""
 
@@ -121,6 +132,7 @@ class FilesystemStore(BlobStore):
         open descriptor of the root, saves opening it again (a batch of deletes shares one); it stays open."""
         *dirs, name = validate_key(key).split("/")
         fd = self._open_root() if root_fd is None else root_fd
+        directory = self.root
         try:
             for part in dirs:
                 try:
@@ -137,8 +149,11 @@ class FilesystemStore(BlobStore):
                     raise
                 if fd != root_fd:
                     os.close(fd)
-                fd = child
+                fd, directory = child, directory / part
             yield fd, name
+        except OSError as exc:  # from the steps and from the caller's calls relative to `fd` alike
+            _name_real_path(exc, directory)
+            raise
         finally:
             if fd != root_fd:
                 os.close(fd)
@@ -280,8 +295,7 @@ class FilesystemStore(BlobStore):
             os.close(root_fd)
         return answers
 
-    @staticmethod
-    def _descend(chain: list[tuple[str, int]], root_fd: int, steps: list[str]) -> int:
+    def _descend(self, chain: list[tuple[str, int]], root_fd: int, steps: list[str]) -> int:
         """The descriptor of the directory `steps` below the root, reusing the open prefix of `chain` (and
         leaving the chain at that directory). Each step is opened with O_NOFOLLOW relative to its parent."""
         common = 0
@@ -295,6 +309,7 @@ class FilesystemStore(BlobStore):
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise _Escape(f"a step {step!r} is a symlink or a file") from None
+                _name_real_path(exc, self.root.joinpath(*(opened for opened, _fd in chain)))
                 raise
             chain.append((step, child))
         return chain[-1][1] if chain else root_fd
@@ -484,6 +499,9 @@ class FilesystemStore(BlobStore):
                     os.unlink(temp, dir_fd=root_fd)
             os.fsync(root_fd)
             return True
+        except OSError as exc:
+            _name_real_path(exc, self.root)
+            raise
         finally:
             os.close(root_fd)
 

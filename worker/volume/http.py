@@ -11,11 +11,17 @@ from urllib.parse import urlsplit
 import requests
 import structlog
 
+from config.redact import credential_secrets, mask_secrets, redact_text
 from worker import metrics
 from worker.volume import LOGGER
 
 log = structlog.get_logger(LOGGER)
 
+# How much of a refusing answer is searched for our credentials before its start is logged: a secret cut in
+# half by the log's 200 characters would no longer be found whole.
+BODY_SCANNED = 64 * 1024
+# How much of a refusing answer is logged: enough for Alertmanager's reason, short of a whole HTML page.
+BODY_LOGGED = 200
 # Pause before the second attempt of a POST, doubled for each further one: long enough for a
 # restarting receiver or a load balancer to pick a healthy backend, short against the check interval.
 RETRY_BACKOFF_SECONDS = 1.0
@@ -55,6 +61,12 @@ class HttpSink:
         self.backoff = backoff
         self.target = url_origin(url)
 
+    def _without_credentials(self, text: str, request: requests.PreparedRequest | None) -> str:
+        """`text` without any credential this request sent (the URL's, and the Authorization header requests
+        made of it or of ~/.netrc), in any encoding, nor the URL beyond its origin."""
+        authorization = request.headers.get("Authorization") if request is not None else None
+        return redact_text(_redact(mask_secrets(text, credential_secrets(self.url, authorization)), self.url))
+
     @property
     def worst_case_seconds(self) -> float:
         """How long `send` can take against an endpoint that accepts connections and never answers."""
@@ -76,8 +88,10 @@ class HttpSink:
                     log.info(f"volume.{self.sink}_delivered", target=self.target, status=response.status_code,
                              attempt=attempt, alert_status=alert_status, seconds=round(time.monotonic() - started, 3))
                     return True
-                # The start of the body says why (Alertmanager names the field it refused).
-                body = _redact(" ".join(response.text[:200].split()), self.url)
+                # The start of the body says why (Alertmanager names the field it refused). A receiver or proxy that
+                # echoes the request would put our credentials in the log: every form of them is masked first.
+                body = " ".join(self._without_credentials(response.text[:BODY_SCANNED], response.request).split())
+                body = body[:BODY_LOGGED]
                 error = f"HTTP {response.status_code}" + (f": {body}" if body else "")
                 # Any other 4xx is the same request refused again: retrying cannot help.
                 retryable = response.status_code >= 500 or response.status_code in (408, 429)
