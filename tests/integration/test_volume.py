@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from config.settings import load_settings
-from tests.unit.test_volume_alerts import (
+from tests.volume_support import (
     alert_row,
     events,
     fixed,
