@@ -146,7 +146,8 @@ def _unit(name: str) -> dict[str, list[str]]:
     return settings
 
 
-@pytest.mark.parametrize("name", ["media-retention-beat.service", "media-retention-worker@.service"])
+@pytest.mark.parametrize("name", ["media-retention-beat.service", "media-retention-worker@.service",
+                                  "media-retention-serve.service", "media-retention-migrate.service"])
 def test_systemd_units_keep_their_data_in_the_state_directory_systemd_creates(name):
     """The data dir is the unit's StateDirectory and the working directory, never `./` of wherever it started."""
     unit = _unit(name)
@@ -159,3 +160,58 @@ def test_systemd_worker_instances_are_named_by_their_metrics_port():
     """`media-retention-worker@9801` serves /metrics on 9801: any port, however many instances."""
     unit = _unit("media-retention-worker@.service")
     assert "MEDIA_RETENTION_METRICS_PORT=%i" in unit["Environment"]
+
+
+SERVICES = ["media-retention-beat.service", "media-retention-worker@.service", "media-retention-serve.service"]
+
+
+def test_the_migrate_unit_is_a_retrying_oneshot_that_runs_db_upgrade_on_every_start():
+    """`media-retention-migrate` runs `db upgrade` once per start (no RemainAfterExit, so a later start
+    migrates a new release), retries a failure, and is not enabled on its own."""
+    unit = _unit("media-retention-migrate.service")
+    assert unit["Type"] == ["oneshot"]
+    assert [shlex.split(line)[1:] for line in unit["ExecStart"]] == [["db", "upgrade"]]
+    assert unit["Restart"] == ["on-failure"] and "RemainAfterExit" not in unit
+    assert "WantedBy" not in unit
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_workers_beat_and_serve_start_only_after_the_migration_succeeded(name):
+    """Ordered after the migrate unit and requiring it; none migrates on its own any more."""
+    unit = _unit(name)
+    assert "media-retention-migrate.service" in " ".join(unit["After"]).split()
+    assert unit["Requires"] == ["media-retention-migrate.service"]
+    assert "ExecStartPre" not in unit
+
+
+def _sandbox(name: str) -> dict[str, list[str]]:
+    unit = _unit(name)
+    return {key: values for key, values in unit.items() if key not in ("ReadWritePaths", "WantedBy")
+            and list(unit).index(key) >= list(unit).index("NoNewPrivileges")}
+
+
+def test_every_unit_has_the_same_sandbox():
+    """One sandbox for all four units (the worker only adds its media root): hardening one cannot be forgotten on another."""
+    sandboxes = {name: _sandbox(name) for name in [*SERVICES, "media-retention-migrate.service"]}
+    first = sandboxes["media-retention-beat.service"]
+    assert first["ProtectSystem"] == ["strict"] and first["CapabilityBoundingSet"] == [""]
+    assert all(sandbox == first for sandbox in sandboxes.values()), sandboxes
+
+
+def test_the_sandbox_leaves_the_network_open_and_write_execute_memory_allowed():
+    """PostgreSQL, Redis, S3 and Alertmanager stay reachable (TCP over IPv4/IPv6, local sockets, no
+    PrivateNetwork or IP allow list); MemoryDenyWriteExecute is left off (C extensions may need it)."""
+    unit = _unit("media-retention-worker@.service")
+    assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= set(unit["RestrictAddressFamilies"][0].split())
+    assert not {"PrivateNetwork", "IPAddressDeny", "IPAddressAllow", "MemoryDenyWriteExecute", "PrivateUsers"} & set(unit)
+
+
+def test_the_worker_may_write_the_media_root_the_example_environment_names():
+    """ProtectSystem=strict makes / read-only: the worker's ReadWritePaths holds the media root of
+    env.example (optional, `-`, so an S3 site starts), else deletes would fail with EROFS."""
+    example = dict(line.split("=", 1) for line in (DEPLOY / "systemd" / "env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    media_root = example["MEDIA_RETENTION_STORAGE_URL"].removeprefix("file://")
+    assert _unit("media-retention-worker@.service")["ReadWritePaths"] == [f"-{media_root}"]
+    for name in ("media-retention-beat.service", "media-retention-serve.service", "media-retention-migrate.service"):
+        assert "ReadWritePaths" not in _unit(name), f"{name} never writes media"
