@@ -96,7 +96,8 @@ def test_the_kubernetes_manifests_are_valid_against_the_kubernetes_schemas_stric
     """Every document validates against the bundled OpenAPI schemas, unknown fields refused (strict)."""
     documents = [doc for doc in yaml.safe_load_all((DEPLOY / "kubernetes" / "media-retention.yaml").read_text()) if doc]
     kinds = [doc["kind"] for doc in documents]
-    assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Deployment", "Deployment", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Deployment", "Deployment", "Service",
+                     "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy"]
     for document in documents:
         kubernetes_validate.validate(document, version, strict=True)
 
