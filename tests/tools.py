@@ -20,6 +20,7 @@ PACKAGES = {
     "systemd-analyze": "systemd",
     "docker-compose": "docker-compose",
     "bash": "bash",
+    "strace": "strace",
 }
 
 

@@ -206,14 +206,16 @@ def test_the_sandbox_leaves_the_network_open_and_write_execute_memory_allowed():
     assert not {"PrivateNetwork", "IPAddressDeny", "IPAddressAllow", "MemoryDenyWriteExecute", "PrivateUsers"} & set(unit)
 
 
-def test_the_worker_may_write_the_media_root_the_example_environment_names():
-    """ProtectSystem=strict makes / read-only: the worker's ReadWritePaths holds the media root of
-    env.example (optional, `-`, so an S3 site starts), else deletes would fail with EROFS."""
+def test_the_worker_and_the_migration_may_write_the_media_root_the_example_environment_names():
+    """ProtectSystem=strict makes / read-only: the worker (deletes) and the migration (binds the store)
+    have the media root of env.example in ReadWritePaths (optional, `-`, so an S3 site starts); beat and
+    serve never write media."""
     example = dict(line.split("=", 1) for line in (DEPLOY / "systemd" / "env.example").read_text().splitlines()
                    if line and not line.startswith("#"))
     media_root = example["MEDIA_RETENTION_STORAGE_URL"].removeprefix("file://")
-    assert _unit("media-retention-worker@.service")["ReadWritePaths"] == [f"-{media_root}"]
-    for name in ("media-retention-beat.service", "media-retention-serve.service", "media-retention-migrate.service"):
+    for name in ("media-retention-worker@.service", "media-retention-migrate.service"):
+        assert _unit(name)["ReadWritePaths"] == [f"-{media_root}"], name
+    for name in ("media-retention-beat.service", "media-retention-serve.service"):
         assert "ReadWritePaths" not in _unit(name), f"{name} never writes media"
 
 
