@@ -3,7 +3,7 @@
 systemd is not PID 1 where the suite runs, so the units cannot be started under their sandbox here.
 Instead each unit's ExecStart runs as the unit would run it (its argv, environment and working
 directory) under `strace -f`, doing its real work (the worker deletes expired media and serves
-/metrics; serve answers /readyz; the migration upgrades a schema), and what it did is checked against
+/metrics; serve answers /readyz; beat sends sweeps; the migration upgrades a schema), and what it did is checked against
 what the unit allows: every system call within its SystemCallFilter (as `systemd-analyze
 syscall-filter` expands the groups), every socket of a family in RestrictAddressFamilies, and every
 file it wrote, created, renamed or removed inside a directory ProtectSystem=strict leaves writable.
@@ -21,11 +21,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.conftest import free_port
 from tests.factories import seed_items
 from tests.fleet import all_swept, wait_until
 from tests.tools import require_tool
+from worker.beat import HEARTBEAT_FILE
 from worker.store.keys import key_for_id
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow,
@@ -227,10 +229,10 @@ def test_the_worker_deletes_and_serves_metrics_within_its_units_sandbox(catalog,
     assert {str(media_root / key_for_id(expired[0])), str(media_root / key_for_id(expired[-1]))} <= deleted
 
 
-def test_serve_and_the_migration_run_within_their_units_sandbox(database, private_redis, media_root, unit_dirs, tmp_path):
-    """`db upgrade` (the migrate unit) and `serve` answering /readyz use only allowed system calls and
-    socket families; the migration writes only in its state directory and the media root (binding the
-    store), serve only in its state directory."""
+def test_serve_beat_and_the_migration_run_within_their_units_sandbox(database, private_redis, media_root, unit_dirs, tmp_path):
+    """`db upgrade` (the migrate unit), `serve` answering /readyz and beat sending sweeps use only allowed
+    system calls and socket families; the migration writes only in its state directory and the media
+    root (binding the store), serve and beat only in their state directory."""
     state, _ = unit_dirs
     env = _env(database, private_redis.url, media_root, state)
     migrate = _unit("media-retention-migrate.service")
@@ -254,3 +256,16 @@ def test_serve_and_the_migration_run_within_their_units_sandbox(database, privat
     assert returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in traced.log.read_text(), \
         traced.log.read_text()[-3000:]
     check_within_sandbox(traced, serve, [state], state, tmp_path)
+
+    beat = _unit("media-retention-beat.service")
+    env["MEDIA_RETENTION_SWEEP_INTERVAL"] = "1s"
+    traced = Traced(_exec_start(beat), env, state, tmp_path / "beat.trace", tmp_path / "beat.log")
+    queue = redis.Redis.from_url(private_redis.url)
+    try:
+        wait_until(lambda: queue.llen("celery") >= 2, 60, "beat to send two sweeps")
+    finally:
+        queue.close()
+        returncode = traced.stop()
+    assert returncode == 0, traced.log.read_text()[-3000:]
+    assert (state / HEARTBEAT_FILE).exists()
+    check_within_sandbox(traced, beat, [state], state, tmp_path)
