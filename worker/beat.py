@@ -26,6 +26,8 @@ class HeartbeatScheduler(PersistentScheduler):
     def __init__(self, app, *args, **kwargs) -> None:
         self.heartbeat = Path(app.conf.media_retention_settings.data_dir) / HEARTBEAT_FILE
         self._heartbeat_failing = False
+        # The data dir usually holds the schedule too, but `beat --schedule=elsewhere` leaves it uncreated.
+        self.heartbeat.parent.mkdir(parents=True, exist_ok=True)
         super().__init__(app, *args, **kwargs)
 
     def tick(self, *args, **kwargs) -> float:
