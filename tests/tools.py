@@ -21,6 +21,7 @@ PACKAGES = {
     "docker-compose": "docker-compose",
     "bash": "bash",
     "strace": "strace",
+    "socat": "socat",
 }
 
 

@@ -165,14 +165,14 @@ def test_systemd_worker_instances_are_named_by_their_metrics_port():
 SERVICES = ["media-retention-beat.service", "media-retention-worker@.service", "media-retention-serve.service"]
 
 
-def test_the_migrate_unit_is_a_retrying_oneshot_that_runs_db_upgrade_on_every_start():
-    """`media-retention-migrate` runs `db upgrade` once per start (no RemainAfterExit, so a later start
-    migrates a new release), retries a failure, and is not enabled on its own."""
+def test_the_migrate_unit_is_a_oneshot_that_waits_for_the_database_and_runs_db_upgrade_on_every_start():
+    """`media-retention-migrate` runs `db upgrade --wait` once per start (no RemainAfterExit, so a later start
+    migrates a new release), waiting out a database outage inside its one start job (no Restart=: a
+    restarted dependency never starts the units that failed on it), and is not enabled on its own."""
     unit = _unit("media-retention-migrate.service")
     assert unit["Type"] == ["oneshot"]
-    assert [shlex.split(line)[1:] for line in unit["ExecStart"]] == [["db", "upgrade"]]
-    assert unit["Restart"] == ["on-failure"] and "RemainAfterExit" not in unit
-    assert "WantedBy" not in unit
+    assert [shlex.split(line)[1:] for line in unit["ExecStart"]] == [["db", "upgrade", "--wait"]]
+    assert not {"Restart", "RemainAfterExit", "TimeoutStartSec", "WantedBy"} & set(unit)
 
 
 @pytest.mark.parametrize("name", SERVICES)
