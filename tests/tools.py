@@ -20,6 +20,8 @@ PACKAGES = {
     "systemd-analyze": "systemd",
     "docker-compose": "docker-compose",
     "bash": "bash",
+    "strace": "strace",
+    "socat": "socat",
 }
 
 

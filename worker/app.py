@@ -119,6 +119,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         beat_schedule=beat_schedule(settings),
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
+        # Celery's scheduler that also touches a heartbeat file for beat's liveness probe (worker/beat.py).
+        beat_scheduler="worker.beat:HeartbeatScheduler",
         timezone="UTC",
     )
     app.conf.media_retention_settings = settings

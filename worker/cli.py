@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 import structlog
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from config.logging import configure_logging
 from config.settings import Settings, get_settings
@@ -221,15 +224,38 @@ def db() -> None:
     """Database schema."""
 
 
+# How often `db upgrade --wait` tries an unreachable database again: a fleet starts within seconds of
+# the database, and the log gets one line per try.
+DATABASE_RETRY_S = 5.0
+
+
+def _wait_for_database(db) -> None:
+    """Return once the database answers. The systemd units start only after the migration succeeded, and
+    a failed dependency is never retried: so at boot, with the database down, the migration waits."""
+    for attempt in itertools.count(1):
+        try:
+            with db.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            return
+        except OperationalError as exc:
+            log.warning("db.unreachable", attempt=attempt, retry_in_s=DATABASE_RETRY_S, database=redact_url(db.url),
+                        error=redact_text(str(exc.orig or exc).strip()))
+            time.sleep(DATABASE_RETRY_S)
+
+
 @db.command()
+@click.option("--wait", is_flag=True,
+              help="Wait for the database to answer (trying every 5 s) before migrating; a failing migration still fails.")
 @json_option
-def upgrade(out: Output) -> None:
+def upgrade(out: Output, wait: bool) -> None:
     """Create or migrate the schema to the newest revision."""
     current = settings()
     current.data_dir.mkdir(parents=True, exist_ok=True)
     engine = runtime.engine()
     db = engine.db
     try:
+        if wait:
+            _wait_for_database(db)
         before, after = schema.migrate(db)  # `before` read under the migration lock: what this upgrade found
         binding = _bind_store(engine, out)
     finally:

@@ -52,7 +52,7 @@ class Deployed:
 
     @property
     def role(self) -> str:
-        if Path(self.argv[0]).name == "media-retention" and self.argv[1:] == ["db", "upgrade"]:
+        if Path(self.argv[0]).name == "media-retention" and self.argv[1:3] == ["db", "upgrade"]:
             return "upgrade"
         if Path(self.argv[0]).name == "media-retention" and self.argv[1:2] == ["serve"]:
             return "serve"

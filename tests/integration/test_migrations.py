@@ -7,11 +7,12 @@ import subprocess
 import threading
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
-from tests.conftest import _schema_url
+from tests.conftest import _schema_url, free_port
 from tests.e2e.conftest import SCRIPT
 from tests.fleet import wait_until
+from tests.tools import require_tool
 from worker import schema
 from worker.db import Database
 
@@ -118,3 +119,48 @@ def _lock_waiters(connection) -> int:
     return connection.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
                                    "AND classid = :key AND objid = hashtext(current_schema())::oid"),
                               {"key": schema.MIGRATION_LOCK_KEY}).scalar()
+
+
+def _through_port(url: str, port: int, password: str) -> str:
+    """`url` with another port and a password (PostgreSQL here trusts, so it is ignored but must stay secret)."""
+    return make_url(url).set(port=port, password=password).render_as_string(hide_password=False)
+
+
+def test_db_upgrade_wait_retries_until_the_database_answers_then_migrates(empty_pg_schema, tmp_path):
+    """`db upgrade --wait` (the systemd migrate unit's command) against a port nothing listens on logs
+    `db.unreachable` every 5 s, password masked, and keeps going; once the port leads to PostgreSQL
+    (socat started late), it migrates to head and exits 0. Without --wait the same command fails at once."""
+    socat = require_tool("socat")
+    port = free_port()
+    password = "s3cret-" + secrets.token_hex(4)
+    env = {**os.environ, "MEDIA_RETENTION_DATABASE_URL": _through_port(empty_pg_schema, port, password),
+           "MEDIA_RETENTION_DATA_DIR": str(tmp_path), "MEDIA_RETENTION_LOG_FORMAT": "json"}
+    impatient = subprocess.run([str(SCRIPT), "db", "upgrade"], check=False, env=env, capture_output=True, text=True, timeout=60,
+                               stdin=subprocess.DEVNULL)
+    assert impatient.returncode == 1 and password not in impatient.stdout + impatient.stderr, impatient.stderr
+
+    output = tmp_path / "upgrade.log"
+    with output.open("wb") as log:
+        waiting = subprocess.Popen([str(SCRIPT), "db", "upgrade", "--wait", "--json"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    target = make_url(empty_pg_schema)
+    relay = None
+    try:
+        wait_until(lambda: output.read_text().count("db.unreachable") >= 2, 30, "two attempts on the closed port")
+        assert waiting.poll() is None, output.read_text()
+        relay = subprocess.Popen([socat, f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
+                                  f"TCP:{target.host or '127.0.0.1'}:{target.port or 5432}"], stdin=subprocess.DEVNULL)
+        assert waiting.wait(timeout=60) == 0, output.read_text()
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+        if relay:
+            relay.terminate()
+            relay.wait()
+    text_out = output.read_text()
+    events = [json.loads(line) for line in text_out.splitlines() if line.startswith('{"')]
+    unreachable = [event for event in events if event.get("event") == "db.unreachable"]
+    assert [event["attempt"] for event in unreachable][:2] == [1, 2] and unreachable[0]["retry_in_s"] == 5.0
+    assert password not in text_out
+    assert json.loads(text_out.splitlines()[-1])["to"] == schema.head_revision()
