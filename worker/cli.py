@@ -743,9 +743,8 @@ def apikey_revoke(engine: Engine, key_id: str, actor: str | None, out: Output) -
 @json_option
 def serve(host: str, port: int, out: Output) -> None:
     """Serve GET /v1/media/{id} over HTTP (org API keys), with /healthz, /readyz, /metrics and /openapi.json."""
-    import uvicorn
-
     from worker.http.app import create_app, database_ping
+    from worker.http.server import run as run_server
 
     current = settings()
     engine = open_engine()
@@ -756,9 +755,7 @@ def serve(host: str, port: int, out: Output) -> None:
         # Every command takes --json (the contract); a server's only output is its log, JSON with LOG_FORMAT=json.
         address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         out.notice(json.dumps({"serving": address}) if out.as_json else f"media-retention: serving {address}")
-        # Our own access log line (worker.http) replaces uvicorn's; logging stays as configured above.
-        config = uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None, server_header=False)
-        uvicorn.Server(config).run(sockets=[listener])
+        run_server(app, host=host, port=port, listener=listener)
     finally:
         runtime.close()
 
