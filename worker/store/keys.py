@@ -27,7 +27,7 @@ MARKER_PREFIX = ".media-retention"
 QUOTED_MAX = 64
 # The ID rule of `validate_id` as a JSON Schema pattern (the HTTP API's OpenAPI description declares it,
 # so schema-valid requests are exactly those the lookup accepts): the alphabet, no `..`, not only dots.
-ID_PATTERN = r"^(?!\.+$)(?!.*\.\.)[A-Za-z0-9._-]{1,%d}$" % ID_LENGTH
+ID_PATTERN = rf"^(?!\.+$)(?!.*\.\.)[A-Za-z0-9._-]{{1,{ID_LENGTH}}}$"
 
 
 def quoted(value: object) -> str:
