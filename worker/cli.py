@@ -316,15 +316,20 @@ def org_show(engine: Engine, org_id: str, out: Output) -> None:
 @click.option("--created-at", help="ISO-8601 creation time (default: now, by the database clock).")
 @click.option("--mime", help="MIME type (default: guessed from the name).")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), help="Register every line of a JSON-lines file.")
+@click.option("--files-root", type=click.Path(path_type=Path),
+              help="With --manifest: the directory its 'file' lines may read from (relative paths too); required for them.")
 @json_option
 @with_engine
-def register(engine: Engine, org_id, file, key, media_id, ttl, created_at, mime, manifest, out: Output) -> None:
+def register(engine: Engine, org_id, file, key, media_id, ttl, created_at, mime, manifest, files_root, out: Output) -> None:
     """Register media: one item (--file or --key) or a whole --manifest."""
+    if files_root is not None and manifest is None:
+        raise BadInput("--files-root goes with --manifest; --file takes the path as given.")
     if manifest is not None:
         if any(v is not None for v in (org_id, file, key, media_id, ttl, created_at, mime)):
             raise BadInput("--manifest takes every field from the file; give no other register options with it.")
         try:
-            summary = engine.catalog.register_manifest(manifest, progress=lambda n: out.progress(f"imported {n} items"))
+            summary = engine.catalog.register_manifest(manifest, files_root=files_root,
+                                                       progress=lambda n: out.progress(f"imported {n} items"))
         except ManifestError as exc:
             out.end_progress()
             for error in exc.errors[:100]:
