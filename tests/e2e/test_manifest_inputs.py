@@ -4,6 +4,7 @@ operator names (`--files-root`), and nothing but a regular file of a real filesy
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli import snapshot, write_manifest
+from tests.e2e.support import snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +31,12 @@ def uploads(tmp_path: Path) -> Path:
     (tmp_path / "secret.txt").write_text("DATABASE_PASSWORD=hunter2\n")
     (root / "innocent.jpg").symlink_to(tmp_path / "secret.txt")
     return root
+
+
+def write_manifest(path: Path, rows: list) -> Path:
+    """A JSON-lines manifest: dicts as JSON, strings as they are (to write lines json.dumps never would)."""
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
 
 
 def bad_lines(stderr: str) -> dict[int, str]:
