@@ -239,6 +239,28 @@ def test_connections_that_never_finish_their_headers_are_closed_after_the_deadli
 
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_serve_lifts_a_low_open_file_limit_to_fit_its_connection_cap(serve, database, media_root):
+    """Started with the common soft limit of 1,024 descriptors, the server raises it to its cap plus spares,
+    so accept() does not fail before the cap answers 503."""
+    import resource
+
+    from worker.http.server import MAX_CONNECTIONS, SPARE_DESCRIPTORS
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_CONNECTIONS + SPARE_DESCRIPTORS
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"the hard open-file limit here is {hard}, below the {wanted} the server asks for")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # inherited by the server process
+    try:
+        server = serve(MEDIA_RETENTION_DATABASE_URL=database.url, MEDIA_RETENTION_STORAGE_URL=media_root.as_uri())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = Path(f"/proc/{server.process.pid}/limits").read_text()
+    [line] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+    assert line.split()[3] == str(wanted)
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("with_key", [True, False], ids=["with an API key", "without a key"])
 def test_schemathesis_finds_no_failure_of_its_default_checks_against_the_openapi_description(
         server, database, media_root, catalog, tmp_path, with_key):

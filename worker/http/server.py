@@ -12,6 +12,7 @@ another server to deploy and measure for a dozen lines here.)
 from __future__ import annotations
 
 import asyncio
+import resource
 import socket
 
 import h11
@@ -24,10 +25,14 @@ log = structlog.get_logger("worker.http")
 # A real client sends its whole request head in one packet, well within a second even over a slow
 # mobile link; 5 s leaves room for that and still frees a stalled connection quickly.
 HEADER_TIMEOUT_S = 5.0
-# One process answers ~300 lookups/s at ~50 ms each (README, HTTP lookup service), so a few dozen
-# connections are busy at once; past this many, uvicorn answers new requests 503 instead of queueing
-# them. Well below the usual 1,024 open-file limit, so the process never runs out of descriptors.
-MAX_CONNECTIONS = 512
+# One process answers ~300 lookups/s at ~50 ms each, so a few dozen connections are busy at once. Past
+# this many open connections uvicorn answers new requests 503 instead of taking on more work. uvicorn counts
+# every open connection, stalled ones too, so the cap sits well above what the header deadline lets a
+# slow client hold (800 stalled connections still leave lookups answering); a flood beyond it is for the
+# load balancer in front.
+MAX_CONNECTIONS = 2048
+# Descriptors besides connections: the listening socket, database connections, log files, imports.
+SPARE_DESCRIPTORS = 64
 
 
 class HeaderDeadlineProtocol(H11Protocol):
@@ -70,9 +75,24 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.transport.close()
 
 
+def raise_descriptor_limit(wanted: int = MAX_CONNECTIONS + SPARE_DESCRIPTORS) -> int:
+    """Lift the soft open-file limit towards `wanted` (up to the hard limit): the common default of 1,024
+    would make accept() fail before the connection cap is reached. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("serve.descriptor_limit", limit=soft, wanted=wanted,
+                    hint="raise LimitNOFILE / ulimit -n: past it accept() fails and new connections wait unanswered")
+    return soft
+
+
 def run(app, *, host: str, port: int, listener: socket.socket) -> None:
     """Serve `app` on the already bound `listener` until SIGTERM/SIGINT. Our own access log line
     (worker.http) replaces uvicorn's; logging stays as the CLI configured it."""
+    raise_descriptor_limit()
     config = uvicorn.Config(app, host=host, port=port, http=HeaderDeadlineProtocol, limit_concurrency=MAX_CONNECTIONS,
                             access_log=False, log_config=None, server_header=False)
     uvicorn.Server(config).run(sockets=[listener])
