@@ -316,15 +316,20 @@ def org_show(engine: Engine, org_id: str, out: Output) -> None:
 @click.option("--created-at", help="ISO-8601 creation time (default: now, by the database clock).")
 @click.option("--mime", help="MIME type (default: guessed from the name).")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), help="Register every line of a JSON-lines file.")
+@click.option("--files-root", type=click.Path(path_type=Path),
+              help="With --manifest: the directory its 'file' lines may read from (relative paths too); required for them.")
 @json_option
 @with_engine
-def register(engine: Engine, org_id, file, key, media_id, ttl, created_at, mime, manifest, out: Output) -> None:
+def register(engine: Engine, org_id, file, key, media_id, ttl, created_at, mime, manifest, files_root, out: Output) -> None:
     """Register media: one item (--file or --key) or a whole --manifest."""
+    if files_root is not None and manifest is None:
+        raise BadInput("--files-root goes with --manifest; --file takes the path as given.")
     if manifest is not None:
         if any(v is not None for v in (org_id, file, key, media_id, ttl, created_at, mime)):
             raise BadInput("--manifest takes every field from the file; give no other register options with it.")
         try:
-            summary = engine.catalog.register_manifest(manifest, progress=lambda n: out.progress(f"imported {n} items"))
+            summary = engine.catalog.register_manifest(manifest, files_root=files_root,
+                                                       progress=lambda n: out.progress(f"imported {n} items"))
         except ManifestError as exc:
             out.end_progress()
             for error in exc.errors[:100]:
@@ -743,9 +748,8 @@ def apikey_revoke(engine: Engine, key_id: str, actor: str | None, out: Output) -
 @json_option
 def serve(host: str, port: int, out: Output) -> None:
     """Serve GET /v1/media/{id} over HTTP (org API keys), with /healthz, /readyz, /metrics and /openapi.json."""
-    import uvicorn
-
     from worker.http.app import create_app, database_ping
+    from worker.http.server import run as run_server
 
     current = settings()
     engine = open_engine()
@@ -756,9 +760,7 @@ def serve(host: str, port: int, out: Output) -> None:
         # Every command takes --json (the contract); a server's only output is its log, JSON with LOG_FORMAT=json.
         address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         out.notice(json.dumps({"serving": address}) if out.as_json else f"media-retention: serving {address}")
-        # Our own access log line (worker.http) replaces uvicorn's; logging stays as configured above.
-        config = uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None, server_header=False)
-        uvicorn.Server(config).run(sockets=[listener])
+        run_server(app, host=host, port=port, listener=listener)
     finally:
         runtime.close()
 

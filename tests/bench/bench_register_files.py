@@ -54,7 +54,7 @@ def test_registering_files_keeps_half_the_pace_of_copying_them(pg_database, tmp_
         copies.append(cp.seconds)
         remove_tree(copied)
 
-        registered = run([CLI, "register", "--manifest", str(manifest), "--json"], env=env)
+        registered = run([CLI, "register", "--manifest", str(manifest), "--files-root", str(uploads), "--json"], env=env)
         assert registered.code == 0, registered.stderr[-2000:]
         assert registered.json["imported"] == FILES
         registrations.append(registered.seconds)

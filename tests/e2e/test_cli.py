@@ -211,7 +211,7 @@ def test_manifest_imports_every_line_in_batches(cli, seeded, tmp_path, data_dir)
             rows.append({"org": "acme", "id": f"m{n}", "key": f"legacy/b{n}", "ttl": "2d", "created_at": yesterday})
         else:
             rows.append({"org": "acme", "id": f"m{n}", "file": str(seeded), "mime": "image/jpeg"})
-    result = cli("register", "--manifest", str(write_manifest(tmp_path / "m.jsonl", rows)), "--json")
+    result = cli("register", "--manifest", str(write_manifest(tmp_path / "m.jsonl", rows)), "--files-root", str(seeded.parent), "--json")
     assert result.code == 0, result.stderr
     assert result.json["imported"] == 4500
     assert [n for n in (2000, 4000, 4500) if f"imported {n} items" in result.stderr] == [2000, 4000, 4500]
@@ -233,7 +233,7 @@ def test_manifest_with_bad_lines_reports_each_by_number_and_imports_nothing(cli,
         {"org": "acme", "id": "img-1", "file": str(seeded), "ttl": "1d"},
     ]
     before = snapshot(data_dir)
-    result = cli("register", "--manifest", str(write_manifest(tmp_path / "bad.jsonl", rows)))
+    result = cli("register", "--manifest", str(write_manifest(tmp_path / "bad.jsonl", rows)), "--files-root", str(seeded.parent))
     assert result.code == 2
     reported = [line.split(": line ")[1].split(":")[0] for line in result.stderr.splitlines() if ": line " in line]
     assert reported == ["3", "4", "5", "6", "7", "8", "9"]

@@ -46,7 +46,7 @@ def test_a_full_volume_fails_register_in_one_sentence_and_leaves_nothing_behind(
     manifest.write_text("".join(json.dumps({"org": "acme", "id": f"imp-{n}", "file": str(big)}) + "\n" for n in range(3)))
     before = world.states()
     failures = 0
-    for args in (("register", "--org", "acme", "--file", str(big), "--id", "one"), ("register", "--manifest", str(manifest))):
+    for args in (("register", "--org", "acme", "--file", str(big), "--id", "one"), ("register", "--manifest", str(manifest), "--files-root", str(tmp_path))):
         result = world.run(*args)
         assert result.returncode != 0
         assert len(result.stderr.strip().splitlines()) == 1 and "space" in result.stderr.lower(), result.stderr
@@ -55,7 +55,7 @@ def test_a_full_volume_fails_register_in_one_sentence_and_leaves_nothing_behind(
         failures += 1
     ballast.unlink()
     world.ok("register", "--org", "acme", "--file", str(big), "--id", "one")
-    assert world.ok("register", "--manifest", str(manifest))["imported"] == 3
+    assert world.ok("register", "--manifest", str(manifest), "--files-root", str(tmp_path))["imported"] == 3
     world.ok("sweep")
     lost, early = world.check_record()
     world.verify_clean()

@@ -104,7 +104,7 @@ def test_register_manifest_killed_at_random_moments_is_completed_by_a_re_run(wor
         return first.exists
 
     path, ids = manifest("measure", 60)
-    work = measure_work(world, copying(ids), "register", "--manifest", str(path), "--json")
+    work = measure_work(world, copying(ids), "register", "--manifest", str(path), "--files-root", str(source), "--json")
     phases: Counter = Counter()
     all_ids = list(ids)
     kills = attempts = 0
@@ -113,7 +113,7 @@ def test_register_manifest_killed_at_random_moments_is_completed_by_a_re_run(wor
         assert attempts < KILLS * 4, f"only {kills} of {attempts} runs were killed before they finished (seed {seed()})"
         path, ids = manifest(f"m{attempts}", 60)
         all_ids += ids
-        if not kill_after_work_starts(world.start("register", "--manifest", str(path), "--json"), copying(ids), kill_delay(rng, work)):
+        if not kill_after_work_starts(world.start("register", "--manifest", str(path), "--files-root", str(source), "--json"), copying(ids), kill_delay(rng, work)):
             phases["finished first"] += 1
             continue
         kills += 1
@@ -121,7 +121,7 @@ def test_register_manifest_killed_at_random_moments_is_completed_by_a_re_run(wor
         imported = sum(1 for m in ids if m in states)
         copied = sum(1 for m in ids if any(world.media.glob(f"*/*/{m}")))
         phases["rows committed" if imported else "blobs copied, no row" if copied else "before any blob"] += 1
-        rerun = world.ok("register", "--manifest", str(path))
+        rerun = world.ok("register", "--manifest", str(path), "--files-root", str(source))
         assert rerun["imported"] + rerun["already_registered"] == len(ids), rerun
         assert rerun["already_registered"] == imported, rerun
     states = world.states()

@@ -92,7 +92,7 @@ def test_a_manifest_import_is_recorded_per_org_with_counts(catalog, trail, tmp_p
     manifest.write_text("\n".join(json.dumps(line) for line in [
         {"org": "acme", "id": "i1", "file": "a.bin"}, {"org": "acme", "id": "i2", "file": "b.bin"},
         {"org": "globex", "id": "i3", "file": "c.bin"}]) + "\n")
-    catalog.register_manifest(manifest)
+    catalog.register_manifest(manifest, files_root=tmp_path)
     imports = {e["org"]: e["details"] for e in entries(trail, action="import")}
     assert imports == {"acme": {"manifest": "m.jsonl", "count": 2, "bytes": 8},
                        "globex": {"manifest": "m.jsonl", "count": 1, "bytes": 4}}

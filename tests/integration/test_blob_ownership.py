@@ -166,7 +166,7 @@ def test_two_overlapping_manifest_imports_of_the_same_files_leave_every_item_wit
     paths = [manifest_file(tmp_path / "forward.jsonl", rows), manifest_file(tmp_path / "backward.jsonl", rows[::-1])]
     env = {**os.environ, "MEDIA_RETENTION_DATABASE_URL": catalog.db.url, "MEDIA_RETENTION_DATA_DIR": str(tmp_path / "data"),
            "MEDIA_RETENTION_STORAGE_URL": catalog.store.url, "MEDIA_RETENTION_LOG_LEVEL": "WARNING"}
-    processes = [subprocess.Popen([str(SCRIPT), "register", "--manifest", str(path), "--json"], env=env, text=True,
+    processes = [subprocess.Popen([str(SCRIPT), "register", "--manifest", str(path), "--files-root", str(tmp_path / "up"), "--json"], env=env, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL) for path in paths]
     outcomes = [(process.wait(120), *process.communicate()) for process in processes]
     raced = ("already exists; IDs are never reused", "taken over by another registration", "registered concurrently",
@@ -174,7 +174,7 @@ def test_two_overlapping_manifest_imports_of_the_same_files_leave_every_item_wit
     for (code, _out, err), path in zip(outcomes, paths, strict=True):
         if code != 0:
             assert code in (1, 2) and any(sentence in err for sentence in raced), err
-            catalog.register_manifest(path)
+            catalog.register_manifest(path, files_root=tmp_path / "up")
     assert any(code == 0 for code, _out, _err in outcomes)
     keys = catalog_keys(catalog)
     assert len(keys) == 2000

@@ -62,7 +62,7 @@ def test_a_key_with_no_blob_after_full_batches_imports_nothing(catalog, acme, up
     rows = [{"org": acme, "id": f"good-{n}", "file": str(upload)} for n in range(5)]
     rows.append({"org": acme, "id": "ghost", "key": "legacy/never-uploaded.jpg"})
     with pytest.raises(ManifestError) as excinfo:
-        catalog.register_manifest(manifest(tmp_path / "m.jsonl", rows), batch_size=2)
+        catalog.register_manifest(manifest(tmp_path / "m.jsonl", rows), files_root=tmp_path, batch_size=2)
     assert bad_lines(excinfo) == {6: "no blob at storage key 'legacy/never-uploaded.jpg'"}
     assert item_count(catalog) == 0 and files_under(media_root) == set()
 
@@ -81,7 +81,7 @@ def test_every_bad_line_is_reported_by_number_across_batches(catalog, acme, uplo
         {"org": acme, "id": "f", "key": "legacy/missing-2.jpg"},
     ]
     with pytest.raises(ManifestError) as excinfo:
-        catalog.register_manifest(manifest(tmp_path / "m.jsonl", rows), batch_size=2)
+        catalog.register_manifest(manifest(tmp_path / "m.jsonl", rows), files_root=tmp_path, batch_size=2)
     assert bad_lines(excinfo) == {
         2: "no blob at storage key 'legacy/missing-1.jpg'",
         3: f"no blob at storage key {key_for_id('d')!r}",
@@ -108,13 +108,13 @@ def test_the_same_manifest_succeeds_again_after_a_crash_mid_import(catalog, acme
     monkeypatch.setattr(Registration, "_insert", killed_in_second_batch)
     monkeypatch.setattr(reservations, "release", lambda *args: [])  # a killed process cleans nothing up
     with pytest.raises(SystemExit):
-        catalog.register_manifest(path, batch_size=2)
+        catalog.register_manifest(path, files_root=tmp_path, batch_size=2)
     monkeypatch.undo()
     with catalog.db.transaction() as session:
         committed = set(session.scalars(select(MediaItem.id)))
     assert committed <= {"item-0", "item-1", "item-4"} and {"item-0", "item-1"} <= committed
     assert len(files_under(media_root)) == 5
-    summary = catalog.register_manifest(path, batch_size=2)
+    summary = catalog.register_manifest(path, files_root=tmp_path, batch_size=2)
     assert (summary.imported, summary.already_registered) == (5 - len(committed), len(committed))
     assert item_count(catalog) == 5 and len(files_under(media_root)) == 5
     assert Verifier(catalog.db, catalog.store).run(grace=timedelta(days=1), stuck_after=timedelta(days=1)).clean
@@ -153,7 +153,7 @@ def test_a_line_registered_by_someone_else_after_the_check_fails_only_its_own_ba
     path = raced_manifest(catalog, acme, media_root, tmp_path, monkeypatch, lines=6, taken="item-3")
     with pytest.raises(RetentionError, match="registered concurrently; nothing in this batch was imported; "
                                              r"\d items of the manifest were imported before it") as excinfo:
-        catalog.register_manifest(path, batch_size=2)
+        catalog.register_manifest(path, files_root=tmp_path, batch_size=2)
     assert excinfo.value.exit_code == 1 and not isinstance(excinfo.value, BadInput)
     rows = catalog_rows(catalog)
     assert rows["item-3"] == "legacy/theirs.jpg" and "item-2" not in rows
@@ -164,7 +164,7 @@ def test_a_race_in_a_manifests_only_batch_is_bad_input_and_changes_nothing(catal
     """The same race in a manifest of one batch: nothing of it was imported, so it stays bad input (exit 2)."""
     path = raced_manifest(catalog, acme, media_root, tmp_path, monkeypatch, lines=3, taken="item-1")
     with pytest.raises(BadInput, match="registered concurrently; nothing in this batch was imported.$"):
-        catalog.register_manifest(path)
+        catalog.register_manifest(path, files_root=tmp_path)
     assert catalog_rows(catalog) == {"item-1": "legacy/theirs.jpg"}
 
 
@@ -172,7 +172,7 @@ def test_an_already_registered_id_with_other_content_is_a_bad_line(catalog, acme
     """Re-running is only skipping when the line describes what is registered; otherwise it is a clash."""
     catalog.register(org=acme, file=upload, media_id="img-1", ttl="7d")
     with pytest.raises(ManifestError) as excinfo:
-        catalog.register_manifest(manifest(tmp_path / "m.jsonl", [{"org": acme, "id": "img-1", "file": str(upload), "ttl": "1d"}]))
+        catalog.register_manifest(manifest(tmp_path / "m.jsonl", [{"org": acme, "id": "img-1", "file": str(upload), "ttl": "1d"}]), files_root=tmp_path)
     assert bad_lines(excinfo) == {1: "media id 'img-1' already exists with other content"}
 
 
@@ -214,6 +214,6 @@ def test_lines_too_long_not_utf8_or_nested_too_deep_are_bad_lines_not_crashes(ca
         {"org": acme, "id": "fine", "file": str(upload)},
     ]
     with pytest.raises(ManifestError) as excinfo:
-        catalog.register_manifest(manifest(tmp_path / "m.jsonl", rows))
+        catalog.register_manifest(manifest(tmp_path / "m.jsonl", rows), files_root=tmp_path)
     assert bad_lines(excinfo) == {1: "longer than 64 KiB", 2: "not valid UTF-8", 3: "not valid JSON (nested too deeply)"}
     assert item_count(catalog) == 0

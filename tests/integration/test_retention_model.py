@@ -1116,7 +1116,7 @@ class RetentionModel(RuleBasedStateMachine):
             path = self.workdir / "up" / f"mf{self.counter}-{name}.jsonl"
             path.write_text("".join(json.dumps(line) + "\n" for line in ordered))
             paths.append(path)
-        outcomes = self.raced(*(lambda path=path: self.system.catalog.register_manifest(path, batch_size=2) for path in paths),
+        outcomes = self.raced(*(lambda path=path: self.system.catalog.register_manifest(path, files_root=self.workdir / "up", batch_size=2) for path in paths),
                               pause_at=pause_at, allowed=lambda item, before, after: None)
         for outcome in outcomes:
             assert outcome.error is None or "nothing in this batch" in str(outcome.error) or "already" in str(outcome.error) \

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from worker.models import ApiKey
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(sys.executable).with_name("media-retention")
+SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
 
 
@@ -182,6 +184,104 @@ def test_an_id_never_seen_answers_404_not_found_and_a_malformed_one_400(server, 
     assert malformed.json()["error"] == "bad_request" and "invalid media id" in malformed.json()["message"]
     too_long = server.get("/v1/media/" + "a" * 129, orgs["acme"])
     assert too_long.status_code == 400
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_a_huge_malformed_id_is_quoted_cut_short_in_the_400_body_and_the_access_log(server, orgs):
+    """A 100 KB ID answers 400 with a body of a few hundred bytes naming its length, and logs one short line."""
+    huge = "x" * 100_000 + "!"
+    answer = server.get(f"/v1/media/{huge}", orgs["acme"])
+    assert answer.status_code == 400
+    assert len(answer.content) < 400
+    assert "x" * 64 in answer.json()["message"] and "(100001 characters)" in answer.json()["message"]
+    time.sleep(0.3)  # the log reader is a thread
+    [line] = [line for line in server.log_lines if '"http.request"' in line and '"status": 400' in line]
+    assert len(line) < 600 and "characters)" in line
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_connections_that_never_finish_their_headers_are_closed_after_the_deadline_while_lookups_answer(
+        server, catalog, orgs, tmp_path):
+    """300 connections send half a request head, and one more a whole request then half a second: a lookup
+    still answers 200 meanwhile, and every one of them is closed by the server within the deadline."""
+    from worker.http.server import HEADER_TIMEOUT_S
+
+    register(catalog, tmp_path, "acme", "photo-1")
+    port = int(server.url.rsplit(":", 1)[1])
+    started = time.monotonic()
+    stalled = []
+    for _ in range(300):
+        connection = socket.create_connection(("127.0.0.1", port))
+        connection.sendall(b"GET /v1/media/photo-1 HTTP/1.1\r\nHost: lookup\r\nAuthorization: Bea")
+        stalled.append(connection)
+    kept_alive = socket.create_connection(("127.0.0.1", port))
+    kept_alive.sendall(f"GET /v1/media/photo-1 HTTP/1.1\r\nHost: lookup\r\nAuthorization: Bearer {orgs['acme']}\r\n\r\n"
+                       .encode())
+    kept_alive.settimeout(5)
+    assert kept_alive.recv(65536).startswith(b"HTTP/1.1 200 ")
+    kept_alive.sendall(b"GET /v1/media/photo-1 HTTP/1.1\r\nHo")
+    stalled.append(kept_alive)
+
+    assert server.get("/v1/media/photo-1", orgs["acme"]).status_code == 200
+    assert time.monotonic() - started < HEADER_TIMEOUT_S  # the lookup answered while all of them were held
+
+    for connection in stalled:
+        connection.settimeout(max(0.1, started + HEADER_TIMEOUT_S + 5 - time.monotonic()))
+        try:
+            assert connection.recv(65536) == b"", "the server answered a request whose head never ended"
+        except ConnectionResetError:
+            pass  # closed as well
+        except TimeoutError:
+            pytest.fail(f"a connection was still open {time.monotonic() - started:.1f} s after its first bytes")
+        finally:
+            connection.close()
+    assert time.monotonic() - started >= HEADER_TIMEOUT_S - 0.5  # not closed early either
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_serve_lifts_a_low_open_file_limit_to_fit_its_connection_cap(serve, database, media_root):
+    """Started with the common soft limit of 1,024 descriptors, the server raises it to its cap plus spares,
+    so accept() does not fail before the cap answers 503."""
+    import resource
+
+    from worker.http.server import MAX_CONNECTIONS, SPARE_DESCRIPTORS
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_CONNECTIONS + SPARE_DESCRIPTORS
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"the hard open-file limit here is {hard}, below the {wanted} the server asks for")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # inherited by the server process
+    try:
+        server = serve(MEDIA_RETENTION_DATABASE_URL=database.url, MEDIA_RETENTION_STORAGE_URL=media_root.as_uri())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = Path(f"/proc/{server.process.pid}/limits").read_text()
+    [line] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+    assert line.split()[3] == str(wanted)
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("with_key", [True, False], ids=["with an API key", "without a key"])
+def test_schemathesis_finds_no_failure_of_its_default_checks_against_the_openapi_description(
+        server, database, media_root, catalog, tmp_path, with_key):
+    """`schemathesis run` against a real server's /openapi.json: every default check passes (schema-valid IDs
+    are accepted, schema-invalid ones refused, every answer fits its declared schema), with a key and without."""
+    catalog.set_org("acme", "30d")
+    register(catalog, tmp_path, "acme", "photo-1")
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("MEDIA_RETENTION_")}
+    environment.update(MEDIA_RETENTION_DATA_DIR=str(tmp_path / "data"), MEDIA_RETENTION_DATABASE_URL=database.url,
+                       MEDIA_RETENTION_STORAGE_URL=media_root.as_uri())
+    headers = []
+    if with_key:
+        created = subprocess.run([str(SCRIPT), "apikey", "create", "--org", "acme", "--json"], env=environment,
+                                 capture_output=True, text=True, timeout=60, check=True)
+        headers = ["-H", f"Authorization: Bearer {json.loads(created.stdout)['token']}"]
+    # Bounded examples keep the run to seconds; the phases (examples, coverage, fuzzing) each still run. Run in
+    # tmp_path: schemathesis keeps a cache (.schemathesis/) in its working directory.
+    result = subprocess.run([str(SCHEMATHESIS), "run", f"{server.url}/openapi.json", *headers, "--max-examples", "200",
+                             "--no-color"], check=False, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"(\d+) generated, \1 passed", result.stdout), result.stdout[-4000:]
 
 
 def test_another_orgs_media_answers_exactly_like_media_never_seen(server, catalog, orgs, tmp_path):

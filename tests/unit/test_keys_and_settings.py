@@ -1,10 +1,14 @@
+import re
 from datetime import timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from config.settings import load_settings
 from config.errors import BadInput
-from worker.store.keys import key_for_id, validate_id, validate_key
+from worker.store.keys import ID_PATTERN, key_for_id, validate_id, validate_key
 
 
 @pytest.mark.parametrize("media_id", ["a", "wamid.HBgL-abc_123", "x" * 128, "1.2.3"])
@@ -18,6 +22,25 @@ def test_ids_with_slashes_dots_nul_or_foreign_characters_are_refused(media_id):
     """Anything that could read as a path, or is outside the alphabet, is bad input."""
     with pytest.raises(BadInput):
         validate_id(media_id)
+
+
+@hypothesis_settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab.-_Z9/ é\x00"), max_size=140) | st.text(alphabet="a.", min_size=120, max_size=135))
+def test_the_published_id_pattern_accepts_exactly_the_ids_lookups_accept(media_id):
+    """The OpenAPI description's pattern for a media ID and `validate_id` agree on every string."""
+    try:
+        validate_id(media_id)
+        accepted = True
+    except BadInput:
+        accepted = False
+    assert (re.search(ID_PATTERN, media_id) is not None) == accepted
+
+
+def test_a_huge_bad_id_is_quoted_cut_short_with_its_length():
+    """A 100 KB ID makes an error of one short sentence, naming how long it was."""
+    with pytest.raises(BadInput) as refused:
+        validate_id("x" * 100_000 + "!")
+    assert len(str(refused.value)) < 250 and "(100001 characters)" in str(refused.value)
 
 
 @pytest.mark.parametrize("key", ["a", "ab/cd/id-1", "tenant/2026/01/photo.jpg", "a..b/c"])

@@ -85,9 +85,9 @@ class Catalog:
         return self.registration.register(org=org, file=file, key=key, media_id=media_id, ttl=ttl,
                                           created_at=created_at, mime=mime, sha256=sha256)
 
-    def register_manifest(self, path: str | Path, *, batch_size: int = MANIFEST_BATCH,
+    def register_manifest(self, path: str | Path, *, files_root: str | Path | None = None, batch_size: int = MANIFEST_BATCH,
                           progress: Callable[[int], None] | None = None) -> ManifestSummary:
-        return self.manifest.register_manifest(path, batch_size=batch_size, progress=progress)
+        return self.manifest.register_manifest(path, files_root=files_root, batch_size=batch_size, progress=progress)
 
     def lookup(self, media_id: str) -> Item:
         return self.lookups.lookup(media_id)

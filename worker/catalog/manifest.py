@@ -54,6 +54,26 @@ MANIFEST_WRITERS = 2
 _MANIFEST_FIELDS = {"org", "id", "file", "key", "ttl", "created_at", "mime", "sha256"}
 
 
+class _DuplicateField(ValueError):
+    pass
+
+
+def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, refused if a name appears twice: json.loads would keep the last value silently, so
+    a line could say one org to a reviewer and import into another."""
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set[str] = set()
+        for name, _value in pairs:
+            if name in seen:
+                raise _DuplicateField(name)
+            seen.add(name)
+    return row
+
+
+_decode_line = json.JSONDecoder(object_pairs_hook=_object_without_duplicates).decode
+
+
 @dataclass
 class ManifestLineError:
     line: int
@@ -92,6 +112,31 @@ class _ManifestCheck:
 
     def sorted_errors(self) -> list[ManifestLineError]:
         return [ManifestLineError(line, message) for line, message in sorted(self.errors.items())[:MANIFEST_ERRORS_KEPT]]
+
+
+def files_root_path(path: str | Path) -> Path:
+    """The directory a manifest's `file` lines may read from, resolved (symlinks included): an existing
+    directory, and not `/` (that would confine nothing)."""
+    root = Path(os.path.realpath(path))
+    if not root.is_dir():
+        raise BadInput(f"--files-root {str(path)!r} is not a directory.")
+    if root == Path(root.anchor):
+        raise BadInput("--files-root / confines nothing: name the directory the manifest's files are in.")
+    return root
+
+
+def _confined(file: str, files_root: Path | None) -> Path:
+    """A `file` line's path, relative ones read from the files root; refused unless it resolves (symlinks
+    included) inside the root. A manifest is data another system may produce: without this, a line could
+    import /etc/shadow or ../../secrets and have them served by lookups."""
+    if files_root is None:
+        raise BadInput("a 'file' line needs --files-root DIR, the directory its files may be read from")
+    if "\x00" in file:
+        raise BadInput("field 'file' contains a NUL byte")
+    resolved = Path(os.path.realpath(files_root / file))  # an absolute `file` replaces the root in the join
+    if not resolved.is_relative_to(files_root):
+        raise BadInput(f"file {file!r} is outside the files root {str(files_root)!r}")
+    return resolved
 
 
 def _describes(item: _NewItem, row) -> bool:
@@ -133,7 +178,10 @@ class ManifestImport:
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
+                row = _decode_line(text)
+            except _DuplicateField as exc:
+                yield number, ManifestLineError(number, f"field {str(exc)!r} appears more than once")
+                continue
             except RecursionError:
                 yield number, ManifestLineError(number, "not valid JSON (nested too deeply)")
                 continue
@@ -149,21 +197,22 @@ class ManifestImport:
                 continue
             yield number, row
 
-    def _validate_manifest_row(self, row: dict, base: Path, now: datetime) -> _NewItem:
+    def _validate_manifest_row(self, row: dict, files_root: Path | None, now: datetime) -> _NewItem:
         if not isinstance(row.get("org"), str):
             raise BadInput("field 'org' is required and must be a string")
         for name in ("id", "file", "key", "ttl", "created_at", "mime", "sha256"):
             if row.get(name) is not None and not isinstance(row[name], str):
                 raise BadInput(f"field {name!r} must be a string")
         file = row.get("file")
-        if file is not None and not os.path.isabs(file):
-            file = base / file  # relative paths are read from the manifest's directory
+        if file is not None:
+            file = _confined(file, files_root)
         return self.registration.validate_new(org=row["org"], file=file, key=row.get("key"), media_id=row.get("id"), ttl=row.get("ttl"),
                                   created_at=row.get("created_at"), mime=row.get("mime"), sha256=row.get("sha256"), now=now)
 
-    def register_manifest(self, path: str | Path, *, batch_size: int = MANIFEST_BATCH,
+    def register_manifest(self, path: str | Path, *, files_root: str | Path | None = None, batch_size: int = MANIFEST_BATCH,
                           progress: Callable[[int], None] | None = None) -> ManifestSummary:
-        """Import a JSON-lines manifest.
+        """Import a JSON-lines manifest. `file` lines are read only from inside `files_root` (relative ones
+        from it); without a files root a `file` line is a bad line.
 
         First every line is checked, against the database *and* the store, and any bad line (each
         reported by number) imports nothing. Then rows go in batches, each all-or-nothing. A line
@@ -179,6 +228,7 @@ class ManifestImport:
         duplicates within the file (about 300 bytes a line: some 300 MB for a million lines); rows
         themselves are read, checked and written a batch at a time."""
         path = Path(path)
+        root = files_root_path(files_root) if files_root is not None else None
         with _open_regular(path, "manifest") as handle, tempfile.TemporaryFile(prefix="media-retention-manifest-") as spool:
             seen = os.fstat(handle.fileno())
             check = _ManifestCheck(now=self.registration.database_now())
@@ -186,7 +236,7 @@ class ManifestImport:
             with ThreadPoolExecutor(MANIFEST_STORE_CHECKS, thread_name_prefix="manifest-check") as pool:
                 for number, row in self._manifest_lines(handle):
                     check.lines += 1
-                    item = self._check_manifest_line(check, number, row, path.parent)
+                    item = self._check_manifest_line(check, number, row, root)
                     if item is not None:
                         chunk.append((number, item, row.get("id") is not None))
                     if len(chunk) == batch_size:
@@ -211,13 +261,14 @@ class ManifestImport:
                  already_registered=summary["already_registered"])
         return ManifestSummary(**summary)
 
-    def _check_manifest_line(self, check: "_ManifestCheck", number: int, row: dict | ManifestLineError, base: Path) -> _NewItem | None:
+    def _check_manifest_line(self, check: "_ManifestCheck", number: int, row: dict | ManifestLineError,
+                             files_root: Path | None) -> _NewItem | None:
         """What one line alone (and the lines before it) can tell; None when the line is bad."""
         if isinstance(row, ManifestLineError):
             check.error(number, row.message)
             return None
         try:
-            item = self._validate_manifest_row(row, base, check.now)
+            item = self._validate_manifest_row(row, files_root, check.now)
         except RetentionError as exc:
             check.error(number, str(exc).rstrip("."))
             return None

@@ -13,7 +13,6 @@ On any failure the batch gives its keys back, removing only the blobs it wrote u
 from __future__ import annotations
 
 import mimetypes
-import os
 import re
 import secrets
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from worker.db import Database, db_now
 from config.errors import BadInput, RetentionError
 from worker.models import AuditEvent, Organization, State
 from worker.policy import effective_lifetime, parse_ttl
-from worker.store import BlobDigest, BlobInfo, BlobStore, open_source, source_digest
+from worker.store import BlobDigest, BlobInfo, BlobStore, check_source, open_source, source_digest
 from worker.store.keys import key_for_id, validate_id, validate_new_id, validate_new_key
 
 log = structlog.get_logger("worker.catalog")
@@ -102,10 +101,10 @@ class Registration:
         source = None
         if file is not None:
             source = Path(file)
-            if not source.is_file():
-                raise BadInput(f"file {str(source)!r} does not exist or is not a regular file.")
-            if not os.access(source, os.R_OK):
-                raise BadInput(f"file {str(source)!r} is not readable.")
+            if not source.exists():
+                raise BadInput(f"file {str(source)!r} does not exist.")
+            # Readable, and a regular file of a real filesystem: never a FIFO, device, socket or /proc file.
+            check_source(source)
             storage_key = key_for_id(media_id)
             mime = mime or mimetypes.guess_type(source.name)[0] or "application/octet-stream"
         else:

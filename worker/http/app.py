@@ -28,7 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker.catalog.results import Item, Tombstone
 from config.errors import BadInput, Gone
+from worker.models import ID_LENGTH
 from worker.responses import not_found_body
+from worker.store.keys import ID_PATTERN, QUOTED_MAX
 
 log = structlog.get_logger("worker.http")
 
@@ -164,8 +166,15 @@ class _Instrumented:
             self.latency.labels(scope["method"], route).observe(elapsed)
             state = scope.get("state") or {}
             write = log.debug if route in QUIET_ROUTES else log.info
-            write("http.request", method=scope["method"], route=route, path=scope["path"], status=status,
+            write("http.request", method=scope["method"], route=route, path=_logged_path(scope["path"]), status=status,
                      duration_ms=round(elapsed * 1000, 2), org=state.get("org"))
+
+
+def _logged_path(path: str) -> str:
+    """The request path as logged: cut past QUOTED_MAX characters after the route's prefix, so a 100 KB
+    URL is a one-line log entry that still shows what it was."""
+    limit = len("/v1/media/") + QUOTED_MAX
+    return path if len(path) <= limit else f"{path[:limit]}\u2026 ({len(path)} characters)"
 
 
 # -- the app -----------------------------------------------------------------------------------------------
@@ -235,7 +244,11 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
             503: {"model": ErrorBody, "description": "The catalog database cannot be reached; retry after Retry-After."},
         },
     )
-    def get_media(media_id: str = Path(description="The media ID (1-128 of A-Za-z0-9._-)."),
+    def get_media(media_id: str = Path(
+            description=f"The media ID: 1-{ID_LENGTH} of A-Za-z0-9._-, without '..', not only dots.",
+            # Declared for clients, checked by the lookup itself (worker.store.keys.validate_id), whose
+            # sentence the 400 carries; pydantic's regex engine has no lookahead to check it with.
+            json_schema_extra={"minLength": 1, "maxLength": ID_LENGTH, "pattern": ID_PATTERN}),
                   org: str = Depends(authenticated_org)):
         found = lookup.find_for_org(org, media_id)
         if not isinstance(found, Item):

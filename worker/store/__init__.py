@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import errno
 import hashlib
 import os
 import stat as stat_module
@@ -78,21 +79,61 @@ class StoredFile:
     written: bool
 
 
+# Kernel and virtual filesystems: their "regular" files are views of the running system (/proc/self/environ
+# is the reading process's environment, secrets included; /sys and cgroup files are kernel state), never
+# media, so no registration reads one.
+PSEUDO_FILESYSTEMS = frozenset({
+    "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "configfs",
+    "bpf", "pstore", "efivarfs", "fusectl", "mqueue", "binfmt_misc", "autofs", "rpc_pipefs", "nsfs", "selinuxfs",
+})
+_filesystem_types: dict[int, str | None] = {}  # st_dev -> filesystem type, from /proc/self/mountinfo
+
+
+def filesystem_type(device: int) -> str | None:
+    """The type of the mounted filesystem with this st_dev (Linux's mountinfo), None where unknown. Read again
+    only for a device not seen before, so a million files of one volume read mountinfo once."""
+    if device not in _filesystem_types:
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+                for line in mounts:
+                    # "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
+                    fields, _, tail = line.partition(" - ")
+                    major, _, minor = fields.split()[2].partition(":")
+                    _filesystem_types.setdefault(os.makedev(int(major), int(minor)), tail.split()[0] if tail else None)
+        except (OSError, ValueError, IndexError):
+            pass
+        _filesystem_types.setdefault(device, None)
+    return _filesystem_types[device]
+
+
 def open_source(path: Path, what: str = "file"):
-    """Open a file to read only if it is a regular file. O_NONBLOCK: opening a FIFO without a writer (or
-    a device) must not hang; the check on the open descriptor cannot be raced by a swap."""
+    """Open a file to read only if it is a regular file of a real filesystem (no FIFO, device, socket,
+    directory, nor a /proc or /sys file). O_NONBLOCK: opening a FIFO without a writer (or a device) must not
+    hang; the check on the open descriptor cannot be raced by a swap."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
+        if exc.errno == errno.ENXIO:  # what opening a Unix socket answers
+            raise BadInput(f"{what} {str(path)!r} is not a regular file (a socket).") from None
         raise BadInput(f"cannot read {what} {str(path)!r}: {exc.strerror}.") from None
-    mode = os.fstat(fd).st_mode
+    info = os.fstat(fd)
+    mode = info.st_mode
     if not stat_module.S_ISREG(mode):
         os.close(fd)
         kind = "a directory" if stat_module.S_ISDIR(mode) else "a FIFO" if stat_module.S_ISFIFO(mode) else \
             "a device" if stat_module.S_ISCHR(mode) or stat_module.S_ISBLK(mode) else "not a file"
         raise BadInput(f"{what} {str(path)!r} is not a regular file ({kind}).")
+    kind = filesystem_type(info.st_dev)
+    if kind in PSEUDO_FILESYSTEMS:
+        os.close(fd)
+        raise BadInput(f"{what} {str(path)!r} is not a regular file (a file of the kernel's {kind} filesystem, not media).")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
+
+
+def check_source(path: Path, what: str = "file") -> None:
+    """Raise BadInput unless `path` is a regular file of a real filesystem that can be read (`open_source`)."""
+    open_source(path, what).close()
 
 
 def source_digest(path: Path) -> BlobDigest:

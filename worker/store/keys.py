@@ -22,11 +22,26 @@ TEMP_NAME = re.compile(r"\.incoming-[0-9a-f]{16}")
 MARKER_PREFIX = ".media-retention"
 
 
+# How much of a bad value an error quotes: enough to recognise it, while a 100 KB "ID" from a URL or a
+# manifest stays a one-line error (and log line), not a copy of the input.
+QUOTED_MAX = 64
+# The ID rule of `validate_id` as a JSON Schema pattern (the HTTP API's OpenAPI description declares it,
+# so schema-valid requests are exactly those the lookup accepts): the alphabet, no `..`, not only dots.
+ID_PATTERN = rf"^(?!\.+$)(?!.*\.\.)[A-Za-z0-9._-]{{1,{ID_LENGTH}}}$"
+
+
+def quoted(value: object) -> str:
+    """`value` quoted for an error message, cut to QUOTED_MAX characters with its full length said."""
+    if isinstance(value, str) and len(value) > QUOTED_MAX:
+        return f"{value[:QUOTED_MAX]!r}\u2026 ({len(value)} characters)"
+    return repr(value)
+
+
 def validate_id(value: str, what: str = "media id") -> str:
     """IDs are 1-128 chars of A-Za-z0-9._- ; an ID made only of dots or containing `..` is refused
     because it would read as a path step in logs, URLs and keys."""
     if not isinstance(value, str) or not _ID.fullmatch(value) or ".." in value or set(value) == {"."}:
-        raise BadInput(f"invalid {what} {value!r}: use 1-{ID_LENGTH} characters of A-Z, a-z, 0-9, '.', '_' or '-' (no '..').")
+        raise BadInput(f"invalid {what} {quoted(value)}: use 1-{ID_LENGTH} characters of A-Z, a-z, 0-9, '.', '_' or '-' (no '..').")
     return value
 
 
