@@ -317,7 +317,7 @@ def org_show(engine: Engine, org_id: str, out: Output) -> None:
 @click.option("--mime", help="MIME type (default: guessed from the name).")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), help="Register every line of a JSON-lines file.")
 @click.option("--files-root", type=click.Path(path_type=Path),
-              help="With --manifest: the directory its 'file' lines may read from (relative paths too); required for them.")
+              help="With --manifest: the directory its 'file' lines may read from, relative paths too (default: the manifest's own directory).")
 @json_option
 @with_engine
 def register(engine: Engine, org_id, file, key, media_id, ttl, created_at, mime, manifest, files_root, out: Output) -> None:

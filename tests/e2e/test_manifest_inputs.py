@@ -1,6 +1,6 @@
 """What `register` and `adopt` will read, as an operator types them (the installed script, in a subprocess):
 a manifest is data another system may produce, so its `file` lines are confined to the directory the
-operator names (`--files-root`), and nothing but a regular file of a real filesystem is ever read."""
+operator names (`--files-root`; by default the manifest's own directory), and nothing but a regular file of a real filesystem is ever read."""
 
 from __future__ import annotations
 
@@ -67,14 +67,29 @@ def test_a_manifest_line_that_gives_a_field_twice_is_refused_by_number_and_impor
     assert snapshot(data_dir) == before
 
 
-def test_file_lines_are_refused_without_a_files_root_and_imported_from_it_with_one(shell, acme, data_dir, uploads, tmp_path):
-    """Without --files-root a `file` line is a bad line; with it a relative path is read from the root."""
-    manifest = write_manifest(tmp_path / "m.jsonl", [{"org": "acme", "id": "photo-1", "file": "photo.jpg"}])
+def test_file_lines_are_confined_to_the_manifests_own_directory_unless_a_files_root_is_named(shell, acme, data_dir, uploads,
+                                                                                            tmp_path):
+    """Without --files-root a `file` line is read from the manifest's own directory (where relative paths were
+    always read from) and nothing outside it; --files-root names another directory; a manifest in / has no
+    default root, so its `file` lines are bad lines."""
+    elsewhere = tmp_path / "manifests"
+    elsewhere.mkdir()
+    manifest = write_manifest(elsewhere / "m.jsonl", [{"org": "acme", "id": "photo-1", "file": str(uploads / "photo.jpg")}])
     before = snapshot(data_dir)
     refused = shell("register", "--manifest", str(manifest))
     assert refused.code == 2
-    assert bad_lines(refused.stderr) == {1: "a 'file' line needs --files-root DIR, the directory its files may be read from"}
+    assert bad_lines(refused.stderr) == {1: f"file {str(uploads / 'photo.jpg')!r} is outside the files root {str(elsewhere)!r}"}
     assert snapshot(data_dir) == before
+
+    beside = write_manifest(uploads / "m.jsonl", [{"org": "acme", "id": "photo-2", "file": "photo.jpg"},
+                                                  {"org": "acme", "id": "secret", "file": "../secret.txt"}])
+    refused = shell("register", "--manifest", str(beside))
+    assert refused.code == 2 and sorted(bad_lines(refused.stderr)) == [2]
+    assert snapshot(data_dir) == before
+    write_manifest(beside, [{"org": "acme", "id": "photo-2", "file": "photo.jpg"}])
+    imported = shell("register", "--manifest", str(beside), "--json")
+    assert imported.code == 0, imported.stderr
+    assert shell("lookup", "photo-2", "--json").json["size"] == len(b"\xff\xd8 a photo")
 
     imported = shell("register", "--manifest", str(manifest), "--files-root", str(uploads), "--json")
     assert imported.code == 0, imported.stderr

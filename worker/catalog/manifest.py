@@ -125,12 +125,19 @@ def files_root_path(path: str | Path) -> Path:
     return root
 
 
+def _default_files_root(manifest: Path) -> Path | None:
+    """The manifest's own directory, resolved; None when that is `/` (it would confine nothing)."""
+    root = Path(os.path.realpath(manifest)).parent
+    return None if root == Path(root.anchor) else root
+
+
 def _confined(file: str, files_root: Path | None) -> Path:
     """A `file` line's path, relative ones read from the files root; refused unless it resolves (symlinks
     included) inside the root. A manifest is data another system may produce: without this, a line could
     import /etc/shadow or ../../secrets and have them served by lookups."""
     if files_root is None:
-        raise BadInput("a 'file' line needs --files-root DIR, the directory its files may be read from")
+        raise BadInput("a 'file' line needs --files-root DIR, the directory its files may be read from "
+                       "(the manifest's own directory is /, which would confine nothing)")
     if "\x00" in file:
         raise BadInput("field 'file' contains a NUL byte")
     resolved = Path(os.path.realpath(files_root / file))  # an absolute `file` replaces the root in the join
@@ -212,7 +219,8 @@ class ManifestImport:
     def register_manifest(self, path: str | Path, *, files_root: str | Path | None = None, batch_size: int = MANIFEST_BATCH,
                           progress: Callable[[int], None] | None = None) -> ManifestSummary:
         """Import a JSON-lines manifest. `file` lines are read only from inside `files_root` (relative ones
-        from it); without a files root a `file` line is a bad line.
+        from it), by default the manifest's own directory, where relative paths have always been read from
+        (a manifest in `/` has no default: its `file` lines are bad lines).
 
         First every line is checked, against the database *and* the store, and any bad line (each
         reported by number) imports nothing. Then rows go in batches, each all-or-nothing. A line
@@ -228,7 +236,7 @@ class ManifestImport:
         duplicates within the file (about 300 bytes a line: some 300 MB for a million lines); rows
         themselves are read, checked and written a batch at a time."""
         path = Path(path)
-        root = files_root_path(files_root) if files_root is not None else None
+        root = files_root_path(files_root) if files_root is not None else _default_files_root(path)
         with _open_regular(path, "manifest") as handle, tempfile.TemporaryFile(prefix="media-retention-manifest-") as spool:
             seen = os.fstat(handle.fileno())
             check = _ManifestCheck(now=self.registration.database_now())
