@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 import re
 import shutil
-import subprocess
 import statistics
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -25,7 +25,7 @@ import pytest
 import requests
 from sqlalchemy import text
 
-from tests.integration.test_serve import start_server, stop_server
+from tests.serve_support import start_server, stop_server
 from worker.catalog.apikeys import ApiKeys
 
 pytestmark = pytest.mark.postgres
