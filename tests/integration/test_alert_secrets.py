@@ -11,7 +11,7 @@ from urllib.parse import quote, urlencode
 import pytest
 from structlog.testing import capture_logs
 
-from tests.unit.test_volume_alerts import real_ratio, thresholds_below, volume_settings
+from tests.volume_support import real_ratio, thresholds_below, volume_settings
 from worker.engine import build
 from worker.store.fs import FilesystemStore
 
