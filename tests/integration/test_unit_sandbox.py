@@ -217,6 +217,9 @@ def test_the_worker_deletes_and_serves_metrics_within_its_units_sandbox(catalog,
         wait_until(all_swept(database, 300), 120, "the traced worker to delete 300 items")
         scrape = wait_until(lambda: _get(f"http://127.0.0.1:{port}/metrics"), 30, "the worker's /metrics")
         assert scrape[0] == 200 and "media_retention_catalog_up 1.0" in scrape[1]
+        # The expiry watch may finish before the pool has started; a SIGTERM then ends celery's start-up
+        # with "Could not start worker processes" (exit 1), so stop only a worker that said it is ready.
+        wait_until(lambda: " ready." in traced.log.read_text(), 60, "the traced worker to be ready")
     finally:
         returncode = traced.stop()
     assert returncode == 0, traced.log.read_text()[-3000:]
