@@ -1,7 +1,8 @@
 """structlog setup: readable on a console, one JSON object a line in production.
 
 Celery and other libraries log through the standard library; their records go through the same
-renderer, so a production log stream is JSON all the way through.
+renderer, so a production log stream is JSON all the way through. What Celery prints rather than logs
+(its banners, "Warm shutdown") is turned into events by its program classes (worker/celery_programs.py).
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ def configure_logging(log_format: str = "console", level: str = "INFO", redact: 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # A record of a logger without handlers that does not propagate would go to logging's bare "last resort"
+    # handler as plain text; billiard's pool logger ("multiprocessing": a pool process that exited) is one.
+    logging.lastResort = handler
+    pool = logging.getLogger("multiprocessing")
+    pool.handlers[:] = [handler]
+    pool.setLevel(logging.WARNING)
+    # Library warnings (Celery's SecurityWarning as root, deprecations) become log events instead of
+    # free text on stderr; on a console Python's own warning lines stay.
+    logging.captureWarnings(log_format == "json")
     # botocore, urllib3 and alembic (its plugins, its migration context) narrate routine steps at INFO; keep them to warnings.
     for noisy in ("botocore", "urllib3", "s3transfer", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -757,9 +757,11 @@ def serve(host: str, port: int, out: Output) -> None:
         app = create_app(lookup=engine.catalog.lookups, keys=engine.catalog.api_keys, ping=database_ping(engine.db))
         listener = _listen(host, port)
         log.info("serve.starting", host=host, port=port, store=redact_url(current.storage_url))
-        # Every command takes --json (the contract); a server's only output is its log, JSON with LOG_FORMAT=json.
+        # Every command takes --json (the contract); a server's only output is its log, JSON with LOG_FORMAT=json,
+        # where serve.starting above is the line that says so.
         address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-        out.notice(json.dumps({"serving": address}) if out.as_json else f"media-retention: serving {address}")
+        if current.log_format != "json":
+            out.notice(json.dumps({"serving": address}) if out.as_json else f"media-retention: serving {address}")
         run_server(app, host=host, port=port, listener=listener)
     finally:
         runtime.close()
