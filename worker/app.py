@@ -14,10 +14,10 @@ from pathlib import Path
 from celery import Celery, signals
 from kombu.utils.objects import cached_property
 
+from config.errors import BadInput
 from config.logging import configure_logging
 from config.schedule import beat_schedule
 from config.settings import Settings, get_settings
-from config.errors import BadInput
 from worker.broker import TRANSPORT as BROKER_TRANSPORT
 
 # Hard limit on a single task. Redis redelivers an unacknowledged message after its visibility

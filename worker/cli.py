@@ -21,7 +21,7 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from config.logging import configure_logging
+from config.logging import configure_logging, operator_line
 from config.settings import Settings, get_settings
 from config.schedule import PURGE_TASK, RECONCILE_TASK, SWEEP_TASK
 from worker import runtime, schema, status, validation
@@ -111,9 +111,11 @@ def echo(message: str, err: bool = False, keep: tuple[str, ...] = ()) -> None:
     """Print a line with every secret we know of masked (see config.redact): the one way the CLI prints.
     `keep`: values the user asked to see, printed whole (a presigned URL's signature is its query, an API
     token is shown once); as JSON strings too. Everything around them is still redacted.
-    Undecodable bytes from argv (surrogate escapes) are shown as \\udcXX rather than failing the write."""
+    Undecodable bytes from argv (surrogate escapes) are shown as \\udcXX rather than failing the write. With
+    LOG_FORMAT=json a line for stderr goes out as a JSON event (config.logging.operator_line)."""
     keep = tuple(keep) + tuple(json.dumps(value)[1:-1] for value in keep)
-    click.echo(redact_text(message, keep=keep).encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
+    line = redact_text(message, keep=keep).encode("utf-8", "backslashreplace").decode("utf-8")
+    click.echo(operator_line(line) if err else line, err=err)
 
 
 def json_option(command: Callable) -> Callable:
