@@ -21,8 +21,9 @@ install: $(BIN)/media-retention
 
 # `make lock` refreshes both locks from pyproject.toml's ranges (newest versions inside them), for CPython
 # 3.11 on Linux whatever machine runs it: requirements.lock (what production installs) and
-# requirements-test.lock (that plus the test extras; `make install` and CI). uv is pinned so that two
-# refreshes of the same ranges on the same day give the same file.
+# requirements-test.lock (that plus the test extras; `make install` and CI), constrained by the first so the
+# suite runs on exactly the versions production installs. uv is pinned so that two refreshes of the same
+# ranges on the same day give the same files.
 UV_VERSION := 0.13.8
 LOCK_TARGET := --python-version 3.11 --python-platform x86_64-unknown-linux-gnu --generate-hashes --quiet
 
@@ -31,7 +32,7 @@ $(BIN)/uv: $(BIN)/python
 
 lock: $(BIN)/uv
 	$(BIN)/uv pip compile pyproject.toml $(LOCK_TARGET) --upgrade -o requirements.lock
-	$(BIN)/uv pip compile pyproject.toml --extra test $(LOCK_TARGET) --upgrade -o requirements-test.lock
+	$(BIN)/uv pip compile pyproject.toml --extra test -c requirements.lock $(LOCK_TARGET) --upgrade -o requirements-test.lock
 
 run: install
 	$(BIN)/media-retention run
