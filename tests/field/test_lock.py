@@ -53,3 +53,13 @@ def test_every_pin_of_both_locks_carries_a_hash():
         requirements = re.split(r"\n(?=[A-Za-z0-9])", lock.read_text().split("\n", 2)[2])
         unhashed = [entry.split(" ", 1)[0] for entry in requirements if "==" in entry and "--hash=sha256:" not in entry]
         assert unhashed == [], f"{lock.name}: no hash for {unhashed}"
+
+
+def test_the_dockerfile_installs_the_runtime_lock_with_hashes_then_the_package_without_dependencies():
+    """The image installs what this module's venv installs (no Docker here to build it: its RUN line is read)."""
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text().replace("\\\n", " ")
+    assert re.search(r"^COPY requirements\.lock .*/src/$", dockerfile, re.MULTILINE)
+    [install] = re.findall(r"^RUN (pip install .*)$", dockerfile, re.MULTILINE)
+    steps = [step.strip() for step in install.split("&&")]
+    assert steps[0] == "pip install --no-cache-dir --require-hashes -r /src/requirements.lock"
+    assert steps[1] == "pip install --no-cache-dir --no-deps /src"
