@@ -13,9 +13,9 @@ from worker.models import Organization
 from worker.policy import integer_column_max
 
 ROOT = Path(__file__).resolve().parents[2]
-# The Celery glue: the app object, its worker and beat programs, the embedded broker's transport, and the
-# command line that sends tasks to it and runs a worker.
-CELERY_GLUE = {"worker/app.py", "worker/celery_programs.py", "worker/broker.py", "worker/cli.py"}
+# The Celery glue: the app object, its worker and beat programs, beat's scheduler, the embedded broker's transport,
+# and the command line that sends tasks to it and runs a worker.
+CELERY_GLUE = {"worker/app.py", "worker/celery_programs.py", "worker/beat.py", "worker/broker.py", "worker/cli.py"}
 # What a task module may reach in worker/: the per-process engine and the app it registers on.
 TASK_REACH = {"worker.runtime", "worker.app", "worker"}
 # A task is a few lines that bind context and call the engine; more than this is logic in the wrong floor.
