@@ -3,15 +3,36 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench soak faults mutants install clean
+.PHONY: run test bench soak faults mutants install lock clean
 
-$(BIN)/media-retention: pyproject.toml
+# Dependencies come from the lock, every version pinned and every file's hash checked (README, "Installing");
+# the package itself goes in without resolving anything more. An old pip is upgraded first: the lock's
+# hash mode needs a recent one.
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+
+$(BIN)/media-retention: $(BIN)/python pyproject.toml requirements-test.lock
+	$(BIN)/pip install --quiet --require-hashes -r requirements-test.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 install: $(BIN)/media-retention
+
+# `make lock` refreshes both locks from pyproject.toml's ranges (newest versions inside them), for CPython
+# 3.11 on Linux whatever machine runs it: requirements.lock (what production installs) and
+# requirements-test.lock (that plus the test extras; `make install` and CI), constrained by the first so the
+# suite runs on exactly the versions production installs. uv is pinned so that two refreshes of the same
+# ranges on the same day give the same files.
+UV_VERSION := 0.13.8
+LOCK_TARGET := --python-version 3.11 --python-platform x86_64-unknown-linux-gnu --generate-hashes --quiet
+
+$(BIN)/uv: $(BIN)/python
+	$(BIN)/pip install --quiet uv==$(UV_VERSION)
+
+lock: $(BIN)/uv
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_TARGET) --upgrade -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra test -c requirements.lock $(LOCK_TARGET) --upgrade -o requirements-test.lock
 
 run: install
 	$(BIN)/media-retention run

@@ -1,14 +1,17 @@
 """structlog setup: readable on a console, one JSON object a line in production.
 
 Celery and other libraries log through the standard library; their records go through the same
-renderer, so a production log stream is JSON all the way through.
+renderer, so a production log stream is JSON all the way through. What Celery prints rather than logs
+(its banners, "Warm shutdown") is turned into events by its program classes (worker/celery_programs.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import structlog
 
@@ -20,11 +23,30 @@ _SHARED: list = [
 ]
 
 
+# The format logging was last configured with; None before (settings that failed to load, for one).
+_configured_format: str | None = None
+
+
+def operator_line(message: str) -> str:
+    """A line the command line writes to stderr for the operator, as it goes out in the configured format.
+
+    In JSON log format it is an event like every other line of the stream (`cli.message`, with the line as
+    `message`): level `error` for the contract's sentences (`media-retention: ...`, what failed and why),
+    `info` for hints. It is written whatever the log level: an operator's sentence is never filtered out."""
+    if _configured_format != "json":
+        return message
+    level = "error" if message.startswith("media-retention: ") else "info"
+    timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return json.dumps({"event": "cli.message", "message": message, "level": level, "logger": "worker.cli", "timestamp": timestamp})
+
+
 def configure_logging(log_format: str = "console", level: str = "INFO", redact: Callable[[str], str] | None = None) -> None:
     """Send every log line to stderr (stdout stays for machine-readable command output).
 
     `redact` is applied to each rendered line, tracebacks included, whoever logged it (ours,
     Celery, kombu, botocore, requests): the last guard before a secret reaches a log."""
+    global _configured_format
+    _configured_format = log_format
     if log_format == "json":
         renderer = structlog.processors.JSONRenderer()
         extra = [structlog.processors.format_exc_info]
@@ -48,6 +70,15 @@ def configure_logging(log_format: str = "console", level: str = "INFO", redact: 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # A record of a logger without handlers that does not propagate would go to logging's bare "last resort"
+    # handler as plain text; billiard's pool logger ("multiprocessing": a pool process that exited) is one.
+    logging.lastResort = handler
+    pool = logging.getLogger("multiprocessing")
+    pool.handlers[:] = [handler]
+    pool.setLevel(logging.WARNING)
+    # Library warnings (Celery's SecurityWarning as root, deprecations) become log events instead of
+    # free text on stderr; on a console Python's own warning lines stay.
+    logging.captureWarnings(log_format == "json")
     # botocore, urllib3 and alembic (its plugins, its migration context) narrate routine steps at INFO; keep them to warnings.
     for noisy in ("botocore", "urllib3", "s3transfer", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 from celery import Celery, signals
+from kombu.utils.objects import cached_property
 
+from config.errors import BadInput
 from config.logging import configure_logging
 from config.schedule import beat_schedule
 from config.settings import Settings, get_settings
-from config.errors import BadInput
 from worker.broker import TRANSPORT as BROKER_TRANSPORT
 
 # Hard limit on a single task. Redis redelivers an unacknowledged message after its visibility
@@ -74,11 +75,23 @@ def _prepare_multiprocess_metrics(parent: Path) -> bool:
     return True
 
 
+class _Celery(Celery):
+    """Celery whose worker and beat programs log their banners and shutdown as events in JSON log format."""
+
+    @cached_property
+    def Worker(self):
+        return self.subclass_with_self("worker.celery_programs:Worker")
+
+    @cached_property
+    def Beat(self):
+        return self.subclass_with_self("worker.celery_programs:Beat")
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     if settings.metrics_port:
         _prepare_multiprocess_metrics(settings.data_dir / "prometheus")
-    app = Celery("media_retention", include=["tasks.sweep", "tasks.volume", "tasks.reconcile", "tasks.tombstones"])
+    app = _Celery("media_retention", include=["tasks.sweep", "tasks.volume", "tasks.reconcile", "tasks.tombstones"])
     transport_options: dict = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
     if settings.embedded_broker:
         queue_dir, control_dir = settings.broker_dir / "queue", settings.broker_dir / "control"
@@ -127,7 +140,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     return app
 
 
-def _configure_logging(settings: Settings) -> None:
+def configure_process_logging(settings: Settings) -> None:
     from config.redact import redact_text, remember_settings
 
     remember_settings(settings)
@@ -136,7 +149,7 @@ def _configure_logging(settings: Settings) -> None:
 
 @signals.setup_logging.connect
 def _setup_logging(**_kwargs) -> None:
-    _configure_logging(get_settings())
+    configure_process_logging(get_settings())
 
 
 @signals.worker_process_init.connect
@@ -160,7 +173,7 @@ def _serve_metrics(**_kwargs) -> None:
     if settings.metrics_port:
         from worker import exporter, runtime
 
-        _configure_logging(settings)  # worker_init comes before Celery's logging setup
+        configure_process_logging(settings)  # worker_init comes before Celery's logging setup
 
         exporter.serve(runtime.engine().db, settings.metrics_port)
         runtime.reset()  # the pool forks after this: children must not inherit its connections

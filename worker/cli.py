@@ -21,7 +21,7 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from config.logging import configure_logging
+from config.logging import configure_logging, operator_line
 from config.settings import Settings, get_settings
 from config.schedule import PURGE_TASK, RECONCILE_TASK, SWEEP_TASK
 from worker import runtime, schema, status, validation
@@ -111,9 +111,11 @@ def echo(message: str, err: bool = False, keep: tuple[str, ...] = ()) -> None:
     """Print a line with every secret we know of masked (see config.redact): the one way the CLI prints.
     `keep`: values the user asked to see, printed whole (a presigned URL's signature is its query, an API
     token is shown once); as JSON strings too. Everything around them is still redacted.
-    Undecodable bytes from argv (surrogate escapes) are shown as \\udcXX rather than failing the write."""
+    Undecodable bytes from argv (surrogate escapes) are shown as \\udcXX rather than failing the write. With
+    LOG_FORMAT=json a line for stderr goes out as a JSON event (config.logging.operator_line)."""
     keep = tuple(keep) + tuple(json.dumps(value)[1:-1] for value in keep)
-    click.echo(redact_text(message, keep=keep).encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
+    line = redact_text(message, keep=keep).encode("utf-8", "backslashreplace").decode("utf-8")
+    click.echo(operator_line(line) if err else line, err=err)
 
 
 def json_option(command: Callable) -> Callable:
@@ -757,9 +759,11 @@ def serve(host: str, port: int, out: Output) -> None:
         app = create_app(lookup=engine.catalog.lookups, keys=engine.catalog.api_keys, ping=database_ping(engine.db))
         listener = _listen(host, port)
         log.info("serve.starting", host=host, port=port, store=redact_url(current.storage_url))
-        # Every command takes --json (the contract); a server's only output is its log, JSON with LOG_FORMAT=json.
+        # Every command takes --json (the contract); a server's only output is its log, JSON with LOG_FORMAT=json,
+        # where serve.starting above is the line that says so.
         address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-        out.notice(json.dumps({"serving": address}) if out.as_json else f"media-retention: serving {address}")
+        if current.log_format != "json":
+            out.notice(json.dumps({"serving": address}) if out.as_json else f"media-retention: serving {address}")
         run_server(app, host=host, port=port, listener=listener)
     finally:
         runtime.close()

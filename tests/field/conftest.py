@@ -2,9 +2,9 @@
 
 A wheel is built from this tree and installed, without the test extras, into a fresh virtual
 environment (once per run, shared by pytest-xdist's workers; pip's cache keeps it to about half a
-minute). Every process of these tests runs from that environment with its working directory outside
-the repository and no PYTHONPATH, so nothing can import the source tree by accident: what runs is
-what `pip install .` (the Dockerfile's install) delivers.
+minute). The dependencies come from the runtime lock and the wheel goes in with `--no-deps`, as the
+Dockerfile installs them. Every process of these tests runs from that environment with its working
+directory outside the repository and no PYTHONPATH, so nothing can import the source tree by accident.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from worker.db import Database
 ROOT = Path(__file__).resolve().parents[2]
 # What the wheel is built from: the package and its metadata, nothing of the tests.
 SOURCES = ("pyproject.toml", "README.md", "config", "worker", "tasks")
+# What production installs the dependencies from (`make lock` writes it).
+RUNTIME_LOCK = ROOT / "requirements.lock"
 
 
 @dataclass
@@ -91,7 +93,11 @@ def _build(root: Path) -> None:
     for step in steps:
         _run_or_fail(step)
     [wheel] = (root / "dist").glob("media_retention-*.whl")
-    _run_or_fail([str(root / "venv" / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", str(wheel)])
+    # As the Dockerfile and the README's production install do it: the runtime lock, hashes checked, then the
+    # wheel without resolving anything more.
+    pip = [str(root / "venv" / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
+    _run_or_fail([*pip, "--require-hashes", "-r", str(RUNTIME_LOCK)])
+    _run_or_fail([*pip, "--no-deps", str(wheel)])
 
 
 def _run_or_fail(argv: list[str]) -> None:
