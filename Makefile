@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: run test bench soak faults mutants install lock clean
 
-# Dependencies come from the lock, every version pinned and every file's hash checked (README, "Installing");
+# Dependencies come from the lock, every version pinned and every file's hash checked (docs/deploying.md);
 # the package itself goes in without resolving anything more. An old pip is upgraded first: the lock's
 # hash mode needs a recent one.
 $(BIN)/python:
