@@ -213,7 +213,7 @@ def test_every_deploy_command_starts_from_the_installed_venv(installed, fresh_sc
     for one in started:
         # Probe commands are shown failing before anything runs: a check that cannot fail proves nothing.
         if one.deployed.healthcheck:
-            assert run(one.deployed.healthcheck, env=one.env, cwd=one.cwd).returncode != 0, one.name
+            assert run(_in_data_dir(one.deployed.healthcheck, one), env=one.env, cwd=one.cwd).returncode != 0, one.name
         for probe in one.deployed.exec_probes:
             assert run(_in_data_dir(probe, one), env=one.env, cwd=one.cwd).returncode != 0, one.name
 
@@ -306,6 +306,6 @@ def _check_beat(one: Started, redis_server, processes: Processes) -> None:
         wait_until(sent, 90, f"{one.deployed.source} to send a task", interval=0.5)
     finally:
         queue.close()
-    for probe in one.deployed.exec_probes:
+    for probe in [*one.deployed.exec_probes, *([one.deployed.healthcheck] if one.deployed.healthcheck else [])]:
         checked = run(_in_data_dir(probe, one), env=one.env, cwd=one.cwd)
         assert checked.returncode == 0, f"{one.deployed.source} liveness probe {probe}: {checked.stdout}{checked.stderr}"
