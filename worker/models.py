@@ -109,6 +109,13 @@ class MediaItem(Base):
     # When reconcile first found this active item's blob missing (database clock); cleared when the
     # blob is seen again. An unheld item is tombstoned once that is a grace period old or it expired.
     missing_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The version ID a versioned bucket gave the blob (migration 0010); NULL on an unversioned store or for
+    # rows recorded before versions were. Deletes remove exactly this version.
+    blob_version: Mapped[str | None] = mapped_column(String(KEY_LENGTH))
+    # While the store refuses to delete the blob's version because it is locked (S3 Object Lock): until when
+    # (NULL for a legal hold, which has no date) and why ('retention', 'legal_hold').
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lock_reason: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (
         CheckConstraint("state IN ('active', 'deleting', 'deleted')", name="state_known"),
