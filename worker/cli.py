@@ -317,17 +317,20 @@ def org_show(engine: Engine, org_id: str, out: Output) -> None:
 @click.option("--ttl", help="Per-item TTL, 1h to 30d; overrides the org retention.")
 @click.option("--created-at", help="ISO-8601 creation time (default: now, by the database clock).")
 @click.option("--mime", help="MIME type (default: guessed from the name).")
+@click.option("--variant", "variants", multiple=True,
+              help="Adopt a derived blob already in the store at this key (thumbnail, preview); it goes with the item. Repeatable.")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), help="Register every line of a JSON-lines file.")
 @click.option("--files-root", type=click.Path(path_type=Path),
               help="With --manifest: the directory its 'file' lines may read from, relative paths too (default: the manifest's own directory).")
 @json_option
 @with_engine
-def register(engine: Engine, org_id, file, key, media_id, ttl, created_at, mime, manifest, files_root, out: Output) -> None:
-    """Register media: one item (--file or --key) or a whole --manifest."""
+def register(engine: Engine, org_id, file, key, media_id, ttl, created_at, mime, variants, manifest, files_root,
+             out: Output) -> None:
+    """Register media: one item (--file or --key, with any --variant) or a whole --manifest."""
     if files_root is not None and manifest is None:
         raise BadInput("--files-root goes with --manifest; --file takes the path as given.")
     if manifest is not None:
-        if any(v is not None for v in (org_id, file, key, media_id, ttl, created_at, mime)):
+        if any(v is not None for v in (org_id, file, key, media_id, ttl, created_at, mime)) or variants:
             raise BadInput("--manifest takes every field from the file; give no other register options with it.")
         try:
             summary = engine.catalog.register_manifest(manifest, files_root=files_root,
@@ -343,8 +346,26 @@ def register(engine: Engine, org_id, file, key, media_id, ttl, created_at, mime,
         return
     if org_id is None:
         raise BadInput("--org is required (or use --manifest).")
-    item = engine.catalog.register(org=org_id, file=file, key=key, media_id=media_id, ttl=ttl, created_at=created_at, mime=mime)
+    item = engine.catalog.register(org=org_id, file=file, key=key, media_id=media_id, ttl=ttl, created_at=created_at, mime=mime,
+                                   variants=list(variants))
     out.result(item.to_dict())
+
+
+@cli.group()
+def variant() -> None:
+    """Derived files (thumbnails, previews, transcodes) of an item: they live and go with it."""
+
+
+@variant.command("add")
+@click.argument("media_id", metavar="ID")
+@click.option("--key", "keys", multiple=True, required=True,
+              help="Adopt the blob already in the store at this key as a variant of ID. Repeatable.")
+@json_option
+@with_engine
+def variant_add(engine: Engine, media_id: str, keys: tuple[str, ...], out: Output) -> None:
+    """Add derived blobs already in the store to the active item ID (refused, exit 3, once it is gone)."""
+    added = engine.catalog.add_variants(media_id, list(keys))
+    out.result({"id": media_id, "added": len(added), "variants": [found.to_dict() for found in added]})
 
 
 @cli.command()
@@ -366,7 +387,7 @@ def lookup(engine: Engine, media_id: str, presign: bool, out: Output) -> None:
         echo(json.dumps(not_found_body(media_id, None), sort_keys=True))
         raise
     # The URL the user asked for is printed whole: redacting its query (the signature) would make it useless.
-    out.result(found.to_dict(), keep=(found.url,) if presign else ())
+    out.result(found.to_dict(), keep=found.urls if presign else ())
 
 
 def send_to_fleet(task_name: str, out: Output, **kwargs) -> None:

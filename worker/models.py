@@ -173,6 +173,36 @@ class MediaItem(Base):
         }
 
 
+class MediaVariant(Base):
+    """A derived blob an item owns (a thumbnail, a preview, a transcode): it lives and goes with its item.
+
+    Its key is unique among variants here and, through the catalog's key reservations (worker/reservations.py),
+    never equal to an item's key: whoever registers a key checks both tables while holding its reservation.
+    The row stays with its item's tombstone (so reconcile and verify still know the key belongs to a gone item)
+    and is removed with it by compaction."""
+
+    __tablename__ = "media_variants"
+
+    storage_key: Mapped[str] = mapped_column(
+        String(KEY_LENGTH).with_variant(String(KEY_LENGTH, collation="C"), "postgresql"), primary_key=True
+    )
+    item_id: Mapped[str] = mapped_column(ForeignKey("media_items.id"))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    mime_type: Mapped[str] = mapped_column(String(255))
+    # As media_items.blob_version: the version a versioned bucket gave this blob, NULL when not recorded.
+    blob_version: Mapped[str | None] = mapped_column(String(KEY_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=db_now())
+
+    __table_args__ = (
+        CheckConstraint("size_bytes >= 0", name="size_not_negative"),
+        Index("ix_media_variants_item_id", "item_id"),
+    )
+
+    def to_dict(self) -> dict:
+        return {"key": self.storage_key, "size": self.size_bytes, "mime": self.mime_type}
+
+
 class KeyReservation(Base):
     """A storage key taken in the catalog by whoever is about to write, adopt or delete its blob.
 

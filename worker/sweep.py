@@ -70,6 +70,35 @@ class ClaimedItem(NamedTuple):
     reason: str
     attempts: int
     token: str  # this claim's owner; finalize touches the row only while the token still matches
+    # The item's derived blobs (thumbnails, previews), read with the claim: they go in the same delete call.
+    variant_keys: tuple[str, ...] = ()
+    variant_bytes: int = 0
+    variant_org: str | None = None  # the item's org, read with its variants (None when it has none)
+
+
+def blob_keys(claimed: Sequence[ClaimedItem]) -> list[str]:
+    """Every key a batch deletes, items' and variants', for one store call: an S3 store sends one
+    DeleteObjects per 1,000 of them, however they are spread over the items."""
+    return [key for item in claimed for key in (item.storage_key, *item.variant_keys)]
+
+
+def item_results(claimed: Sequence[ClaimedItem], results: Sequence[DeleteResult]) -> list[DeleteResult]:
+    """One result per item from the results of `blob_keys(claimed)`: an item is deleted only when its blob and
+    every variant's are (a missing one counts as deleted); otherwise it fails with the first error, naming
+    the key when it is a variant's. `missing` is the item's own blob's."""
+    by_key = {result.key: result for result in results}
+    outcome = []
+    for item in claimed:
+        own = by_key[item.storage_key]
+        failed = next((by_key[key] for key in (item.storage_key, *item.variant_keys) if not by_key[key].ok), None)
+        if failed is None:
+            outcome.append(own)
+        else:
+            error = failed.error or "unknown error"
+            if failed.key != item.storage_key:
+                error = f"variant {failed.key}: {error}"
+            outcome.append(DeleteResult(item.storage_key, ok=False, error=error))
+    return outcome
 
 
 @dataclass
@@ -80,6 +109,7 @@ class SweepCounts:
     failed: int = 0
     held_skipped: int = 0
     already_missing: int = 0
+    variants_deleted: int = 0  # derived blobs deleted with their items
     batches: int = 0
     # Dry runs only: how many items and bytes are due now, and the first of them by name.
     due: int | None = None
@@ -89,7 +119,7 @@ class SweepCounts:
     late_max_s: float | None = None
 
     def add(self, other: "SweepCounts") -> None:
-        for name in ("claimed", "deleted", "bytes_freed", "failed", "already_missing", "batches"):
+        for name in ("claimed", "deleted", "bytes_freed", "failed", "already_missing", "variants_deleted", "batches"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         if other.late_max_s is not None:
             self.late_max_s = max(other.late_max_s, self.late_max_s or 0.0)
@@ -116,15 +146,22 @@ class Sweeper:
 
     # -- claim ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def _claimed(rows, token: str) -> list[ClaimedItem]:
-        return [ClaimedItem(*row, token) for row in rows]  # the claim returns exactly ClaimedItem's columns, in order
+    def _claimed(self, session, rows, token: str) -> list[ClaimedItem]:
+        """The claimed rows with their variants, read in the claim's transaction: a variant added to the item
+        committed before the claim (adding one locks the item row and refuses an item no longer active)."""
+        variants = items_sql.variants_of(session, self.db.sql, [row[0] for row in rows])
+        claimed = []
+        for row in rows:  # the claim returns exactly ClaimedItem's first columns, in order
+            own = variants.get(row[0], ())
+            claimed.append(ClaimedItem(*row, token, tuple(v.storage_key for v in own), sum(v.size_bytes for v in own),
+                                       own[0].org_id if own else None))
+        return claimed
 
     def _claim(self, claim: Callable[..., list], *params) -> list[ClaimedItem]:
         token = secrets.token_hex(16)
         with self.db.transaction() as session:
             rows = claim(session, token, *params)
-        return self._claimed(rows, token)
+            return self._claimed(session, rows, token)
 
     def claim_expired(self, limit: int) -> list[ClaimedItem]:
         """Claim up to `limit` items: first stale claims whose lease ran out, then expired active items,
@@ -134,7 +171,7 @@ class Sweeper:
             rows = self._claims.stale(session, token, limit)
             if len(rows) < limit:
                 rows += self._claims.expired(session, token, limit - len(rows))
-        return self._claimed(rows, token)
+            return self._claimed(session, rows, token)
 
     def claim_ids(self, ids: Sequence[str], reason: Reason) -> list[ClaimedItem]:
         """Claim the named active, unheld items for a purge (waiting for, not skipping, locked rows)."""
@@ -187,13 +224,21 @@ class Sweeper:
                             lateness += group.lateness
                 counts.already_missing = sum(1 for _, result in done if result.missing)
                 counts.bytes_freed = sum(item.size_bytes for item, result in done if not result.missing)
+                counts.bytes_freed += sum(item.variant_bytes for item, _ in done)
+                counts.variants_deleted = sum(len(item.variant_keys) for item, _ in done)
                 # Counts by org and reason, in the finalize's own transaction: the trail records exactly the
                 # deletions that committed (a finalize lost in a crash loses its audit rows with it, and the
                 # sweep that finishes those items records them then).
                 if tombstoned:
+                    # Variants deleted with the items, per org and reason (an item with variants knows its org).
+                    variants: Counter[tuple[str, str]] = Counter()
+                    for item, _ in done:
+                        if item.variant_keys:
+                            variants[item.variant_org, item.reason] += len(item.variant_keys)
                     session.execute(insert(AuditEvent.__table__), [
                         {"action": "deleted", "actor": self.actor, "org_id": org_id, "reason": reason,
-                         "details": {"count": count, "bytes": tombstoned_bytes[(org_id, reason)]}}
+                         "details": {"count": count, "bytes": tombstoned_bytes[(org_id, reason)],
+                                     **({"variants": variants[org_id, reason]} if variants[org_id, reason] else {})}}
                         for (org_id, reason), count in sorted(tombstoned.items())
                     ])
             if failed:
@@ -221,7 +266,7 @@ class Sweeper:
         return counts
 
     def process(self, claimed: Sequence[ClaimedItem]) -> SweepCounts:
-        results = self.store.delete_many([item.storage_key for item in claimed])
+        results = item_results(claimed, self.store.delete_many(blob_keys(claimed)))
         return self.finalize_batch(claimed, results)
 
     # -- whole runs ----------------------------------------------------------------------------
@@ -258,7 +303,7 @@ class Sweeper:
                     claimed_count += len(claimed)
                     if claimed:
                         started = time.monotonic()
-                        deleting = deleter.submit(context().run, self.store.delete_many, [item.storage_key for item in claimed])
+                        deleting = deleter.submit(context().run, self.store.delete_many, blob_keys(claimed))
                         in_flight.append(finalizer.submit(context().run, self._finish_batch, claimed, deleting, started,
                                                           event, quiet, fields))
                     if len(claimed) < size:
@@ -281,7 +326,7 @@ class Sweeper:
         """The finalizer's part: wait for the batch's deletes, record them, log the batch (at debug level
         when `quiet`: the expiry watch finalizes many small batches and logs a summary instead)."""
         try:
-            results = deleting.result()
+            results = item_results(claimed, deleting.result())
         except Exception as exc:  # noqa: BLE001 - a store that raises fails its batch, it does not lose it
             # Stores answer per key; one that raises instead (a bug, an unforeseen error) fails each key
             # of the batch, so the items get the same retry with backoff and show up as stuck with it.

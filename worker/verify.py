@@ -23,10 +23,11 @@ once the change has locked the org's rows (`worker/catalog/_shared.py`, `took_ef
 the change had to wait for, which followed the policy then in force, is dated before it.
 - `wrong_expiry`: an active item whose `expires_at` is not `created_at` plus its TTL or its org's
   retention: it would be deleted at the wrong time.
-- `tombstone_with_blob`: a deleted item whose blob still exists (a leak). A `missing_blob`
+- `tombstone_with_blob`: a deleted item whose blob, or a variant's blob, still exists (a leak). A `missing_blob`
   tombstone of an item that has not expired yet whose blob came back is a notice (`returned_blobs`),
   not a breach: reconcile deliberately keeps such a blob until the item's expiry.
-- `missing_blob`: an active item whose blob is missing.
+- `missing_blob`: an active item whose blob, or a variant's blob, is missing (variants are the item's
+  derived blobs, `media_variants`, merged into the catalog's stream by key and judged by their item's state).
 - `size_mismatch`: an active item whose blob's size differs from the size the catalog recorded.
 - `stuck_deletion`: a `deleting` row whose lease ran out more than `stuck_after` ago. A running
   fleet re-claims an expired lease at its next sweep (stale claims go first), so with the default
@@ -101,6 +102,7 @@ class VerifyReport:
     max_examples: int
     checked_at: str | None = None
     items_checked: int = 0
+    variants_checked: int = 0  # derived blobs (thumbnails, previews) checked with their items
     blobs_listed: int = 0
     check_errors: int = 0
     breaches: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BREACH_KINDS, 0))
@@ -136,6 +138,7 @@ class VerifyReport:
             "check_errors": self.check_errors,
             "check_error_examples": self.error_examples,
             "items_checked": self.items_checked,
+            "variants_checked": self.variants_checked,
             "blobs_listed": self.blobs_listed,
             "grace_seconds": self.grace_seconds,
             "stuck_after_seconds": self.stuck_after_seconds,
@@ -248,13 +251,24 @@ class Verifier:
     # -- checks ----------------------------------------------------------------------------------
 
     def _example(self, row, **extra) -> dict:
-        return {"id": row.id, "org": row.org_id, "key": row.storage_key, "state": row.state, **extra}
+        example = {"id": row.id, "org": row.org_id, "key": row.storage_key, "state": row.state, **extra}
+        if row.variant:
+            example["variant_of"] = row.item_key  # a derived blob: the item's key, the item's state
+        return example
 
     def _check_row(self, row, blob: BlobInfo | None) -> None:
         report = self.report
-        report.items_checked += 1
         if blob is not None:
             report.blobs_listed += 1
+        if row.variant:
+            # A derived blob lives and goes with its item: judged by the item's state, its policy judged once, by the
+            # item's own row.
+            report.variants_checked += 1
+            if (row.state == State.ACTIVE.value and (blob is None or blob.size != row.size_bytes)) \
+                    or (row.state == State.DELETED.value and blob is not None):
+                self._pending.append(_Candidate(row.storage_key, blob))
+            return
+        report.items_checked += 1
         self._check_policy(row)
         if row.state == State.ACTIVE.value:
             if blob is None or blob.size != row.size_bytes:

@@ -116,12 +116,12 @@ MUTATIONS: tuple[Mutation, ...] = (
                     "the claim commits (a crash or rollback leaves active items without blobs).",
         file=_SWEEP,
         old="""                rows += self._claims.expired(session, token, limit - len(rows))
-        return self._claimed(rows, token)
+            return self._claimed(session, rows, token)
 """,
         new="""                rows += self._claims.expired(session, token, limit - len(rows))
             if rows:
                 self.store.delete_many([row.storage_key for row in rows])
-        return self._claimed(rows, token)
+            return self._claimed(session, rows, token)
 """,
         kind=AUDIT,
     ),
@@ -249,14 +249,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         description="Registrations write blobs and insert rows without reserving their keys, so nothing "
                     "arbitrates them against reconcile or a racing registration.",
         file="worker/catalog/registration.py",
-        old="""            reservations.reserve(session, self.db.sql, token, purpose, {item.key: item.id for item in new_items},
-                                 take_over="any")
+        old="""            reservations.reserve(session, self.db.sql, token, purpose,
+                                 {key: item.id for item in new_items for key in item.keys}, take_over="any")
 """,
         new="",
         also=(Edit(
             "worker/catalog/registration.py",
-            """            held = reservations.consume(session, self.db.sql, token, [item.key for item in new_items])
-            lost = sorted({item.key for item in new_items} - held)""",
+            """            held = reservations.consume(session, self.db.sql, token, [key for item in new_items for key in item.keys])
+            lost = sorted({key for item in new_items for key in item.keys} - held)""",
             """            lost = []""",
         ),),
         kind=ISSUE_19,

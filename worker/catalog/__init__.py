@@ -81,9 +81,13 @@ class Catalog:
 
     def register(self, *, org: str, file: str | Path | None = None, key: str | None = None, media_id: str | None = None,
                  ttl: str | None = None, created_at: str | datetime | None = None, mime: str | None = None,
-                 sha256: str | None = None) -> Item:
+                 sha256: str | None = None, variants: list[str] | None = None) -> Item:
         return self.registration.register(org=org, file=file, key=key, media_id=media_id, ttl=ttl,
-                                          created_at=created_at, mime=mime, sha256=sha256)
+                                          created_at=created_at, mime=mime, sha256=sha256, variants=variants)
+
+    def add_variants(self, media_id: str, keys: list[str], *, actor: str = "cli") -> list:
+        """Adopt blobs already in the store as derived files (variants) of an active item."""
+        return self.registration.add_variants(media_id, keys, actor=actor)
 
     def register_manifest(self, path: str | Path, *, files_root: str | Path | None = None, batch_size: int = MANIFEST_BATCH,
                           progress: Callable[[int], None] | None = None) -> ManifestSummary:

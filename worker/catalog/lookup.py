@@ -3,13 +3,14 @@ presigned URLs that never outlive the item."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy import select
 
 from worker import items as items_sql
-from worker.catalog.results import Item, PresignedUrl, Tombstone
+from worker.catalog.results import Item, PresignedUrl, Tombstone, Variant
 from worker.db import Database, db_now
 from config.errors import BadInput, Gone, NotFound
 from worker.models import Reason, State
@@ -45,6 +46,7 @@ class Lookup:
         validate_id(media_id)
         with self.db.transaction() as session:
             found = items_sql.by_id_and_now(session, media_id)
+            variants = items_sql.variants_of(session, self.db.sql, [media_id]).get(media_id, []) if found else []
         if found is None:
             return None
         row, now = found
@@ -53,7 +55,8 @@ class Lookup:
         if row.state != State.ACTIVE.value:
             return Tombstone(id=media_id, state=row.state, reason=row.deletion_reason,
                              deleted_at=row.deleted_at or row.claimed_at)
-        item = Item.from_row(row, as_of=now)
+        item = replace(Item.from_row(row, as_of=now),
+                       variants=tuple(Variant(v.storage_key, v.size_bytes, v.mime_type) for v in variants))
         if item.expires_at <= now and not item.kept_by_hold:
             # No sweep has claimed it yet (a backlog, workers down): it is gone from its expiry all the same.
             return _expired(item)
@@ -67,6 +70,14 @@ class Lookup:
             return None
         url, _seconds, expires_at = self._sign(item)
         return url, expires_at
+
+    def sign_variants(self, item: Item) -> tuple[Variant, ...]:
+        """The item's variants, each with a presigned GET URL capped exactly as the item's own (`sign`); without
+        URLs on a store that has none. Raises Gone like `sign`."""
+        if not item.variants or not self.store.can_presign:
+            return item.variants or ()
+        seconds = self._seconds(item)
+        return tuple(replace(variant, url=self.store.presigned_url(variant.key, seconds)) for variant in item.variants)
 
     def lookup(self, media_id: str) -> Item:
         """The item while active. Raises Gone (claimed, deleted or expired; it carries the tombstone) or NotFound."""
@@ -84,13 +95,16 @@ class Lookup:
         validate_id(media_id)
         if not self.store.can_presign:
             raise BadInput(f"lookup --url needs an object store (s3://...); {self.store.url} cannot hand out presigned URLs.")
-        url, seconds, expires_at = self._sign(self.lookup(media_id))
-        log.info("media.presigned", media_id=media_id, expires_in_s=seconds)
-        return PresignedUrl(id=media_id, url=url, expires_in=seconds, expires_at=expires_at)
+        item = self.lookup(media_id)
+        url, seconds, expires_at = self._sign(item)
+        variants = tuple(replace(variant, url=self.store.presigned_url(variant.key, seconds)) for variant in item.variants or ())
+        log.info("media.presigned", media_id=media_id, expires_in_s=seconds, variants=len(variants))
+        return PresignedUrl(id=media_id, url=url, expires_in=seconds, expires_at=expires_at, variants=variants)
 
-    def _sign(self, item: Item) -> tuple[str, int, datetime]:
-        """The URL, its validity in whole seconds (floored) and its end, all counted from the database time
-        the item was read at."""
+    def _seconds(self, item: Item) -> int:
+        """How long a URL of `item` (or of one of its variants) may live, in whole seconds (floored), counted from
+        the database time the item was read at: `presign_ttl`, or until the expiry if sooner (a held item has no
+        end yet). Raises Gone when less than a second is left."""
         now = item.as_of or self._database_now()
         seconds = int(self.presign_ttl.total_seconds())
         if not item.kept_by_hold:
@@ -98,6 +112,13 @@ class Lookup:
             if left < MIN_URL_SECONDS:
                 raise Gone(f"media id {item.id!r} is gone (it expires in under a second).", _expired(item))
             seconds = min(seconds, int(left))
+        return seconds
+
+    def _sign(self, item: Item) -> tuple[str, int, datetime]:
+        """The URL, its validity in whole seconds and its end, all counted from the database time the item was
+        read at."""
+        now = item.as_of or self._database_now()
+        seconds = self._seconds(replace(item, as_of=now))
         return self.store.presigned_url(item.key, seconds), seconds, now + timedelta(seconds=seconds)
 
     def _database_now(self) -> datetime:

@@ -27,7 +27,7 @@ from sqlalchemy import select
 from worker import items as items_sql
 from worker import validation
 from worker.catalog._shared import default_actor
-from worker.catalog.registration import Registration, _NewItem, _open_regular, _source_digest
+from worker.catalog.registration import Registration, _NewItem, _NewVariant, _open_regular, _source_digest
 from worker.catalog.results import ManifestSummary
 from config.errors import BadInput, RetentionError
 from worker.models import Organization
@@ -51,7 +51,7 @@ MANIFEST_STORE_CHECKS = 8
 # mind: it skips every line that committed. (docs/performance.md: what this and the import's other
 # changes measured.)
 MANIFEST_WRITERS = 2
-_MANIFEST_FIELDS = {"org", "id", "file", "key", "ttl", "created_at", "mime", "sha256"}
+_MANIFEST_FIELDS = {"org", "id", "file", "key", "ttl", "created_at", "mime", "sha256", "variants"}
 
 
 class _DuplicateField(ValueError):
@@ -210,11 +210,15 @@ class ManifestImport:
         for name in ("id", "file", "key", "ttl", "created_at", "mime", "sha256"):
             if row.get(name) is not None and not isinstance(row[name], str):
                 raise BadInput(f"field {name!r} must be a string")
+        variants = row.get("variants")
+        if variants is not None and not (isinstance(variants, list) and all(isinstance(key, str) for key in variants)):
+            raise BadInput("field 'variants' must be a list of storage keys (strings)")
         file = row.get("file")
         if file is not None:
             file = _confined(file, files_root)
         return self.registration.validate_new(org=row["org"], file=file, key=row.get("key"), media_id=row.get("id"), ttl=row.get("ttl"),
-                                  created_at=row.get("created_at"), mime=row.get("mime"), sha256=row.get("sha256"), now=now)
+                                  created_at=row.get("created_at"), mime=row.get("mime"), sha256=row.get("sha256"), now=now,
+                                  variants=variants)
 
     def register_manifest(self, path: str | Path, *, files_root: str | Path | None = None, batch_size: int = MANIFEST_BATCH,
                           progress: Callable[[int], None] | None = None) -> ManifestSummary:
@@ -290,6 +294,11 @@ class ManifestImport:
                 check.error(number, f"duplicate key {item.key!r} (first on line {check.keys[item.key]})")
                 return None
             check.keys[item.key] = number
+        for variant in item.variants:  # keys are unique across items and variants, within the file too
+            if variant.key in check.keys:
+                check.error(number, f"duplicate key {variant.key!r} (first on line {check.keys[variant.key]})")
+                return None
+            check.keys[variant.key] = number
         check.orgs.setdefault(item.org, number)
         return item
 
@@ -303,6 +312,8 @@ class ManifestImport:
                 session, sql, "id", [item.id for _, item, explicit in chunk if explicit])}
             key_owner = dict(items_sql.existing(
                 session, sql, "storage_key", [item.key for _, item, _ in chunk], "storage_key", "id"))
+            # Any key of a line (its own or a variant's) that is already a variant of some item.
+            taken = items_sql.known_keys(session, [key for _, item, _ in chunk for key in item.keys])
         to_store: list[tuple[int, _NewItem, bool]] = []
         records: list[tuple] = []
         for number, item, explicit in chunk:
@@ -316,12 +327,25 @@ class ManifestImport:
             if key_owner.get(item.key) is not None:
                 check.error(number, f"storage key {item.key!r} already belongs to another item")
                 continue
+            used = next((key for key in item.keys if key in taken), None)
+            if used is not None:
+                check.error(number, f"storage key {used!r} already belongs to another item or variant")
+                continue
             if item.source is None or explicit:
                 to_store.append((number, item, explicit))
             else:
                 records.append(_spooled(number, item, explicit))
+        variants = [(number, variant) for number, item, _ in to_store for variant in item.variants]
+        missing_variant: dict[int, str] = {}
+        for (number, variant), info in zip(variants, self.store.stat_many([v.key for _, v in variants]) if variants else [],
+                                           strict=True):
+            if isinstance(info, RetentionError):
+                missing_variant.setdefault(number, f"variant key {variant.key!r}: {info}")
+            elif info is None:
+                missing_variant.setdefault(number, f"no blob at variant key {variant.key!r}")
         for (number, item, explicit), (problem, size) in zip(to_store, self._store_problems(
                 [item for _, item, _ in to_store], pool), strict=True):
+            problem = problem or missing_variant.get(number)
             if problem:
                 check.error(number, problem)
             else:
@@ -431,14 +455,14 @@ def _spooled(number: int, item: _NewItem, explicit: bool, *, registered: bool = 
     """A checked line as the import reads it back: plain values, in line order."""
     return (number, item.id if explicit else None, item.org, item.key, str(item.source) if item.source else None,
             int(item.ttl.total_seconds()) if item.ttl else None, item.created_at, item.mime, item.sha256, item.size,
-            registered)
+            registered, [(variant.key, variant.mime) for variant in item.variants])
 
 
 def _unspooled(record: tuple) -> tuple[_NewItem, bool]:
-    _number, media_id, org, key, source, ttl, created_at, mime, sha256, size, registered = record
+    _number, media_id, org, key, source, ttl, created_at, mime, sha256, size, registered, variants = record
     return _NewItem(id=media_id, org=org, key=key, source=Path(source) if source else None,
                     ttl=timedelta(seconds=ttl) if ttl else None, created_at=created_at, mime=mime, sha256=sha256,
-                    size=size), registered
+                    size=size, variants=[_NewVariant(key, mime) for key, mime in variants]), registered
 
 
 def _unspool(spool: BinaryIO) -> Iterator[tuple]:

@@ -16,7 +16,7 @@ import mimetypes
 import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -27,9 +27,9 @@ from sqlalchemy.exc import IntegrityError
 from worker import items as items_sql
 from worker import reservations, validation
 from worker.binding import StoreBinding
-from worker.catalog.results import Item
+from worker.catalog.results import Item, Variant
 from worker.db import Database, db_now
-from config.errors import BadInput, RetentionError
+from config.errors import BadInput, Gone, NotFound, RetentionError
 from worker.models import AuditEvent, Organization, State
 from worker.policy import effective_lifetime, parse_ttl
 from worker.store import BlobDigest, BlobInfo, BlobStore, check_source, open_source, source_digest
@@ -60,7 +60,35 @@ class _NewItem:
     mime: str | None
     sha256: str | None
     size: int | None = None
+    # Derived blobs already in the store (thumbnails, previews) adopted with the item, each by key.
+    variants: list["_NewVariant"] = field(default_factory=list)
 
+    @property
+    def keys(self) -> list[str]:
+        """The item's key and its variants': every key this registration reserves."""
+        return [self.key, *(variant.key for variant in self.variants)]
+
+
+@dataclass
+class _NewVariant:
+    """A derived blob adopted by key; its size is read from the store under the reservation."""
+
+    key: str
+    mime: str
+    size: int | None = None
+
+
+def new_variants(keys: Sequence[str] | None, item_key: str) -> list[_NewVariant]:
+    """Variant keys checked like any new key (the store's reserved names refused), none twice, none the item's."""
+    variants: list[_NewVariant] = []
+    seen = {item_key}
+    for key in keys or ():
+        key = validate_new_key(key)
+        if key in seen:
+            raise BadInput(f"storage key {key!r} is given twice for one item (its key and a variant's are all distinct).")
+        seen.add(key)
+        variants.append(_NewVariant(key, mimetypes.guess_type(key)[0] or "application/octet-stream"))
+    return variants
 
 
 # The store's readers of local files, under the names manifest import and adopt use.
@@ -82,7 +110,7 @@ class Registration:
 
     def validate_new(self, *, org: str, file: str | Path | None, key: str | None, media_id: str | None,
                       ttl: str | None, created_at: str | datetime | None, mime: str | None, sha256: str | None = None,
-                      now: datetime) -> _NewItem:
+                      now: datetime, variants: Sequence[str] | None = None) -> _NewItem:
         """Every field of a registration checked, `created_at` against the database clock `now`."""
         validate_id(org, "organization id")
         if (file is None) == (key is None):
@@ -110,14 +138,16 @@ class Registration:
         else:
             storage_key = validate_new_key(key)
             mime = mime or mimetypes.guess_type(storage_key)[0] or "application/octet-stream"
-        return _NewItem(media_id, org, storage_key, source, ttl_value, created, mime, sha256)
+        return _NewItem(media_id, org, storage_key, source, ttl_value, created, mime, sha256,
+                        variants=new_variants(variants, storage_key))
 
     def _check_free(self, session, new_items: Sequence[_NewItem]) -> None:
         """IDs are never reused, not even after deletion: a tombstone keeps answering 404."""
         taken = items_sql.first_taken(session, self.db.sql, "id", [item.id for item in new_items])
         if taken:
             raise BadInput(f"media id {taken!r} already exists; IDs are never reused.")
-        used = items_sql.first_taken(session, self.db.sql, "storage_key", [item.key for item in new_items])
+        # Item and variant keys alike, against both tables: keys are unique across items and variants.
+        used = items_sql.first_taken(session, self.db.sql, "storage_key", [key for item in new_items for key in item.keys])
         if used:
             raise BadInput(f"storage key {used!r} already belongs to another media item.")
 
@@ -145,8 +175,8 @@ class Registration:
             # nothing, deletes nothing. So this commit need not wait for the WAL flush.
             self.db.sql.relax_commit(session)
             self._org_policies(session, {item.org for item in new_items}, lock=False)
-            reservations.reserve(session, self.db.sql, token, purpose, {item.key: item.id for item in new_items},
-                                 take_over="any")
+            reservations.reserve(session, self.db.sql, token, purpose,
+                                 {key: item.id for item in new_items for key in item.keys}, take_over="any")
             if not checked:
                 self._check_free(session, new_items)
 
@@ -177,6 +207,14 @@ class Registration:
             if info is None:
                 raise BadInput(f"no blob at storage key {item.key!r} in {self.store.url}.")
             item.size = info.size
+        variants = [variant for item in new_items for variant in item.variants]
+        for variant, info in zip(variants, self.store.stat_many([variant.key for variant in variants]) if variants else [],
+                                 strict=True):
+            if isinstance(info, RetentionError):
+                raise info
+            if info is None:
+                raise BadInput(f"no blob at variant key {variant.key!r} in {self.store.url}.")
+            variant.size = info.size
 
     def _insert(self, new_items: Sequence[_NewItem], audit: dict | None, token: str) -> list[dict]:
         """Step 3, one transaction: consume this batch's reservations (all still held, or nothing is inserted)
@@ -186,16 +224,23 @@ class Registration:
         with self.db.transaction() as session:
             now = session.scalar(select(db_now()))
             policies = self._org_policies(session, {item.org for item in new_items}, lock=True)
-            held = reservations.consume(session, self.db.sql, token, [item.key for item in new_items])
-            lost = sorted({item.key for item in new_items} - held)
+            held = reservations.consume(session, self.db.sql, token, [key for item in new_items for key in item.keys])
+            lost = sorted({key for item in new_items for key in item.keys} - held)
             if lost:
                 raise reservations.ReservationLost(
                     f"storage key {lost[0]!r} was taken over by another registration of the same key while this one "
                     f"was in flight; nothing in this batch was registered.")
+            # Keys are unique across items and variants, but each table's unique index sees only itself: checked
+            # here, holding every key's reservation, so no registration of one of them can commit meanwhile.
+            used = items_sql.first_taken(session, self.db.sql, "storage_key", [key for item in new_items for key in item.keys])
+            if used:
+                raise BadInput(f"storage key {used!r} already belongs to another media item or variant; "
+                               f"nothing in this batch was registered.")
             rows = self._rows(new_items, policies, now)
             items_sql.insert_rows(session, self.db.sql, rows)
+            items_sql.insert_variants(session, self.db.sql, self._variant_rows(new_items))
             if audit is not None:
-                self._audit(session, rows, audit)
+                self._audit(session, rows, audit, {item.id: len(item.variants) for item in new_items if item.variants})
         return rows
 
     @staticmethod
@@ -223,22 +268,34 @@ class Registration:
         return rows
 
     @staticmethod
-    def _audit(session, rows: list[dict], audit: dict) -> None:
+    def _variant_rows(new_items: Sequence[_NewItem]) -> list[dict]:
+        return [{"storage_key": variant.key, "item_id": item.id, "size_bytes": variant.size, "mime_type": variant.mime,
+                 "sha256": None} for item in new_items for variant in item.variants]
+
+    @staticmethod
+    def _audit(session, rows: list[dict], audit: dict, variants: dict[str, int] | None = None) -> None:
         by_org: dict[str, list[dict]] = {}
         for row in rows:
             by_org.setdefault(row["org_id"], []).append(row)
+        variants = variants or {}
+
+        def details(org_rows: list[dict]) -> dict:
+            found = {**audit.get("details", {}), "count": len(org_rows), "bytes": sum(row["size_bytes"] for row in org_rows)}
+            derived = sum(variants.get(row["id"], 0) for row in org_rows)
+            return {**found, "variants": derived} if derived else found
+
         session.execute(insert(AuditEvent.__table__), [
-            {"action": audit["action"], "actor": audit["actor"], "org_id": org_id,
-             "details": {**audit.get("details", {}), "count": len(org_rows),
-                         "bytes": sum(row["size_bytes"] for row in org_rows)}}
+            {"action": audit["action"], "actor": audit["actor"], "org_id": org_id, "details": details(org_rows)}
             for org_id, org_rows in sorted(by_org.items())
         ])
 
     def register_batch(self, new_items: Sequence[_NewItem], audit: dict | None = None) -> list[Item]:
-        """`write_batch`, answered as items."""
+        """`write_batch`, answered as items (with their variants when they have any)."""
+        variants = {item.id: tuple(Variant(v.key, v.size, v.mime) for v in item.variants) for item in new_items if item.variants}
         return [Item(id=row["id"], org=row["org_id"], key=row["storage_key"], size=row["size_bytes"], mime=row["mime_type"],
                      sha256=row["sha256"], created_at=row["created_at"], ttl_seconds=row["ttl_seconds"],
-                     expires_at=row["expires_at"], state=row["state"]) for row in self.write_batch(new_items, audit)]
+                     expires_at=row["expires_at"], state=row["state"], variants=variants.get(row["id"]))
+                for row in self.write_batch(new_items, audit)]
 
     def write_batch(self, new_items: Sequence[_NewItem], audit: dict | None = None, *, purpose: str = "register",
                     checked: bool = False) -> list[dict]:
@@ -258,7 +315,7 @@ class Registration:
             return self._insert(new_items, audit, token)
         except BaseException as exc:
             try:
-                reservations.release(self.db, self.store, token, [item.key for item in new_items], written)
+                reservations.release(self.db, self.store, token, [key for item in new_items for key in item.keys], written)
             except Exception as cleanup:  # noqa: BLE001 - the batch's own error is the one to report
                 log.error("register.release_failed", error=f"{type(cleanup).__name__}: {cleanup}", keys=len(new_items))
             if isinstance(exc, IntegrityError):
@@ -303,10 +360,75 @@ class Registration:
 
     def register(self, *, org: str, file: str | Path | None = None, key: str | None = None, media_id: str | None = None,
                  ttl: str | None = None, created_at: str | datetime | None = None, mime: str | None = None,
-                 sha256: str | None = None) -> Item:
-        """Register one item: `file` is copied in under a new key, `key` adopts a blob already stored."""
+                 sha256: str | None = None, variants: Sequence[str] | None = None) -> Item:
+        """Register one item: `file` is copied in under a new key, `key` adopts a blob already stored; each of
+        `variants` adopts a derived blob already stored, owned by the item from then on."""
         new = self.validate_new(org=org, file=file, key=key, media_id=media_id, ttl=ttl, created_at=created_at, mime=mime,
-                                 sha256=sha256, now=self.database_now())
+                                 sha256=sha256, now=self.database_now(), variants=variants)
         item = self.register_batch([new])[0]
         log.info("media.registered", media_id=item.id, org=org, key=item.key, size=item.size, expires_at=item.expires_at.isoformat())
         return item
+
+    def add_variants(self, media_id: str, keys: Sequence[str], *, actor: str = "cli") -> list[Variant]:
+        """Adopt blobs already in the store as variants of the item `media_id`, under the same three steps as a
+        registration: the keys reserved (and checked free of any item or variant after that), the blobs looked
+        at, then the rows inserted in the transaction that consumes the reservations, with the item's row locked
+        and still active. A held item takes variants (they are kept with it); an item gone by lookup's rule
+        (claimed, deleted, or expired and unheld) is refused: its deletion may already be under way."""
+        validate_id(media_id)
+        if not keys:
+            raise BadInput("give at least one --key to add as a variant.")
+        variants = new_variants(keys, "")
+        self.binding.ensure()
+        token = secrets.token_hex(16)
+        try:
+            with self.db.transaction() as session:
+                reservations.reserve(session, self.db.sql, token, "register", {v.key: media_id for v in variants},
+                                     take_over="any")
+                self._check_item_takes_variants(session, media_id)
+                used = items_sql.first_taken(session, self.db.sql, "storage_key", [v.key for v in variants])
+                if used:
+                    raise BadInput(f"storage key {used!r} already belongs to a media item or a variant.")
+            for variant, info in zip(variants, self.store.stat_many([v.key for v in variants]), strict=True):
+                if isinstance(info, RetentionError):
+                    raise info
+                if info is None:
+                    raise BadInput(f"no blob at variant key {variant.key!r} in {self.store.url}.")
+                variant.size = info.size
+            with self.db.transaction() as session:
+                row = self._check_item_takes_variants(session, media_id)
+                held = reservations.consume(session, self.db.sql, token, [v.key for v in variants])
+                lost = sorted({v.key for v in variants} - held)
+                if lost:
+                    raise reservations.ReservationLost(
+                        f"storage key {lost[0]!r} was taken over by another registration of the same key while this one "
+                        f"was in flight; no variant was added.")
+                items_sql.insert_variants(session, self.db.sql, [
+                    {"storage_key": v.key, "item_id": media_id, "size_bytes": v.size, "mime_type": v.mime, "sha256": None}
+                    for v in variants])
+                session.add(AuditEvent(action="variant_add", actor=actor, org_id=row.org_id, media_id=media_id,
+                                       details={"count": len(variants), "bytes": sum(v.size for v in variants),
+                                                "keys": [v.key for v in variants][:50]}))
+        except BaseException as exc:
+            try:
+                reservations.release(self.db, self.store, token, [v.key for v in variants], [])
+            except Exception as cleanup:  # noqa: BLE001 - the command's own error is the one to report
+                log.error("variant.release_failed", error=f"{type(cleanup).__name__}: {cleanup}")
+            if isinstance(exc, IntegrityError):
+                raise BadInput("a variant key was registered concurrently; no variant was added.") from None
+            raise
+        log.info("media.variants_added", media_id=media_id, count=len(variants), keys=[v.key for v in variants][:20])
+        return [Variant(v.key, v.size, v.mime) for v in variants]
+
+    @staticmethod
+    def _check_item_takes_variants(session, media_id: str):
+        """The item's row, locked: it must exist and not be gone (claimed, deleted, or expired and unheld by the
+        database clock), or the variant could outlive a deletion already decided."""
+        found = items_sql.locked_item(session, media_id)
+        if found is None:
+            raise NotFound(f"media id {media_id!r} was never registered.")
+        row, now = found
+        kept = row.held_at is not None or bool(row.org_held)
+        if row.state != State.ACTIVE.value or (row.expires_at <= now and not kept):
+            raise Gone(f"media id {media_id!r} is gone; variants can only be added to an active item.", None)
+        return row

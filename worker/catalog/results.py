@@ -13,6 +13,22 @@ from worker.sweep import SweepCounts
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A derived blob of an item (thumbnail, preview), as lookups list it; `url` only when presigned."""
+
+    key: str
+    size: int
+    mime: str
+    url: str | None = None
+
+    def to_dict(self) -> dict:
+        data = {"key": self.key, "size": self.size, "mime": self.mime}
+        if self.url is not None:
+            data["url"] = self.url
+        return data
+
+
+@dataclass(frozen=True)
 class Item:
     """A media item as the catalog answers for it."""
 
@@ -33,6 +49,8 @@ class Item:
     # its own or its org's, keeps it past its expiry. Neither is rendered.
     as_of: datetime | None = field(default=None, compare=False)
     kept_by_hold: bool = field(default=False, compare=False)
+    # The item's derived blobs; None where not read (a manifest import), rendered only when there are some.
+    variants: tuple[Variant, ...] | None = None
 
     @classmethod
     def from_row(cls, row, as_of: datetime | None = None) -> "Item":
@@ -57,6 +75,8 @@ class Item:
         }
         if self.held is not None:
             data["held"] = self.held
+        if self.variants:
+            data["variants"] = [variant.to_dict() for variant in self.variants]
         return data
 
 
@@ -176,6 +196,16 @@ class PresignedUrl:
     url: str
     expires_in: int
     expires_at: datetime
+    # The item's variants, each with its own URL valid exactly as long as the item's.
+    variants: tuple[Variant, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "url": self.url, "expires_in": self.expires_in, "expires_at": self.expires_at.isoformat()}
+        data = {"id": self.id, "url": self.url, "expires_in": self.expires_in, "expires_at": self.expires_at.isoformat()}
+        if self.variants:
+            data["variants"] = [variant.to_dict() for variant in self.variants]
+        return data
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every URL this answer carries (the item's and its variants'): printed whole, being what was asked for."""
+        return (self.url, *(variant.url for variant in self.variants if variant.url))

@@ -52,12 +52,22 @@ class MediaLookup(Protocol):
 
     def sign(self, item: Item) -> tuple[str, datetime] | None: ...
 
+    def sign_variants(self, item: Item) -> tuple: ...
+
 
 class KeyCheck(Protocol):
     def authenticate(self, token: str | None) -> str | None: ...
 
 
 # -- response bodies (they are the OpenAPI description's schemas) ------------------------------------
+
+
+class VariantBody(BaseModel):
+    key: str
+    size: int
+    mime: str
+    # A presigned GET URL on an object store (absent on a filesystem store), capped exactly like the item's.
+    url: str | None = None
 
 
 class MediaItemBody(BaseModel):
@@ -76,6 +86,8 @@ class MediaItemBody(BaseModel):
     # never past the item's expiry.
     url: str | None = None
     url_expires_at: datetime | None = None
+    # The item's derived blobs (thumbnails, previews), each with its own URL on an object store.
+    variants: list[VariantBody] = []
 
 
 class GoneBody(BaseModel):
@@ -255,11 +267,13 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
             return JSONResponse(not_found_body(media_id, found), status_code=404)
         try:
             signed = lookup.sign(found)
+            variants = lookup.sign_variants(found)
         except Gone as gone:
             return JSONResponse(not_found_body(media_id, gone.tombstone), status_code=404)
         body = found.to_dict()
         if signed is not None:
             body["url"], body["url_expires_at"] = signed[0], signed[1].isoformat()
+        body["variants"] = [variant.to_dict() for variant in variants]
         return body
 
     @app.get("/healthz", response_model=HealthBody, summary="The process is up")

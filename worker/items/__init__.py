@@ -38,6 +38,8 @@ from worker.items.reads import (
     deleting_count, due_count, due_totals, missing_blob_counts, oldest_overdue, recent_deletions, stuck_claims,
     # registration, manifest import, adopt
     existing, first_taken, known_keys,
+    # variants
+    locked_item, variants_of,
     # one item, a list of items
     by_id_and_now, locked_by_ids, purge_candidates,
     # one org
@@ -49,7 +51,7 @@ from worker.items.reads import (
 )
 from worker.items.writes import (
     # registration
-    insert_rows,
+    insert_rows, insert_variants,
     # finalize
     fail_claimed, tombstone_claimed,
     # holds and retention

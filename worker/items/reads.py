@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import and_, case, false, func, or_, select, true, union_all
 
 from worker import models
 from worker.db import db_now, plus_seconds
@@ -141,7 +141,12 @@ def first_taken(session, dialect: Dialect, column: str, values: list[str]) -> st
     if not values:
         return None
     found = models.MediaItem.__table__.c[column]
-    return session.execute(select(found).where(dialect.id_in(found, values)).limit(1)).scalar()
+    taken = session.execute(select(found).where(dialect.id_in(found, values)).limit(1)).scalar()
+    if taken is None and column == "storage_key":
+        # Keys are unique across items and their variants: a variant's key is taken too.
+        variant_key = models.MediaVariant.__table__.c.storage_key
+        taken = session.execute(select(variant_key).where(dialect.id_in(variant_key, values)).limit(1)).scalar()
+    return taken
 
 
 def existing(session, dialect: Dialect, column: str, values: list[str], *wanted: str) -> list:
@@ -154,9 +159,36 @@ def existing(session, dialect: Dialect, column: str, values: list[str], *wanted:
 
 
 def known_keys(session, keys: list[str]) -> set[str]:
-    """Those of `keys` that a row (any state) already has."""
-    items = models.MediaItem.__table__
-    return set(session.scalars(select(items.c.storage_key).where(items.c.storage_key.in_(keys))))
+    """Those of `keys` that a row (any state) already has, as an item's key or a variant's."""
+    items, variants = models.MediaItem.__table__, models.MediaVariant.__table__
+    return (set(session.scalars(select(items.c.storage_key).where(items.c.storage_key.in_(keys))))
+            | set(session.scalars(select(variants.c.storage_key).where(variants.c.storage_key.in_(keys)))))
+
+
+# -- variants: the derived blobs an item owns ---------------------------------------------------------
+
+
+def variants_of(session, dialect: Dialect, ids: list[str]) -> dict[str, list]:
+    """The variants of the items `ids` (item ID -> rows of `storage_key`, `size_bytes`, `mime_type` and the
+    item's `org_id`), by key."""
+    if not ids:
+        return {}
+    variants, items = models.MediaVariant.__table__, models.MediaItem.__table__
+    found: dict[str, list] = {}
+    for row in session.execute(
+        select(variants.c.item_id, variants.c.storage_key, variants.c.size_bytes, variants.c.mime_type, items.c.org_id)
+        .join_from(variants, items, items.c.id == variants.c.item_id)
+        .where(dialect.id_in(variants.c.item_id, ids)).order_by(variants.c.item_id, variants.c.storage_key)
+    ):
+        found.setdefault(row.item_id, []).append(row)
+    return found
+
+
+def locked_item(session, media_id: str):
+    """The item `media_id` (a `MediaItem`, any state), locked for update until the transaction ends; None if
+    never registered. Adding a variant holds it so a claim cannot slip between its check and its insert."""
+    MediaItem = models.MediaItem
+    return session.execute(select(MediaItem, db_now()).where(MediaItem.id == media_id).with_for_update()).first()
 
 
 # -- one item, a list of items -------------------------------------------------------------------------
@@ -260,12 +292,16 @@ def live_keys(session, limit: int) -> list[str]:
 
 
 def key_owners(session, keys: list[str]) -> list:
-    """The rows (any state) that `keys` belong to: `storage_key`, `state`, `deletion_reason`, `expires_at`."""
-    items = models.MediaItem.__table__
-    return session.execute(
-        select(items.c.storage_key, items.c.state, items.c.deletion_reason, items.c.expires_at)
-        .where(items.c.storage_key.in_(keys))
-    ).all()
+    """The rows (any state) that `keys` belong to: `storage_key`, `state`, `deletion_reason`, `expires_at`.
+    A variant's key belongs to its item: it comes with the item's state, reason and expiry, so it is live
+    while the item is and a leak of its tombstone after."""
+    items, variants = models.MediaItem.__table__, models.MediaVariant.__table__
+    own = (select(items.c.storage_key, items.c.state, items.c.deletion_reason, items.c.expires_at)
+           .where(items.c.storage_key.in_(keys)))
+    derived = (select(variants.c.storage_key, items.c.state, items.c.deletion_reason, items.c.expires_at)
+               .join_from(variants, items, items.c.id == variants.c.item_id)
+               .where(variants.c.storage_key.in_(keys)))
+    return session.execute(union_all(own, derived)).all()
 
 
 def active_after(session, after: str, limit: int) -> list:
@@ -281,32 +317,46 @@ def active_after(session, after: str, limit: int) -> list:
     ).all()
 
 
-def _with_org():
+def _with_org(variant: bool = False):
     """Every row (any state) as verify judges it: the item's columns and its org's retention, hold and
-    last change."""
-    MediaItem, Organization = models.MediaItem, models.Organization
-    return select(
-        MediaItem.id, MediaItem.org_id, MediaItem.storage_key, MediaItem.size_bytes, MediaItem.state,
+    last change. With `variant`, one row per variant instead: its own key and size, its item's everything
+    else, and `variant` true (`storage_key` is then the variant's key, `item_key` the item's)."""
+    MediaItem, Organization, MediaVariant = models.MediaItem, models.Organization, models.MediaVariant
+    key, size = (MediaVariant.storage_key, MediaVariant.size_bytes) if variant else (MediaItem.storage_key, MediaItem.size_bytes)
+    statement = select(
+        MediaItem.id, MediaItem.org_id, key.label("storage_key"), size.label("size_bytes"), MediaItem.state,
         MediaItem.deletion_reason, MediaItem.created_at, MediaItem.ttl_seconds, MediaItem.expires_at,
         MediaItem.held_at, MediaItem.org_held, MediaItem.claimed_at, MediaItem.deleted_at, MediaItem.lease_until,
         MediaItem.attempts, MediaItem.last_error,
         Organization.retention_seconds.label("org_retention_seconds"), Organization.held_at.label("org_held_at"),
         Organization.updated_at.label("org_updated_at"),
-    ).join(Organization, Organization.id == MediaItem.org_id)
+        (true() if variant else false()).label("variant"), MediaItem.storage_key.label("item_key"),
+    )
+    if variant:
+        statement = statement.join_from(MediaVariant, MediaItem, MediaItem.id == MediaVariant.item_id)
+    return statement.join(Organization, Organization.id == MediaItem.org_id)
 
 
 def rows_by_key_order(session, after: str | None, limit: int) -> list:
     """The next `limit` rows (any state, with their org's policy) in storage-key order after `after`
-    (from the first when None): verify's stream of the catalog, merged with the store's listing."""
-    statement = _with_org()
-    if after is not None:
-        statement = statement.where(models.MediaItem.storage_key > after)
-    return session.execute(statement.order_by(models.MediaItem.storage_key).limit(limit)).all()
+    (from the first when None): verify's stream of the catalog, merged with the store's listing. Items and
+    variants in one stream (both key columns are unique and in byte order), each side read by its own key
+    index up to `limit`."""
+    sides = []
+    for variant, key in ((False, models.MediaItem.storage_key), (True, models.MediaVariant.storage_key)):
+        statement = _with_org(variant)
+        if after is not None:
+            statement = statement.where(key > after)
+        sides.append(statement.order_by(key).limit(limit).subquery())
+    merged = union_all(*(select(side) for side in sides)).subquery()
+    return session.execute(select(merged).order_by(merged.c.storage_key).limit(limit)).all()
 
 
 def rows_by_keys(session, keys: list[str]) -> list:
-    """The rows (any state, with their org's policy) of `keys`: verify's second look at a disagreement."""
-    return session.execute(_with_org().where(models.MediaItem.storage_key.in_(keys))).all()
+    """The rows (any state, with their org's policy) of `keys`, items' and variants': verify's second look
+    at a disagreement."""
+    return session.execute(union_all(_with_org().where(models.MediaItem.storage_key.in_(keys)),
+                                     _with_org(True).where(models.MediaVariant.storage_key.in_(keys)))).all()
 
 
 # -- tombstone compaction and the volume ---------------------------------------------------------------

@@ -22,6 +22,12 @@ def insert_rows(session, dialect: Dialect, rows: list[dict]) -> None:
     dialect.insert_rows(session, models.MediaItem.__table__, rows)
 
 
+def insert_variants(session, dialect: Dialect, rows: list[dict]) -> None:
+    """New variants of items (`storage_key`, `item_id`, `size_bytes`, `mime_type`, `sha256`), in the session's
+    transaction, after their items' rows."""
+    dialect.insert_rows(session, models.MediaVariant.__table__, rows)
+
+
 # -- finalize: a claimed batch's outcome, only on rows still under its claim token ---------------------
 
 
@@ -153,7 +159,17 @@ def tombstone_missing(session, ids: list[str], grace_seconds: int) -> list:
 def compact_tombstones(session, older_than_seconds: int, limit: int) -> int:
     """Remove up to `limit` tombstones deleted more than `older_than_seconds` ago, oldest first; never a
     live or claimed row, nor a `missing_blob` tombstone of an item that has not expired. Returns how many."""
-    items = models.MediaItem.__table__
+    items, variants = models.MediaItem.__table__, models.MediaVariant.__table__
     batch = (select(items.c.id).where(compactable(items, db_now(-older_than_seconds), db_now()))
              .order_by(items.c.deleted_at).limit(limit))
-    return session.execute(delete(items).where(items.c.id.in_(batch.scalar_subquery()))).rowcount
+    ids = list(session.scalars(batch.with_for_update()))
+    if not ids:
+        return 0
+    # A tombstone's variant rows go with it: their blobs went with the item (or, leaked, are orphans from now
+    # on, which reconcile deletes after its grace, exactly like the item's own leaked blob).
+    for start in range(0, len(ids), 1000):
+        session.execute(delete(variants).where(variants.c.item_id.in_(ids[start:start + 1000])))
+    removed = 0
+    for start in range(0, len(ids), 1000):
+        removed += session.execute(delete(items).where(items.c.id.in_(ids[start:start + 1000]))).rowcount
+    return removed
