@@ -15,7 +15,7 @@ from sqlalchemy import insert, select, text, update
 
 from worker.catalog import Catalog, Item
 from worker.db import Database, db_now
-from worker.models import MediaItem, Organization, State
+from worker.models import MediaItem, MediaVariant, Organization, State
 from worker.store import BlobStore
 from worker.store.keys import key_for_id
 
@@ -75,6 +75,28 @@ def seed_items(db: Database, blobs: Blobs, org: str, count: int = 0, *, keys: Ma
         for start in range(0, len(rows), SEED_BATCH):
             session.execute(insert(MediaItem), rows[start:start + SEED_BATCH])
     return list(keys)
+
+
+def seed_variants(db: Database, blobs: Blobs, variants: Mapping[str, list[str]], *, size: int = 7) -> None:
+    """Variant rows ({item ID: [variant keys]}) of existing items, each with a blob of `size` bytes in `blobs`."""
+    write_blob = _blob_writer(blobs)
+    rows = []
+    for media_id, keys in variants.items():
+        for key in keys:
+            write_blob(key, b"v" * size)
+            rows.append({"storage_key": key, "item_id": media_id, "size_bytes": size, "mime_type": "image/webp"})
+    with db.transaction() as session:
+        for start in range(0, len(rows), SEED_BATCH):
+            session.execute(insert(MediaVariant), rows[start:start + SEED_BATCH])
+
+
+def variant_keys(db: Database, media_id: str | None = None) -> set[str]:
+    """The variant keys the catalog holds (of one item, or of all)."""
+    statement = select(MediaVariant.storage_key)
+    if media_id is not None:
+        statement = statement.where(MediaVariant.item_id == media_id)
+    with db.transaction() as session:
+        return set(session.scalars(statement))
 
 
 def _blob_writer(blobs: Blobs) -> Callable[[str, bytes], None]:
