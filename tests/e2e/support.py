@@ -13,7 +13,7 @@ def snapshot(data_dir):
     rows = {}
     if database.exists():
         with sqlite3.connect(database) as connection:
-            for table in ("organizations", "media_items", "audit_events"):
+            for table in ("organizations", "media_items", "media_variants", "audit_events"):
                 rows[table] = connection.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
     files = {}
     media = data_dir / "media"

@@ -492,3 +492,28 @@ def test_a_lookup_while_the_database_is_unreachable_answers_503_with_the_json_er
     assert answer.json() == {"status": 503, "error": "unavailable",
                              "message": "the catalog database cannot be reached; retry later."}
     assert int(answer.headers["Retry-After"]) > 0
+
+
+def test_the_200_body_lists_the_variants_each_with_a_url_capped_like_the_items(
+        serve, database, s3_catalog, bucket, s3_endpoint, objects):
+    """On S3 each variant comes with key, size, MIME and its own presigned URL, valid exactly as long as the item's
+    (ten minutes left: ten minutes), which fetches the variant's bytes; the body matches the OpenAPI schema."""
+    catalog = s3_catalog
+    catalog.set_org("acme", "30d")
+    token = ApiKeys(database).create("acme", actor="test").token
+    objects.put(bucket, [f"{PREFIX}/uploads/a.jpg"], b"item")
+    objects.put(bucket, [f"{PREFIX}/thumbs/a.webp"], b"thumb")
+    catalog.register(org="acme", key="uploads/a.jpg", media_id="a", ttl="1h",
+                     created_at=db_time(catalog) - timedelta(minutes=50), variants=["thumbs/a.webp"])
+    server = serve(MEDIA_RETENTION_DATABASE_URL=database.url, MEDIA_RETENTION_STORAGE_URL=f"s3://{bucket}/{PREFIX}",
+                   MEDIA_RETENTION_S3_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="testing",
+                   AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    body = server.get("/v1/media/a", token).json()
+    [variant] = body["variants"]
+    assert {k: variant[k] for k in ("key", "size", "mime")} == {"key": "thumbs/a.webp", "size": 5, "mime": "image/webp"}
+    assert url_expires_param(variant["url"]) == url_expires_param(body["url"])
+    assert 590 < int(url_expires_param(variant["url"])) <= 600
+    assert requests.get(variant["url"], timeout=10).content == b"thumb"
+    document = server.get("/openapi.json").json()
+    assert "variants" in document["components"]["schemas"]["MediaItemBody"]["properties"]
+    jsonschema.validate(body, {"$ref": "#/components/schemas/MediaItemBody", "components": document["components"]})

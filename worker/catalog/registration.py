@@ -291,11 +291,12 @@ class Registration:
 
     def register_batch(self, new_items: Sequence[_NewItem], audit: dict | None = None) -> list[Item]:
         """`write_batch`, answered as items (with their variants when they have any)."""
+        rows = self.write_batch(new_items, audit)
         variants = {item.id: tuple(Variant(v.key, v.size, v.mime) for v in item.variants) for item in new_items if item.variants}
         return [Item(id=row["id"], org=row["org_id"], key=row["storage_key"], size=row["size_bytes"], mime=row["mime_type"],
                      sha256=row["sha256"], created_at=row["created_at"], ttl_seconds=row["ttl_seconds"],
                      expires_at=row["expires_at"], state=row["state"], variants=variants.get(row["id"]))
-                for row in self.write_batch(new_items, audit)]
+                for row in rows]
 
     def write_batch(self, new_items: Sequence[_NewItem], audit: dict | None = None, *, purpose: str = "register",
                     checked: bool = False) -> list[dict]:
