@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from tests import conftest
 from tests.conftest import ON_CI
-from tests.factories import Blobs, end_leases, plant_blob, seed_items, seed_org
+from tests.factories import Blobs, end_leases, plant_blob, seed_items, seed_org, seed_variants
 from config.errors import RetentionError
 from config.settings import load_settings
 from worker.db import Database
@@ -84,6 +84,7 @@ class Recorded:
     keys: dict[str, str] = field(default_factory=dict)
     expired: set[str] = field(default_factory=set)
     held: set[str] = field(default_factory=set)
+    variants: dict[str, list[str]] = field(default_factory=dict)  # media id -> its variants' keys
 
     @property
     def doomed(self) -> set[str]:
@@ -166,9 +167,9 @@ class World:
     # -- seeding ---------------------------------------------------------------------------------
 
     def seed(self, prefix: str, *, expired: int = 0, unexpired: int = 0, held: int = 0, size: int = 64,
-             blobs: Blobs | None = None) -> None:
+             blobs: Blobs | None = None, variants: int = 0) -> None:
         """Blobs (in the media root unless told) and active rows of org acme, recorded; `held` items are
-        expired too, and held."""
+        expired too, and held. With `variants`, each item also owns that many variants (`variants/<id>/<n>`)."""
         seed_org(self.db, "acme")
         blobs = self.media if blobs is None else blobs
         plan = (("x", expired, True, False), ("u", unexpired, False, False), ("h", held, True, True))
@@ -180,6 +181,10 @@ class World:
                 self.record.expired.update(ids)
             if is_held:
                 self.record.held.update(ids)
+            if variants:
+                owned = {media_id: [f"variants/{media_id}/{n}" for n in range(variants)] for media_id in ids}
+                seed_variants(self.db, blobs, owned, size=size // 2)
+                self.record.variants.update(owned)
 
     def orphans(self, prefix: str, count: int) -> list[Path]:
         """Blobs in the media root that no row names."""
@@ -199,8 +204,10 @@ class World:
         """Nothing kept was deleted, every doomed item is a tombstone with its blob gone.
         Returns (items lost, items deleted early) for the summary; asserts both are zero."""
         states = self.states()
-        early = sorted(m for m in self.record.kept if states.get(m) != State.ACTIVE.value or not self.exists(self.record.keys[m]))
-        lost = sorted(m for m in self.record.doomed if states.get(m) != State.DELETED.value or self.exists(self.record.keys[m]))
+        early = sorted(m for m in self.record.kept if states.get(m) != State.ACTIVE.value or not self.exists(self.record.keys[m])
+                       or not all(self.exists(key) for key in self.record.variants.get(m, ())))
+        lost = sorted(m for m in self.record.doomed if states.get(m) != State.DELETED.value or self.exists(self.record.keys[m])
+                      or any(self.exists(key) for key in self.record.variants.get(m, ())))
         assert not early, f"kept items deleted or changed: {early[:10]} (seed {seed()})"
         assert not lost, f"expired items not cleanly deleted: {lost[:10]} (seed {seed()})"
         return len(lost), len(early)

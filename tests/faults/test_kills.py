@@ -77,6 +77,50 @@ def test_a_sweep_killed_at_random_moments_loses_nothing_and_deletes_nothing_earl
            "clean sweep, verify clean", phases=dict(phases), items=len(world.record.keys))
 
 
+@pytest.mark.critical_path(seconds=20)
+def test_a_sweep_killed_at_random_moments_deletes_variants_only_with_their_item_and_leaves_none(world_factory, rng):
+    """≥ KILLS SIGKILLs of `sweep` over items that each own two variants (one item a batch): after every kill no
+    variant of a kept item is gone and no tombstone has a variant left (the tombstone comes after all its blobs);
+    after a clean sweep every doomed item's blob and variants are gone, every kept one's are there."""
+    world = world_factory(sweep_batch_size="1", claim_lease="1h")
+    world.seed("base", expired=20, unexpired=60, held=20, variants=2)
+    deleted_so_far = [0]
+
+    def claimed_something() -> bool:
+        return rows_in(world, State.DELETED.value) + rows_in(world, State.DELETING.value) > deleted_so_far[0]
+
+    work = measure_work(world, claimed_something, "sweep", "--json")
+    phases: Counter = Counter()
+    kills = attempts = 0
+    while kills < KILLS:
+        attempts += 1
+        assert attempts < KILLS * 4, f"only {kills} of {attempts} runs were killed before they finished (seed {seed()})"
+        world.seed(f"r{attempts}", expired=30, variants=2)
+        before = world.states()
+        deleted_so_far[0] = sum(1 for s in before.values() if s != State.ACTIVE.value)
+        if not kill_after_work_starts(world.start("sweep", "--json"), claimed_something, kill_delay(rng, work)):
+            phases["finished first"] += 1
+            continue
+        kills += 1
+        after = world.states()
+        variants = world.record.variants
+        kept_lost = [m for m in world.record.kept if not all(world.exists(key) for key in variants.get(m, ()))]
+        assert not kept_lost, f"variants of kept items deleted: {kept_lost[:5]} (seed {seed()})"
+        leaky = [m for m, state in after.items() if state == State.DELETED.value and any(world.exists(key) for key in variants.get(m, ()))]
+        assert not leaky, f"tombstones written with variants left: {leaky[:5]} (seed {seed()})"
+        partly = [m for m, state in after.items() if state == State.DELETING.value
+                  and any(not world.exists(key) for key in (world.record.keys[m], *variants.get(m, ())))]
+        phases["some blobs of a claimed item deleted" if partly else "no blob of a claimed item deleted"] += 1
+    world.end_leases()
+    assert world.ok("sweep")["failed"] == 0
+    lost, early = world.check_record()
+    world.verify_clean()
+    print(f"sweep kills (variants): {kills} of {attempts} runs, phases {dict(phases)} (seed {seed()})")
+    record("SIGKILL of `sweep`, items with variants", "SIGKILL at a random moment, 1 item a batch, 2 variants each", kills,
+           lost, early, "clean sweep, variants gone with their items, verify clean", phases=dict(phases),
+           items=len(world.record.keys), variants=sum(len(keys) for keys in world.record.variants.values()))
+
+
 @pytest.mark.critical_path(seconds=45)
 def test_register_manifest_killed_at_random_moments_is_completed_by_a_re_run(world_factory, rng, tmp_path):
     """≥ KILLS SIGKILLs of `register --manifest` (files copied in, then rows inserted); the re-run of each
