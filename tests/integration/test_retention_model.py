@@ -63,7 +63,7 @@ from worker.binding import Unbound
 from worker.catalog import Catalog
 from worker.db import Database, UTCDateTime, db_now, normalize_url, plus_seconds
 from worker.engine import build
-from worker.models import Base, CatalogIdentity, MediaItem, Organization, State
+from worker.models import Base, CatalogIdentity, MediaItem, MediaVariant, Organization, State
 from worker.reconcile import Reconciler, TooMany
 from worker.store import MARKER_NAME, BlobInfo, DeleteResult
 from worker.store.fs import FilesystemStore
@@ -300,6 +300,8 @@ class Item:
     # Once a blob has been away, it may come back behind a tombstone: a leak reconcile repairs, not a bug.
     ever_stashed: bool = False
     content: bytes = b""
+    # Its derived blobs (thumbnails, previews): upstream blobs it adopted by key, which live and go with it.
+    variants: tuple[str, ...] = ()
 
 
 @dataclass
@@ -404,6 +406,9 @@ class RetentionModel(RuleBasedStateMachine):
         self.orgs: dict[str, Org] = {}
         self.items: dict[str, Item] = {}
         self.orphans: dict[str, Orphan] = {}  # key -> what is there with no item
+        # Upstream blobs an item adopted as its variants: out of `orphans` while a row names them, back in when
+        # compaction removes the tombstone that named them (reconcile's grace then counts from when they were written).
+        self.adopted: dict[str, Orphan] = {}
         self.leases: dict[str, tuple[str | None, datetime | None]] = {}  # deleting rows: id -> (token, lease)
         self.counter = 0
         self.pending: tuple | None = None  # a registration a crash cut short, for the operator to re-run
@@ -430,6 +435,7 @@ class RetentionModel(RuleBasedStateMachine):
                 self.blob_comes_back_for(item)
         self.advance_clock(200 * DAY)
         self.sweep(None)
+        self.no_blob_outlives_a_finished_deletion()  # before reconcile, which would repair a sweep's leak
         self.run(lambda system: system.reconciler().run(grace=RECONCILE_GRACE, actor="model", allow_mass_drift=True),
                  None, self.reconcile_may_take)
         live = set()
@@ -437,10 +443,13 @@ class RetentionModel(RuleBasedStateMachine):
             path = self.root / item.key
             if self.held(item) and not item.gone:
                 assert path.exists(), f"held item {item.id} lost its blob"
-                live.add(item.key)
+                assert all((self.root / key).exists() for key in item.variants), f"held item {item.id} lost a variant"
+                live.update((item.key, *item.variants))
             else:
                 assert item.gone, f"{item.id} is still active 200 days later though it is not held"
                 assert not path.exists(), f"{item.id} is gone but its blob was never deleted"
+                left = [key for key in item.variants if (self.root / key).exists()]
+                assert not left, f"{item.id} is gone but its variants {left} were never deleted"
         unexplained = self.blobs_on_disk() - live - set(self.orphans)
         assert not unexplained, f"blobs nobody can account for: {sorted(unexplained)}"
         report = self.verify()
@@ -469,7 +478,7 @@ class RetentionModel(RuleBasedStateMachine):
                 item.created -= timedelta(seconds=seconds)
                 if item.gone_expiry is not None:
                     item.gone_expiry -= timedelta(seconds=seconds)
-            for orphan in self.orphans.values():
+            for orphan in (*self.orphans.values(), *self.adopted.values()):
                 orphan.written -= timedelta(seconds=seconds)
 
     # -- what the store sees, checked as it happens --------------------------------------------
@@ -487,6 +496,14 @@ class RetentionModel(RuleBasedStateMachine):
         for key, media_id, state in rows:
             if state == State.ACTIVE.value:
                 self.violations.append(f"the blob of {media_id} ({key}) was deleted while its row was still active")
+        variants = MediaVariant.__table__
+        with self.reader() as session:
+            owned = session.execute(select(variants.c.storage_key, table.c.id, table.c.state)
+                                    .join_from(variants, table, table.c.id == variants.c.item_id)
+                                    .where(variants.c.storage_key.in_(keys))).all()
+        for key, media_id, state in owned:
+            if state == State.ACTIVE.value:
+                self.violations.append(f"variant {key} of {media_id} was deleted while its item was still active")
 
     # -- running an operation against the engine, with an optional crash -----------------------
 
@@ -556,11 +573,17 @@ class RetentionModel(RuleBasedStateMachine):
         with self.reader() as session:
             found = session.scalars(select(MediaItem).where(MediaItem.id.in_(new))).all()
             session.expunge_all()
+        with self.reader() as session:
+            owned = session.execute(select(MediaVariant.item_id, MediaVariant.storage_key)
+                                    .where(MediaVariant.item_id.in_(new)).order_by(MediaVariant.storage_key)).all()
         for row in found:
             path = self.root / row.storage_key
             self.items[row.id] = Item(row.id, row.org_id, row.storage_key, row.created_at, row.ttl_seconds,
-                                      held=row.held_at is not None, content=path.read_bytes() if path.exists() else b"")
+                                      held=row.held_at is not None, content=path.read_bytes() if path.exists() else b"",
+                                      variants=tuple(key for item_id, key in owned if item_id == row.id))
             self.orphans.pop(row.storage_key, None)
+            for key in self.items[row.id].variants:
+                self.adopted[key] = self.orphans.pop(key)
             if row.state != State.ACTIVE.value:
                 self.items[row.id].gone, self.items[row.id].gone_by = True, "deleted"
 
@@ -684,16 +707,43 @@ class RetentionModel(RuleBasedStateMachine):
     def upstream_keys(self) -> list[str]:
         return sorted(key for key in self.orphans if key.startswith("up/") and (self.root / key).exists())
 
-    @rule(pick=PICK, org=st.sampled_from(ORGS))
-    def register_an_upstream_blob_by_key(self, pick, org):
-        """`register --key KEY`: the blob an upstream service wrote becomes an item."""
-        key = choose(self.upstream_keys(), pick)
+    @rule(pick=PICK, org=st.sampled_from(ORGS), variants=st.sampled_from((0, 0, 1, 2)))
+    def register_an_upstream_blob_by_key(self, pick, org, variants=0):
+        """`register --key KEY [--variant V]...`: the blob an upstream service wrote becomes an item, and the next
+        `variants` upstream blobs its derived files."""
+        upstream = self.upstream_keys()
+        key = choose(upstream, pick)
         if key is None or org not in self.orgs:
             return
+        derived = [other for other in upstream if other != key][:variants]
         self.counter += 1
-        outcome = self.attempt(lambda: self.system.catalog.register(org=org, key=key, media_id=f"k{self.counter}"))
+        outcome = self.attempt(lambda: self.system.catalog.register(org=org, key=key, media_id=f"k{self.counter}",
+                                                                    variants=derived))
         self.observe(self.now(), lambda item, before, after: None)
         assert outcome.error is None or isinstance(outcome.error, BadInput), outcome.error
+        if outcome.error is None:
+            assert self.items[f"k{self.counter}"].variants == tuple(sorted(derived))
+
+    @rule(pick=PICK, key_pick=PICK)
+    def add_a_variant(self, pick, key_pick):
+        """`variant add ID --key KEY`: an upstream blob becomes a derived file of an item; refused (Gone) once the
+        item is gone by lookup's rule (claimed, deleted, or expired and unheld), and then nothing changes."""
+        item, key = self._some_item(pick), choose(self.upstream_keys(), key_pick)
+        if item is None or key is None:
+            return
+        before = self.now()
+        outcome = self.attempt(lambda: self.system.catalog.add_variants(item.id, [key], actor="model"))
+        after = self.now()
+        if item.gone or (not self.held(item) and self.expiry(item) <= before):
+            assert isinstance(outcome.error, Gone), f"a variant was added to {item.id}, which is gone: {outcome}"
+        elif not self.held(item) and self.expiry(item) <= after:
+            assert outcome.error is None or isinstance(outcome.error, Gone), outcome.error
+        else:
+            assert outcome.error is None, outcome.error
+        if outcome.error is None:
+            item.variants = tuple(sorted((*item.variants, key)))
+            self.adopted[key] = self.orphans.pop(key)
+        self.observe(self.now(), lambda other, before, after: None)
 
     # -- holds ----------------------------------------------------------------------------------
 
@@ -746,7 +796,7 @@ class RetentionModel(RuleBasedStateMachine):
         `refuse`: the claimed items must stay `deleting`, their blobs and rows untouched by a finalize."""
         if not refuse:
             return operation
-        keys = {item.key for item in self.items.values()}
+        keys = {key for item in self.items.values() for key in (item.key, *item.variants)}
 
         def refused(system):
             added = keys - self.refused
@@ -886,6 +936,10 @@ class RetentionModel(RuleBasedStateMachine):
             assert row.deletion_reason != "missing_blob" or row.expires_at <= after, (
                 f"compaction removed the missing_blob tombstone of {media_id}, which expires {row.expires_at} "
                 f"(now {before.isoformat()}): a blob coming back would then be taken for an orphan")
+            for key in self.items[media_id].variants:  # no row names them now: any left are orphans
+                orphan = self.adopted.pop(key)
+                if (self.root / key).exists():
+                    self.orphans[key] = orphan
             del self.items[media_id]
 
     @precondition(lambda self: self.orgs)
@@ -1328,6 +1382,10 @@ class RetentionModel(RuleBasedStateMachine):
     def no_blob_goes_before_its_time(self):
         now = self.now()
         for item in self.items.values():
+            for key in item.variants:
+                assert (self.root / key).exists() or item.gone, (
+                    f"variant {key} of {item.id} was deleted though its item is live: held={self.held(item)}, "
+                    f"expires {self.expiry(item).isoformat()}, now {now.isoformat()}")
             if item.stashed or (self.root / item.key).exists():
                 continue
             assert self.blob_may_be_gone(item, now), (
@@ -1382,6 +1440,9 @@ class RetentionModel(RuleBasedStateMachine):
             item = self.items[row.id]
             if (self.root / row.storage_key).exists():
                 assert item.ever_stashed, f"{row.id} is deleted ({row.deletion_reason}) but its blob is still there"
+            if row.deletion_reason != "missing_blob":  # reconcile's tombstone leaves variants to its expiry
+                left = [key for key in item.variants if (self.root / key).exists()]
+                assert not left, f"{row.id} is deleted ({row.deletion_reason}) but its variants {left} are still there"
 
     @invariant()
     def every_live_item_has_its_blob(self):
@@ -1389,6 +1450,9 @@ class RetentionModel(RuleBasedStateMachine):
         for item in self.items.values():
             if not item.gone and not item.stashed:
                 assert (self.root / item.key).exists(), f"active item {item.id} has no blob at {item.key}"
+            if not item.gone:
+                missing = [key for key in item.variants if not (self.root / key).exists()]
+                assert not missing, f"active item {item.id} lost its variants {missing}"
 
 
 # Examples per run: enough to find each defect this test was written against within the default suite's

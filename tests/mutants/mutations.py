@@ -18,7 +18,8 @@ from pathlib import Path
 
 AUDIT = "safety bug from the audit"
 ISSUE_19 = "reverted fix of issue #19"
-KINDS = (AUDIT, ISSUE_19)
+ISSUE_21 = "reverted part of issue #21 (variants)"
+KINDS = (AUDIT, ISSUE_19, ISSUE_21)
 
 
 class StaleMutation(Exception):
@@ -360,6 +361,27 @@ MUTATIONS: tuple[Mutation, ...] = (
                 or_(items.c.deletion_reason != "missing_blob", items.c.expires_at <= now))""",
         new="""    return and_(tombstone(), items.c.deleted_at < cutoff)""",
         kind=ISSUE_19,
+    ),
+    Mutation(
+        name="sweep-leaves-variants-behind",
+        description="A sweep deletes only the items' own blobs: their variants stay behind the tombstones.",
+        file=_SWEEP,
+        old="""    return [key for item in claimed for key in (item.storage_key, *item.variant_keys)]""",
+        new="""    return [item.storage_key for item in claimed]""",
+        also=(Edit(
+            _SWEEP,
+            """        failed = next((by_key[key] for key in (item.storage_key, *item.variant_keys) if not by_key[key].ok), None)""",
+            """        failed = None if own.ok else own""",
+        ),),
+        kind=ISSUE_21,
+    ),
+    Mutation(
+        name="reconcile-takes-variants-for-orphans",
+        description="Reconcile looks keys up among items only, so a live item's variants are orphans it deletes.",
+        file="worker/items/reads.py",
+        old="""    return session.execute(union_all(own, derived)).all()""",
+        new="""    return session.execute(own).all()""",
+        kind=ISSUE_21,
     ),
 )
 
