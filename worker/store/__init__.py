@@ -56,6 +56,12 @@ class BlobInfo:
     mtime: datetime | None = None
     # The object store's version ID of the blob (a versioned bucket; "null" on a suspended one), else None.
     version: str | None = None
+    # On a versioned bucket, what the key holds besides: `current` is False when its latest entry is a delete
+    # marker (the key reads as missing, yet older versions may keep the bytes); `versions` counts the versions
+    # that hold bytes (current or not), `delete_markers` the markers.
+    current: bool = True
+    versions: int = 1
+    delete_markers: int = 0
 
     @property
     def modification_time(self) -> datetime | None:
@@ -230,6 +236,11 @@ class BlobStore(abc.ABC):
     def discard_partial_uploads(self, uploads: list[PartialUpload]) -> list[DeleteResult]:
         """Remove leftovers of killed uploads; a result per upload. Never touches a blob."""
         return [DeleteResult(upload.key, ok=False, error="this store leaves no partial uploads") for upload in uploads]
+
+    def remains(self, key: str) -> BlobInfo | None:
+        """What is left of `key` in any version, or None when nothing is: on a store without versions, its blob;
+        on a versioned bucket also noncurrent versions and delete markers (`verify` asks this of a tombstone)."""
+        return self.stat(key)
 
     def stat_many(self, keys: Sequence[str]) -> "list[BlobInfo | None | RetentionError]":
         """`stat` of each key, in order; a key the store refuses (or cannot read) answers with its error

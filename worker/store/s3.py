@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import heapq
 import random
 import re
 import threading
@@ -273,28 +274,31 @@ class S3Store(BlobStore):
         )
 
     def iter_keys(self, *, ordered: bool = False, partial_uploads: bool = False) -> Iterator[BlobInfo | PartialUpload]:
-        # ListObjectsV2 returns keys in UTF-8 byte order, so every listing is `ordered`.
+        # ListObjectsV2 returns keys in UTF-8 byte order, so every listing is `ordered`. On a versioned bucket the
+        # listing is of versions (ListObjectVersions, the same order and page size), so a key whose bytes survive
+        # only as noncurrent versions, or only delete markers, is listed too: reconcile and verify see it.
         # The trailing slash keeps `media-old/...` out of a listing of prefix `media`.
         listed = f"{self.prefix}/" if self.prefix else ""
         skipped = 0
-        paginator = self.client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=listed, PaginationConfig={"PageSize": MAX_DELETE_KEYS}):
-                for entry in page.get("Contents", []):
-                    name = entry["Key"]
-                    if not name.startswith(listed):
-                        continue
-                    relative = name[len(listed):]
-                    if relative == MARKER_NAME:
-                        continue  # the binding marker: not a blob
-                    try:
-                        self._object_key(relative)
-                    except BadInput:
-                        # e.g. `dir/` markers or `a//b`: no item can have this key, and we could not
-                        # address it safely, so reconciliation never sees it.
-                        skipped += 1
-                        continue
-                    yield BlobInfo(key=relative, size=int(entry["Size"]), modified=entry.get("LastModified"))
+            entries = self._list_current(listed) if self.versioning() == "off" else self._list_versions_under(listed)
+            for entry in entries:
+                name = entry["Key"]
+                if not name.startswith(listed):
+                    continue
+                relative = name[len(listed):]
+                if relative == MARKER_NAME:
+                    continue  # the binding marker: not a blob
+                try:
+                    self._object_key(relative)
+                except BadInput:
+                    # e.g. `dir/` markers or `a//b`: no item can have this key, and we could not
+                    # address it safely, so reconciliation never sees it.
+                    skipped += 1
+                    continue
+                yield BlobInfo(key=relative, size=int(entry["Size"]), modified=entry.get("LastModified"),
+                               version=entry.get("VersionId"), current=entry.get("current", True),
+                               versions=entry.get("versions", 1), delete_markers=entry.get("delete_markers", 0))
         except ClientError as exc:
             code, _, message = _error_of(exc)
             raise StoreError(f"cannot list {self.url}: {code} {message}".strip() + ".") from None
@@ -304,6 +308,55 @@ class S3Store(BlobStore):
             log.warning("store.s3.unaddressable_keys_skipped", store=self.url, count=skipped)
         if partial_uploads:
             yield from self._multipart_uploads(listed)
+
+    def _list_current(self, listed: str) -> Iterator[dict]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=listed, PaginationConfig={"PageSize": MAX_DELETE_KEYS}):
+            yield from page.get("Contents", [])
+
+    def _list_versions_under(self, prefix: str) -> Iterator[dict]:
+        """One entry per key under `prefix`, in key order, summing up its versions and delete markers: `Size`,
+        `LastModified` and `VersionId` of its newest version holding bytes (0 and None when only markers are
+        left), `current` (its latest entry is not a delete marker), `versions`, `delete_markers`."""
+        pending: dict | None = None
+        paginator = self.client.get_paginator("list_object_versions")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": MAX_DELETE_KEYS}):
+            markers = [{**marker, "marker": True} for marker in page.get("DeleteMarkers", [])]
+            # Each list is in key order, newest first within a key; a key may continue on the next page.
+            for entry in heapq.merge(page.get("Versions", []), markers, key=lambda item: item["Key"]):
+                if pending is None or pending["Key"] != entry["Key"]:
+                    if pending is not None:
+                        yield pending
+                    pending = {"Key": entry["Key"], "Size": 0, "LastModified": entry.get("LastModified"), "VersionId": None,
+                               "current": True, "versions": 0, "delete_markers": 0}
+                if entry.get("marker"):
+                    pending["delete_markers"] += 1
+                    if entry.get("IsLatest"):
+                        pending["current"] = False
+                    continue
+                if pending["versions"] == 0:  # the first version listed is the newest
+                    pending.update(Size=int(entry["Size"]), LastModified=entry.get("LastModified"), VersionId=entry["VersionId"])
+                pending["versions"] += 1
+        if pending is not None:
+            yield pending
+
+    def remains(self, key: str) -> BlobInfo | None:
+        if self.versioning() == "off":
+            return self.stat(key)
+        full = self._object_key(key)
+        try:
+            for entry in self._list_versions_under(full):
+                if entry["Key"] == full:
+                    return BlobInfo(key=key, size=entry["Size"], modified=entry["LastModified"], version=entry["VersionId"],
+                                    current=entry["current"], versions=entry["versions"], delete_markers=entry["delete_markers"])
+                if entry["Key"] > full:
+                    break
+        except ClientError as exc:
+            code, _, message = _error_of(exc)
+            raise StoreError(f"cannot list the versions of {key!r} in {self.url}: {code} {message}".strip() + ".") from None
+        except BotoCoreError as exc:
+            raise StoreError(f"cannot reach {self.url}: {exc}") from None
+        return None
 
     def _multipart_uploads(self, listed: str) -> Iterator[PartialUpload]:
         """Multipart uploads started under the prefix and never completed (a killed upload): S3 keeps
