@@ -254,8 +254,10 @@ class S3Store(BlobStore):
     def write_marker(self, content: bytes) -> bool:
         """A create-only PUT (If-None-Match, added to every PutObject of this client): never over another marker."""
         try:
+            # With Object Lock, S3 takes an upload only with a checksum of its body (see put_blob).
+            checksum = {"ChecksumAlgorithm": "CRC32"} if self.object_lock() else {}
             self.client.put_object(Bucket=self.bucket, Key=self._object_key(MARKER_NAME), Body=content,
-                                   ContentType="application/json")
+                                   ContentType="application/json", **checksum)
         except ClientError as exc:
             code, status, message = _error_of(exc)
             if code in _ALREADY_EXISTS or status in (409, 412):
@@ -471,19 +473,29 @@ class S3Store(BlobStore):
 
     def _lock_of(self, full: str, version: str) -> tuple[str, datetime | None] | None:
         """Why a version's delete was refused, when the reason is Object Lock: ('legal_hold', None) or
-        ('retention', retain-until). None: not a lock (a plain permission error)."""
+        ('retention', retain-until). None: not a lock (a plain permission error). A HEAD of the version says
+        both in one request (its object-lock headers); where it does not (a caller allowed GetObjectRetention
+        but not to see the headers, an endpoint that omits them), GetObjectLegalHold and GetObjectRetention."""
+        hold, until = None, None
         try:
-            hold = self.client.get_object_legal_hold(Bucket=self.bucket, Key=full, VersionId=version)
-            if hold.get("LegalHold", {}).get("Status") == "ON":
-                return "legal_hold", None
+            head = self.client.head_object(Bucket=self.bucket, Key=full, VersionId=version)
+            hold, until = head.get("ObjectLockLegalHoldStatus"), head.get("ObjectLockRetainUntilDate")
         except (ClientError, BotoCoreError):
-            pass  # no legal hold configured on the version (or not readable): look at its retention
-        try:
-            until = self.client.get_object_retention(Bucket=self.bucket, Key=full, VersionId=version)["Retention"].get("RetainUntilDate")
-        except (ClientError, BotoCoreError, KeyError):
-            return None
+            pass
+        if hold is None and until is None:
+            try:
+                hold = self.client.get_object_legal_hold(Bucket=self.bucket, Key=full, VersionId=version).get("LegalHold", {}).get("Status")
+            except (ClientError, BotoCoreError):
+                pass  # no legal hold configured on the version (or not readable): look at its retention
+            if hold != "ON":
+                try:
+                    until = self.client.get_object_retention(Bucket=self.bucket, Key=full, VersionId=version)["Retention"].get("RetainUntilDate")
+                except (ClientError, BotoCoreError, KeyError):
+                    pass
+        if hold == "ON":
+            return "legal_hold", None
         if until is not None and until > datetime.now(timezone.utc) - timedelta(seconds=LOCK_CLOCK_SLACK_SECONDS):
-            return "retention", until
+            return "retention", until.astimezone(timezone.utc)
         return None
 
     # -- deletes -------------------------------------------------------------------------------
