@@ -9,6 +9,9 @@ of the sweep (one DeleteObjects per 1,000 keys) holds.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -17,6 +20,7 @@ from sqlalchemy import select, update
 from structlog.testing import capture_logs
 
 from config.errors import Gone
+from tests.e2e.conftest import SCRIPT
 from tests.factories import make_file, register_aged, rows_by_id, seed_items
 from tests.s3 import PREFIX, Faults, s3_settings_for
 from worker import status
@@ -252,3 +256,36 @@ def test_registering_media_that_expires_before_the_buckets_default_retention_war
     warnings = [event for event in events if event["event"] == "register.expires_before_default_retention"]
     assert [(event["example"], event["items"], event["default_retention_days"]) for event in warnings] == [(item.id, 1, 2)]
     assert kept.id == "long"
+
+
+def test_status_and_volume_say_how_the_bucket_deletes_and_register_warns_on_stderr_as_typed(raw_s3, bucket, s3_endpoint, tmp_path):
+    """`media-retention` as an operator types it, on a bucket with Object Lock and a 2-day default retention:
+    `register` of a 1-hour item succeeds and says on stderr that the bytes outlive it; `status` and `volume` name
+    the bucket's versioning and lock; `status` lists the item the lock keeps once a sweep met the lock."""
+    name = f"{bucket}-cli"
+    raw_s3.create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
+    raw_s3.put_object_lock_configuration(Bucket=name, ChecksumAlgorithm="CRC32", ObjectLockConfiguration={
+        "ObjectLockEnabled": "Enabled", "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Days": 2}}})
+    env = {**os.environ, "MEDIA_RETENTION_DATA_DIR": str(tmp_path / "data"), "MEDIA_RETENTION_STORAGE_URL": f"s3://{name}/{PREFIX}",
+           "MEDIA_RETENTION_S3_ENDPOINT_URL": s3_endpoint, "MEDIA_RETENTION_LOG_FORMAT": "json"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=60)
+
+    upload = make_file(tmp_path, b"short-lived media")
+    assert run("db", "upgrade").returncode == 0 and run("org", "set", "acme", "--retention", "30d").returncode == 0
+    created = (datetime.now(timezone.utc) - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    registered = run("register", "--org", "acme", "--file", str(upload), "--id", "img-1", "--ttl", "1h", "--created-at", created)
+    assert registered.returncode == 0
+    [warning] = [json.loads(line) for line in registered.stderr.splitlines() if "expires_before_default_retention" in line]
+    assert (warning["level"], warning["example"], warning["default_retention_days"]) == ("warning", "img-1", 2)
+    assert run("sweep").returncode == 1  # the lock refuses the delete: a failure, kept and retried
+    shown = run("status", "--json")
+    numbers = json.loads(shown.stdout)
+    assert numbers["store"] == {"versioning": "Enabled", "object_lock": True}
+    assert numbers["locked_deletions"]["count"] == 1 and numbers["locked_deletions"]["items"][0]["id"] == "img-1"
+    assert numbers["locked_deletions"]["items"][0]["reason"] == "retention"
+    text = run("status").stdout
+    assert "store:          versioning Enabled, object lock on" in text and "img-1" in text
+    assert json.loads(run("volume", "--json").stdout)["store"] == {"versioning": "Enabled", "object_lock": True}
+    assert run("lookup", "img-1").returncode == 3
