@@ -289,3 +289,20 @@ def test_status_and_volume_say_how_the_bucket_deletes_and_register_warns_on_stde
     assert "store:          versioning Enabled, object lock on" in text and "img-1" in text
     assert json.loads(run("volume", "--json").stdout)["store"] == {"versioning": "Enabled", "object_lock": True}
     assert run("lookup", "img-1").returncode == 3
+
+
+def test_a_manifests_file_and_key_lines_record_their_versions(catalog, raw_s3, versioned, tmp_path):
+    """`register --manifest`: a `file` line records the version its upload created, a `key` line the version its HEAD
+    reports; a key whose latest entry is a delete marker is not counted by `adopt --dry-run` (it reads as missing)."""
+    existing = raw_s3.put_object(Bucket=versioned, Key=f"{PREFIX}/legacy/k.jpg", Body=b"keyed")["VersionId"]
+    raw_s3.put_object(Bucket=versioned, Key=f"{PREFIX}/legacy/gone.jpg", Body=b"gone")
+    raw_s3.delete_object(Bucket=versioned, Key=f"{PREFIX}/legacy/gone.jpg")
+    make_file(tmp_path, b"from a file").rename(tmp_path / "f.bin")
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"org": "acme", "id": "from-file", "file": "f.bin"}) + "\n"
+                        + json.dumps({"org": "acme", "id": "from-key", "key": "legacy/k.jpg"}) + "\n")
+    catalog.register_manifest(manifest)
+    rows = rows_by_id(catalog, ["from-file", "from-key"])
+    uploaded = everything_under(raw_s3, versioned, rows["from-file"].storage_key)
+    assert rows["from-file"].blob_version == uploaded[0][1] and rows["from-key"].blob_version == existing
+    assert catalog.adopter().run(org="acme", grace=timedelta(0), actor="test", dry_run=True).adopted == 0
