@@ -306,3 +306,17 @@ def test_a_manifests_file_and_key_lines_record_their_versions(catalog, raw_s3, v
     uploaded = everything_under(raw_s3, versioned, rows["from-file"].storage_key)
     assert rows["from-file"].blob_version == uploaded[0][1] and rows["from-key"].blob_version == existing
     assert catalog.adopter().run(org="acme", grace=timedelta(0), actor="test", dry_run=True).adopted == 0
+
+
+def test_a_bucket_whose_versioning_cannot_be_read_is_handled_as_versioned(versioned, raw_s3, make_store):
+    """GetBucketVersioning throttled past botocore's retries: the store says "unknown" and deletes a key without a
+    recorded version as on a versioned bucket, every version of it, never leaving bytes behind a delete marker."""
+    for body in (b"old", b"new"):
+        raw_s3.put_object(Bucket=versioned, Key=f"{PREFIX}/a/b", Body=body)
+    store = make_store()
+    faults = Faults(store)
+    faults.plan["GetBucketVersioning"] = {1: "slowdown", 2: "slowdown", 3: "slowdown"}
+    [result] = store.delete_many(["a/b"])
+    assert result.ok and store.versioning() == "unknown"
+    assert everything_under(raw_s3, versioned, "a/b") == []
+    assert faults.sent["GetBucketVersioning"] == 3  # asked once (three attempts), then trusted for five minutes

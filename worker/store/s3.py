@@ -440,9 +440,11 @@ class S3Store(BlobStore):
         except BotoCoreError as exc:
             log.warning("store.s3.object_lock_unknown", store=self.url, error=_describe(exc))
         facts = (versioning, lock, default)
+        # Cached even when unknown: asking again for every batch would only repeat the warning; the answer is
+        # asked again after BUCKET_FACTS_SECONDS like any other.
+        with self._lock:
+            self._facts, self._facts_at = facts, time.monotonic()
         if versioning != "unknown":
-            with self._lock:
-                self._facts, self._facts_at = facts, time.monotonic()
             log.debug("store.s3.bucket_facts", store=self.url, versioning=versioning, object_lock=lock,
                       default_retention_s=int(default.total_seconds()) if default else None)
         return facts
