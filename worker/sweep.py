@@ -8,9 +8,13 @@ Each step is its own short transaction and no row lock is held across blob I/O:
    from the org), so a hold, a release or a retention rewrite and a claim meet on the same row
    lock: a claim that finds a row changed by a committed hold re-checks the new version and leaves
    it. The claim commits before any blob is touched; from then on lookups answer 404.
-2. delete: `store.delete_many(keys)` with a result per key; a missing blob counts as deleted.
+2. delete: `store.delete_targets((key, version) ...)` with a result per item; a missing blob counts as
+   deleted. On a versioned bucket the recorded version goes, or every version of the key when none was
+   recorded, so nothing of the blob stays behind (no noncurrent version, no delete marker).
 3. finalize: successes become `deleted` tombstones; failures stay `deleting` with `last_error`,
-   one more attempt and a lease pushed out by exponential backoff, so a later sweep retries them.
+   one more attempt and a lease pushed out by exponential backoff, so a later sweep retries them. A
+   delete the store refused because the version is locked (Object Lock) stays `deleting` too, with the
+   lock's reason and date on the row, and its lease set to that date (a legal hold: the capped backoff).
 
 A worker that dies anywhere leaves rows in `deleting` whose lease runs out; the next sweep claims
 them again first and finishes the job (deleting an already-deleted blob is a success).
@@ -19,6 +23,7 @@ them again first and finishes the job (deleting an already-deleted blob is a suc
 from __future__ import annotations
 
 import contextvars
+import math
 import secrets
 import socket
 import threading
@@ -27,16 +32,16 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 import structlog
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
 from worker import items as items_sql
 from worker import metrics
 from worker.binding import StoreBinding
-from worker.db import Database
+from worker.db import Database, db_now
 from worker.models import AuditEvent, Reason
 from worker.store import BlobStore, DeleteResult
 
@@ -61,6 +66,21 @@ def backoff_seconds(attempts: int) -> int:
     return min(BACKOFF_BASE_SECONDS * 2 ** max(attempts - 1, 0), BACKOFF_CAP_SECONDS)
 
 
+def retry_in_seconds(item: "ClaimedItem", result: DeleteResult, now: datetime) -> int:
+    """When a failed delete is tried again: at the retain-until date of a version under Object Lock retention
+    (a date the database clock already passed gets the ordinary backoff, so it is never retried in a tight
+    loop); the capped backoff for a legal hold, which has no date; the exponential backoff for anything else."""
+    if result.lock_reason == "retention" and result.locked_until is not None and result.locked_until > now:
+        return max(math.ceil((result.locked_until - now).total_seconds()), 1)
+    if result.lock_reason == "legal_hold":
+        return BACKOFF_CAP_SECONDS
+    return backoff_seconds(item.attempts + 1)
+
+
+def delete_targets(claimed: Sequence["ClaimedItem"]) -> list[tuple[str, str | None]]:
+    return [(item.storage_key, item.blob_version) for item in claimed]
+
+
 class ClaimedItem(NamedTuple):
     """A claimed row, as the pipeline carries it (a named tuple: a sweep makes a hundred thousand)."""
 
@@ -69,6 +89,7 @@ class ClaimedItem(NamedTuple):
     size_bytes: int
     reason: str
     attempts: int
+    blob_version: str | None  # the version to delete on a versioned bucket (None: every version of the key)
     token: str  # this claim's owner; finalize touches the row only while the token still matches
 
 
@@ -78,6 +99,7 @@ class SweepCounts:
     deleted: int = 0
     bytes_freed: int = 0
     failed: int = 0
+    locked: int = 0  # of `failed`: refused because the version is locked (Object Lock)
     held_skipped: int = 0
     already_missing: int = 0
     batches: int = 0
@@ -89,7 +111,7 @@ class SweepCounts:
     late_max_s: float | None = None
 
     def add(self, other: "SweepCounts") -> None:
-        for name in ("claimed", "deleted", "bytes_freed", "failed", "already_missing", "batches"):
+        for name in ("claimed", "deleted", "bytes_freed", "failed", "locked", "already_missing", "batches"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         if other.late_max_s is not None:
             self.late_max_s = max(other.late_max_s, self.late_max_s or 0.0)
@@ -197,11 +219,14 @@ class Sweeper:
                         for (org_id, reason), count in sorted(tombstoned.items())
                     ])
             if failed:
-                items_sql.fail_claimed(session, [
-                    (item.id, item.token, (result.error or "unknown error")[:2000], backoff_seconds(item.attempts + 1))
+                now = session.scalar(select(db_now()))
+                items_sql.lock_claimed(session, [
+                    (item.id, item.token, (result.error or "unknown error")[:2000], retry_in_seconds(item, result, now),
+                     result.lock_reason, result.locked_until)
                     for item, result in failed
                 ])
                 counts.failed = len(failed)
+                counts.locked = sum(1 for _, result in failed if result.lock_reason)
         for reason, count in Counter(item.reason for item, _ in done).items():
             metrics.DELETED_ITEMS.labels(reason=reason).inc(count)
         metrics.FREED_BYTES.inc(counts.bytes_freed)
@@ -210,6 +235,11 @@ class Sweeper:
         if lateness:
             counts.late_max_s = max(lateness)
         for item, result in failed:
+            if result.lock_reason:
+                log.warning("sweep.delete_locked", media_id=item.id, key=item.storage_key, version=item.blob_version,
+                            lock_reason=result.lock_reason,
+                            locked_until=result.locked_until.isoformat() if result.locked_until else None)
+                continue
             log.warning(
                 "sweep.delete_failed",
                 media_id=item.id,
@@ -221,8 +251,7 @@ class Sweeper:
         return counts
 
     def process(self, claimed: Sequence[ClaimedItem]) -> SweepCounts:
-        results = self.store.delete_many([item.storage_key for item in claimed])
-        return self.finalize_batch(claimed, results)
+        return self.finalize_batch(claimed, self.store.delete_targets(delete_targets(claimed)))
 
     # -- whole runs ----------------------------------------------------------------------------
 
@@ -258,7 +287,7 @@ class Sweeper:
                     claimed_count += len(claimed)
                     if claimed:
                         started = time.monotonic()
-                        deleting = deleter.submit(context().run, self.store.delete_many, [item.storage_key for item in claimed])
+                        deleting = deleter.submit(context().run, self.store.delete_targets, delete_targets(claimed))
                         in_flight.append(finalizer.submit(context().run, self._finish_batch, claimed, deleting, started,
                                                           event, quiet, fields))
                     if len(claimed) < size:

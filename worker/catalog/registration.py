@@ -60,6 +60,7 @@ class _NewItem:
     mime: str | None
     sha256: str | None
     size: int | None = None
+    version: str | None = None  # the blob's version on a versioned bucket, from the PUT or a HEAD
 
 
 
@@ -167,7 +168,11 @@ class Registration:
                 if self.store.digest(item.key) != BlobDigest(blob.size, blob.sha256):
                     raise BadInput(f"storage key {item.key!r} already holds a different blob; refusing to overwrite it.")
                 log.info("register.blob_adopted", media_id=item.id, key=item.key, size=blob.size)
-            item.sha256, item.size = blob.sha256, blob.size
+                adopted = self.store.stat(item.key)  # the adopted blob's version: one HEAD, only here
+                blob_version = adopted.version if adopted is not None else None
+            else:
+                blob_version = blob.version
+            item.sha256, item.size, item.version = blob.sha256, blob.size, blob_version
         # Looked at again after the reservation (a manifest's check pass looked before it: reconcile may have
         # deleted the blob since).
         keyed = [item for item in new_items if item.source is None]
@@ -176,7 +181,7 @@ class Registration:
                 raise info
             if info is None:
                 raise BadInput(f"no blob at storage key {item.key!r} in {self.store.url}.")
-            item.size = info.size
+            item.size, item.version = info.size, info.version
 
     def _insert(self, new_items: Sequence[_NewItem], audit: dict | None, token: str) -> list[dict]:
         """Step 3, one transaction: consume this batch's reservations (all still held, or nothing is inserted)
@@ -196,7 +201,23 @@ class Registration:
             items_sql.insert_rows(session, self.db.sql, rows)
             if audit is not None:
                 self._audit(session, rows, audit)
+        self._warn_locked_past_expiry(rows, now)
         return rows
+
+    def _warn_locked_past_expiry(self, rows: list[dict], now: datetime) -> None:
+        """A bucket whose Object Lock default retention locks each new blob for longer than an item lives keeps
+        the bytes past the item's expiry (the item answers 404; its deletion waits for the lock): say so, as a
+        warning, not an error (the operator may want exactly that)."""
+        retention = self.store.default_retention()
+        if retention is None:
+            return
+        locked_until = now + retention
+        early = [row for row in rows if row["expires_at"] < locked_until]
+        if early:
+            log.warning("register.expires_before_default_retention", store=self.store.url, items=len(early),
+                        example=early[0]["id"], expires_at=early[0]["expires_at"].isoformat(),
+                        default_retention_days=retention.days,
+                        meaning="these items answer 404 at their expiry, but their bytes stay until the bucket's lock ends")
 
     @staticmethod
     def _rows(new_items: Sequence[_NewItem], policies: dict[str, tuple[int, bool]], now: datetime) -> list[dict]:
@@ -218,6 +239,7 @@ class Registration:
                     "expires_at": created + lifetime,
                     "state": State.ACTIVE.value,
                     "org_held": org_held,
+                    "blob_version": item.version,
                 }
             )
         return rows
@@ -282,7 +304,7 @@ class Registration:
             present: list[_NewItem] = []
             for item, info in zip(fresh, self.store.stat_many([item.key for item in fresh]), strict=True):
                 if isinstance(info, BlobInfo):
-                    item.size = info.size
+                    item.size, item.version = info.size, info.version
                     present.append(item)
             with self.db.transaction() as session:
                 now = session.scalar(select(db_now()))
