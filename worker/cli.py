@@ -439,6 +439,7 @@ def sweep(engine: Engine, dry_run: bool, limit: int | None, enqueue: bool, out: 
 def status_command(engine: Engine, out: Output) -> None:
     """Last sweep, backlog, the oldest overdue item and stuck deletions, fleet-wide."""
     numbers = status.fleet_status(engine.db)
+    numbers["store"] = store_facts(engine)
     if out.as_json:
         out.result(numbers)
         return
@@ -456,6 +457,17 @@ def status_command(engine: Engine, out: Output) -> None:
     oldest = numbers["oldest_overdue"]
     echo(f"oldest overdue: {oldest['id']} expired {oldest['expires_at']} ({oldest['overdue_seconds']:.0f}s ago)" if oldest else "oldest overdue: none")
     echo(f"held expired:   {numbers['held_expired']}")
+    store = numbers["store"]
+    echo(f"store:          versioning {store['versioning']}, object lock {'on' if store['object_lock'] else 'off'}")
+    locked = numbers["locked_deletions"]
+    if locked["count"]:
+        echo(f"locked:         {locked['count']} deletions refused by the store's object lock "
+             f"({locked['by_reason']['retention']} retention, {locked['by_reason']['legal_hold']} legal hold), "
+             f"earliest retain-until {locked['earliest_until'] or 'none (legal holds only)'}")
+        for item in locked["items"]:
+            echo(f"                {item['id']} ({item['key']}): {item['reason']} until {item['locked_until'] or 'released'}")
+    else:
+        echo("locked:         none")
     late = numbers["lateness"]
     minutes = late["window_s"] // 60
     echo(f"lateness:       p50 {late['p50_s']}s, p99 {late['p99_s']}s, max {late['max_s']}s after expiry "
@@ -629,7 +641,15 @@ def volume(engine: Engine, out: Output) -> None:
     report = engine.volume_monitor().status()
     if report.message:
         out.notice(f"media-retention: {_sentence(report.message)}")
-    out.result(report.to_dict())
+    out.result({**report.to_dict(), "store": store_facts(engine)})
+
+
+def store_facts(engine: Engine) -> dict:
+    """How deleting works on the configured store (versioning, Object Lock), as `status` and `volume` say it."""
+    try:
+        return engine.store.describe()
+    except RetentionError as exc:
+        return {"versioning": "unknown", "object_lock": False, "error": str(exc)}
 
 
 # -- adopting a store without a catalog -------------------------------------------------------------

@@ -42,6 +42,7 @@ FLEET_STATUS_METRICS = (
     "media_retention_oldest_overdue_seconds",
     "media_retention_stuck_deletions",
     "media_retention_held_expired_items",
+    "media_retention_locked_deletions",
     "media_retention_last_sweep_finished_timestamp_seconds",
     "media_retention_last_sweep_items",
 )
@@ -85,6 +86,12 @@ class FleetStatusCollector(Collector):
         yield GaugeMetricFamily("media_retention_missing_blob_items",
                                 "Active items whose blob reconcile found missing (held ones are never tombstoned).",
                                 value=numbers["missing_blob_items"]["count"])
+        locked = GaugeMetricFamily("media_retention_locked_deletions",
+                                   "Claimed items whose delete the store refuses because the version is locked (Object Lock), by reason.",
+                                   labels=["reason"])
+        for reason, count in numbers["locked_deletions"]["by_reason"].items():
+            locked.add_metric([reason], count)
+        yield locked
         last = numbers["last_finished_sweep"]
         if last:
             from datetime import datetime

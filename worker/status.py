@@ -28,6 +28,8 @@ LATENESS_WINDOW = timedelta(minutes=15)
 LATENESS_SAMPLE = 10_000
 # Reasons of deletions by expiry: purges go early on purpose and missing blobs when they are found.
 EXPIRY_REASONS = ("ttl", "retention")
+# Why a store refuses to delete a version (S3 Object Lock): a retention period, or a legal hold.
+LOCK_REASONS = ("retention", "legal_hold")
 
 
 def schedule_slot(now: datetime, interval_seconds: float) -> str:
@@ -117,6 +119,7 @@ def fleet_status(db: Database) -> dict:
         stuck_count, stuck = items_sql.stuck_claims(session, STUCK_LISTING)
         held_expired = items_sql.held_expired_count(session)
         missing_count, missing_held = items_sql.missing_blob_counts(session)
+        locked_counts, locked_earliest, locked = items_sql.locked_deletions(session, STUCK_LISTING)
         late = lateness(session)
 
     def run_dict(row) -> dict | None:
@@ -147,4 +150,13 @@ def fleet_status(db: Database) -> dict:
         "held_expired": int(held_expired),
         "lateness": late,
         "missing_blob_items": {"count": int(missing_count), "held": int(missing_held)},
+        # Deletions the store refuses because the version is locked (Object Lock): the items answer 404, their
+        # bytes wait for the lock, and the next sweep after `locked_until` deletes them.
+        "locked_deletions": {
+            "count": sum(locked_counts.values()),
+            "by_reason": {reason: int(locked_counts.get(reason, 0)) for reason in LOCK_REASONS},
+            "earliest_until": _iso(locked_earliest),
+            "items": [{"id": r.id, "key": r.storage_key, "reason": r.lock_reason, "locked_until": _iso(r.locked_until)}
+                      for r in locked],
+        },
     }

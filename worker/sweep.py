@@ -8,9 +8,13 @@ Each step is its own short transaction and no row lock is held across blob I/O:
    from the org), so a hold, a release or a retention rewrite and a claim meet on the same row
    lock: a claim that finds a row changed by a committed hold re-checks the new version and leaves
    it. The claim commits before any blob is touched; from then on lookups answer 404.
-2. delete: `store.delete_many(keys)` with a result per key; a missing blob counts as deleted.
+2. delete: `store.delete_targets((key, version) ...)` with a result per item; a missing blob counts as
+   deleted. On a versioned bucket the recorded version goes, or every version of the key when none was
+   recorded, so nothing of the blob stays behind (no noncurrent version, no delete marker).
 3. finalize: successes become `deleted` tombstones; failures stay `deleting` with `last_error`,
-   one more attempt and a lease pushed out by exponential backoff, so a later sweep retries them.
+   one more attempt and a lease pushed out by exponential backoff, so a later sweep retries them. A
+   delete the store refused because the version is locked (Object Lock) stays `deleting` too, with the
+   lock's reason and date on the row, and its lease set to that date (a legal hold: the capped backoff).
 
 A worker that dies anywhere leaves rows in `deleting` whose lease runs out; the next sweep claims
 them again first and finishes the job (deleting an already-deleted blob is a success).
@@ -19,6 +23,8 @@ them again first and finishes the job (deleting an already-deleted blob is a suc
 from __future__ import annotations
 
 import contextvars
+import dataclasses
+import math
 import secrets
 import socket
 import threading
@@ -27,16 +33,16 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 import structlog
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
 from worker import items as items_sql
 from worker import metrics
 from worker.binding import StoreBinding
-from worker.db import Database
+from worker.db import Database, db_now
 from worker.models import AuditEvent, Reason
 from worker.store import BlobStore, DeleteResult
 
@@ -61,6 +67,19 @@ def backoff_seconds(attempts: int) -> int:
     return min(BACKOFF_BASE_SECONDS * 2 ** max(attempts - 1, 0), BACKOFF_CAP_SECONDS)
 
 
+def retry_in_seconds(item: "ClaimedItem", result: DeleteResult, now: datetime) -> int:
+    """When a failed delete is tried again: at the retain-until date of a version under Object Lock retention
+    (a date the database clock already passed gets the ordinary backoff, so it is never retried in a tight
+    loop); the capped backoff for a legal hold, which has no date; the exponential backoff for anything else."""
+    if result.lock_reason == "retention" and result.locked_until is not None and result.locked_until > now:
+        return max(math.ceil((result.locked_until - now).total_seconds()), 1)
+    if result.lock_reason == "legal_hold":
+        return BACKOFF_CAP_SECONDS
+    return backoff_seconds(item.attempts + 1)
+
+
+
+
 class ClaimedItem(NamedTuple):
     """A claimed row, as the pipeline carries it (a named tuple: a sweep makes a hundred thousand)."""
 
@@ -69,35 +88,39 @@ class ClaimedItem(NamedTuple):
     size_bytes: int
     reason: str
     attempts: int
+    blob_version: str | None  # the version to delete on a versioned bucket (None: every version of the key)
     token: str  # this claim's owner; finalize touches the row only while the token still matches
-    # The item's derived blobs (thumbnails, previews), read with the claim: they go in the same delete call.
-    variant_keys: tuple[str, ...] = ()
+    # The item's derived blobs (thumbnails, previews), each (key, recorded version), read with the claim: they
+    # go in the same delete call as the item's own blob.
+    variants: tuple[tuple[str, str | None], ...] = ()
     variant_bytes: int = 0
     variant_org: str | None = None  # the item's org, read with its variants (None when it has none)
 
 
-def blob_keys(claimed: Sequence[ClaimedItem]) -> list[str]:
-    """Every key a batch deletes, items' and variants', for one store call: an S3 store sends one
+def delete_targets(claimed: Sequence[ClaimedItem]) -> list[tuple[str, str | None]]:
+    """Every (key, version) a batch deletes, items' and their variants', for one store call: an S3 store sends one
     DeleteObjects per 1,000 of them, however they are spread over the items."""
-    return [key for item in claimed for key in (item.storage_key, *item.variant_keys)]
+    return [target for item in claimed for target in ((item.storage_key, item.blob_version), *item.variants)]
 
 
 def item_results(claimed: Sequence[ClaimedItem], results: Sequence[DeleteResult]) -> list[DeleteResult]:
-    """One result per item from the results of `blob_keys(claimed)`: an item is deleted only when its blob and
-    every variant's are (a missing one counts as deleted); otherwise it fails with the first error, naming
-    the key when it is a variant's. `missing` is the item's own blob's."""
-    by_key = {result.key: result for result in results}
+    """One result per item from the results of `delete_targets(claimed)`, in order: an item is deleted only when
+    its blob and every variant's are (a missing one counts as deleted); otherwise it fails with the first
+    failure, its error naming the key when it is a variant's, its lock (Object Lock) kept. `missing` is the item's
+    own blob's."""
     outcome = []
+    position = 0
     for item in claimed:
-        own = by_key[item.storage_key]
-        failed = next((by_key[key] for key in (item.storage_key, *item.variant_keys) if not by_key[key].ok), None)
+        mine = results[position:position + 1 + len(item.variants)]
+        position += len(mine)
+        failed = next((result for result in mine if not result.ok), None)
         if failed is None:
-            outcome.append(own)
+            outcome.append(mine[0])
+        elif failed is mine[0]:
+            outcome.append(failed)
         else:
-            error = failed.error or "unknown error"
-            if failed.key != item.storage_key:
-                error = f"variant {failed.key}: {error}"
-            outcome.append(DeleteResult(item.storage_key, ok=False, error=error))
+            outcome.append(dataclasses.replace(failed, key=item.storage_key,
+                                               error=f"variant {failed.key}: {failed.error or 'unknown error'}"))
     return outcome
 
 
@@ -107,6 +130,7 @@ class SweepCounts:
     deleted: int = 0
     bytes_freed: int = 0
     failed: int = 0
+    locked: int = 0  # of `failed`: refused because the version is locked (Object Lock)
     held_skipped: int = 0
     already_missing: int = 0
     variants_deleted: int = 0  # derived blobs deleted with their items
@@ -119,7 +143,7 @@ class SweepCounts:
     late_max_s: float | None = None
 
     def add(self, other: "SweepCounts") -> None:
-        for name in ("claimed", "deleted", "bytes_freed", "failed", "already_missing", "variants_deleted", "batches"):
+        for name in ("claimed", "deleted", "bytes_freed", "failed", "locked", "already_missing", "variants_deleted", "batches"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         if other.late_max_s is not None:
             self.late_max_s = max(other.late_max_s, self.late_max_s or 0.0)
@@ -153,8 +177,8 @@ class Sweeper:
         claimed = []
         for row in rows:  # the claim returns exactly ClaimedItem's first columns, in order
             own = variants.get(row[0], ())
-            claimed.append(ClaimedItem(*row, token, tuple(v.storage_key for v in own), sum(v.size_bytes for v in own),
-                                       own[0].org_id if own else None))
+            claimed.append(ClaimedItem(*row, token, tuple((v.storage_key, v.blob_version) for v in own),
+                                       sum(v.size_bytes for v in own), own[0].org_id if own else None))
         return claimed
 
     def _claim(self, claim: Callable[..., list], *params) -> list[ClaimedItem]:
@@ -225,7 +249,7 @@ class Sweeper:
                 counts.already_missing = sum(1 for _, result in done if result.missing)
                 counts.bytes_freed = sum(item.size_bytes for item, result in done if not result.missing)
                 counts.bytes_freed += sum(item.variant_bytes for item, _ in done)
-                counts.variants_deleted = sum(len(item.variant_keys) for item, _ in done)
+                counts.variants_deleted = sum(len(item.variants) for item, _ in done)
                 # Counts by org and reason, in the finalize's own transaction: the trail records exactly the
                 # deletions that committed (a finalize lost in a crash loses its audit rows with it, and the
                 # sweep that finishes those items records them then).
@@ -233,8 +257,8 @@ class Sweeper:
                     # Variants deleted with the items, per org and reason (an item with variants knows its org).
                     variants: Counter[tuple[str, str]] = Counter()
                     for item, _ in done:
-                        if item.variant_keys:
-                            variants[item.variant_org, item.reason] += len(item.variant_keys)
+                        if item.variants:
+                            variants[item.variant_org, item.reason] += len(item.variants)
                     session.execute(insert(AuditEvent.__table__), [
                         {"action": "deleted", "actor": self.actor, "org_id": org_id, "reason": reason,
                          "details": {"count": count, "bytes": tombstoned_bytes[(org_id, reason)],
@@ -242,11 +266,14 @@ class Sweeper:
                         for (org_id, reason), count in sorted(tombstoned.items())
                     ])
             if failed:
-                items_sql.fail_claimed(session, [
-                    (item.id, item.token, (result.error or "unknown error")[:2000], backoff_seconds(item.attempts + 1))
+                now = session.scalar(select(db_now()))
+                items_sql.lock_claimed(session, [
+                    (item.id, item.token, (result.error or "unknown error")[:2000], retry_in_seconds(item, result, now),
+                     result.lock_reason, result.locked_until)
                     for item, result in failed
                 ])
                 counts.failed = len(failed)
+                counts.locked = sum(1 for _, result in failed if result.lock_reason)
         for reason, count in Counter(item.reason for item, _ in done).items():
             metrics.DELETED_ITEMS.labels(reason=reason).inc(count)
         metrics.FREED_BYTES.inc(counts.bytes_freed)
@@ -255,6 +282,11 @@ class Sweeper:
         if lateness:
             counts.late_max_s = max(lateness)
         for item, result in failed:
+            if result.lock_reason:
+                log.warning("sweep.delete_locked", media_id=item.id, key=item.storage_key, version=item.blob_version,
+                            lock_reason=result.lock_reason,
+                            locked_until=result.locked_until.isoformat() if result.locked_until else None)
+                continue
             log.warning(
                 "sweep.delete_failed",
                 media_id=item.id,
@@ -266,8 +298,7 @@ class Sweeper:
         return counts
 
     def process(self, claimed: Sequence[ClaimedItem]) -> SweepCounts:
-        results = item_results(claimed, self.store.delete_many(blob_keys(claimed)))
-        return self.finalize_batch(claimed, results)
+        return self.finalize_batch(claimed, item_results(claimed, self.store.delete_targets(delete_targets(claimed))))
 
     # -- whole runs ----------------------------------------------------------------------------
 
@@ -303,7 +334,7 @@ class Sweeper:
                     claimed_count += len(claimed)
                     if claimed:
                         started = time.monotonic()
-                        deleting = deleter.submit(context().run, self.store.delete_many, blob_keys(claimed))
+                        deleting = deleter.submit(context().run, self.store.delete_targets, delete_targets(claimed))
                         in_flight.append(finalizer.submit(context().run, self._finish_batch, claimed, deleting, started,
                                                           event, quiet, fields))
                     if len(claimed) < size:

@@ -26,8 +26,11 @@ the change had to wait for, which followed the policy then in force, is dated be
 - `tombstone_with_blob`: a deleted item whose blob, or a variant's blob, still exists (a leak). A `missing_blob`
   tombstone of an item that has not expired yet whose blob came back is a notice (`returned_blobs`),
   not a breach: reconcile deliberately keeps such a blob until the item's expiry.
-- `missing_blob`: an active item whose blob, or a variant's blob, is missing (variants are the item's
-  derived blobs, `media_variants`, merged into the catalog's stream by key and judged by their item's state).
+  On a versioned bucket any version holding bytes counts (current or not); a key left with only delete
+  markers is a notice (`delete_markers`): no bytes, but clutter our version-exact deletes never leave.
+- `missing_blob`: an active item whose blob, or a variant's blob, is missing (on a versioned bucket: whose
+  latest entry is a delete marker). Variants are the item's derived blobs (`media_variants`), merged into the
+  catalog's stream by key and judged by their item's state.
 - `size_mismatch`: an active item whose blob's size differs from the size the catalog recorded.
 - `stuck_deletion`: a `deleting` row whose lease ran out more than `stuck_after` ago. A running
   fleet re-claims an expired lease at its next sweep (stale claims go first), so with the default
@@ -36,6 +39,11 @@ the change had to wait for, which followed the policy then in force, is dated be
   counted as `young_blobs`: a registration writes its blob before its row.
 - `abandoned_upload`: what a killed upload left (a `.incoming-*` temporary file, an unfinished S3
   multipart upload), older than the grace. Reconcile removes both.
+
+A deletion the store refuses because the version is locked (S3 Object Lock) is not a breach: the item
+answers 404 and its bytes wait for the lock's date. It is counted as the notice `locked`, with examples
+(`locked_examples`: reason and retain-until date). It becomes a `stuck_deletion` only when that date has
+passed by more than `stuck_after` and no sweep finished it.
 
 Store or catalog errors on single keys are counted as `check_errors`; they also make the result
 unclean, since what could not be checked cannot be called clean.
@@ -72,7 +80,7 @@ BREACH_KINDS = (
     "orphan_blob",
     "abandoned_upload",
 )
-NOTICE_KINDS = ("returned_blobs", "young_blobs", "failing_deletions")
+NOTICE_KINDS = ("returned_blobs", "young_blobs", "failing_deletions", "locked", "delete_markers")
 
 # Rows read per catalog page: one short transaction each, a few hundred kilobytes of rows at most.
 PAGE = 1000
@@ -109,6 +117,7 @@ class VerifyReport:
     notices: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NOTICE_KINDS, 0))
     examples: dict[str, list[dict]] = field(default_factory=lambda: {kind: [] for kind in BREACH_KINDS})
     error_examples: list[dict] = field(default_factory=list)
+    locked_examples: list[dict] = field(default_factory=list)
 
     @property
     def total_breaches(self) -> int:
@@ -137,6 +146,7 @@ class VerifyReport:
             "notices": dict(self.notices),
             "check_errors": self.check_errors,
             "check_error_examples": self.error_examples,
+            "locked_examples": self.locked_examples,
             "items_checked": self.items_checked,
             "variants_checked": self.variants_checked,
             "blobs_listed": self.blobs_listed,
@@ -264,18 +274,22 @@ class Verifier:
             # A derived blob lives and goes with its item: judged by the item's state, its policy judged once, by the
             # item's own row.
             report.variants_checked += 1
-            if (row.state == State.ACTIVE.value and (blob is None or blob.size != row.size_bytes)) \
+            if (row.state == State.ACTIVE.value and (blob is None or not blob.current or blob.size != row.size_bytes)) \
                     or (row.state == State.DELETED.value and blob is not None):
                 self._pending.append(_Candidate(row.storage_key, blob))
             return
         report.items_checked += 1
         self._check_policy(row)
         if row.state == State.ACTIVE.value:
-            if blob is None or blob.size != row.size_bytes:
+            if blob is None or not blob.current or blob.size != row.size_bytes:
                 self._pending.append(_Candidate(row.storage_key, blob))
         elif row.state == State.DELETED.value:
             if blob is not None:
                 self._pending.append(_Candidate(row.storage_key, blob))
+        elif row.lock_reason is not None and (row.lease_until is None or row.lease_until >= self.stuck_cutoff):
+            report.notices["locked"] += 1
+            if len(report.locked_examples) < report.max_examples:
+                report.locked_examples.append(self._example(row, reason=row.lock_reason, locked_until=_iso(row.locked_until)))
         elif row.lease_until is not None and row.lease_until < self.stuck_cutoff:
             report.breach("stuck_deletion", self._example(row, lease_until=_iso(row.lease_until), attempts=row.attempts,
                                                           last_error=row.last_error))
@@ -326,7 +340,7 @@ class Verifier:
 
     def _stat(self, key: str) -> BlobInfo | None | Exception:
         try:
-            return self.store.stat(key)
+            return self.store.remains(key)  # any version: a tombstone's noncurrent versions are a leak too
         except Exception as exc:  # noqa: BLE001 - one unreadable key must not stop the run; it is counted
             return exc
 
@@ -345,12 +359,18 @@ class Verifier:
                 report.error(candidate.key, f"{type(info).__name__}: {info}")
                 continue
             row = fresh.get(candidate.key)
+            if info is not None and not info.versions:
+                info, markers_only = None, True  # delete markers alone: no bytes
+            else:
+                markers_only = False
             if row is None:
                 if info is not None and candidate.blob is not None:
                     report.breach("orphan_blob", {"key": candidate.key, "size": info.size,
-                                                  "modified": _iso(candidate.blob.modified)})
+                                                  "modified": _iso(candidate.blob.modified), "versions": info.versions})
+                elif markers_only:
+                    report.notices["delete_markers"] += 1
             elif row.state == State.ACTIVE.value:
-                if info is None:
+                if info is None or not info.current:
                     report.breach("missing_blob", self._example(row, size=row.size_bytes, expires_at=_iso(row.expires_at),
                                                                 held=row.held_at is not None or bool(row.org_held)))
                 elif info.size != row.size_bytes:
@@ -360,4 +380,7 @@ class Verifier:
                     report.notices["returned_blobs"] += 1
                 else:
                     report.breach("tombstone_with_blob", self._example(row, reason=row.deletion_reason,
-                                                                       deleted_at=_iso(row.deleted_at), blob_size=info.size))
+                                                                       deleted_at=_iso(row.deleted_at), blob_size=info.size,
+                                                                       versions=info.versions, current=info.current))
+            elif row.state == State.DELETED.value and markers_only:
+                report.notices["delete_markers"] += 1

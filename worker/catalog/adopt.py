@@ -141,7 +141,8 @@ class Adopter:
     def _pages(self, prefix: str) -> Iterator[list[BlobInfo]]:
         page: list[BlobInfo] = []
         for blob in self.registration.store.iter_keys():
-            if not isinstance(blob, BlobInfo) or not blob.key.startswith(prefix):
+            # A versioned bucket's key whose latest entry is a delete marker reads as missing: nothing to adopt.
+            if not isinstance(blob, BlobInfo) or not blob.key.startswith(prefix) or not blob.current:
                 continue
             page.append(blob)
             if len(page) == ADOPT_BATCH:

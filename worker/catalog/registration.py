@@ -60,6 +60,7 @@ class _NewItem:
     mime: str | None
     sha256: str | None
     size: int | None = None
+    version: str | None = None  # the blob's version on a versioned bucket, from the PUT or a HEAD
     # Derived blobs already in the store (thumbnails, previews) adopted with the item, each by key.
     variants: list["_NewVariant"] = field(default_factory=list)
 
@@ -76,6 +77,7 @@ class _NewVariant:
     key: str
     mime: str
     size: int | None = None
+    version: str | None = None  # its version on a versioned bucket, from a HEAD under the reservation
 
 
 def new_variants(keys: Sequence[str] | None, item_key: str) -> list[_NewVariant]:
@@ -197,7 +199,11 @@ class Registration:
                 if self.store.digest(item.key) != BlobDigest(blob.size, blob.sha256):
                     raise BadInput(f"storage key {item.key!r} already holds a different blob; refusing to overwrite it.")
                 log.info("register.blob_adopted", media_id=item.id, key=item.key, size=blob.size)
-            item.sha256, item.size = blob.sha256, blob.size
+                adopted = self.store.stat(item.key)  # the adopted blob's version: one HEAD, only here
+                blob_version = adopted.version if adopted is not None else None
+            else:
+                blob_version = blob.version
+            item.sha256, item.size, item.version = blob.sha256, blob.size, blob_version
         # Looked at again after the reservation (a manifest's check pass looked before it: reconcile may have
         # deleted the blob since).
         keyed = [item for item in new_items if item.source is None]
@@ -206,7 +212,7 @@ class Registration:
                 raise info
             if info is None:
                 raise BadInput(f"no blob at storage key {item.key!r} in {self.store.url}.")
-            item.size = info.size
+            item.size, item.version = info.size, info.version
         variants = [variant for item in new_items for variant in item.variants]
         for variant, info in zip(variants, self.store.stat_many([variant.key for variant in variants]) if variants else [],
                                  strict=True):
@@ -214,7 +220,7 @@ class Registration:
                 raise info
             if info is None:
                 raise BadInput(f"no blob at variant key {variant.key!r} in {self.store.url}.")
-            variant.size = info.size
+            variant.size, variant.version = info.size, info.version
 
     def _insert(self, new_items: Sequence[_NewItem], audit: dict | None, token: str) -> list[dict]:
         """Step 3, one transaction: consume this batch's reservations (all still held, or nothing is inserted)
@@ -241,7 +247,23 @@ class Registration:
             items_sql.insert_variants(session, self.db.sql, self._variant_rows(new_items))
             if audit is not None:
                 self._audit(session, rows, audit, {item.id: len(item.variants) for item in new_items if item.variants})
+        self._warn_locked_past_expiry(rows, now)
         return rows
+
+    def _warn_locked_past_expiry(self, rows: list[dict], now: datetime) -> None:
+        """A bucket whose Object Lock default retention locks each new blob for longer than an item lives keeps
+        the bytes past the item's expiry (the item answers 404; its deletion waits for the lock): say so, as a
+        warning, not an error (the operator may want exactly that)."""
+        retention = self.store.default_retention()
+        if retention is None:
+            return
+        locked_until = now + retention
+        early = [row for row in rows if row["expires_at"] < locked_until]
+        if early:
+            log.warning("register.expires_before_default_retention", store=self.store.url, items=len(early),
+                        example=early[0]["id"], expires_at=early[0]["expires_at"].isoformat(),
+                        default_retention_days=retention.days,
+                        meaning="these items answer 404 at their expiry, but their bytes stay until the bucket's lock ends")
 
     @staticmethod
     def _rows(new_items: Sequence[_NewItem], policies: dict[str, tuple[int, bool]], now: datetime) -> list[dict]:
@@ -263,6 +285,7 @@ class Registration:
                     "expires_at": created + lifetime,
                     "state": State.ACTIVE.value,
                     "org_held": org_held,
+                    "blob_version": item.version,
                 }
             )
         return rows
@@ -270,7 +293,7 @@ class Registration:
     @staticmethod
     def _variant_rows(new_items: Sequence[_NewItem]) -> list[dict]:
         return [{"storage_key": variant.key, "item_id": item.id, "size_bytes": variant.size, "mime_type": variant.mime,
-                 "sha256": None} for item in new_items for variant in item.variants]
+                 "sha256": None, "blob_version": variant.version} for item in new_items for variant in item.variants]
 
     @staticmethod
     def _audit(session, rows: list[dict], audit: dict, variants: dict[str, int] | None = None) -> None:
@@ -340,7 +363,7 @@ class Registration:
             present: list[_NewItem] = []
             for item, info in zip(fresh, self.store.stat_many([item.key for item in fresh]), strict=True):
                 if isinstance(info, BlobInfo):
-                    item.size = info.size
+                    item.size, item.version = info.size, info.version
                     present.append(item)
             with self.db.transaction() as session:
                 now = session.scalar(select(db_now()))
@@ -395,7 +418,7 @@ class Registration:
                     raise info
                 if info is None:
                     raise BadInput(f"no blob at variant key {variant.key!r} in {self.store.url}.")
-                variant.size = info.size
+                variant.size, variant.version = info.size, info.version
             with self.db.transaction() as session:
                 row = self._check_item_takes_variants(session, media_id)
                 held = reservations.consume(session, self.db.sql, token, [v.key for v in variants])
@@ -405,8 +428,8 @@ class Registration:
                         f"storage key {lost[0]!r} was taken over by another registration of the same key while this one "
                         f"was in flight; no variant was added.")
                 items_sql.insert_variants(session, self.db.sql, [
-                    {"storage_key": v.key, "item_id": media_id, "size_bytes": v.size, "mime_type": v.mime, "sha256": None}
-                    for v in variants])
+                    {"storage_key": v.key, "item_id": media_id, "size_bytes": v.size, "mime_type": v.mime, "sha256": None,
+                     "blob_version": v.version} for v in variants])
                 session.add(AuditEvent(action="variant_add", actor=actor, org_id=row.org_id, media_id=media_id,
                                        details={"count": len(variants), "bytes": sum(v.size for v in variants),
                                                 "keys": [v.key for v in variants][:50]}))

@@ -35,7 +35,7 @@ from worker.items.reads import (
     # the sweep
     due_preview, held_expired_count, next_due,
     # fleet status
-    deleting_count, due_count, due_totals, missing_blob_counts, oldest_overdue, recent_deletions, stuck_claims,
+    deleting_count, due_count, due_totals, locked_deletions, missing_blob_counts, oldest_overdue, recent_deletions, stuck_claims,
     # registration, manifest import, adopt
     existing, first_taken, known_keys,
     # variants
@@ -53,7 +53,7 @@ from worker.items.writes import (
     # registration
     insert_rows, insert_variants,
     # finalize
-    fail_claimed, tombstone_claimed,
+    fail_claimed, lock_claimed, tombstone_claimed,
     # holds and retention
     mirror_org_hold, rewrite_expiry, set_hold,
     # reconcile

@@ -36,10 +36,11 @@ SET state = 'deleting',
     claimed_at = COALESCE({m}claimed_at, {now}),
     lease_until = {lease}
 {picked}
-RETURNING {m}id, {m}storage_key, {m}size_bytes, {m}deletion_reason, {m}attempts
+RETURNING {m}id, {m}storage_key, {m}size_bytes, {m}deletion_reason, {m}attempts, {m}blob_version
 """
 
-_RETURNED = dict(id=String, storage_key=String, size_bytes=BigInteger, deletion_reason=String, attempts=Integer)
+_RETURNED = dict(id=String, storage_key=String, size_bytes=BigInteger, deletion_reason=String, attempts=Integer,
+                 blob_version=String)
 
 
 def claim_sql(dialect: Dialect, *, where: str, order: str, reason: str, now: str, lease: str, skip_locked: bool) -> str:
@@ -55,7 +56,7 @@ def claim_sql(dialect: Dialect, *, where: str, order: str, reason: str, now: str
 class Claims:
     """The claims of sweeps and purges on one database with one lease, built once. Each runs in the
     caller's transaction under the caller's claim token and returns the rows it claimed (`id`,
-    `storage_key`, `size_bytes`, `deletion_reason`, `attempts`)."""
+    `storage_key`, `size_bytes`, `deletion_reason`, `attempts`, `blob_version`)."""
 
     def __init__(self, dialect: Dialect, *, lease_seconds: int):
         self.dialect = dialect

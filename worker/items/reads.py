@@ -95,9 +95,10 @@ def oldest_overdue(session):
 def stuck_claims(session, listed: int) -> tuple[int, list]:
     """Claims whose delete failed at least once, or whose lease ran out with nobody taking them over:
     how many, and the first `listed` (`id`, `attempts`, `last_error`, `lease_until`, `claimed_at`), most
-    attempts first."""
+    attempts first. A delete refused by Object Lock is not stuck while it waits for its lock's date
+    (`locked_deletions` reports those); once that date passes and no sweep has taken it, it is."""
     items = models.MediaItem.__table__
-    stuck = deleting() & or_(items.c.attempts > 0, items.c.lease_until < db_now())
+    stuck = deleting() & or_(and_(items.c.attempts > 0, items.c.lock_reason.is_(None)), items.c.lease_until < db_now())
     count = session.scalar(select(func.count()).select_from(items).where(stuck)) or 0
     rows = session.execute(
         select(items.c.id, items.c.attempts, items.c.last_error, items.c.lease_until, items.c.claimed_at)
@@ -106,6 +107,22 @@ def stuck_claims(session, listed: int) -> tuple[int, list]:
         .limit(listed)
     ).all()
     return count, rows
+
+
+def locked_deletions(session, listed: int) -> tuple[dict[str, int], object, list]:
+    """Claimed items whose delete the store refused because the version is locked (Object Lock): a count per
+    reason ('retention', 'legal_hold'), the earliest retain-until date, and the first `listed` (`id`,
+    `storage_key`, `lock_reason`, `locked_until`), soonest first."""
+    items = models.MediaItem.__table__
+    locked = deleting() & items.c.lock_reason.is_not(None)
+    counts = {reason: count for reason, count in session.execute(
+        select(items.c.lock_reason, func.count()).where(locked).group_by(items.c.lock_reason))}
+    earliest = session.scalar(select(func.min(items.c.locked_until)).where(locked))
+    rows = session.execute(
+        select(items.c.id, items.c.storage_key, items.c.lock_reason, items.c.locked_until).where(locked)
+        .order_by(items.c.locked_until.is_(None), items.c.locked_until, items.c.id).limit(listed)
+    ).all()
+    return counts, earliest, rows
 
 
 def missing_blob_counts(session) -> tuple[int, int]:
@@ -169,14 +186,15 @@ def known_keys(session, keys: list[str]) -> set[str]:
 
 
 def variants_of(session, dialect: Dialect, ids: list[str]) -> dict[str, list]:
-    """The variants of the items `ids` (item ID -> rows of `storage_key`, `size_bytes`, `mime_type` and the
-    item's `org_id`), by key."""
+    """The variants of the items `ids` (item ID -> rows of `storage_key`, `size_bytes`, `mime_type`,
+    `blob_version` and the item's `org_id`), by key."""
     if not ids:
         return {}
     variants, items = models.MediaVariant.__table__, models.MediaItem.__table__
     found: dict[str, list] = {}
     for row in session.execute(
-        select(variants.c.item_id, variants.c.storage_key, variants.c.size_bytes, variants.c.mime_type, items.c.org_id)
+        select(variants.c.item_id, variants.c.storage_key, variants.c.size_bytes, variants.c.mime_type,
+               variants.c.blob_version, items.c.org_id)
         .join_from(variants, items, items.c.id == variants.c.item_id)
         .where(dialect.id_in(variants.c.item_id, ids)).order_by(variants.c.item_id, variants.c.storage_key)
     ):
@@ -327,7 +345,7 @@ def _with_org(variant: bool = False):
         MediaItem.id, MediaItem.org_id, key.label("storage_key"), size.label("size_bytes"), MediaItem.state,
         MediaItem.deletion_reason, MediaItem.created_at, MediaItem.ttl_seconds, MediaItem.expires_at,
         MediaItem.held_at, MediaItem.org_held, MediaItem.claimed_at, MediaItem.deleted_at, MediaItem.lease_until,
-        MediaItem.attempts, MediaItem.last_error,
+        MediaItem.attempts, MediaItem.last_error, MediaItem.lock_reason, MediaItem.locked_until,
         Organization.retention_seconds.label("org_retention_seconds"), Organization.held_at.label("org_held_at"),
         Organization.updated_at.label("org_updated_at"),
         (true() if variant else false()).label("variant"), MediaItem.storage_key.label("item_key"),

@@ -52,7 +52,8 @@ def tombstone_claimed(session, dialect: Dialect, token: str, ids: list[str]) -> 
     changed = (
         update(items)
         .where(dialect.id_in(items.c.id, ids), items.c.claim_token == token, items.c.state == State.DELETING.value)
-        .values(state=State.DELETED.value, deleted_at=db_now(), lease_until=None, claim_token=None, last_error=None)
+        .values(state=State.DELETED.value, deleted_at=db_now(), lease_until=None, claim_token=None, last_error=None,
+                locked_until=None, lock_reason=None)
         .returning(items.c.org_id, items.c.deletion_reason, items.c.size_bytes,
                    dialect.seconds_between(items.c.deleted_at, items.c.expires_at).label("late"))
     )
@@ -72,8 +73,21 @@ def tombstone_claimed(session, dialect: Dialect, token: str, ids: list[str]) -> 
 
 def fail_claimed(session, failures: Iterable[tuple[str, str, str, int]]) -> None:
     """Failed deletes, each `(id, token, error, backoff_seconds)`, on rows still claimed under that token:
-    one more attempt, the error, and the lease pushed out by the backoff (database clock)."""
+    one more attempt, the error, and the lease pushed out by the backoff (database clock). A lock recorded
+    earlier is cleared: this failure is not one."""
+    lock_claimed(session, [(media_id, token, error, backoff, None, None) for media_id, token, error, backoff in failures])
+
+
+def lock_claimed(session, failures: Iterable[tuple[str, str, str, int, str | None, object]]) -> None:
+    """Failed deletes, each `(id, token, error, retry_in_seconds, lock_reason, locked_until)`, on rows still
+    claimed under that token: one more attempt, the error, the lease pushed out `retry_in_seconds` (database
+    clock), and why the store refused (Object Lock: 'retention' until `locked_until`, or 'legal_hold'; None
+    for an ordinary failure)."""
     items = models.MediaItem.__table__
+    rows = [{"b_id": media_id, "b_token": token, "b_error": error, "b_backoff": backoff, "b_reason": reason,
+             "b_until": until} for media_id, token, error, backoff, reason, until in failures]
+    if not rows:
+        return
     session.execute(
         update(items)
         .where(items.c.id == bindparam("b_id"), items.c.claim_token == bindparam("b_token"),
@@ -82,9 +96,10 @@ def fail_claimed(session, failures: Iterable[tuple[str, str, str, int]]) -> None
             attempts=items.c.attempts + 1,
             last_error=bindparam("b_error"),
             lease_until=plus_seconds(db_now(), bindparam("b_backoff", type_=Integer)),
+            lock_reason=bindparam("b_reason"),
+            locked_until=bindparam("b_until", type_=items.c.locked_until.type),
         ),
-        [{"b_id": media_id, "b_token": token, "b_error": error, "b_backoff": backoff}
-         for media_id, token, error, backoff in failures],
+        rows,
     )
 
 

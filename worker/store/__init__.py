@@ -9,7 +9,7 @@ import os
 import stat as stat_module
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
@@ -34,6 +34,15 @@ class DeleteResult:
     ok: bool
     missing: bool = False
     error: str | None = None
+    # A delete the store refused because the version is locked (S3 Object Lock): 'retention' (until
+    # `locked_until`) or 'legal_hold' (no date). Never ok: the bytes are still there.
+    lock_reason: str | None = None
+    locked_until: datetime | None = None
+
+
+# What to delete: a key and, on a versioned store, the version the catalog recorded for it (None: every
+# version of the key, on a store that keeps versions; just the key elsewhere).
+DeleteTarget = tuple[str, "str | None"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,14 @@ class BlobInfo:
     # Its modification time as the store reports it (filesystem st_mtime; S3 LastModified, which is
     # `modified` too): what `adopt` takes for the creation time of media that has no catalog row.
     mtime: datetime | None = None
+    # The object store's version ID of the blob (a versioned bucket; "null" on a suspended one), else None.
+    version: str | None = None
+    # On a versioned bucket, what the key holds besides: `current` is False when its latest entry is a delete
+    # marker (the key reads as missing, yet older versions may keep the bytes); `versions` counts the versions
+    # that hold bytes (current or not), `delete_markers` the markers.
+    current: bool = True
+    versions: int = 1
+    delete_markers: int = 0
 
     @property
     def modification_time(self) -> datetime | None:
@@ -77,6 +94,7 @@ class StoredFile:
     size: int
     sha256: str  # of the file as it was read and copied
     written: bool
+    version: str | None = None  # the version the store gave the blob it wrote (a versioned bucket)
 
 
 # Kernel and virtual filesystems: their "regular" files are views of the running system (/proc/self/environ
@@ -164,13 +182,17 @@ class BlobStore(abc.ABC):
         for key, source in files:
             digest = source_digest(source)
             try:
-                size = self.put_file(key, source)
+                blob = self.put_blob(key, source)
             except BlobExists:
                 stored.append(StoredFile(key, digest.size, digest.sha256, written=False))
             else:
                 written.append(key)
-                stored.append(StoredFile(key, size, digest.sha256, written=True))
+                stored.append(StoredFile(key, blob.size, digest.sha256, written=True, version=blob.version))
         return stored
+
+    def put_blob(self, key: str, source: Path) -> BlobInfo:
+        """`put_file`, answered with what the store holds now (an object store adds the version it wrote)."""
+        return BlobInfo(key=key, size=self.put_file(key, source))
 
     @abc.abstractmethod
     def stat(self, key: str) -> BlobInfo | None:
@@ -179,6 +201,29 @@ class BlobStore(abc.ABC):
     @abc.abstractmethod
     def delete_many(self, keys: list[str]) -> list[DeleteResult]:
         """Delete each key; a result per key, in order. A missing blob counts as deleted."""
+
+    def delete_targets(self, targets: Sequence[DeleteTarget]) -> list[DeleteResult]:
+        """The delete primitive: each (key, version) target; a result per target, in order. A store that keeps
+        no versions deletes the keys (`delete_many`); a versioned one deletes exactly the version named, or
+        every version and delete marker of the key when none is named, so nothing of the blob stays behind."""
+        return self.delete_many([key for key, _ in targets])
+
+    def versioning(self) -> str:
+        """Whether the store keeps old versions of a blob: "n/a" (a filesystem), "off" (a bucket that never had
+        versioning), "Enabled" or "Suspended" (S3's states), "unknown" (the store would not say)."""
+        return "n/a"
+
+    def object_lock(self) -> bool:
+        """Whether the store may refuse to delete a version (S3 Object Lock is enabled on the bucket)."""
+        return False
+
+    def default_retention(self) -> "timedelta | None":
+        """How long the store itself locks each new blob (S3 Object Lock default retention), None if it does not."""
+        return None
+
+    def describe(self) -> dict:
+        """What `status` and `volume` say about the store's deletion semantics."""
+        return {"versioning": self.versioning(), "object_lock": self.object_lock()}
 
     @abc.abstractmethod
     def iter_keys(self, *, ordered: bool = False, partial_uploads: bool = False) -> Iterator[BlobInfo | PartialUpload]:
@@ -191,6 +236,11 @@ class BlobStore(abc.ABC):
     def discard_partial_uploads(self, uploads: list[PartialUpload]) -> list[DeleteResult]:
         """Remove leftovers of killed uploads; a result per upload. Never touches a blob."""
         return [DeleteResult(upload.key, ok=False, error="this store leaves no partial uploads") for upload in uploads]
+
+    def remains(self, key: str) -> BlobInfo | None:
+        """What is left of `key` in any version, or None when nothing is: on a store without versions, its blob;
+        on a versioned bucket also noncurrent versions and delete markers (`verify` asks this of a tombstone)."""
+        return self.stat(key)
 
     def stat_many(self, keys: Sequence[str]) -> "list[BlobInfo | None | RetentionError]":
         """`stat` of each key, in order; a key the store refuses (or cannot read) answers with its error
