@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import update
@@ -20,13 +20,15 @@ from sqlalchemy import update
 from config.errors import BadInput, Gone, NotFound
 from tests.factories import (database_time, end_leases, plant_blob, rows_by_id, seed_items, seed_variants, states,
                              variant_keys)
-from tests.s3 import PREFIX
+from tests.s3 import PREFIX, s3_settings_for
 from worker.catalog import Catalog
 from worker.catalog.manifest import ManifestError
+from worker.engine import build
 from worker.models import MediaItem, MediaVariant, Reason
 from worker.reconcile import Reconciler
 from worker.store import DeleteResult
 from worker.store.fs import FilesystemStore
+from worker.store.s3 import S3Store
 from worker.sweep import Sweeper
 from worker.tombstones import Tombstones
 from worker.verify import Verifier
@@ -358,3 +360,44 @@ def test_on_a_versioned_bucket_a_sweep_leaves_no_version_or_delete_marker_of_an_
     left = [entry["Key"] for entry in (*listing.get("Versions", []), *listing.get("DeleteMarkers", []))]
     assert [key for key in left if ".media-retention" not in key] == []
     assert Verifier(catalog.db, catalog.store).run(grace=DAY, stuck_after=DAY).clean
+
+
+def test_a_variant_under_object_lock_keeps_its_item_deleting_with_the_locks_date(
+        raw_s3, bucket, s3_endpoint, tmp_path, database):
+    """On an Object Lock bucket, a variant retained a few seconds more keeps its item `deleting` with the lock's
+    reason and date (lookups answer 404) while the item's own blob is gone; once the date has passed a sweep deletes
+    the variant's version and tombstones the item, nothing of either key left."""
+    locked = f"{bucket}-lock"
+    raw_s3.create_bucket(Bucket=locked, ObjectLockEnabledForBucket=True)
+    store = S3Store(locked, PREFIX, endpoint_url=s3_endpoint, delete_threads=4, throttle_backoff=0.01)
+    try:
+        engine = build(s3_settings_for(tmp_path, database, locked, s3_endpoint), database=database, store=store)
+        engine.binding.ensure()
+        catalog = engine.catalog
+        catalog.set_org("acme", "30d")
+        for key in ("media/a.jpg", "thumbs/a.webp"):
+            raw_s3.put_object(Bucket=locked, Key=f"{PREFIX}/{key}", Body=b"bytes", ChecksumAlgorithm="CRC32")
+        created = database_time(catalog.db) - timedelta(hours=2)
+        catalog.register(org="acme", key="media/a.jpg", media_id="a", ttl="1h", created_at=created, variants=["thumbs/a.webp"])
+        with catalog.db.transaction() as session:
+            version = session.get(MediaVariant, "thumbs/a.webp").blob_version
+        until = (datetime.now(timezone.utc) + timedelta(seconds=3)).replace(microsecond=0)
+        raw_s3.put_object_retention(Bucket=locked, Key=f"{PREFIX}/thumbs/a.webp", VersionId=version, ChecksumAlgorithm="CRC32",
+                                    Retention={"Mode": "GOVERNANCE", "RetainUntilDate": until})
+
+        first = catalog.sweeper.sweep()
+        assert (first.deleted, first.failed, first.locked) == (0, 1, 1)
+        row = rows_by_id(catalog, ["a"])["a"]
+        assert (row.state, row.lock_reason, row.locked_until) == ("deleting", "retention", until)
+        assert "variant thumbs/a.webp" in row.last_error
+        with pytest.raises(Gone):
+            catalog.lookup("a")
+        time.sleep(max(0.0, (until - datetime.now(timezone.utc)).total_seconds()) + 1.5)
+        end_leases(catalog.db)
+        second = catalog.sweeper.sweep()
+        assert (second.deleted, second.variants_deleted) == (1, 1)
+        listing = raw_s3.list_object_versions(Bucket=locked, Prefix=f"{PREFIX}/")
+        left = [entry["Key"] for entry in (*listing.get("Versions", []), *listing.get("DeleteMarkers", []))]
+        assert [key for key in left if ".media-retention" not in key] == []
+    finally:
+        store.close()
