@@ -88,6 +88,7 @@ def seed_variants(db: Database, blobs: Blobs, variants: Mapping[str, list[str]],
     with db.transaction() as session:
         for start in range(0, len(rows), SEED_BATCH):
             session.execute(insert(MediaVariant), rows[start:start + SEED_BATCH])
+        session.execute(update(MediaItem).where(MediaItem.id.in_(list(variants))).values(has_variants=True))
 
 
 def variant_keys(db: Database, media_id: str | None = None) -> set[str]:

@@ -116,6 +116,9 @@ class MediaItem(Base):
     # (NULL for a legal hold, which has no date) and why ('retention', 'legal_hold').
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     lock_reason: Mapped[str | None] = mapped_column(String(32))
+    # True once the item owns a variant (set in the variant insert's transaction, never cleared): the claim
+    # returns it, so the sweep reads variants only for the items that have some (migration 0011).
+    has_variants: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
     __table_args__ = (
         CheckConstraint("state IN ('active', 'deleting', 'deleted')", name="state_known"),

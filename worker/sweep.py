@@ -173,11 +173,14 @@ class Sweeper:
     def _claimed(self, session, rows, token: str) -> list[ClaimedItem]:
         """The claimed rows with their variants, read in the claim's transaction: a variant added to the item
         committed before the claim (adding one locks the item row and refuses an item no longer active)."""
-        variants = items_sql.variants_of(session, self.db.sql, [row[0] for row in rows])
+        # Only items marked `has_variants` (set with their first variant's insert) are looked up: a batch
+        # without variants, nearly every batch, costs no query.
+        flagged = [row[0] for row in rows if row[-1]]
+        variants = items_sql.variants_of(session, self.db.sql, flagged) if flagged else {}
         claimed = []
-        for row in rows:  # the claim returns exactly ClaimedItem's first columns, in order
+        for row in rows:  # the claim returns ClaimedItem's first columns, in order, then `has_variants`
             own = variants.get(row[0], ())
-            claimed.append(ClaimedItem(*row, token, tuple((v.storage_key, v.blob_version) for v in own),
+            claimed.append(ClaimedItem(*row[:-1], token, tuple((v.storage_key, v.blob_version) for v in own),
                                        sum(v.size_bytes for v in own), own[0].org_id if own else None))
         return claimed
 

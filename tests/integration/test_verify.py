@@ -240,7 +240,7 @@ def claims_racing(catalog, change: Callable[[], object]) -> list[ClaimedItem]:
 
     changer = threading.Thread(target=run_change)
     with catalog.db.transaction() as session:
-        first = [ClaimedItem(*row, token) for row in claims.expired(session, token, 1)]
+        first = [ClaimedItem(*row[:-1], token) for row in claims.expired(session, token, 1)]
         pid = session.scalar(text("SELECT pg_backend_pid()"))
         changer.start()
         wait_until_blocked_by(catalog.db, pid)
@@ -320,7 +320,7 @@ def test_an_item_hold_that_waited_for_a_claim_of_its_row_is_refused_and_the_dele
         wait_until_blocked_by(catalog.db, session.scalar(text("SELECT pg_backend_pid()")))
     holder.join(timeout=30)
     assert len(refused) == 1 and not holder.is_alive()
-    assert catalog.sweeper.process([ClaimedItem(*row, token) for row in rows]).deleted == 1
+    assert catalog.sweeper.process([ClaimedItem(*row[:-1], token) for row in rows]).deleted == 1
     assert run_verify(catalog).clean
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import BigInteger, Integer, String, bindparam, text
+from sqlalchemy import BigInteger, Boolean, Integer, String, bindparam, text
 
 from worker import models
 from worker.db import db_now
@@ -36,11 +36,11 @@ SET state = 'deleting',
     claimed_at = COALESCE({m}claimed_at, {now}),
     lease_until = {lease}
 {picked}
-RETURNING {m}id, {m}storage_key, {m}size_bytes, {m}deletion_reason, {m}attempts, {m}blob_version
+RETURNING {m}id, {m}storage_key, {m}size_bytes, {m}deletion_reason, {m}attempts, {m}blob_version, {m}has_variants
 """
 
 _RETURNED = dict(id=String, storage_key=String, size_bytes=BigInteger, deletion_reason=String, attempts=Integer,
-                 blob_version=String)
+                 blob_version=String, has_variants=Boolean)
 
 
 def claim_sql(dialect: Dialect, *, where: str, order: str, reason: str, now: str, lease: str, skip_locked: bool) -> str:
@@ -56,7 +56,7 @@ def claim_sql(dialect: Dialect, *, where: str, order: str, reason: str, now: str
 class Claims:
     """The claims of sweeps and purges on one database with one lease, built once. Each runs in the
     caller's transaction under the caller's claim token and returns the rows it claimed (`id`,
-    `storage_key`, `size_bytes`, `deletion_reason`, `attempts`, `blob_version`)."""
+    `storage_key`, `size_bytes`, `deletion_reason`, `attempts`, `blob_version`, `has_variants`)."""
 
     def __init__(self, dialect: Dialect, *, lease_seconds: int):
         self.dialect = dialect

@@ -24,8 +24,14 @@ def insert_rows(session, dialect: Dialect, rows: list[dict]) -> None:
 
 def insert_variants(session, dialect: Dialect, rows: list[dict]) -> None:
     """New variants of items (`storage_key`, `item_id`, `size_bytes`, `mime_type`, `sha256`), in the session's
-    transaction, after their items' rows."""
+    transaction, after their items' rows; their items are marked `has_variants` in the same transaction, which
+    is what tells the sweep's claim to read an item's variants (every variant insert goes through here)."""
+    if not rows:
+        return
     dialect.insert_rows(session, models.MediaVariant.__table__, rows)
+    items = models.MediaItem.__table__
+    session.execute(update(items).where(dialect.id_in(items.c.id, sorted({row["item_id"] for row in rows})),
+                                        items.c.has_variants.is_(False)).values(has_variants=True))
 
 
 # -- finalize: a claimed batch's outcome, only on rows still under its claim token ---------------------

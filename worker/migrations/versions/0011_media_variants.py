@@ -34,8 +34,14 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('storage_key', name=op.f('pk_media_variants')),
     )
     op.create_index('ix_media_variants_item_id', 'media_variants', ['item_id'], unique=False)
+    with op.batch_alter_table('media_items') as batch:
+        # Set in the transaction that inserts an item's first variant: the claim returns it, so a batch of items
+        # without variants (nearly all of them) costs the sweep no variant query.
+        batch.add_column(sa.Column('has_variants', sa.Boolean(), server_default=sa.text('false'), nullable=False))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('media_items') as batch:
+        batch.drop_column('has_variants')
     op.drop_index('ix_media_variants_item_id', table_name='media_variants')
     op.drop_table('media_variants')
