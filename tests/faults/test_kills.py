@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 
@@ -33,12 +34,11 @@ def rows_in(world, state: str) -> int:
         return session.scalar(select(func.count()).where(MediaItem.state == state))
 
 
-@pytest.mark.critical_path(seconds=20)
-def test_a_sweep_killed_at_random_moments_loses_nothing_and_deletes_nothing_early(world_factory, rng):
-    """≥ KILLS SIGKILLs of `sweep` (one item a batch, so kills land in claim, delete and finalize), each on
-    fresh expired work among unexpired and held items; then one clean sweep deletes exactly the rest."""
-    world = world_factory(sweep_batch_size="1", claim_lease="1h")
-    world.seed("base", expired=40, unexpired=150, held=60)
+
+def kill_sweeps(world, rng, seed_round: Callable[[int], None], after_kill: Callable[[dict, dict], str]) -> tuple[int, int, Counter]:
+    """SIGKILL `sweep` at random moments until KILLS runs were killed: before each run `seed_round(attempt)` adds
+    fresh expired work; after each kill `after_kill(before, after)` (the item states around the run) checks what
+    it must and names the phase the kill landed in. Returns (kills, attempts, phases)."""
     deleted_so_far = [0]
 
     def claimed_something() -> bool:
@@ -50,23 +50,32 @@ def test_a_sweep_killed_at_random_moments_loses_nothing_and_deletes_nothing_earl
     while kills < KILLS:
         attempts += 1
         assert attempts < KILLS * 4, f"only {kills} of {attempts} runs were killed before they finished (seed {seed()})"
-        world.seed(f"r{attempts}", expired=40)
+        seed_round(attempts)
         before = world.states()
         deleted_so_far[0] = sum(1 for s in before.values() if s != State.ACTIVE.value)
         if not kill_after_work_starts(world.start("sweep", "--json"), claimed_something, kill_delay(rng, work)):
             phases["finished first"] += 1
             continue
         kills += 1
-        after = world.states()
+        phases[after_kill(before, world.states())] += 1
+    return kills, attempts, phases
+
+
+@pytest.mark.critical_path(seconds=20)
+def test_a_sweep_killed_at_random_moments_loses_nothing_and_deletes_nothing_early(world_factory, rng):
+    """≥ KILLS SIGKILLs of `sweep` (one item a batch, so kills land in claim, delete and finalize), each on
+    fresh expired work among unexpired and held items; then one clean sweep deletes exactly the rest."""
+    world = world_factory(sweep_batch_size="1", claim_lease="1h")
+    world.seed("base", expired=40, unexpired=150, held=60)
+
+    def phase(before: dict, after: dict) -> str:
         changed = {m for m, s in after.items() if before.get(m) != s}
         claimed = {m for m in changed if after[m] == State.DELETING.value}
-        gone = {m for m in claimed if not (world.media / world.record.keys[m]).exists()}
-        if gone:
-            phases["between delete and finalize"] += 1
-        elif claimed:
-            phases["between claim and delete"] += 1
-        else:
-            phases["between batches"] += 1
+        if any(not (world.media / world.record.keys[m]).exists() for m in claimed):
+            return "between delete and finalize"
+        return "between claim and delete" if claimed else "between batches"
+
+    kills, attempts, phases = kill_sweeps(world, rng, lambda n: world.seed(f"r{n}", expired=40), phase)
     world.end_leases()
     clean = world.ok("sweep")
     assert clean["failed"] == 0
@@ -84,25 +93,8 @@ def test_a_sweep_killed_at_random_moments_deletes_variants_only_with_their_item_
     after a clean sweep every doomed item's blob and variants are gone, every kept one's are there."""
     world = world_factory(sweep_batch_size="1", claim_lease="1h")
     world.seed("base", expired=20, unexpired=60, held=20, variants=2)
-    deleted_so_far = [0]
 
-    def claimed_something() -> bool:
-        return rows_in(world, State.DELETED.value) + rows_in(world, State.DELETING.value) > deleted_so_far[0]
-
-    work = measure_work(world, claimed_something, "sweep", "--json")
-    phases: Counter = Counter()
-    kills = attempts = 0
-    while kills < KILLS:
-        attempts += 1
-        assert attempts < KILLS * 4, f"only {kills} of {attempts} runs were killed before they finished (seed {seed()})"
-        world.seed(f"r{attempts}", expired=30, variants=2)
-        before = world.states()
-        deleted_so_far[0] = sum(1 for s in before.values() if s != State.ACTIVE.value)
-        if not kill_after_work_starts(world.start("sweep", "--json"), claimed_something, kill_delay(rng, work)):
-            phases["finished first"] += 1
-            continue
-        kills += 1
-        after = world.states()
+    def checked(_before: dict, after: dict) -> str:
         variants = world.record.variants
         kept_lost = [m for m in world.record.kept if not all(world.exists(key) for key in variants.get(m, ()))]
         assert not kept_lost, f"variants of kept items deleted: {kept_lost[:5]} (seed {seed()})"
@@ -110,7 +102,9 @@ def test_a_sweep_killed_at_random_moments_deletes_variants_only_with_their_item_
         assert not leaky, f"tombstones written with variants left: {leaky[:5]} (seed {seed()})"
         partly = [m for m, state in after.items() if state == State.DELETING.value
                   and any(not world.exists(key) for key in (world.record.keys[m], *variants.get(m, ())))]
-        phases["some blobs of a claimed item deleted" if partly else "no blob of a claimed item deleted"] += 1
+        return "some blobs of a claimed item deleted" if partly else "no blob of a claimed item deleted"
+
+    kills, attempts, phases = kill_sweeps(world, rng, lambda n: world.seed(f"r{n}", expired=30, variants=2), checked)
     world.end_leases()
     assert world.ok("sweep")["failed"] == 0
     lost, early = world.check_record()

@@ -213,9 +213,13 @@ class Registration:
             if info is None:
                 raise BadInput(f"no blob at storage key {item.key!r} in {self.store.url}.")
             item.size, item.version = info.size, info.version
-        variants = [variant for item in new_items for variant in item.variants]
-        for variant, info in zip(variants, self.store.stat_many([variant.key for variant in variants]) if variants else [],
-                                 strict=True):
+        self._look_at_variants([variant for item in new_items for variant in item.variants])
+
+    def _look_at_variants(self, variants: Sequence) -> None:
+        """Size and version of each variant's blob, looked at under its reservation; a missing one is bad input."""
+        if not variants:
+            return
+        for variant, info in zip(variants, self.store.stat_many([variant.key for variant in variants]), strict=True):
             if isinstance(info, RetentionError):
                 raise info
             if info is None:
@@ -413,12 +417,7 @@ class Registration:
                 used = items_sql.first_taken(session, self.db.sql, "storage_key", [v.key for v in variants])
                 if used:
                     raise BadInput(f"storage key {used!r} already belongs to a media item or a variant.")
-            for variant, info in zip(variants, self.store.stat_many([v.key for v in variants]), strict=True):
-                if isinstance(info, RetentionError):
-                    raise info
-                if info is None:
-                    raise BadInput(f"no blob at variant key {variant.key!r} in {self.store.url}.")
-                variant.size, variant.version = info.size, info.version
+            self._look_at_variants(variants)
             with self.db.transaction() as session:
                 row = self._check_item_takes_variants(session, media_id)
                 held = reservations.consume(session, self.db.sql, token, [v.key for v in variants])
