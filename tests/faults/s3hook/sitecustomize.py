@@ -36,14 +36,15 @@ if _PLAN:
 
     def _before_send(request, **kwargs):
         operation = kwargs["event_name"].rsplit(".", 1)[-1]
-        with _lock:
+        with _lock:  # two batches' deletes may be on the wire at once: number each send exactly once
             _sent[operation] += 1
-            fault = _PLAN.get(operation, {}).get(str(_sent[operation]))
+            number = _sent[operation]
+        fault = _PLAN.get(operation, {}).get(str(number))
         if fault is None:
             return None
         if _LOG:
-            with open(_LOG, "a") as log:
-                log.write(f"{operation} {_sent[operation]} {fault}\n")
+            with _lock, open(_LOG, "a") as log:
+                log.write(f"{operation} {number} {fault}\n")
         status, body = _BODIES[fault]
         return AWSResponse(request.url, status, {"Content-Type": "application/xml", "Content-Length": str(len(body))}, _Raw(body))
 
