@@ -206,25 +206,23 @@ class Registration:
             item.sha256, item.size, item.version = blob.sha256, blob.size, blob_version
         # Looked at again after the reservation (a manifest's check pass looked before it: reconcile may have
         # deleted the blob since).
-        keyed = [item for item in new_items if item.source is None]
-        for item, info in zip(keyed, self.store.stat_many([item.key for item in keyed]), strict=True):
-            if isinstance(info, RetentionError):
-                raise info
-            if info is None:
-                raise BadInput(f"no blob at storage key {item.key!r} in {self.store.url}.")
-            item.size, item.version = info.size, info.version
+        self._look_at([item for item in new_items if item.source is None], "storage key")
         self._look_at_variants([variant for item in new_items for variant in item.variants])
 
     def _look_at_variants(self, variants: Sequence) -> None:
-        """Size and version of each variant's blob, looked at under its reservation; a missing one is bad input."""
-        if not variants:
+        self._look_at(variants, "variant key")
+
+    def _look_at(self, blobs: Sequence, what: str) -> None:
+        """Size and version of each blob (items by key, variants), looked at under its reservation; a missing one
+        is bad input naming `what` and the key."""
+        if not blobs:
             return
-        for variant, info in zip(variants, self.store.stat_many([variant.key for variant in variants]), strict=True):
+        for blob, info in zip(blobs, self.store.stat_many([blob.key for blob in blobs]), strict=True):
             if isinstance(info, RetentionError):
                 raise info
             if info is None:
-                raise BadInput(f"no blob at variant key {variant.key!r} in {self.store.url}.")
-            variant.size, variant.version = info.size, info.version
+                raise BadInput(f"no blob at {what} {blob.key!r} in {self.store.url}.")
+            blob.size, blob.version = info.size, info.version
 
     def _insert(self, new_items: Sequence[_NewItem], audit: dict | None, token: str) -> list[dict]:
         """Step 3, one transaction: consume this batch's reservations (all still held, or nothing is inserted)
