@@ -401,3 +401,46 @@ def test_a_variant_under_object_lock_keeps_its_item_deleting_with_the_locks_date
         assert [key for key in left if ".media-retention" not in key] == []
     finally:
         store.close()
+
+
+def test_one_key_raced_by_a_variant_registration_a_variant_add_and_an_item_registration_has_one_owner(acme):
+    """Three writers claim the same stored blob at the same instant (as another item's variant, as a variant added to
+    an existing item, as an item's own key), ten rounds: the catalog's reservations let exactly one of them own the
+    key, the others are refused with nothing registered, and the blob is never touched."""
+    import threading
+
+    catalog = acme.catalog
+    register_with_variants(acme, "host", [], expired=False)
+    for round_number in range(10):
+        key = f"thumbs/raced-{round_number}.webp"
+        acme.put(key, b"r" * 5)
+        acme.put(f"media/as-variant-{round_number}.jpg", b"i")
+        writers = {
+            "variant of a new item": lambda: catalog.register(org="acme", key=f"media/as-variant-{round_number}.jpg",
+                                                              media_id=f"as-variant-{round_number}", variants=[key]),
+            "variant added": lambda: catalog.add_variants("host", [key]),
+            "item": lambda: catalog.register(org="acme", key=key, media_id=f"as-item-{round_number}"),
+        }
+        barrier, won, refused, other = threading.Barrier(len(writers)), [], [], []
+
+        def write(name, call):
+            barrier.wait(timeout=10)
+            try:
+                call()
+                won.append(name)
+            except BadInput:
+                refused.append(name)
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                other.append((name, exc))
+
+        threads = [threading.Thread(target=write, args=item) for item in writers.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not other, other
+        assert len(won) == 1 and len(refused) == 2, (won, refused)
+        as_item = rows_by_id(catalog, [f"as-item-{round_number}"])
+        owners = (key in variant_keys(catalog.db)) + sum(row.storage_key == key for row in as_item.values())
+        assert owners == 1, (round_number, won)
+        assert key in acme.present(), "a writer that lost deleted the blob"
