@@ -42,7 +42,7 @@ from sqlalchemy import insert, select
 from worker import items as items_sql
 from worker import metrics
 from worker.binding import StoreBinding
-from worker.db import Database, db_now
+from worker.db import Database, db_clock
 from worker.models import AuditEvent, Reason
 from worker.store import BlobStore, DeleteResult
 
@@ -124,6 +124,15 @@ def item_results(claimed: Sequence[ClaimedItem], results: Sequence[DeleteResult]
     return outcome
 
 
+class _Outcome(NamedTuple):
+    """A batch's outcome as written, for the metrics and logs that follow its commit."""
+
+    counts: "SweepCounts"
+    done: list[tuple[ClaimedItem, DeleteResult]]
+    failed: list[tuple[ClaimedItem, DeleteResult]]
+    lateness: list[float]
+
+
 @dataclass
 class SweepCounts:
     claimed: int = 0
@@ -156,8 +165,14 @@ class Sweeper:
     """Runs the claim -> delete -> finalize pipeline for sweeps and purges against one DB and store."""
 
     def __init__(self, db: Database, store: BlobStore, *, claim_lease: timedelta, batch_size: int = 1000,
-                 binding: StoreBinding | None = None):
+                 binding: StoreBinding | None = None, one_transaction: bool | None = None):
         self.db = db
+        # Expiry sweeps run each batch in one transaction (pick locked, delete, tombstone, commit) on PostgreSQL,
+        # whose row locks keep the batch from everyone else while its blobs go; SQLite keeps the two-phase claim,
+        # since its one write lock would block every registration for as long as the store takes. None: by
+        # database. Purges are two-phase everywhere (they delete media that has not expired: the claim must
+        # commit, and lookups answer 404, before a byte goes).
+        self.one_transaction = db.sql.postgresql if one_transaction is None else one_transaction
         self.store = store
         # Sweeps act only on a store bound to this catalog (binding an unmarked one when that is plainly right).
         self.binding = binding or StoreBinding(db, store)
@@ -224,59 +239,86 @@ class Sweeper:
 
     def finalize_batch(self, claimed: Sequence[ClaimedItem], results: Sequence[DeleteResult]) -> SweepCounts:
         """Record the outcome of one batch in one transaction; only rows still under our claim change."""
-        counts = SweepCounts(claimed=len(claimed), batches=1)
-        done = [(item, result) for item, result in zip(claimed, results, strict=True) if result.ok]
-        failed = [(item, result) for item, result in zip(claimed, results, strict=True) if not result.ok]
-        lateness: list[float] = []
         with self.db.transaction() as session:
             # No need to wait for the WAL flush: a finalize lost in a database crash leaves its rows
             # `deleting`, and the next sweep re-claims them after the lease and finishes them (a
             # missing blob counts as deleted). Claims stay synchronous: they must outlive a crash.
             self.db.sql.relax_commit(session)
-            if done:
-                # Set-based, one statement per claim token (a batch holds one, a purge's batch may hold
-                # more): a statement per row made finalizing cost as much as the S3 delete itself.
+            outcome = self._record(session, claimed, results, token=None)
+        return self._report(outcome)
+
+    def _record(self, session, claimed: Sequence[ClaimedItem], results: Sequence[DeleteResult], *,
+                token: str | None) -> "_Outcome":
+        """Write a batch's outcome in `session`: successes become tombstones, failures stay (or become)
+        `deleting` with their error and a backoff lease, and the audit trail gets the deletions by org and
+        reason. Two-phase (`token` None): only rows still under each item's own claim token change. One
+        transaction (`token` given): the rows are this transaction's, locked since the pick; failures
+        are claimed under `token`."""
+        counts = SweepCounts(claimed=len(claimed), batches=1)
+        done = [(item, result) for item, result in zip(claimed, results, strict=True) if result.ok]
+        failed = [(item, result) for item, result in zip(claimed, results, strict=True) if not result.ok]
+        lateness: list[float] = []
+        if done:
+            # Set-based: one statement for the batch (two-phase: one per claim token; a batch holds one, a
+            # purge's batch may hold more): a statement per row made finalizing cost as much as the delete.
+            if token is None:
                 ids_by_token: dict[str, list[str]] = {}
                 for item, _ in done:
                     ids_by_token.setdefault(item.token, []).append(item.id)
-                # The rows this statement really tombstoned (still under our claim), for the audit trail.
-                tombstoned: Counter[tuple[str, str]] = Counter()
-                tombstoned_bytes: Counter[tuple[str, str]] = Counter()
-                for token, ids in ids_by_token.items():
-                    for group in items_sql.tombstone_claimed(session, self.db.sql, token, ids):
-                        counts.deleted += group.count
-                        tombstoned[(group.org_id, group.reason)] += group.count
-                        tombstoned_bytes[(group.org_id, group.reason)] += group.size_bytes
-                        if group.reason in EXPIRY_REASONS:
-                            lateness += group.lateness
-                counts.already_missing = sum(1 for _, result in done if result.missing)
-                counts.bytes_freed = sum(item.size_bytes for item, result in done if not result.missing)
-                counts.bytes_freed += sum(item.variant_bytes for item, _ in done)
-                counts.variants_deleted = sum(len(item.variants) for item, _ in done)
-                # Counts by org and reason, in the finalize's own transaction: the trail records exactly the
-                # deletions that committed (a finalize lost in a crash loses its audit rows with it, and the
-                # sweep that finishes those items records them then).
-                if tombstoned:
-                    # Variants deleted with the items, per org and reason (an item with variants knows its org).
-                    variants: Counter[tuple[str, str]] = Counter()
-                    for item, _ in done:
-                        if item.variants:
-                            variants[item.variant_org, item.reason] += len(item.variants)
-                    session.execute(insert(AuditEvent.__table__), [
-                        {"action": "deleted", "actor": self.actor, "org_id": org_id, "reason": reason,
-                         "details": {"count": count, "bytes": tombstoned_bytes[(org_id, reason)],
-                                     **({"variants": variants[org_id, reason]} if variants[org_id, reason] else {})}}
-                        for (org_id, reason), count in sorted(tombstoned.items())
-                    ])
-            if failed:
-                now = session.scalar(select(db_now()))
+                groups = [group for tok, ids in ids_by_token.items()
+                          for group in items_sql.tombstone_claimed(session, self.db.sql, tok, ids)]
+            else:
+                groups = items_sql.tombstone_locked(session, self.db.sql, [item.id for item, _ in done])
+            # The rows this statement really tombstoned, for the audit trail.
+            tombstoned: Counter[tuple[str, str]] = Counter()
+            tombstoned_bytes: Counter[tuple[str, str]] = Counter()
+            for group in groups:
+                counts.deleted += group.count
+                tombstoned[(group.org_id, group.reason)] += group.count
+                tombstoned_bytes[(group.org_id, group.reason)] += group.size_bytes
+                if group.reason in EXPIRY_REASONS:
+                    lateness += group.lateness
+            counts.already_missing = sum(1 for _, result in done if result.missing)
+            counts.bytes_freed = sum(item.size_bytes for item, result in done if not result.missing)
+            counts.bytes_freed += sum(item.variant_bytes for item, _ in done)
+            counts.variants_deleted = sum(len(item.variants) for item, _ in done)
+            # Counts by org and reason, in the outcome's own transaction: the trail records exactly the
+            # deletions that committed (an outcome lost in a crash loses its audit rows with it, and the
+            # sweep that finishes those items records them then).
+            if tombstoned:
+                # Variants deleted with the items, per org and reason (an item with variants knows its org).
+                variants: Counter[tuple[str, str]] = Counter()
+                for item, _ in done:
+                    if item.variants:
+                        variants[item.variant_org, item.reason] += len(item.variants)
+                session.execute(insert(AuditEvent.__table__), [
+                    {"action": "deleted", "actor": self.actor, "org_id": org_id, "reason": reason,
+                     "details": {"count": count, "bytes": tombstoned_bytes[(org_id, reason)],
+                                 **({"variants": variants[org_id, reason]} if variants[org_id, reason] else {})}}
+                    for (org_id, reason), count in sorted(tombstoned.items())
+                ])
+        if failed:
+            # The wall clock: in one transaction the store call came after the transaction began.
+            now = session.scalar(select(db_clock()))
+            if token is None:
                 items_sql.lock_claimed(session, [
                     (item.id, item.token, (result.error or "unknown error")[:2000], retry_in_seconds(item, result, now),
                      result.lock_reason, result.locked_until)
                     for item, result in failed
                 ])
-                counts.failed = len(failed)
-                counts.locked = sum(1 for _, result in failed if result.lock_reason)
+            else:
+                items_sql.fail_locked(session, token, [
+                    (item.id, (result.error or "unknown error")[:2000], retry_in_seconds(item, result, now),
+                     result.lock_reason, result.locked_until)
+                    for item, result in failed
+                ])
+            counts.failed = len(failed)
+            counts.locked = sum(1 for _, result in failed if result.lock_reason)
+        return _Outcome(counts, done, failed, lateness)
+
+    def _report(self, outcome: "_Outcome") -> SweepCounts:
+        """Metrics and log lines of a batch's outcome, once it committed."""
+        counts, done, failed, lateness = outcome
         for reason, count in Counter(item.reason for item, _ in done).items():
             metrics.DELETED_ITEMS.labels(reason=reason).inc(count)
         metrics.FREED_BYTES.inc(counts.bytes_freed)
@@ -359,15 +401,13 @@ class Sweeper:
                       fields: dict) -> SweepCounts:
         """The finalizer's part: wait for the batch's deletes, record them, log the batch (at debug level
         when `quiet`: the expiry watch finalizes many small batches and logs a summary instead)."""
-        try:
-            results = item_results(claimed, deleting.result())
-        except Exception as exc:  # noqa: BLE001 - a store that raises fails its batch, it does not lose it
-            # Stores answer per key; one that raises instead (a bug, an unforeseen error) fails each key
-            # of the batch, so the items get the same retry with backoff and show up as stuck with it.
-            error = f"{type(exc).__name__}: {exc}"
-            log.error(f"{event}.batch_delete_failed", **fields, items=len(claimed), error=error)
-            results = [DeleteResult(item.storage_key, ok=False, error=error) for item in claimed]
+        results = self._delete_results(claimed, deleting.result, event, fields)
         batch = self.finalize_batch(claimed, results)
+        self._log_batch(event, quiet, fields, batch, started)
+        return batch
+
+    @staticmethod
+    def _log_batch(event: str, quiet: bool, fields: dict, batch: SweepCounts, started: float) -> None:
         (log.debug if quiet else log.info)(
             f"{event}.batch_finalized",
             **fields,
@@ -378,6 +418,100 @@ class Sweeper:
             bytes_freed=batch.bytes_freed,
             seconds=round(time.monotonic() - started, 3),
         )
+
+    def _delete_results(self, claimed: Sequence[ClaimedItem], delete: Callable[[], list[DeleteResult]], event: str,
+                        fields: dict) -> list[DeleteResult]:
+        """One result per item from `delete()` (the batch's store call, or the wait for it)."""
+        try:
+            return item_results(claimed, delete())
+        except Exception as exc:  # noqa: BLE001 - a store that raises fails its batch, it does not lose it
+            # Stores answer per key; one that raises instead (a bug, an unforeseen error) fails each key
+            # of the batch, so the items get the same retry with backoff and show up as stuck with it.
+            error = f"{type(exc).__name__}: {exc}"
+            log.error(f"{event}.batch_delete_failed", **fields, items=len(claimed), error=error)
+            return [DeleteResult(item.storage_key, ok=False, error=error) for item in claimed]
+
+    # -- expiry sweeps in one transaction a batch (PostgreSQL) ---------------------------------
+
+    def _drain_locked(self, limit: int | None, deadline: float | None, stop: threading.Event | None,
+                      quiet: bool) -> SweepCounts:
+        """`drain` with each batch in one transaction: up to PIPELINE_DEPTH batches at once, each on a thread
+        and connection of its own (`expire_batch`), so one batch's store I/O overlaps the others' catalog work.
+        Batches are picked one after the other: this thread starts the next only once the last one has picked
+        (a short pick means nothing more is due), as `_drain` claims."""
+        total = SweepCounts()
+        picked_count = 0
+        in_flight: deque[Future] = deque()
+        context = contextvars.copy_context  # the batch's log events keep the task's bound fields
+        with ThreadPoolExecutor(PIPELINE_DEPTH, thread_name_prefix="sweep-batch") as batches:
+            try:
+                while True:
+                    if limit is not None and picked_count >= limit:
+                        break
+                    if deadline is not None and time.monotonic() >= deadline:
+                        log.info("sweep.deadline_reached", claimed=picked_count)
+                        break
+                    if stop is not None and stop.is_set():
+                        break
+                    while len(in_flight) >= PIPELINE_DEPTH:
+                        total.add(in_flight.popleft().result())
+                    size = self.batch_size if limit is None else min(self.batch_size, limit - picked_count)
+                    picked: Future = Future()
+                    in_flight.append(batches.submit(context().run, self.expire_batch, size, picked, quiet))
+                    count = picked.result()
+                    picked_count += count
+                    if count < size:
+                        break  # a short batch: nothing more was due when it was picked
+            finally:
+                # Every batch started runs to its commit (or rollback) before the run ends or raises.
+                errors = []
+                while in_flight:
+                    try:
+                        total.add(in_flight.popleft().result())
+                    except BaseException as exc:  # noqa: BLE001 - re-raised below, after every batch settled
+                        errors.append(exc)
+                if errors:
+                    raise errors[0]
+        return total
+
+    def expire_batch(self, size: int, picked: Future | None = None, quiet: bool = False) -> SweepCounts:
+        """One batch of an expiry sweep in one transaction: lock up to `size` due rows (stale claims first, then
+        expired items; FOR UPDATE SKIP LOCKED, cut off by the transaction's `now()`), read their variants after
+        the lock, delete their blobs while the locks are held, then write each row once (tombstone, or
+        `deleting` with a backoff for a failed delete) with the audit rows, and commit. `picked` learns how many
+        rows were locked as soon as they are.
+
+        Why no claim commits first: an expired, unheld item answers 404 on every lookup path from its expiry,
+        whatever its row's state, so there is nothing a committed claim would hide. A crash before the commit
+        leaves the rows as they were (active, expired: still 404) and the next sweep takes them at once, a blob
+        already gone counting as deleted. Whoever wants one of these rows meanwhile (a hold, `org set`, a variant
+        add, a purge) waits on its lock and re-checks it after the commit: it finds a tombstone, or, if the
+        batch rolled back, the active row it would have found before."""
+        started = time.monotonic()
+        token = secrets.token_hex(16)  # names this batch's failed deletes, kept `deleting`
+        try:
+            with self.db.transaction() as session:
+                # The commit's WAL flush is not awaited: a commit lost in a database crash leaves the rows active
+                # and expired, which the next sweep takes again (the blobs already gone count as deleted).
+                self.db.sql.relax_commit(session)
+                rows = self._claims.lock_stale(session, size)
+                if len(rows) < size:
+                    rows += self._claims.lock_expired(session, size - len(rows))
+                claimed = self._claimed(session, rows, token)
+                if picked is not None:
+                    picked.set_result(len(claimed))
+                    picked = None
+                if not claimed:
+                    return SweepCounts()
+                results = self._delete_results(
+                    claimed, lambda: self.store.delete_targets(delete_targets(claimed)), "sweep", {})
+                outcome = self._record(session, claimed, results, token=token)
+        except BaseException as exc:
+            if picked is not None:
+                picked.set_exception(exc)
+            raise
+        batch = self._report(outcome)
+        self._log_batch("sweep", quiet, {}, batch, started)
         return batch
 
     def held_expired_count(self) -> int:
@@ -389,6 +523,8 @@ class Sweeper:
               quiet: bool = False) -> SweepCounts:
         """Claim and delete due items batch by batch until none are left, `limit`, `deadline` or `stop`."""
         self.binding.ensure()
+        if self.one_transaction:
+            return self._drain_locked(limit, deadline, stop, quiet)
         return self._drain(self.claim_expired, limit, deadline, "sweep", stop, quiet)
 
     def sweep(self, *, limit: int | None = None, dry_run: bool = False, deadline: float | None = None) -> SweepCounts:

@@ -85,14 +85,16 @@ _KILLED_SWEEP = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)  # the blobs are gone, the rows still say `deleting`
 
     db = Database(sys.argv[1])
-    DiesBeforeFinalize(db, FilesystemStore(sys.argv[2]), claim_lease=timedelta(seconds=2), batch_size=1000).sweep()
+    DiesBeforeFinalize(db, FilesystemStore(sys.argv[2]), claim_lease=timedelta(seconds=2), batch_size=1000,
+                       one_transaction=False).sweep()
     """
 )
 
 
 def test_sweep_killed_between_delete_and_finalize_is_finished_by_a_later_sweep(catalog, database, media_root):
-    """A sweep process SIGKILLed after deleting blobs leaves `deleting` rows (lookups 404); after the lease
-    the next sweep finalizes them: no blob left and no live ID pointing at a missing blob."""
+    """A two-phase sweep (SQLite's, and any path whose claim commits first) SIGKILLed after deleting blobs leaves
+    `deleting` rows (lookups 404); after the lease the next sweep finalizes them: no blob left and no live ID
+    pointing at a missing blob. (PostgreSQL's one-transaction kill: tests/integration/test_sweep_one_transaction.py.)"""
     catalog.set_org("acme", "30d")
     ids = seed_items(catalog.db, media_root, "acme", 40)
     crashed = subprocess.run([sys.executable, "-c", _KILLED_SWEEP, database.url, str(media_root)], capture_output=True, timeout=60,

@@ -53,7 +53,7 @@ from worker.items.writes import (
     # registration
     insert_rows, insert_variants,
     # finalize
-    fail_claimed, lock_claimed, tombstone_claimed,
+    fail_claimed, fail_locked, lock_claimed, tombstone_claimed, tombstone_locked,
     # holds and retention
     mirror_org_hold, rewrite_expiry, set_hold,
     # reconcile

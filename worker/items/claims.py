@@ -39,6 +39,17 @@ SET state = 'deleting',
 RETURNING {m}id, {m}storage_key, {m}size_bytes, {m}deletion_reason, {m}attempts, {m}blob_version, {m}has_variants
 """
 
+# The one-transaction sweep's pick (PostgreSQL): the same rows, index and order as the claim, locked FOR UPDATE
+# SKIP LOCKED and only read. Nothing is written until the batch's blobs are gone; the row locks held until
+# then are what a hold, an `org set` or a variant add waits on. The reason is the one the row will be
+# tombstoned with (a stale claim keeps the one it was claimed for).
+_LOCK = """SELECT c.id, c.storage_key, c.size_bytes, COALESCE(c.deletion_reason, {reason}) AS deletion_reason,
+    c.attempts, c.blob_version, c.has_variants
+FROM media_items AS c
+WHERE {where}
+ORDER BY {order} LIMIT :limit
+{lock}"""
+
 _RETURNED = dict(id=String, storage_key=String, size_bytes=BigInteger, deletion_reason=String, attempts=Integer,
                  blob_version=String, has_variants=Boolean)
 
@@ -68,6 +79,10 @@ class Claims:
                                                "c.lease_until", REASON_BY_TTL)
         self.expired_statement = self._statement(f"{predicate(CLAIMABLE, 'c')} AND c.expires_at <= {{now}}",
                                                  "c.expires_at", REASON_BY_TTL)
+        self.stale_lock_statement = self._lock_statement(f"{predicate(DELETING, 'c')} AND c.lease_until <= {{now}}",
+                                                         "c.lease_until")
+        self.expired_lock_statement = self._lock_statement(f"{predicate(CLAIMABLE, 'c')} AND c.expires_at <= {{now}}",
+                                                           "c.expires_at")
         self._org_statement = self._statement(f"c.org_id = :org AND {predicate(CLAIMABLE, 'c')}", "c.expires_at",
                                               f"'{models.Reason.ORG_PURGE.value}'")
 
@@ -76,6 +91,23 @@ class Claims:
                         skip_locked=skip_locked)
         statement = text(sql).columns(**_RETURNED)
         return statement.bindparams(bindparam("ids", expanding=True)) if ids else statement
+
+    def _lock_statement(self, where: str, order: str):
+        sql = _LOCK.format(where=where.format(now=self._now), order=order, reason=REASON_BY_TTL.format(m="c."),
+                           lock=self.dialect.row_lock(skip_locked=True))
+        return text(sql).columns(**_RETURNED)
+
+    def lock_stale(self, session, limit: int) -> list:
+        """Claims whose lease ran out, by lease, locked (SKIP LOCKED) in the caller's transaction and not
+        written: the one-transaction sweep's pick. Same rows as `stale`."""
+        return session.execute(self.stale_lock_statement, {"limit": limit}).all()
+
+    def lock_expired(self, session, limit: int) -> list:
+        """Claimable items expired by the database clock (the transaction's `now()`), by expiry, locked (SKIP
+        LOCKED) in the caller's transaction and not written: the one-transaction sweep's pick. Same rows as
+        `expired`; a hold or retention change committed before the lock is re-checked on the row's newest
+        version (PostgreSQL keeps every condition of a FOR UPDATE scan for that re-check, partial index or not)."""
+        return session.execute(self.expired_lock_statement, {"limit": limit}).all()
 
     def stale(self, session, token: str, limit: int) -> list:
         """Claims whose lease ran out (a worker died or was too slow), by lease, skipping locked rows."""

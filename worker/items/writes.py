@@ -7,10 +7,10 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from sqlalchemy import BigInteger, Integer, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import BigInteger, Integer, and_, bindparam, case, delete, func, or_, select, update
 
 from worker import models
-from worker.db import db_now, plus_seconds
+from worker.db import db_clock, db_now, plus_seconds
 from worker.dialect import Dialect
 from worker.items.predicates import claimable, compactable
 
@@ -60,9 +60,38 @@ def tombstone_claimed(session, dialect: Dialect, token: str, ids: list[str]) -> 
         .where(dialect.id_in(items.c.id, ids), items.c.claim_token == token, items.c.state == State.DELETING.value)
         .values(state=State.DELETED.value, deleted_at=db_now(), lease_until=None, claim_token=None, last_error=None,
                 locked_until=None, lock_reason=None)
-        .returning(items.c.org_id, items.c.deletion_reason, items.c.size_bytes,
-                   dialect.seconds_between(items.c.deleted_at, items.c.expires_at).label("late"))
     )
+    return _tombstoned(session, dialect, changed)
+
+
+def tombstone_locked(session, dialect: Dialect, ids: list[str]) -> list[Tombstoned]:
+    """The one-transaction sweep's tombstones: the rows of `ids`, which this transaction locked (`Claims.lock_*`)
+    and whose blobs it deleted, become `deleted` in one UPDATE, their only write. `deleted_at` is the wall clock
+    now (`clock_timestamp()`: the blobs are gone by now; the transaction's `now()` is when it began, before the
+    store was asked), `claimed_at` the transaction's `now()` (the clock the pick was cut off by) unless an
+    earlier claim set it, the reason the one the pick read. Returns what `tombstone_claimed` returns."""
+    items = models.MediaItem.__table__
+    State = models.State
+    changed = (
+        update(items)
+        .where(dialect.id_in(items.c.id, ids), items.c.state.in_((State.ACTIVE.value, State.DELETING.value)))
+        .values(state=State.DELETED.value, deletion_reason=func.coalesce(items.c.deletion_reason, _reason_by_ttl(items)),
+                claimed_at=func.coalesce(items.c.claimed_at, db_now()), deleted_at=db_clock(), lease_until=None,
+                claim_token=None, last_error=None, locked_until=None, lock_reason=None)
+    )
+    return _tombstoned(session, dialect, changed)
+
+
+def _reason_by_ttl(items):
+    """`ttl` for an item with its own TTL, `retention` otherwise: why an expired item goes."""
+    return case((items.c.ttl_seconds.is_(None), models.Reason.RETENTION.value), else_=models.Reason.TTL.value)
+
+
+def _tombstoned(session, dialect: Dialect, changed) -> list[Tombstoned]:
+    """Run the tombstoning UPDATE `changed`; its rows grouped by org and reason (see `tombstone_claimed`)."""
+    items = models.MediaItem.__table__
+    changed = changed.returning(items.c.org_id, items.c.deletion_reason, items.c.size_bytes,
+                                dialect.seconds_between(items.c.deleted_at, items.c.expires_at).label("late"))
     if dialect.postgresql:
         done = changed.cte("done")
         return [Tombstoned(*row) for row in session.execute(
@@ -75,6 +104,35 @@ def tombstone_claimed(session, dialect: Dialect, token: str, ids: list[str]) -> 
         size_bytes[org_id, reason] += size
         lateness.setdefault((org_id, reason), []).append(late)
     return [Tombstoned(org_id, reason, len(late), size_bytes[org_id, reason], late) for (org_id, reason), late in lateness.items()]
+
+
+def fail_locked(session, token: str, failures: Iterable[tuple[str, str, int, str | None, object]]) -> None:
+    """The one-transaction sweep's failed deletes, each `(id, error, retry_in_seconds, lock_reason, locked_until)`,
+    on rows this transaction locked: they become `deleting` under `token` (so lookups keep answering 404 and
+    the stale claim retries them) exactly as `lock_claimed` leaves a failed claim: one more attempt, the error,
+    a lease `retry_in_seconds` from now (wall clock) and the store's lock, with the reason and `claimed_at` a
+    tombstone would get."""
+    items = models.MediaItem.__table__
+    rows = [{"b_id": media_id, "b_error": error, "b_backoff": backoff, "b_reason": reason, "b_until": until}
+            for media_id, error, backoff, reason, until in failures]
+    if not rows:
+        return
+    session.execute(
+        update(items)
+        .where(items.c.id == bindparam("b_id"), items.c.state.in_((models.State.ACTIVE.value, models.State.DELETING.value)))
+        .values(
+            state=models.State.DELETING.value,
+            deletion_reason=func.coalesce(items.c.deletion_reason, _reason_by_ttl(items)),
+            claimed_at=func.coalesce(items.c.claimed_at, db_now()),
+            claim_token=token,
+            attempts=items.c.attempts + 1,
+            last_error=bindparam("b_error"),
+            lease_until=plus_seconds(db_clock(), bindparam("b_backoff", type_=Integer)),
+            lock_reason=bindparam("b_reason"),
+            locked_until=bindparam("b_until", type_=items.c.locked_until.type),
+        ),
+        rows,
+    )
 
 
 def fail_claimed(session, failures: Iterable[tuple[str, str, str, int]]) -> None:
