@@ -61,29 +61,102 @@ def kill_sweeps(world, rng, seed_round: Callable[[int], None], after_kill: Calla
     return kills, attempts, phases
 
 
+def blobs_gone_under_active_rows(world, after: dict) -> set[str]:
+    """Items whose row is still `active` but whose blob (or a variant's) is gone: a one-transaction batch killed
+    during or after its store call, before its commit. Only doomed items (expired, unheld: 404 already) may be
+    in that state; the test asserts it."""
+    variants = world.record.variants
+    gone = {m for m, state in after.items() if state == State.ACTIVE.value and m in world.record.keys
+            and any(not world.exists(key) for key in (world.record.keys[m], *variants.get(m, ())))}
+    assert gone <= world.record.doomed, f"blobs of kept items gone: {sorted(gone - world.record.doomed)[:5]} (seed {seed()})"
+    return gone
+
+
 @pytest.mark.critical_path(seconds=20)
 def test_a_sweep_killed_at_random_moments_loses_nothing_and_deletes_nothing_early(world_factory, rng):
-    """≥ KILLS SIGKILLs of `sweep` (one item a batch, so kills land in claim, delete and finalize), each on
-    fresh expired work among unexpired and held items; then one clean sweep deletes exactly the rest."""
+    """≥ KILLS SIGKILLs of `sweep` (one item a batch, so kills land in every step of a batch's one transaction:
+    the pick with its row locks, the store's deletes under them, the tombstone, the commit), each on fresh expired
+    work among unexpired and held items; after each kill only doomed items miss a blob; then one clean sweep
+    deletes exactly the rest, without waiting for any lease (the killed batches committed nothing)."""
     world = world_factory(sweep_batch_size="1", claim_lease="1h")
     world.seed("base", expired=40, unexpired=150, held=60)
 
     def phase(before: dict, after: dict) -> str:
         changed = {m for m, s in after.items() if before.get(m) != s}
         claimed = {m for m in changed if after[m] == State.DELETING.value}
+        if blobs_gone_under_active_rows(world, after):
+            return "store deleted, commit not reached (rows active, 404)"
         if any(not (world.media / world.record.keys[m]).exists() for m in claimed):
-            return "between delete and finalize"
-        return "between claim and delete" if claimed else "between batches"
+            return "between delete and finalize (two-phase)"
+        return "between claim and delete (two-phase)" if claimed else "before the store or between batches"
 
     kills, attempts, phases = kill_sweeps(world, rng, lambda n: world.seed(f"r{n}", expired=40), phase)
-    world.end_leases()
+    assert not rows_in(world, State.DELETING.value), "a one-transaction sweep left a claim behind"
     clean = world.ok("sweep")
     assert clean["failed"] == 0
     lost, early = world.check_record()
     world.verify_clean()
     print(f"sweep kills: {kills} of {attempts} runs, phases {dict(phases)} (seed {seed()})")
     record("SIGKILL of `sweep`", "SIGKILL at a random moment of the measured run, 1 item a batch", kills, lost, early,
-           "clean sweep, verify clean", phases=dict(phases), items=len(world.record.keys))
+           "clean sweep (no lease to wait for), verify clean", phases=dict(phases), items=len(world.record.keys))
+
+
+@pytest.mark.critical_path(seconds=20)
+def test_a_purge_killed_at_random_moments_commits_its_claim_before_any_blob_goes(world_factory, rng):
+    """≥ KILLS SIGKILLs of `purge ID... --yes` over unexpired items (one item a batch): a purge deletes media that
+    has not expired, so its claim commits first: after every kill no purged item's blob is gone under an
+    `active` row, and nothing but the purged items changed; a clean sweep (after the leases) finishes the claims
+    a kill left, a re-run purges the rest, and verify is clean."""
+    world = world_factory(sweep_batch_size="1", claim_lease="1h")
+    world.seed("base", expired=20, unexpired=100, held=30)
+    targets: list[str] = []
+
+    def round_of(n: int) -> list[str]:
+        world.seed(f"p{n}", unexpired=20)
+        ids = [m for m in world.record.keys if m.startswith(f"p{n}-u-")]
+        targets.extend(ids)
+        return ids
+
+    def taken(ids):
+        return lambda: any(state != State.ACTIVE.value for m, state in world.states().items() if m in ids)
+
+    ids = round_of(0)
+    work = measure_work(world, taken(set(ids)), "purge", *ids, "--yes", "--json")
+    phases: Counter = Counter()
+    kills = attempts = 0
+    while kills < KILLS:
+        attempts += 1
+        assert attempts < KILLS * 4, f"only {kills} of {attempts} runs were killed before they finished (seed {seed()})"
+        ids = round_of(attempts)
+        before = world.states()
+        if not kill_after_work_starts(world.start("purge", *ids, "--yes", "--json"), taken(set(ids)), kill_delay(rng, work)):
+            phases["finished first"] += 1
+            continue
+        kills += 1
+        after = world.states()
+        changed = {m for m, state in after.items() if before.get(m) != state}
+        assert changed <= set(ids), f"a purge changed items it was not given: {sorted(changed - set(ids))[:5]} (seed {seed()})"
+        early = [m for m in ids if after[m] == State.ACTIVE.value and not world.exists(world.record.keys[m])]
+        assert not early, f"a purge deleted blobs before its claim committed: {early[:5]} (seed {seed()})"
+        claimed = [m for m in ids if after[m] == State.DELETING.value]
+        phases["blob deleted, claim not finalized" if any(not world.exists(world.record.keys[m]) for m in claimed)
+               else "claimed, blob still there" if claimed else "between items"] += 1
+    world.end_leases()
+    world.ok("sweep")
+    rest = [m for m, state in world.states().items() if m in set(targets) and state == State.ACTIVE.value]
+    if rest:
+        world.ok("purge", *rest, "--yes")
+    states = world.states()
+    lost = [m for m in targets if states[m] != State.DELETED.value or world.exists(world.record.keys[m])]
+    assert not lost, f"purged items not cleanly deleted: {lost[:10]} (seed {seed()})"
+    for media_id in targets:  # purged by the operator: out of the record of what must stay
+        world.record.keys.pop(media_id)
+    lost_count, early_count = world.check_record()
+    world.verify_clean()
+    print(f"purge kills: {kills} of {attempts} runs, phases {dict(phases)} (seed {seed()})")
+    record("SIGKILL of `purge`", "SIGKILL at a random moment of `purge ID... --yes`, 1 item a batch", kills, lost_count,
+           early_count, "clean sweep after the leases + re-run purge, verify clean", phases=dict(phases),
+           items=len(targets))
 
 
 @pytest.mark.critical_path(seconds=20)
@@ -102,7 +175,9 @@ def test_a_sweep_killed_at_random_moments_deletes_variants_only_with_their_item_
         assert not leaky, f"tombstones written with variants left: {leaky[:5]} (seed {seed()})"
         partly = [m for m, state in after.items() if state == State.DELETING.value
                   and any(not world.exists(key) for key in (world.record.keys[m], *variants.get(m, ())))]
-        return "some blobs of a claimed item deleted" if partly else "no blob of a claimed item deleted"
+        if blobs_gone_under_active_rows(world, after):
+            return "some blobs deleted, commit not reached (row active, 404)"
+        return "some blobs of a claimed item deleted" if partly else "no blob of an uncommitted batch deleted"
 
     kills, attempts, phases = kill_sweeps(world, rng, lambda n: world.seed(f"r{n}", expired=30, variants=2), checked)
     world.end_leases()
