@@ -1,6 +1,20 @@
 """The sweep: claim expired media -> delete blobs -> finalize. Purges run the same pipeline.
 
-Each step is its own short transaction and no row lock is held across blob I/O:
+Expiry sweeps on PostgreSQL run each batch in ONE transaction (`Sweeper.expire_batch`): pick the batch
+`FOR UPDATE SKIP LOCKED` (stale claims first, then expired claimable items, cut off by the database clock),
+read its variants after the lock, delete its blobs while the row locks are held, then write each row once (a
+`deleted` tombstone, or `deleting` with a backoff lease for a failed delete) with the audit rows, and commit.
+No claim needs to commit first: an expired, unheld item answers 404 on every lookup path from its expiry
+whatever its row says. A crash before the commit leaves the rows active and expired (still 404), and the next
+sweep takes them at once (a missing blob counts as deleted). A hold, an `org set` or a variant add that wants
+one of the rows waits for the lock and re-checks it after the commit. Cost: one row write per deletion
+instead of two (tests/bench/bench_sweep_writes.py). Known gap: a hold or a longer retention landing between a
+batch killed after its deletes and the next sweep revives an item whose blob is gone
+(tests/integration/test_sweep_one_transaction.py, strict xfail).
+
+Purges (media that has NOT expired) and every sweep on SQLite (one write lock for the whole database: holding
+it across store I/O would block every registration) keep the two-phase path, each step its own short
+transaction, no row lock held across blob I/O:
 
 1. claim: one `UPDATE ... RETURNING` moves a batch to `deleting` under a lease, cut off by the
    database clock. On PostgreSQL the batch is picked `FOR UPDATE SKIP LOCKED`, so concurrent
@@ -16,7 +30,7 @@ Each step is its own short transaction and no row lock is held across blob I/O:
    delete the store refused because the version is locked (Object Lock) stays `deleting` too, with the
    lock's reason and date on the row, and its lease set to that date (a legal hold: the capped backoff).
 
-A worker that dies anywhere leaves rows in `deleting` whose lease runs out; the next sweep claims
+A two-phase worker that dies anywhere leaves rows in `deleting` whose lease runs out; the next sweep claims
 them again first and finishes the job (deleting an already-deleted blob is a success).
 """
 

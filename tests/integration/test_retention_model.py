@@ -297,6 +297,9 @@ class Item:
     # reschedules live items only).
     gone_expiry: datetime | None = None
     stashed: bool = False
+    # PostgreSQL's one-transaction sweep deleted its blob (or a variant's) under the row lock and crashed before
+    # its commit: the row is still active and expired (404), and the next sweep tombstones it.
+    lost_in_crash: bool = False
     # Once a blob has been away, it may come back behind a tombstone: a leak reconcile repairs, not a bug.
     ever_stashed: bool = False
     content: bytes = b""
@@ -399,6 +402,7 @@ class RetentionModel(RuleBasedStateMachine):
                     session.execute(delete(table))
             session.execute(update(CatalogIdentity).values(store_url=None, bound_at=None))
         self.violations: list[str] = []
+        self.deleted_under_lock: set[str] = set()
         self.refused: set[str] = set()
         self.clock = OffsetClock(self.observer, CLOCK_START_OFFSET) if self.postgresql else ShiftClock()
         self.system = self._new_system()
@@ -493,17 +497,35 @@ class RetentionModel(RuleBasedStateMachine):
         with self.reader() as session:
             rows = session.execute(select(table.c.storage_key, table.c.id, table.c.state)
                                    .where(table.c.storage_key.in_(keys))).all()
-        for key, media_id, state in rows:
-            if state == State.ACTIVE.value:
-                self.violations.append(f"the blob of {media_id} ({key}) was deleted while its row was still active")
         variants = MediaVariant.__table__
         with self.reader() as session:
             owned = session.execute(select(variants.c.storage_key, table.c.id, table.c.state)
                                     .join_from(variants, table, table.c.id == variants.c.item_id)
                                     .where(variants.c.storage_key.in_(keys))).all()
+        active = {media_id for _key, media_id, state in (*rows, *owned) if state == State.ACTIVE.value}
+        excused = self.locked_by_an_expiry_sweep(active)
+        for key, media_id, state in rows:
+            if state == State.ACTIVE.value and media_id not in excused:
+                self.violations.append(f"the blob of {media_id} ({key}) was deleted while its row was still active")
         for key, media_id, state in owned:
-            if state == State.ACTIVE.value:
+            if state == State.ACTIVE.value and media_id not in excused:
                 self.violations.append(f"variant {key} of {media_id} was deleted while its item was still active")
+        self.deleted_under_lock |= excused
+
+    def locked_by_an_expiry_sweep(self, ids: set[str]) -> set[str]:
+        """Of these active rows, those a one-transaction sweep may be deleting the blobs of (PostgreSQL): expired by
+        the database's clock and unheld in the committed catalog (so they answer 404 already), and locked FOR UPDATE
+        by another transaction (a row lock FOR KEY SHARE cannot take: SKIP LOCKED leaves it out)."""
+        if not ids or not self.postgresql:
+            return set()
+        table = MediaItem.__table__
+        with self.reader() as session:
+            due = set(session.scalars(select(table.c.id).where(
+                table.c.id.in_(sorted(ids)), table.c.state == State.ACTIVE.value, table.c.expires_at <= db_now(),
+                table.c.held_at.is_(None), table.c.org_held.is_(False))))
+            free = set(session.scalars(select(table.c.id).where(table.c.id.in_(sorted(due)))
+                                       .with_for_update(key_share=True, skip_locked=True))) if due else set()
+        return due - free
 
     # -- running an operation against the engine, with an optional crash -----------------------
 
@@ -515,6 +537,7 @@ class RetentionModel(RuleBasedStateMachine):
         or None when it crashed."""
         before = self.now()
         self.snapshot_leases()
+        self.deleted_under_lock = set()
         plan = CrashPlan(crash_at) if crash_at is not None else None
         armed = PLAN.set(plan)
         result = None
@@ -529,6 +552,11 @@ class RetentionModel(RuleBasedStateMachine):
                 self.system.close()
                 self.system = self._new_system()
         self.observe(before, allowed)
+        # Blobs a one-transaction sweep deleted under its row locks before it died: the rows stayed active.
+        for media_id in self.deleted_under_lock:
+            item = self.items.get(media_id)
+            if item is not None and not item.gone:
+                item.lost_in_crash = True
         return result
 
     def snapshot_leases(self) -> None:
@@ -597,6 +625,7 @@ class RetentionModel(RuleBasedStateMachine):
           default=st.sampled_from(("1h", "90d")), crash_at=st.none() | st.integers(1, 3))
     def org_set(self, org, retention, default, crash_at):
         """`org set ORG [--retention D]`, from a process whose default retention may differ from the org's."""
+        self.next_sweep_before_a_revival()
         creating = org not in self.orgs
         self.run(lambda system: system.with_default(default).set_org(org, retention, actor="model"), crash_at,
                  lambda item, before, after: None)
@@ -754,6 +783,7 @@ class RetentionModel(RuleBasedStateMachine):
     @rule(pick=PICK, held=st.booleans(), crash_at=st.none() | st.integers(1, 2))
     def hold_or_release_item(self, pick, held, crash_at):
         """`hold ID --reason R` / `release ID --reason R`."""
+        self.next_sweep_before_a_revival()
         item = self._some_item(pick)
         if item is None:
             return
@@ -779,12 +809,21 @@ class RetentionModel(RuleBasedStateMachine):
     @rule(pick=PICK, held=st.booleans(), crash_at=st.none() | st.integers(1, 2))
     def hold_or_release_org(self, pick, held, crash_at):
         """`hold --org ORG --reason R` / `release --org ORG --reason R`."""
+        self.next_sweep_before_a_revival()
         org = choose(sorted(self.orgs), pick)
         self.run(lambda system: system.catalog.set_hold(held=held, reason="model", org=org, actor="model"), crash_at,
                  lambda item, before, after: None)
         self.learn_orgs()
 
     # -- deletions ------------------------------------------------------------------------------
+
+    def next_sweep_before_a_revival(self) -> None:
+        """The model's one assumption about the one-transaction sweep (PostgreSQL): after a batch died with blobs
+        deleted under its row locks, the fleet's next sweep (the expiry watch, within a second) tombstones those
+        rows before an operator's hold or a longer retention could make them live again. That window is a known
+        gap, pinned by test_sweep_one_transaction.py's strict xfail; here the next sweep runs first."""
+        if any(item.lost_in_crash and not item.gone for item in self.items.values()):
+            self.sweep(None)
 
     def sweep_may_take(self, item: Item, before: datetime, after: datetime) -> str | None:
         """A sweep takes an unheld item that expired by the database's clock when it claimed, at the latest
@@ -844,13 +883,13 @@ class RetentionModel(RuleBasedStateMachine):
                  lambda item, before, after: "deleted" if item.org == org and not self.held(item) else None)
 
     def reconcile_may_take(self, item: Item, before: datetime, after: datetime) -> str | None:
-        return "tombstoned" if item.stashed and not self.held(item) else None
+        return "tombstoned" if (item.stashed or item.lost_in_crash) and not self.held(item) else None
 
     def mass_drift(self) -> bool | None:
         """Whether reconcile faces drift of nearly everything now (True), clearly not (False), or a case the
         model does not call (None): every active item's blob missing is one; half of them or fewer, none."""
         active = [item for item in self.items.values() if not item.gone]
-        missing = sum(1 for item in active if item.stashed)
+        missing = sum(1 for item in active if item.stashed or item.lost_in_crash)
         if active and missing == len(active):
             return True
         if missing * 2 <= len(active) and len(self.orphans) * 2 <= len(self.blobs_on_disk()):
@@ -863,7 +902,8 @@ class RetentionModel(RuleBasedStateMachine):
         leaves; deletes no live blob, no orphan younger than the grace; refuses, changing nothing, when every
         active item's blob is missing."""
         drift = self.mass_drift()
-        held_missing = sum(1 for item in self.items.values() if not item.gone and item.stashed and self.held(item))
+        held_missing = sum(1 for item in self.items.values()
+                           if not item.gone and (item.stashed or item.lost_in_crash) and self.held(item))
         blobs = self.blobs_on_disk()
         outcome = Outcome()
 
@@ -1034,6 +1074,7 @@ class RetentionModel(RuleBasedStateMachine):
     @rule(pick=PICK, pause=st.integers(0, 3), change=st.sampled_from(("hold-org", "release-org", "retention", "hold-item")),
           retention=st.sampled_from(sorted(RETENTIONS)), policy_first=st.booleans())
     def race_of_a_sweep_and_a_policy_change(self, pick, pause, change, retention, policy_first):
+        self.next_sweep_before_a_revival()
         # Something for the sweep to claim in the org the change is about.
         org = choose(sorted(self.orgs), pick)
         self.register(org, "1h", -3, None)
@@ -1383,10 +1424,14 @@ class RetentionModel(RuleBasedStateMachine):
         now = self.now()
         for item in self.items.values():
             for key in item.variants:
-                assert (self.root / key).exists() or item.gone, (
+                assert (self.root / key).exists() or item.gone or item.lost_in_crash, (
                     f"variant {key} of {item.id} was deleted though its item is live: held={self.held(item)}, "
                     f"expires {self.expiry(item).isoformat()}, now {now.isoformat()}")
             if item.stashed or (self.root / item.key).exists():
+                continue
+            if item.lost_in_crash and not item.gone:
+                assert self.expiry(item) <= now and not self.held(item), (
+                    f"{item.id}'s blob went in a batch that never committed, yet it is live now")
                 continue
             assert self.blob_may_be_gone(item, now), (
                 f"the blob of {item.id} was deleted though the model forbids it: gone={item.gone} ({item.gone_by}), "
@@ -1448,6 +1493,8 @@ class RetentionModel(RuleBasedStateMachine):
     def every_live_item_has_its_blob(self):
         """An item the catalog answers for has its blob, unless the model moved it away itself."""
         for item in self.items.values():
+            if item.lost_in_crash and not item.gone:
+                continue  # its blob went in a batch that died before its commit: expired, 404, the next sweep's
             if not item.gone and not item.stashed:
                 assert (self.root / item.key).exists(), f"active item {item.id} has no blob at {item.key}"
             if not item.gone:
@@ -1467,10 +1514,16 @@ def boundaries_inside_transactions():
     touches the org's items (the org row locked). A race paused there is the audit's: a hold that waited for
     a claim, a claim that got in while a change was under way."""
     real_claim = items_sql.Claims.expired
+    real_lock = items_sql.Claims.lock_expired
     real = {name: getattr(items_sql, name) for name in ("mirror_org_hold", "rewrite_expiry", "set_hold")}
 
     def claim(self, *args, **kwargs):
         rows = real_claim(self, *args, **kwargs)
+        cross("claimed")
+        return rows
+
+    def lock(self, *args, **kwargs):  # the one-transaction sweep's pick (PostgreSQL): its rows locked, unwritten
+        rows = real_lock(self, *args, **kwargs)
         cross("claimed")
         return rows
 
@@ -1481,12 +1534,14 @@ def boundaries_inside_transactions():
         return changed
 
     items_sql.Claims.expired = claim
+    items_sql.Claims.lock_expired = lock
     for name, function in real.items():
         setattr(items_sql, name, crossing(function))
     try:
         yield
     finally:
         items_sql.Claims.expired = real_claim
+        items_sql.Claims.lock_expired = real_lock
         for name, function in real.items():
             setattr(items_sql, name, function)
 

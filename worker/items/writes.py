@@ -74,7 +74,7 @@ def tombstone_locked(session, dialect: Dialect, ids: list[str]) -> list[Tombston
     State = models.State
     changed = (
         update(items)
-        .where(dialect.id_in(items.c.id, ids), items.c.state.in_((State.ACTIVE.value, State.DELETING.value)))
+        .where(dialect.id_in(items.c.id, ids), items.c.state != State.DELETED.value)
         .values(state=State.DELETED.value, deletion_reason=func.coalesce(items.c.deletion_reason, _reason_by_ttl(items)),
                 claimed_at=func.coalesce(items.c.claimed_at, db_now()), deleted_at=db_clock(), lease_until=None,
                 claim_token=None, last_error=None, locked_until=None, lock_reason=None)
@@ -119,7 +119,7 @@ def fail_locked(session, token: str, failures: Iterable[tuple[str, str, int, str
         return
     session.execute(
         update(items)
-        .where(items.c.id == bindparam("b_id"), items.c.state.in_((models.State.ACTIVE.value, models.State.DELETING.value)))
+        .where(items.c.id == bindparam("b_id"), items.c.state != models.State.DELETED.value)
         .values(
             state=models.State.DELETING.value,
             deletion_reason=func.coalesce(items.c.deletion_reason, _reason_by_ttl(items)),
