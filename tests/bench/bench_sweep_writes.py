@@ -41,6 +41,11 @@ pytestmark = pytest.mark.postgres
 ITEMS = int(os.environ.get("BENCH_WRITES_ITEMS", "100000"))
 ROUNDS = int(os.environ.get("BENCH_WRITES_ROUNDS", "1"))
 TARGET_WRITES, TARGET_WAL = 1.05, 807
+# Experiments (not the default): the table's fillfactor when the catalog is filled (room on each page for the new
+# row versions), and wal_compression for the sweep's sessions (a server setting in production; a superuser may
+# set it per session, which is how this measures it).
+FILLFACTOR = os.environ.get("BENCH_WRITES_FILLFACTOR")
+WAL_COMPRESSION = os.environ.get("BENCH_WRITES_WAL_COMPRESSION")
 WALDUMP = shutil.which("pg_waldump") or "/usr/lib/postgresql/15/bin/pg_waldump"
 WAL_DIR = os.environ.get("BENCH_WAL_DIR", "/var/lib/postgresql/15/main/pg_wal")
 RECORD = re.compile(r"rmgr: (\w+)\s+len \(rec/tot\):\s*(\d+)/\s*(\d+), tx:\s*(\d+), lsn: \S+, prev \S+, desc: (\w+)(.*)")
@@ -56,6 +61,8 @@ def fresh_catalog(db: Database) -> MemoryStore:
     analyzed, autovacuum off for the run (its WAL is not the sweep's), and a memory store holding their blobs."""
     with db.engine.begin() as connection:
         connection.execute(text("TRUNCATE media_items, media_variants, audit_events, organizations, sweep_runs CASCADE"))
+        if FILLFACTOR:
+            connection.execute(text(f"ALTER TABLE media_items SET (fillfactor = {int(FILLFACTOR)})"))
     fill_catalog(db, ITEMS, prefix="item", expired=ITEMS)
     store = MemoryStore("bench")
     with db.engine.begin() as connection:
@@ -139,7 +146,8 @@ def measure(pg_database: Database, one_transaction: bool) -> dict:
     writes_before = settled_row_writes(pg_database, schema)
     with pg_database.transaction() as session:
         start = session.scalar(text("SELECT pg_current_wal_lsn()::text"))
-    sweeping = Database(pg_database.url)  # its own connections: closed (and their stats flushed) after the sweep
+    url = pg_database.url + (f"%20-cwal_compression%3D{WAL_COMPRESSION}" if WAL_COMPRESSION else "")
+    sweeping = Database(url)  # its own connections: closed (and their stats flushed) after the sweep
     started = time.perf_counter()
     try:
         counts = Sweeper(sweeping, store, claim_lease=timedelta(minutes=5), batch_size=1000,
@@ -161,7 +169,8 @@ def measure(pg_database: Database, one_transaction: bool) -> dict:
 def test_an_expiry_deletion_writes_its_row_once_and_half_the_wal(pg_database):
     """Print row writes and WAL bytes per deletion of both paths; the one-transaction path meets the targets."""
     print(f"\nmachine: {machine()}; {ITEMS:,} expired 1 KiB items (memory store), batches of 1,000, PostgreSQL "
-          f"{pg_database.engine.dialect.server_version_info}")
+          f"{pg_database.engine.dialect.server_version_info}; fillfactor {FILLFACTOR or 'default (100)'}, "
+          f"wal_compression {WAL_COMPRESSION or 'server default'}")
     results = []
     for _ in range(ROUNDS):
         for one_transaction in (False, True):
