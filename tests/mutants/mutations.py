@@ -109,6 +109,18 @@ MUTATIONS: tuple[Mutation, ...] = (
                                     REASON_BY_TTL).bindparams(bindparam("worker_now", type_=UTCDateTime()))
         return session.execute(statement, {"token": token, "limit": limit, "worker_now": datetime.now(timezone.utc)}).all()
 ''',
+        # The one-transaction sweep's pick (PostgreSQL) makes the same mistake.
+        also=(Edit(
+            _CLAIMS,
+            '''        return session.execute(self.expired_lock_statement, {"limit": limit}).all()
+''',
+            '''        from datetime import datetime, timezone
+        from worker.db import UTCDateTime
+        statement = self._lock_statement(f"{predicate(CLAIMABLE, 'c')} AND c.expires_at <= :worker_now", "c.expires_at"
+                                         ).bindparams(bindparam("worker_now", type_=UTCDateTime()))
+        return session.execute(statement, {"limit": limit, "worker_now": datetime.now(timezone.utc)}).all()
+''',
+        ),),
         kind=AUDIT,
     ),
     Mutation(

@@ -73,16 +73,15 @@ class Claims:
         self.dialect = dialect
         self._now = dialect.compile(db_now())
         self._lease = dialect.compile(db_now(lease_seconds))
-        # The sweep's two claims, each spelling its partial index's predicate exactly as the index does,
-        # so the planner uses it.
-        self.stale_statement = self._statement(f"{predicate(DELETING, 'c')} AND c.lease_until <= {{now}}",
-                                               "c.lease_until", REASON_BY_TTL)
-        self.expired_statement = self._statement(f"{predicate(CLAIMABLE, 'c')} AND c.expires_at <= {{now}}",
-                                                 "c.expires_at", REASON_BY_TTL)
-        self.stale_lock_statement = self._lock_statement(f"{predicate(DELETING, 'c')} AND c.lease_until <= {{now}}",
-                                                         "c.lease_until")
-        self.expired_lock_statement = self._lock_statement(f"{predicate(CLAIMABLE, 'c')} AND c.expires_at <= {{now}}",
-                                                           "c.expires_at")
+        # The sweep's two picks (stale claims, expired items), each spelling its partial index's predicate exactly
+        # as the index does, so the planner uses it. Written once: the two-phase claims and the one-transaction
+        # sweep's locks (PostgreSQL) take exactly the same rows.
+        stale = (f"{predicate(DELETING, 'c')} AND c.lease_until <= {{now}}", "c.lease_until")
+        expired = (f"{predicate(CLAIMABLE, 'c')} AND c.expires_at <= {{now}}", "c.expires_at")
+        self.stale_statement = self._statement(*stale, REASON_BY_TTL)
+        self.expired_statement = self._statement(*expired, REASON_BY_TTL)
+        self.stale_lock_statement = self._lock_statement(*stale)
+        self.expired_lock_statement = self._lock_statement(*expired)
         self._org_statement = self._statement(f"c.org_id = :org AND {predicate(CLAIMABLE, 'c')}", "c.expires_at",
                                               f"'{models.Reason.ORG_PURGE.value}'")
 
