@@ -188,3 +188,40 @@ def test_an_expiry_deletion_writes_its_row_once_and_half_the_wal(pg_database):
     assert max(r["writes"] for r in new) <= TARGET_WRITES
     wal = [r["own_wal"] or r["cluster_wal"] for r in new]
     assert max(wal) <= TARGET_WAL, f"WAL per deletion {max(wal):.0f} B above {TARGET_WAL} B"
+
+
+PIPELINE_ITEMS = int(os.environ.get("BENCH_PIPELINE_ITEMS", "20000"))
+
+
+def test_batches_in_flight_overlap_one_batchs_store_io_with_anothers_catalog_work(pg_database, tmp_path, monkeypatch):
+    """Items/s of the one-transaction sweep over real 1 KiB files (filesystem store) with one batch at a time
+    against PIPELINE_DEPTH batches in flight, alternating, two rounds each: whether the pipeline still pays."""
+    from tests.bench.support import write_tree
+    from worker import sweep
+    from worker.store.fs import FilesystemStore
+
+    media = tmp_path / "media"
+    depth = sweep.PIPELINE_DEPTH
+    rows = []
+    for round_ in range(2):
+        for batches in (1, depth):
+            with pg_database.engine.begin() as connection:
+                connection.execute(text("TRUNCATE media_items, media_variants, audit_events, organizations, sweep_runs CASCADE"))
+            fill_catalog(pg_database, PIPELINE_ITEMS, prefix="item", expired=PIPELINE_ITEMS)
+            with pg_database.transaction() as session:
+                keys = session.scalars(text("SELECT storage_key FROM media_items")).all()
+            shutil.rmtree(media, ignore_errors=True)
+            media.mkdir()
+            write_tree(media, keys)
+            store = FilesystemStore(media)
+            mark_store(pg_database, store)
+            monkeypatch.setattr(sweep, "PIPELINE_DEPTH", batches)
+            started = time.perf_counter()
+            counts = Sweeper(pg_database, store, claim_lease=timedelta(minutes=5), batch_size=1000).sweep()
+            seconds = time.perf_counter() - started
+            store.close()
+            assert counts.deleted == PIPELINE_ITEMS
+            rows.append((round_ + 1, batches, f"{PIPELINE_ITEMS / seconds:,.0f}", f"{seconds:.2f}"))
+    print(f"\nmachine: {machine()}")
+    table("One-transaction sweep, filesystem store: batches in flight", ("round", "batches in flight", "items/s", "seconds"),
+          rows)
