@@ -122,6 +122,20 @@ def test_an_item_past_its_expiry_answers_404_gone_before_any_sweep_unless_it_is_
     assert server.get("/v1/media/voice-1", orgs["globex"]).json()["error"] == "not_found"
 
 
+def test_an_item_that_expires_while_the_server_runs_answers_404_from_its_expiry_by_the_database_clock(
+        server, catalog, orgs, tmp_path):
+    """Looked up before and after its expiry on the same warm server (its connection and statement reused): 200,
+    then 404 gone with state `expired`. Each lookup reads the database's clock in its own statement; a clock read
+    once per connection or transaction would keep answering 200."""
+    soon = register(catalog, tmp_path, "acme", "soon-1", ttl="1h",
+                    created_at=db_time(catalog) - timedelta(hours=1) + timedelta(seconds=2))
+    for _ in range(3):
+        assert server.get("/v1/media/soon-1", orgs["acme"]).status_code == 200
+    wait_until(lambda: db_time(catalog) > soon.expires_at, 10, "the item's expiry")
+    gone = server.get("/v1/media/soon-1", orgs["acme"])
+    assert (gone.status_code, gone.json()["state"], gone.json()["reason"]) == (404, "expired", "ttl")
+
+
 def test_an_id_never_seen_answers_404_not_found_and_a_malformed_one_400(server, orgs):
     """Unknown IDs are `not_found`; an ID outside the alphabet is a bad request with one sentence."""
     unknown = server.get("/v1/media/never-registered", orgs["acme"])
