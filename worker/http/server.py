@@ -25,7 +25,7 @@ log = structlog.get_logger("worker.http")
 # A real client sends its whole request head in one packet, well within a second even over a slow
 # mobile link; 5 s leaves room for that and still frees a stalled connection quickly.
 HEADER_TIMEOUT_S = 5.0
-# One process answers ~300 lookups/s at ~50 ms each, so a few dozen connections are busy at once. Past
+# One process answers ~2,000 lookups/s at a few ms each, so a few dozen connections are busy at once. Past
 # this many open connections uvicorn answers new requests 503 instead of taking on more work. uvicorn counts
 # every open connection, stalled ones too, so the cap sits well above what the header deadline lets a
 # slow client hold (800 stalled connections still leave lookups answering); a flood beyond it is for the
