@@ -25,6 +25,9 @@ _SHARED: list = [
 
 # The format logging was last configured with; None before (settings that failed to load, for one).
 _configured_format: str | None = None
+# The stderr handler and the renderer's processors `configure_logging` installed, for `hot_path_logger`.
+_handler: logging.Handler | None = None
+_render: list = []
 
 
 def operator_line(message: str) -> str:
@@ -45,7 +48,7 @@ def configure_logging(log_format: str = "console", level: str = "INFO", redact: 
 
     `redact` is applied to each rendered line, tracebacks included, whoever logged it (ours,
     Celery, kombu, botocore, requests): the last guard before a secret reaches a log."""
-    global _configured_format
+    global _configured_format, _handler, _render
     _configured_format = log_format
     if log_format == "json":
         renderer = structlog.processors.JSONRenderer()
@@ -53,6 +56,7 @@ def configure_logging(log_format: str = "console", level: str = "INFO", redact: 
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         extra = []
+    _render = [*extra, renderer, *([lambda _logger, _name, line: redact(line)] if redact else [])]
     structlog.configure(
         processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -63,10 +67,10 @@ def configure_logging(log_format: str = "console", level: str = "INFO", redact: 
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=_SHARED,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *extra, renderer,
-                        *([lambda _logger, _name, line: redact(line)] if redact else [])],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *_render],
         )
     )
+    _handler = handler
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -82,3 +86,42 @@ def configure_logging(log_format: str = "console", level: str = "INFO", redact: 
     # botocore, urllib3 and alembic (its plugins, its migration context) narrate routine steps at INFO; keep them to warnings.
     for noisy in ("botocore", "urllib3", "s3transfer", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _HandlerStream:
+    """structlog's logger for `hot_path_logger`: writes each rendered line to the configured handler's stream,
+    under the handler's own lock (so it never interleaves with a line the standard library writes)."""
+
+    def __init__(self, handler: logging.StreamHandler):
+        self._handler = handler
+
+    def msg(self, line: str) -> None:
+        handler = self._handler
+        with handler.lock:
+            handler.stream.write(line + "\n")
+            handler.flush()
+
+    info = debug = warning = error = critical = exception = msg
+
+
+def hot_path_logger(name: str):
+    """A logger for a line written on every request (the HTTP access log), rendered exactly as every other line
+    of the stream (the same fields, level, logger name, timestamp, renderer and redaction) but without the
+    standard library's record, handler and formatter machinery, which cost about 150 µs a line: a third of what
+    a whole lookup costs. Its level is the one in force for `name` now; before `configure_logging` it is an
+    ordinary structlog logger."""
+    if _handler is None or not isinstance(_handler, logging.StreamHandler):
+        return structlog.get_logger(name)
+    level = logging.getLogger(name).getEffectiveLevel()
+
+    def add_logger_name(_logger, _method, event_dict):
+        event_dict["logger"] = name
+        return event_dict
+
+    return structlog.wrap_logger(
+        _HandlerStream(_handler),
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level, add_logger_name,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True), *_render],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        cache_logger_on_first_use=True,
+    )

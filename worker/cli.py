@@ -791,13 +791,14 @@ def apikey_revoke(engine: Engine, key_id: str, actor: str | None, out: Output) -
 @json_option
 def serve(host: str, port: int, out: Output) -> None:
     """Serve GET /v1/media/{id} over HTTP (org API keys), with /healthz, /readyz, /metrics and /openapi.json."""
+    from worker.catalog.keyed_lookup import KeyedLookup
     from worker.http.app import create_app, database_ping
     from worker.http.server import run as run_server
 
     current = settings()
     engine = open_engine()
     try:
-        app = create_app(lookup=engine.catalog.lookups, keys=engine.catalog.api_keys, ping=database_ping(engine.db))
+        app = create_app(lookups=KeyedLookup.on(engine.db, engine.catalog.lookups), ping=database_ping(engine.db))
         listener = _listen(host, port)
         log.info("serve.starting", host=host, port=port, store=redact_url(current.storage_url))
         # Every command takes --json (the contract); a server's only output is its log, JSON with LOG_FORMAT=json,

@@ -14,6 +14,7 @@ LIMIT 1` was planned as a sequential scan here (~300 ms a batch at 20,000 rows).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import Iterator
@@ -24,8 +25,11 @@ from sqlalchemy import event, text
 
 from config.settings import load_settings
 from tests.factories import bind_store, fill_catalog, make_file
+from worker import items as items_sql
 from worker import status
+from worker.catalog.keyed_lookup import KeyedLookup
 from worker.db import Database
+from worker.db_async import ThreadedStatement
 from worker.engine import build
 from worker.tombstones import Tombstones
 
@@ -97,8 +101,8 @@ def sequential_scans(plan: dict) -> Iterator[str]:
 
 def test_every_statement_of_a_long_lived_process_keeps_an_index_plan_under_generic_planning(planned, tmp_path):
     """Register (one file, a manifest of keys), look up, hold and release, purge, the expiry watch's probe, a
-    sweep (claims, finalize), the fleet status a scrape reads, API-key checks, tombstone compaction and its
-    dry run: each run more times than psycopg's prepare threshold, none planned as a sequential scan of
+    sweep (claims, finalize), the fleet status a scrape reads, API-key checks, the HTTP lookup's one statement,
+    tombstone compaction and its dry run: each run more times than psycopg's prepare threshold, none planned as a sequential scan of
     media_items."""
     db, plans = planned
     media = tmp_path / "media"
@@ -111,6 +115,7 @@ def test_every_statement_of_a_long_lived_process_keeps_an_index_plan_under_gener
     tombstones = Tombstones(db)
     org = "bench-7"
     token = catalog.api_keys.create(org, name="plans", actor="test").token
+    keyed = KeyedLookup(catalog.lookups, ThreadedStatement(db, items_sql.keyed_lookup_sql(db.sql)))
     uploads = tmp_path / "uploads"
     manifest = tmp_path / "m.jsonl"
     for round_number in range(7):  # above psycopg's prepare threshold of 5
@@ -125,6 +130,10 @@ def test_every_statement_of_a_long_lived_process_keeps_an_index_plan_under_gener
         catalog.find(item.id)
         catalog.lookups.find_for_org(org, f"seed-{round_number}")
         catalog.api_keys.authenticate(token)
+        # The HTTP lookup's one statement (key, item, variants, clock), on the engine's connections here so that
+        # its plans are reported like the others'.
+        asyncio.run(keyed.answer(token, f"seed-{round_number}"))
+        asyncio.run(keyed.answer(token, item.id))
         catalog.set_hold(held=True, reason="case 7", ids=[item.id], actor="test")
         catalog.set_hold(held=False, reason="case 7 closed", ids=[item.id], actor="test")
         catalog.purge(ids=[f"m{round_number}-0"], actor="test")
@@ -137,5 +146,6 @@ def test_every_statement_of_a_long_lived_process_keeps_an_index_plan_under_gener
     engine.store.close()
 
     assert len(plans) > 200, "auto_explain reported too few plans: is it loaded?"
+    assert any("AS asked" in plan["Query Text"] for plan in plans), "the HTTP lookup's statement was not planned"
     scans = sorted({" ".join(plan["Query Text"].split())[:400] for plan in plans if "media_items" in set(sequential_scans(plan))})
     assert scans == [], f"{len(scans)} statements read media_items by a sequential scan:\n" + "\n".join(scans)

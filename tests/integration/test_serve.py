@@ -7,6 +7,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -119,6 +120,21 @@ def test_an_item_past_its_expiry_answers_404_gone_before_any_sweep_unless_it_is_
     held = server.get("/v1/media/held-1", orgs["acme"])
     assert (held.status_code, held.json()["state"], held.json()["held"]) == (200, "active", True)
     assert server.get("/v1/media/voice-1", orgs["globex"]).json()["error"] == "not_found"
+
+
+def test_an_item_that_expires_while_the_server_runs_answers_404_from_its_expiry_by_the_database_clock(
+        server, catalog, orgs, tmp_path):
+    """Looked up before and after its expiry on the same warm server (its connection and statement reused): 200,
+    then 404 gone with state `expired`. Each lookup reads the database's clock in its own statement; a clock read
+    once per connection or transaction would keep answering 200."""
+    soon = register(catalog, tmp_path, "acme", "soon-1", ttl="1h",
+                    created_at=db_time(catalog) - timedelta(hours=1) + timedelta(seconds=2))
+    for _ in range(3):
+        assert server.get("/v1/media/soon-1", orgs["acme"]).status_code == 200
+    wait_until(lambda: db_time(catalog) > soon.expires_at, 10, "the item's expiry")
+    gone = server.get("/v1/media/soon-1", orgs["acme"])
+    assert gone.status_code == 404, gone.json()
+    assert (gone.json()["state"], gone.json()["reason"]) == ("expired", "ttl")
 
 
 def test_an_id_never_seen_answers_404_not_found_and_a_malformed_one_400(server, orgs):
@@ -419,10 +435,12 @@ def test_api_keys_are_stored_only_as_a_hash_of_their_secret(catalog):
 
 
 class Relay:
-    """A TCP relay to the database that the test can cut and restore: an outage without touching the server."""
+    """A TCP relay to the database that the test can cut and restore: an outage without touching the server.
+    With `round_trips`, it counts the round trips its clients start (see RoundTrips)."""
 
-    def __init__(self, upstream: tuple[str, int], port: int = 0):
+    def __init__(self, upstream: tuple[str, int], port: int = 0, round_trips: "RoundTrips | None" = None):
         self.upstream = upstream
+        self.round_trips = round_trips
         self.listener = socket.create_server(("127.0.0.1", port), reuse_port=False)
         self.port = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = []
@@ -439,13 +457,16 @@ class Relay:
                 return
             server = socket.create_connection(self.upstream)
             self.sockets += [client, server]
-            for source, target in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+            watch = self.round_trips.connection() if self.round_trips else None
+            for source, target, seen in ((client, server, watch), (server, client, None)):
+                threading.Thread(target=self._pump, args=(source, target, seen), daemon=True).start()
 
     @staticmethod
-    def _pump(source: socket.socket, target: socket.socket) -> None:
+    def _pump(source: socket.socket, target: socket.socket, seen: Callable[[bytes], None] | None = None) -> None:
         try:
             while data := source.recv(65536):
+                if seen is not None:
+                    seen(data)  # before forwarding: counted before the server can answer
                 target.sendall(data)
         except OSError:
             pass
@@ -469,6 +490,146 @@ class Relay:
             except OSError:
                 pass
             connection.close()
+
+
+class RoundTrips:
+    """Round trips PostgreSQL clients start through a Relay, read from the frontend protocol: each simple Query
+    ('Q') and each Sync ('S', which ends an extended-protocol exchange: Parse/Bind/Execute... then Sync) asks the
+    server to answer. BEGIN and COMMIT, a pool's ping and a preparation each count as one. Needs a plaintext
+    stream (sslmode=disable, gssencmode=disable)."""
+
+    SSL_REQUEST, GSSENC_REQUEST = 80877103, 80877104
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def connection(self) -> Callable[[bytes], None]:
+        """A parser for one client connection's bytes."""
+        pending = bytearray()
+        started = False
+
+        def feed(data: bytes) -> None:
+            nonlocal started
+            pending.extend(data)
+            while True:
+                if not started:  # untyped: the SSL/GSS requests, then the startup message
+                    if len(pending) < 8:
+                        return
+                    length, code = struct.unpack("!ii", pending[:8])
+                    if len(pending) < length:
+                        return
+                    del pending[:length]
+                    started = code not in (self.SSL_REQUEST, self.GSSENC_REQUEST)
+                    continue
+                if len(pending) < 5:
+                    return
+                kind, (length,) = pending[:1], struct.unpack("!i", pending[1:5])
+                if len(pending) < 1 + length:
+                    return
+                del pending[:1 + length]
+                if kind in (b"Q", b"S"):
+                    with self._lock:
+                        self.count += 1
+
+        return feed
+
+
+def _through_relay(url: str, relay: Relay) -> str:
+    """`url` (PostgreSQL) pointed at the relay, in plaintext so the relay can read it."""
+    from sqlalchemy.engine import make_url
+
+    return (make_url(url).set(host="127.0.0.1", port=relay.port)
+            .update_query_dict({"sslmode": "disable", "gssencmode": "disable"}).render_as_string(hide_password=False))
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_every_lookup_costs_one_database_round_trip_whatever_it_answers(serve, database, catalog, orgs, tmp_path,
+                                                                         media_root):
+    """Counted on the wire between serve and PostgreSQL: a lookup answering 200, 404 gone (deleted; expired and
+    not yet swept), 404 not_found, 404 for another org's media, 400 for a malformed ID, 401 for a wrong secret,
+    an unknown key or a revoked key costs exactly one round trip (no BEGIN, COMMIT or ping around it), and a
+    token that cannot be a key costs none."""
+    from sqlalchemy.engine import make_url
+
+    register(catalog, tmp_path, "acme", "photo-1")
+    register(catalog, tmp_path, "acme", "photo-2")
+    register(catalog, tmp_path, "acme", "voice-1", ttl="1h", created_at=db_time(catalog) - timedelta(hours=2))
+    register(catalog, tmp_path, "globex", "theirs-1")
+    catalog.purge(ids=["photo-2"], actor="test")
+    keys = ApiKeys(catalog.db)
+    revoked = keys.create("acme", actor="test")
+    keys.revoke(revoked.key.id, actor="test")
+    token = orgs["acme"]
+    prefix, key_id, secret = token.split("_", 2)
+
+    url = make_url(database.url)
+    trips = RoundTrips()
+    relay = Relay((url.host, url.port or 5432), round_trips=trips)
+    try:
+        server = serve(MEDIA_RETENTION_DATABASE_URL=_through_relay(database.url, relay),
+                       MEDIA_RETENTION_STORAGE_URL=media_root.as_uri())
+        # The first lookup opens the lookup's connection and prepares its statement there (two round trips more).
+        assert server.get("/v1/media/photo-1", token).status_code == 200
+
+        def round_trips(path: str, token: str | None, status: int) -> int:
+            before = trips.count
+            assert server.get(path, token).status_code == status, path
+            return trips.count - before
+
+        assert round_trips("/v1/media/photo-1", token, 200) == 1
+        assert round_trips("/v1/media/photo-2", token, 404) == 1
+        assert round_trips("/v1/media/voice-1", token, 404) == 1
+        assert round_trips("/v1/media/never-seen", token, 404) == 1
+        assert round_trips("/v1/media/theirs-1", token, 404) == 1
+        assert round_trips("/v1/media/bad%20id", token, 400) == 1
+        assert round_trips("/v1/media/photo-1", f"{prefix}_{key_id}_{'A' * len(secret)}", 401) == 1
+        assert round_trips("/v1/media/photo-1", f"{prefix}_k{'0' * 16}_{secret}", 401) == 1
+        assert round_trips("/v1/media/photo-1", revoked.token, 401) == 1
+        assert round_trips("/v1/media/photo-1", "not-a-key", 401) == 0
+        assert round_trips("/v1/media/photo-1", None, 401) == 0
+    finally:
+        relay.cut()
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_a_lookup_after_its_database_connection_was_cut_answers_at_once_on_a_new_connection(
+        serve, database, catalog, orgs, tmp_path, media_root):
+    """The database restarts between two lookups (the relay cut and restored: the pooled connection is dead): the
+    next lookup answers 200, not 503, by running its statement once more on a new connection."""
+    from sqlalchemy.engine import make_url
+
+    register(catalog, tmp_path, "acme", "photo-1")
+    url = make_url(database.url)
+    relay = Relay((url.host, url.port or 5432))
+    server = serve(MEDIA_RETENTION_DATABASE_URL=_through_relay(database.url, relay),
+                   MEDIA_RETENTION_STORAGE_URL=media_root.as_uri())
+    assert server.get("/v1/media/photo-1", orgs["acme"]).status_code == 200
+    relay.cut()
+    relay = Relay((url.host, url.port or 5432), port=relay.port)
+    try:
+        assert server.get("/v1/media/photo-1", orgs["acme"]).status_code == 200
+    finally:
+        relay.cut()
+
+
+def test_a_revoked_key_is_refused_by_every_replica_from_the_very_next_request(serve, database, catalog, orgs, tmp_path,
+                                                                            media_root):
+    """Two serve processes on one catalog, both having answered the key (connections open, statement prepared):
+    once the key is revoked, the very next request with it is refused by each, while another key still works.
+    Nothing about a key is kept between requests."""
+    register(catalog, tmp_path, "acme", "photo-1")
+    register(catalog, tmp_path, "globex", "photo-2")
+    settings = {"MEDIA_RETENTION_DATABASE_URL": database.url, "MEDIA_RETENTION_STORAGE_URL": media_root.as_uri()}
+    replicas = [serve(**settings), serve(**settings)]
+    for replica in replicas:
+        for _ in range(3):
+            assert replica.get("/v1/media/photo-1", orgs["acme"]).status_code == 200
+    ApiKeys(catalog.db).revoke(orgs["acme"].split("_", 2)[1], actor="test")
+    for replica in replicas:
+        answer = replica.get("/v1/media/photo-1", orgs["acme"])
+        assert (answer.status_code, answer.json()["error"]) == (401, "unauthorized")
+        assert replica.get("/v1/media/photo-2", orgs["globex"]).status_code == 200
 
 
 def test_readyz_answers_503_while_the_database_is_unreachable_and_200_again_after(serve, pg_database, media_root):

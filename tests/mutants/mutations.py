@@ -345,11 +345,12 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         name="lookups-ignore-expiry",
-        description="A lookup answers an expired, unheld item that no sweep has claimed yet as active.",
+        description="A lookup (every path: the CLI's, the catalog API's, the HTTP lookup's one statement) answers an "
+                    "expired, unheld item that no sweep has claimed yet as active.",
         file="worker/catalog/lookup.py",
-        old="""        if item.expires_at <= now and not item.kept_by_hold:
-            # No sweep has claimed it yet (a backlog, workers down): it is gone from its expiry all the same.
-            return _expired(item)
+        old="""    if item.expires_at <= now and not item.kept_by_hold:
+        # No sweep has claimed it yet (a backlog, workers down): it is gone from its expiry all the same.
+        return _expired(item)
 """,
         new="",
         kind=ISSUE_19,

@@ -413,7 +413,7 @@ def _exported_metric_names() -> set[str]:
                 names.update(sample.name for sample in family.samples)
             names.add(value._name + ("_total" if value._type == "counter" else ""))
     # The lookup service's own registry (`media-retention serve`'s /metrics).
-    app = create_app(lookup=None, keys=None, ping=lambda: None)
+    app = create_app(lookups=None, ping=lambda: None)
     app.build_middleware_stack()  # the request metrics live in the middleware, built with the first request
     for family in app.state.metrics_registry.collect():
         names.add(family.name)

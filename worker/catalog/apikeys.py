@@ -127,14 +127,28 @@ class ApiKeys:
     def authenticate(self, token: str | None) -> str | None:
         """The org a presented token belongs to, or None for a malformed, unknown, wrong or revoked one.
         Read from the database on every request, so a revocation takes effect at once."""
-        match = _TOKEN.fullmatch(token or "")
-        if match is None:
+        presented = parse_token(token)
+        if presented is None:
             return None
-        key_id, secret = match.groups()
+        key_id, digest = presented
         with self.db.transaction() as session:
             row = session.execute(
                 select(ApiKey.org_id, ApiKey.secret_sha256).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
             ).first()
-        # Constant-time comparison: how long it takes must not tell an attacker how much of a digest matched.
-        matches = hmac.compare_digest(row.secret_sha256 if row else _NO_KEY_DIGEST, _digest(secret))
-        return row.org_id if row is not None and matches else None
+        return row.org_id if secret_matches(row.secret_sha256 if row else None, digest) else None
+
+
+def parse_token(token: str | None) -> tuple[str, str] | None:
+    """The key id and the SHA-256 of the secret (hex) of a presented token, or None for a malformed one: no
+    database is asked about a token that cannot be a key."""
+    match = _TOKEN.fullmatch(token or "")
+    if match is None:
+        return None
+    key_id, secret = match.groups()
+    return key_id, _digest(secret)
+
+
+def secret_matches(stored_digest: str | None, presented_digest: str) -> bool:
+    """Whether a presented secret's digest is the stored one (None: no live key of that id). Constant-time: how
+    long it takes must not tell an attacker how much of a digest matched."""
+    return hmac.compare_digest(stored_digest or _NO_KEY_DIGEST, presented_digest) and stored_digest is not None

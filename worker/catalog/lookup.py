@@ -52,15 +52,7 @@ class Lookup:
         row, now = found
         if org is not None and row.org_id != org:
             return None
-        if row.state != State.ACTIVE.value:
-            return Tombstone(id=media_id, state=row.state, reason=row.deletion_reason,
-                             deleted_at=row.deleted_at or row.claimed_at)
-        item = replace(Item.from_row(row, as_of=now),
-                       variants=tuple(Variant(v.storage_key, v.size_bytes, v.mime_type) for v in variants))
-        if item.expires_at <= now and not item.kept_by_hold:
-            # No sweep has claimed it yet (a backlog, workers down): it is gone from its expiry all the same.
-            return _expired(item)
-        return item
+        return judged(row, now, tuple(Variant(v.storage_key, v.size_bytes, v.mime_type) for v in variants))
 
     def sign(self, item: Item) -> tuple[str, datetime] | None:
         """A fresh presigned GET URL for a looked-up `item` and when it expires (database clock), or None on a
@@ -124,6 +116,19 @@ class Lookup:
     def _database_now(self) -> datetime:
         with self.db.transaction() as session:
             return session.scalar(select(db_now()))
+
+
+def judged(row, now: datetime, variants: tuple[Variant, ...]) -> Item | Tombstone:
+    """What a lookup answers for the item `row` (a `MediaItem`, or a row with its column names) read at the
+    database time `now`: the item while active and not past its expiry (or held), its tombstone otherwise.
+    The one judgement of every lookup path (this class, and the HTTP lookup's one statement in keyed_lookup)."""
+    if row.state != State.ACTIVE.value:
+        return Tombstone(id=row.id, state=row.state, reason=row.deletion_reason, deleted_at=row.deleted_at or row.claimed_at)
+    item = Item.from_row(row, as_of=now, variants=variants)
+    if item.expires_at <= now and not item.kept_by_hold:
+        # No sweep has claimed it yet (a backlog, workers down): it is gone from its expiry all the same.
+        return _expired(item)
+    return item
 
 
 def _expired(item: Item) -> Tombstone:

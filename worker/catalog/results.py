@@ -53,12 +53,12 @@ class Item:
     variants: tuple[Variant, ...] | None = None
 
     @classmethod
-    def from_row(cls, row, as_of: datetime | None = None) -> "Item":
-        """From a `MediaItem` (a lookup, which reports holds) read at the database time `as_of`."""
+    def from_row(cls, row, as_of: datetime | None = None, variants: tuple[Variant, ...] | None = None) -> "Item":
+        """From a `MediaItem` (a lookup, which reports holds) read at the database time `as_of`, with `variants`."""
         return cls(id=row.id, org=row.org_id, key=row.storage_key, size=row.size_bytes, mime=row.mime_type,
                    sha256=row.sha256, created_at=row.created_at, ttl_seconds=row.ttl_seconds, expires_at=row.expires_at,
                    state=row.state, held=row.held_at is not None, as_of=as_of,
-                   kept_by_hold=row.held_at is not None or bool(row.org_held))
+                   kept_by_hold=row.held_at is not None or bool(row.org_held), variants=variants)
 
     def to_dict(self) -> dict:
         data = {

@@ -1,20 +1,25 @@
 """`GET /v1/media/{id}` for upstream services in any language, scoped by org API keys.
 
-The app renders what one seam answers (`MediaLookup.find_for_org`, the engine's lookup use case):
-an `Item` while active (200), a `Tombstone` once claimed, deleted or expired, or nothing (404 either way,
-the body built by `worker.responses` like the CLI's). Another org's media is answered
-exactly like media never seen, so a key cannot even learn that an ID exists elsewhere.
+The app renders what one seam answers (`KeyedLookups.answer`, worker/catalog/keyed_lookup.py: the key and
+the item in one database round trip): an `Item` while active (200), a `Tombstone` once claimed, deleted or
+expired, or nothing (404 either way, the body built by `worker.responses` like the CLI's). Another org's
+media is answered exactly like media never seen, so a key cannot even learn that an ID exists elsewhere.
+
+The lookup route is the hot path and is answered by `LookupRoute` (worker/http/lookup_route.py) ahead of
+FastAPI's routing; FastAPI describes it (/openapi.json, from the models below) and serves everything else.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Literal, Protocol
 
 import structlog
 from fastapi import Depends, FastAPI, Path, Request
+from fastapi.routing import APIRoute
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -26,10 +31,18 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from worker.catalog.results import Item, Tombstone
-from config.errors import BadInput, Gone
+from worker.catalog.keyed_lookup import KeyedAnswer
+from worker.catalog.results import Item, Variant
+from config.errors import BadInput
+from config.logging import hot_path_logger
+from worker.http.lookup_route import (
+    LOOKUP_PATH,
+    RETRY_AFTER_SECONDS,
+    UNAVAILABLE_MESSAGE,
+    LookupRoute,
+    answer_lookup,
+)
 from worker.models import ID_LENGTH
-from worker.responses import not_found_body
 from worker.store.keys import ID_PATTERN, QUOTED_MAX
 
 log = structlog.get_logger("worker.http")
@@ -41,22 +54,19 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 QUIET_ROUTES = frozenset({"/metrics", "/healthz", "/readyz"})
 
 
-# What a 503 asks callers to wait before retrying: a database failover or restart takes seconds.
-RETRY_AFTER_SECONDS = 5
+class KeyedLookups(Protocol):
+    """The one question the HTTP layer asks the engine (worker.catalog.keyed_lookup.KeyedLookup)."""
 
+    async def answer(self, token: str | None, media_id: str) -> KeyedAnswer: ...
 
-class MediaLookup(Protocol):
-    """The one question the HTTP layer asks the engine (worker.catalog.lookup.Lookup)."""
-
-    def find_for_org(self, org: str, media_id: str) -> Item | Tombstone | None: ...
+    @property
+    def can_presign(self) -> bool: ...
 
     def sign(self, item: Item) -> tuple[str, datetime] | None: ...
 
-    def sign_variants(self, item: Item) -> tuple: ...
+    def sign_variants(self, item: Item) -> tuple[Variant, ...]: ...
 
-
-class KeyCheck(Protocol):
-    def authenticate(self, token: str | None) -> str | None: ...
+    async def close(self) -> None: ...
 
 
 # -- response bodies (they are the OpenAPI description's schemas) ------------------------------------
@@ -119,10 +129,6 @@ def _error(status: int, error: str, message: str, headers: dict | None = None) -
     return JSONResponse({"status": status, "error": error, "message": message}, status_code=status, headers=headers)
 
 
-class _Unauthorized(Exception):
-    pass
-
-
 # -- metrics and the access log ------------------------------------------------------------------------
 
 
@@ -155,6 +161,8 @@ class _Instrumented:
                                 ["method", "route", "status"], registry=registry)
         self.latency = Histogram("media_retention_http_request_duration_seconds", "Time to answer an HTTP request.",
                                  ["method", "route"], buckets=LATENCY_BUCKETS, registry=registry)
+        # Made here, after the CLI configured logging: the access log's own fast writer (config.logging).
+        self.access_log = hot_path_logger("worker.http")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -177,7 +185,7 @@ class _Instrumented:
             self.requests.labels(scope["method"], route, str(status)).inc()
             self.latency.labels(scope["method"], route).observe(elapsed)
             state = scope.get("state") or {}
-            write = log.debug if route in QUIET_ROUTES else log.info
+            write = self.access_log.debug if route in QUIET_ROUTES else self.access_log.info
             write("http.request", method=scope["method"], route=route, path=_logged_path(scope["path"]), status=status,
                      duration_ms=round(elapsed * 1000, 2), org=state.get("org"))
 
@@ -192,29 +200,24 @@ def _logged_path(path: str) -> str:
 # -- the app -----------------------------------------------------------------------------------------------
 
 
-def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None]) -> FastAPI:
+def create_app(*, lookups: KeyedLookups, ping: Callable[[], None]) -> FastAPI:
     """The ASGI app. `ping` raises when the database is unreachable (for /readyz)."""
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await lookups.close()
+
     app = FastAPI(
         title="media-retention lookup",
         version="1",
         description="Look media up by ID with an org-scoped API key: 200 while active, 404 from its expiry "
                     "(unless held), once it was purged, or if it belongs to another org.",
+        lifespan=lifespan,
     )
     registry = CollectorRegistry()
     registry.register(_CatalogUp(ping))
     bearer = HTTPBearer(auto_error=False, description="An org API key from `media-retention apikey create`.")
-
-    def authenticated_org(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
-        org = keys.authenticate(credentials.credentials if credentials else None)
-        if org is None:
-            raise _Unauthorized()
-        request.scope.setdefault("state", {})["org"] = org
-        return org
-
-    @app.exception_handler(_Unauthorized)
-    async def unauthorized(_request, _exc) -> JSONResponse:
-        return _error(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>.",
-                      headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(BadInput)
     async def bad_input(_request, exc: BadInput) -> JSONResponse:
@@ -235,8 +238,7 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
     @app.exception_handler(PoolTimeout)
     async def database_unavailable(_request, exc: Exception) -> JSONResponse:
         log.warning("http.database_unavailable", error_type=type(exc).__name__)
-        return _error(503, "unavailable", "the catalog database cannot be reached; retry later.",
-                      headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return _error(503, "unavailable", UNAVAILABLE_MESSAGE, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     @app.exception_handler(Exception)
     async def server_error(_request, exc: Exception) -> JSONResponse:
@@ -245,7 +247,7 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
         return _error(500, "internal_error", "the lookup failed; see the service log.")
 
     @app.get(
-        "/v1/media/{media_id}",
+        LOOKUP_PATH,
         response_model=MediaItemBody,
         summary="Look up a media item",
         responses={
@@ -256,25 +258,19 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
             503: {"model": ErrorBody, "description": "The catalog database cannot be reached; retry after Retry-After."},
         },
     )
-    def get_media(media_id: str = Path(
+    async def get_media(request: Request, media_id: str = Path(
             description=f"The media ID: 1-{ID_LENGTH} of A-Za-z0-9._-, without '..', not only dots.",
             # Declared for clients, checked by the lookup itself (worker.store.keys.validate_id), whose
             # sentence the 400 carries; pydantic's regex engine has no lookahead to check it with.
             json_schema_extra={"minLength": 1, "maxLength": ID_LENGTH, "pattern": ID_PATTERN}),
-                  org: str = Depends(authenticated_org)):
-        found = lookup.find_for_org(org, media_id)
-        if not isinstance(found, Item):
-            return JSONResponse(not_found_body(media_id, found), status_code=404)
-        try:
-            signed = lookup.sign(found)
-            variants = lookup.sign_variants(found)
-        except Gone as gone:
-            return JSONResponse(not_found_body(media_id, gone.tombstone), status_code=404)
-        body = found.to_dict()
-        if signed is not None:
-            body["url"], body["url_expires_at"] = signed[0], signed[1].isoformat()
-        body["variants"] = [variant.to_dict() for variant in variants]
-        return body
+                        credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        # GET requests are answered by LookupRoute before FastAPI routes them; this endpoint describes the route
+        # in /openapi.json and answers the same way (the same function) where the app runs without it.
+        answered = await answer_lookup(lookups, f"Bearer {credentials.credentials}" if credentials else None, media_id)
+        if answered.org is not None:
+            request.scope.setdefault("state", {})["org"] = answered.org
+        return Response(answered.body, status_code=answered.status, headers=dict(answered.headers),
+                        media_type="application/json")
 
     @app.get("/healthz", response_model=HealthBody, summary="The process is up")
     def healthz():
@@ -295,10 +291,9 @@ def create_app(*, lookup: MediaLookup, keys: KeyCheck, ping: Callable[[], None])
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.metrics_registry = registry
-    return _with_middleware(app, registry)
-
-
-def _with_middleware(app: FastAPI, registry: CollectorRegistry) -> FastAPI:
+    [route] = [route for route in app.routes if isinstance(route, APIRoute) and route.path == LOOKUP_PATH]
+    # Added last, so outermost: every request is counted, timed and logged, lookups included.
+    app.add_middleware(LookupRoute, lookups=lookups, route=route)
     app.add_middleware(_Instrumented, registry=registry)
     return app
 

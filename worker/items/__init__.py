@@ -61,3 +61,7 @@ from worker.items.writes import (
     # tombstone compaction
     compact_tombstones,
 )
+from worker.items.keyed import (
+    # the HTTP lookup's one statement (key, item, variants, clock)
+    ItemRow, KeyedRow, keyed_lookup_sql, keyed_row,
+)
