@@ -295,7 +295,7 @@ def _print_preview(preview, out: Output) -> None:
         return
     scope = f"Retention of {preview.org}" + (f" for {preview.mime}" if preview.mime else "")
     echo(f"dry run: nothing was changed. {scope}: {preview.retention} -> {preview.new_retention}")
-    echo(f"rescheduled:            {preview.applies_to} items (the period applies to them)")
+    echo(f"would be rescheduled:   {preview.applies_to} items (the period applies to them)")
     echo(f"due at the next sweep:  {preview.due} items ({preview.due_bytes} bytes), "
          f"{preview.newly_due} of them ({preview.newly_due_bytes} bytes) because of this change")
     echo(f"kept longer:            {preview.kept_longer} items")

@@ -1258,6 +1258,26 @@ class RetentionModel(RuleBasedStateMachine):
         with self.reader() as session:
             return dict(session.execute(select(MediaItem.id, MediaItem.expires_at)).all())
 
+    @initialize(before=st.lists(st.tuples(st.sampled_from(ORGS), st.sampled_from(RULE_MIMES), st.sampled_from(EXPIRES_IN)),
+                                max_size=4),
+                changes=st.lists(st.tuples(st.sampled_from(ORGS), st.sampled_from(RULE_PATTERNS),
+                                           st.none() | st.sampled_from(sorted(RETENTIONS))), max_size=4),
+                after=st.lists(st.tuples(st.sampled_from(ORGS), st.none() | st.sampled_from(sorted(TTLS)),
+                                         st.sampled_from(RULE_MIMES), st.sampled_from(EXPIRES_IN)), max_size=3))
+    def a_deployment_with_content_types(self, before, changes, after):
+        """Where every example also starts (before or after `a_deployment`): TTL-less items of several content types,
+        rules set, changed and removed over them, more items under those rules. A random step is one of dozens, so
+        rules drawn only as steps would seldom meet the items they cover."""
+        for org in ORGS:
+            if org not in self.orgs:
+                self.org_set(org, None, "90d", None)
+        for org, mime, expires_in in before:
+            self.register_a_content_type(org, None, mime, expires_in, None)
+        for org, pattern, retention in changes:
+            self.set_or_remove_a_rule(sorted(self.orgs).index(org), pattern, retention, None)
+        for org, ttl, mime, expires_in in after:
+            self.register_a_content_type(org, ttl, mime, expires_in, None)
+
     @rule(org=st.sampled_from(ORGS), ttl=st.none() | st.sampled_from(sorted(TTLS)), mime=st.sampled_from(RULE_MIMES),
           expires_in=st.sampled_from(EXPIRES_IN), crash_at=st.none() | st.integers(1, 4))
     def register_a_content_type(self, org, ttl, mime, expires_in, crash_at):

@@ -6,6 +6,7 @@ ends with the rules that committed first."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from datetime import timedelta
@@ -220,10 +221,12 @@ def test_manifests_and_adopt_give_items_the_period_of_their_rule(catalog, acme, 
     lines = [{"org": acme, "id": "m-png", "file": "a.png", "mime": "image/png"}, {"org": acme, "id": "m-pdf", "file": "b.pdf"}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     catalog.register_manifest(tmp_path / "m.jsonl", files_root=tmp_path)
+    minute_ago = time.time() - 60
     for key in ("old/x.png", "old/y.pdf"):
         (media_root / key).parent.mkdir(parents=True, exist_ok=True)
         (media_root / key).write_bytes(b"blob")
-    summary = catalog.adopter().run(org=acme, grace=timedelta(0), actor="ops")
+        os.utime(media_root / key, (minute_ago, minute_ago))
+    summary = catalog.adopter().run(org=acme, grace=timedelta(seconds=10), actor="ops")
     assert summary.adopted == 2
     with catalog.db.transaction() as session:
         rows = session.execute(select(MediaItem.id, MediaItem.storage_key, MediaItem.created_at, MediaItem.expires_at)).all()
@@ -233,8 +236,6 @@ def test_manifests_and_adopt_give_items_the_period_of_their_rule(catalog, acme, 
 
 def test_adopt_counts_as_due_what_the_rules_make_due(catalog, acme, media_root):
     """A 10-day-old .png under image/png 7d is due; a 10-day-old .pdf under the org's 90d is not."""
-    import os
-
     catalog.rules.set(acme, "image/png", "7d")
     stamp = time.time() - 10 * 86400
     for key in ("v/a.png", "v/b.pdf"):
