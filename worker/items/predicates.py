@@ -62,4 +62,3 @@ def compactable(items, cutoff, now):
     its blob may come back, and reconcile keeps a returned blob until the expiry only while a row names it."""
     return and_(tombstone(), items.c.deleted_at < cutoff,
                 or_(items.c.deletion_reason != "missing_blob", items.c.expires_at <= now))
-
