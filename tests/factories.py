@@ -137,10 +137,11 @@ def make_file(directory: Path, content: bytes = b"media bytes") -> Path:
 
 
 def register_aged(catalog: Catalog, org: str, age: timedelta, *, ttl: str | None = None, media_id: str | None = None,
-                  uploads: Path, content: bytes = b"media bytes") -> Item:
+                  uploads: Path, content: bytes = b"media bytes", mime: str | None = None) -> Item:
     """Register a real file whose created_at lies `age` in the past (by the database clock)."""
     created = db_time(catalog) - age
-    return catalog.register(org=org, file=make_file(uploads, content), media_id=media_id, ttl=ttl, created_at=created)
+    return catalog.register(org=org, file=make_file(uploads, content), media_id=media_id, ttl=ttl, created_at=created,
+                            mime=mime)
 
 
 def states(catalog: Catalog, ids: list[str]) -> dict[str, str]:

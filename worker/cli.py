@@ -283,18 +283,62 @@ def org() -> None:
 def org_set(engine: Engine, org_id: str, retention: str | None, actor: str | None, dry_run: bool, out: Output) -> None:
     """Create ORG or change its retention (applies to stored items from the next sweep)."""
     if dry_run:
-        preview = engine.catalog.preview_retention(org_id, retention)
-        if out.as_json:
-            out.result(preview.to_dict())
-            return
-        echo(f"dry run: nothing was changed. Retention of {preview.org}: {preview.retention} -> {preview.new_retention}")
-        echo(f"due at the next sweep:  {preview.due} items ({preview.due_bytes} bytes), "
-             f"{preview.newly_due} of them ({preview.newly_due_bytes} bytes) because of this change")
-        echo(f"kept longer:            {preview.kept_longer} items")
-        echo(f"held (not deleted):     {preview.held} items that would be due" + (" (the org is on hold)" if preview.org_held else ""))
-        echo(f"with their own TTL:     {preview.ttl_items} items (the retention does not apply to them)")
+        _print_preview(engine.catalog.preview_retention(org_id, retention), out)
         return
     out.result(engine.catalog.set_org(org_id, retention, actor=actor).to_dict())
+
+
+def _print_preview(preview, out: Output) -> None:
+    """A retention preview (`org set --dry-run`, `org rule set|rm --dry-run`): JSON, or a few lines."""
+    if out.as_json:
+        out.result(preview.to_dict())
+        return
+    scope = f"Retention of {preview.org}" + (f" for {preview.mime}" if preview.mime else "")
+    echo(f"dry run: nothing was changed. {scope}: {preview.retention} -> {preview.new_retention}")
+    echo(f"would be rescheduled:   {preview.applies_to} items (the period applies to them)")
+    echo(f"due at the next sweep:  {preview.due} items ({preview.due_bytes} bytes), "
+         f"{preview.newly_due} of them ({preview.newly_due_bytes} bytes) because of this change")
+    echo(f"kept longer:            {preview.kept_longer} items")
+    echo(f"held (not deleted):     {preview.held} items that would be due" + (" (the org is on hold)" if preview.org_held else ""))
+    echo(f"with their own TTL:     {preview.ttl_items} items (the retention does not apply to them)")
+
+
+@org.group("rule")
+def org_rule() -> None:
+    """Retention by content type: the most specific MIME pattern wins over the org's period; a TTL over both."""
+
+
+@org_rule.command("set")
+@click.argument("org_id", metavar="ORG")
+@click.option("--mime", "mime", required=True, help="type/subtype or type/*, e.g. image/png or image/* (case-insensitive).")
+@click.option("--retention", required=True, help="Retention period for that content type, e.g. 30d, 2w, P30D (at least 1h).")
+@click.option("--by", "actor", help="Who makes the change (recorded; default: the OS user).")
+@click.option("--dry-run", is_flag=True, help="Only show what the rule would make due at the next sweep.")
+@json_option
+@with_engine
+def org_rule_set(engine: Engine, org_id: str, mime: str, retention: str, actor: str | None, dry_run: bool, out: Output) -> None:
+    """Give ORG's media of a content type its own retention (applies to stored items from the next sweep)."""
+    result = engine.catalog.rules.set(org_id, mime, retention, actor=actor, dry_run=dry_run)
+    if dry_run:
+        _print_preview(result, out)
+        return
+    out.result(result.to_dict())
+
+
+@org_rule.command("rm")
+@click.argument("org_id", metavar="ORG")
+@click.option("--mime", "mime", required=True, help="The pattern of the rule to remove, as it was set.")
+@click.option("--by", "actor", help="Who makes the change (recorded; default: the OS user).")
+@click.option("--dry-run", is_flag=True, help="Only show what removing the rule would make due at the next sweep.")
+@json_option
+@with_engine
+def org_rule_rm(engine: Engine, org_id: str, mime: str, actor: str | None, dry_run: bool, out: Output) -> None:
+    """Remove a retention rule of ORG: its media falls back to type/* or the org's period (exit 3 if no such rule)."""
+    result = engine.catalog.rules.remove(org_id, mime, actor=actor, dry_run=dry_run)
+    if dry_run:
+        _print_preview(result, out)
+        return
+    out.result(result.to_dict())
 
 
 @org.command("show")

@@ -95,6 +95,15 @@ class Dialect:
             return func.extract("epoch", later - earlier).cast(Float)
         return ((func.julianday(later) - func.julianday(earlier)) * 86400.0).cast(Float)
 
+    def mime_essence(self, column):
+        """`type/subtype` of a MIME type column, lowercased, its parameters dropped: the SQL twin of
+        `worker.policy.mime_essence` (a test holds the two to the same answers)."""
+        if self.postgresql:
+            head = func.split_part(column, ";", 1)
+        else:
+            head = func.substr(column, 1, func.instr(column.concat(";"), ";") - 1)
+        return func.lower(func.rtrim(head, " "))
+
     def share_locked(self, statement):
         """`statement` under a share lock on PostgreSQL (SQLite's write transaction already excludes writers)."""
         return statement.with_for_update(read=True) if self.postgresql else statement

@@ -74,6 +74,25 @@ DELETING = predicates.predicate(predicates.DELETING)
 TOMBSTONE = predicates.predicate(predicates.TOMBSTONE)
 
 
+class RetentionRule(Base):
+    """An org's retention for a content type (`org rule set ORG --mime image/* --retention 30d`): the most
+    specific rule matching an item's MIME type wins over the org's period, and a TTL over every rule
+    (worker/policy.py, `lifetime`). Written only under the org's row lock, in the transaction that rewrites
+    the expiry of the items the change affects (worker/catalog/rules.py)."""
+
+    __tablename__ = "retention_rules"
+
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), primary_key=True)
+    # `type/subtype` or `type/*`, lowercase (worker/policy.py, parse_mime_pattern).
+    mime_pattern: Mapped[str] = mapped_column(String(255), primary_key=True)
+    retention_seconds: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=db_now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=db_now())
+    actor: Mapped[str] = mapped_column(String(128))
+
+    __table_args__ = (CheckConstraint("retention_seconds >= 3600", name="retention_at_least_1h"),)
+
+
 class MediaItem(Base):
     __tablename__ = "media_items"
 

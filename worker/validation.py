@@ -19,8 +19,12 @@ ACTOR_LENGTH = AuditEvent.__table__.c.actor.type.length
 # Hold reasons are Text columns, so storage sets no bound; a reason is a sentence or a ticket
 # reference, and 2000 characters keeps a pasted document out of every audit listing.
 REASON_LENGTH = 2000
-# A media type is `type/subtype` of RFC 6838's restricted-name characters.
-_MIME = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
+# A media type is `type/subtype` of RFC 6838's restricted-name characters, optionally followed by parameters
+# as a Content-Type header carries them (`audio/ogg; codecs=opus`, RFC 9110: token=token or a quoted string),
+# which retention rules ignore (worker/policy.py, mime_essence).
+_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*"
+_PARAMETER = r""" *; *[A-Za-z0-9!#$%&'*+.^_`|~-]+=(?:[A-Za-z0-9!#$%&'*+.^_`|~-]+|"[^"\\]*")"""
+_MIME = re.compile(rf"{_NAME}/{_NAME}(?:{_PARAMETER})*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Creation times before the Unix epoch are typos (no media server predates it); after "now" by more
 # than a clock-skew allowance they are too: a service whose clock runs a little ahead of the
@@ -55,7 +59,7 @@ def reason(value: str) -> str:
 def mime_type(value: str) -> str:
     text(value, "the MIME type", MIME_LENGTH)
     if not _MIME.fullmatch(value):
-        raise BadInput(f"invalid MIME type {value!r}: use type/subtype, e.g. image/jpeg.")
+        raise BadInput(f"invalid MIME type {value!r}: use type/subtype, e.g. image/jpeg (parameters as in audio/ogg; codecs=opus).")
     return value
 
 

@@ -21,8 +21,10 @@ Breaches (exit 1), each an invariant of the design's Part 1:
 Both compare a claim's time with the time a hold or retention change took effect, which is stamped
 once the change has locked the org's rows (`worker/catalog/_shared.py`, `took_effect_at`): a claim
 the change had to wait for, which followed the policy then in force, is dated before it.
-- `wrong_expiry`: an active item whose `expires_at` is not `created_at` plus its TTL or its org's
-  retention: it would be deleted at the wrong time.
+- `wrong_expiry`: an active item whose `expires_at` is not `created_at` plus its TTL, the most specific
+  retention rule of its org matching its MIME type, or its org's retention: it would be deleted at the
+  wrong time. The rules are read with the org's `updated_at` (which every rule change stamps) and read
+  again when a row shows a newer one; a row read before a change that committed since is not judged.
 - `tombstone_with_blob`: a deleted item whose blob, or a variant's blob, still exists (a leak). A `missing_blob`
   tombstone of an item that has not expired yet whose blob came back is a notice (`returned_blobs`),
   not a breach: reconcile deliberately keeps such a blob until the item's expiry.
@@ -65,6 +67,8 @@ from worker.binding import StoreBinding
 from worker.db import Database, db_now
 from config.errors import RetentionError
 from worker.models import Reason, State
+from worker.policy import governing_pattern, lifetime
+from worker.catalog.rules import rules_with_stamp
 from worker.store import BlobInfo, BlobStore, PartialUpload
 
 log = structlog.get_logger("worker.verify")
@@ -193,6 +197,7 @@ class Verifier:
         self.stuck_cutoff = self.now - stuck_after
         self.report = report
         self._pending: list[_Candidate] = []
+        self._rules: dict[str, tuple[datetime | None, dict[str, int]]] = {}
         self._last_progress = time.monotonic()
         with ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="verify-check") as self._pool:
             self._merge()
@@ -314,20 +319,42 @@ class Verifier:
                         row, reason=row.deletion_reason, claimed_at=_iso(claimed), expired_at=_iso(due),
                         early_by_seconds=round((due - claimed).total_seconds(), 3)))
         else:
-            expected = row.created_at + timedelta(seconds=row.ttl_seconds or row.org_retention_seconds)
+            rules = self._rules_for(row)
+            if rules is None:
+                return  # the org's policy changed since this row was read: the row cannot be judged
+            expected = row.created_at + self._lifetime(row, rules)
             if row.expires_at != expected:
                 report.breach("wrong_expiry", self._example(row, expires_at=_iso(row.expires_at), expected=_iso(expected),
-                                                            ttl_seconds=row.ttl_seconds, org_retention_seconds=row.org_retention_seconds))
+                                                            ttl_seconds=row.ttl_seconds, org_retention_seconds=row.org_retention_seconds,
+                                                            rule=governing_pattern(rules, row.mime_type)))
 
-    @staticmethod
-    def _earliest_legitimate_claim(row) -> datetime:
+    def _earliest_legitimate_claim(self, row) -> datetime:
         due = row.expires_at
         if row.ttl_seconds is not None:
             due = max(due, row.created_at + timedelta(seconds=row.ttl_seconds))
         elif row.org_updated_at is not None and row.claimed_at is not None and row.org_updated_at <= row.claimed_at:
-            # The org's retention has not changed since the claim, so it is the one the claim had to honour.
-            due = max(due, row.created_at + timedelta(seconds=row.org_retention_seconds))
+            # The org's retention and rules have not changed since the claim (every change of either stamps
+            # `updated_at`), so they are the ones the claim had to honour.
+            rules = self._rules_for(row)
+            if rules is not None:
+                due = max(due, row.created_at + self._lifetime(row, rules))
         return due
+
+    @staticmethod
+    def _lifetime(row, rules: dict[str, int]) -> timedelta:
+        ttl = timedelta(seconds=row.ttl_seconds) if row.ttl_seconds is not None else None
+        return lifetime(ttl, timedelta(seconds=row.org_retention_seconds), rules, row.mime_type)
+
+    def _rules_for(self, row) -> dict[str, int] | None:
+        """The retention rules of the row's org as they were when the row was read: cached with the org's
+        `updated_at`, read again (rules and stamp in one statement) when the row shows another stamp; None
+        when the org changed again since the row was read (the row is stale, judged by nothing)."""
+        cached = self._rules.get(row.org_id)
+        if cached is None or cached[0] != row.org_updated_at:
+            with self.db.transaction() as session:
+                cached = rules_with_stamp(session, row.org_id)
+            self._rules[row.org_id] = cached
+        return cached[1] if cached[0] == row.org_updated_at else None
 
     def _check_unclaimed_blob(self, blob: BlobInfo) -> None:
         self.report.blobs_listed += 1

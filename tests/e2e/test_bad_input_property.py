@@ -31,6 +31,8 @@ UPLOAD = object()
 COMMANDS = [
     ["org", "set", X], ["org", "set", "acme", "--retention", X], ["org", "set", "acme", "--retention", "30d", "--by", X],
     ["org", "show", X],
+    ["org", "rule", "set", "acme", "--mime", X, "--retention", "7d"], ["org", "rule", "set", "acme", "--mime", "image/*", "--retention", X],
+    ["org", "rule", "rm", "acme", "--mime", X], ["org", "rule", "set", X, "--mime", "image/png", "--retention", "7d", "--dry-run"],
     ["register", "--org", X, "--file", UPLOAD], ["register", "--org", "acme", "--file", UPLOAD, "--id", X],
     ["register", "--org", "acme", "--file", UPLOAD, "--ttl", X], ["register", "--org", "acme", "--file", UPLOAD, "--created-at", X],
     ["register", "--org", "acme", "--file", UPLOAD, "--mime", X], ["register", "--org", "acme", "--key", X],

@@ -19,7 +19,8 @@ from pathlib import Path
 AUDIT = "safety bug from the audit"
 ISSUE_19 = "reverted fix of issue #19"
 ISSUE_21 = "reverted part of issue #21 (variants)"
-KINDS = (AUDIT, ISSUE_19, ISSUE_21)
+ISSUE_23_RULES = "reverted part of issue #23 (retention rules)"
+KINDS = (AUDIT, ISSUE_19, ISSUE_21, ISSUE_23_RULES)
 
 
 class StaleMutation(Exception):
@@ -395,6 +396,38 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="""    return session.execute(union_all(own, derived)).all()""",
         new="""    return session.execute(own).all()""",
         kind=ISSUE_21,
+    ),
+    Mutation(
+        name="registration-ignores-retention-rules",
+        description="A registration computes the expiry from the org's period alone, whatever rule covers its MIME type.",
+        file="worker/catalog/registration.py",
+        old="""        rules = rules_of(session, found) if lock else {}""",
+        new="""        rules = {}""",
+        kind=ISSUE_23_RULES,
+    ),
+    Mutation(
+        name="rule-change-reschedules-nothing",
+        description="`org rule set|rm` records the rule but leaves the stored items' expiry as it was.",
+        file="worker/catalog/rules.py",
+        old="""                rewritten = items_sql.rewrite_expiry(session, org_id, target, governed)""",
+        new="""                rewritten = 0""",
+        kind=ISSUE_23_RULES,
+    ),
+    Mutation(
+        name="org-set-reschedules-items-a-rule-covers",
+        description="`org set --retention` rewrites every TTL-less item of the org, those a rule decides too.",
+        file="worker/catalog/orgs.py",
+        old="""                governed = items_sql.governed_by(self.db.sql, rules, None) if rules else None""",
+        new="""                governed = None""",
+        kind=ISSUE_23_RULES,
+    ),
+    Mutation(
+        name="wildcard-rule-overrides-exact-rule",
+        description="A type/* rule's rewrite also takes the items an exact type/subtype rule decides.",
+        file="worker/items/reads.py",
+        old="""    return and_(of_type(prefix), essence.not_in(same_type)) if same_type else of_type(prefix)""",
+        new="""    return of_type(prefix)""",
+        kind=ISSUE_23_RULES,
     ),
 )
 

@@ -28,6 +28,7 @@ from worker.catalog.orgs import Orgs
 from worker.catalog.preview import RetentionPreview, preview_retention
 from worker.catalog.purge import Purge
 from worker.catalog.registration import Registration
+from worker.catalog.rules import RetentionRules, RuleChange
 from worker.catalog.results import (
     HoldResult,
     Item,
@@ -43,7 +44,7 @@ from worker.sweep import Sweeper
 
 __all__ = [
     "AdoptSummary", "ApiKeyView", "AuditEntry", "AuditPage", "Catalog", "CreatedApiKey", "HoldResult", "RetentionPreview", "Item", "MANIFEST_BATCH", "MANIFEST_LINE_MAX", "ManifestError", "ManifestLineError",
-    "ManifestSummary", "OrgView", "PresignedUrl", "PurgeResult", "Tombstone", "default_actor",
+    "ManifestSummary", "OrgView", "PresignedUrl", "PurgeResult", "RetentionRules", "RuleChange", "Tombstone", "default_actor",
 ]
 
 
@@ -64,6 +65,7 @@ class Catalog:
         self.purges = Purge(db, sweeper)
         self.api_keys = ApiKeys(db)
         self.audit = AuditTrail(db)
+        self.rules = RetentionRules(db)
 
     def adopter(self, *, progress: Callable[[AdoptSummary], None] | None = None) -> Adopter:
         """`adopt`: registers the store's blobs the catalog does not know (see worker.catalog.adopt)."""

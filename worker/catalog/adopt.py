@@ -32,7 +32,9 @@ from worker import items as items_sql
 from worker.catalog.registration import Registration, _NewItem
 from worker.db import db_now
 from config.errors import BadInput, NotFound
+from worker.catalog.rules import rules_of
 from worker.models import Organization
+from worker.policy import lifetime
 from worker.store import BlobInfo
 from worker.store.keys import validate_id, validate_key, validate_new_key
 
@@ -82,7 +84,12 @@ class Adopter:
             retention = timedelta(seconds=target.retention_seconds)
             org_held = target.held_at is not None
             now = session.scalar(select(db_now()))
-        lifetime = ttl if ttl is not None else retention
+            # For the summary's count of what is due at once; each row's expiry is computed again, from the
+            # rules read under the org's lock, when the page is registered (Registration.adopt_batch).
+            rules = rules_of(session, [org]).get(org, {})
+
+        def item_lifetime(item: _NewItem) -> timedelta:
+            return lifetime(item.ttl, retention, rules, item.mime)
         binding = self.registration.binding
         if dry_run:
             state = binding.state()
@@ -117,7 +124,7 @@ class Adopter:
                 fresh.append(_NewItem(id=secrets.token_urlsafe(18), org=org, key=key, source=None, ttl=ttl,
                                       created_at=created, mime=mimetypes.guess_type(key)[0] or "application/octet-stream",
                                       sha256=None, size=blob.size))
-                if created_due(fresh[-1], lifetime, now, org_held):
+                if created_due(fresh[-1], item_lifetime(fresh[-1]), now, org_held):
                     summary.due += 1
                     summary.due_bytes += blob.size
             if fresh and not dry_run:
@@ -126,7 +133,7 @@ class Adopter:
                 adopted = {row["storage_key"] for row in rows}
                 summary.raced += len(fresh) - len(adopted)
                 for item in fresh:
-                    if item.key not in adopted and created_due(item, lifetime, now, org_held):
+                    if item.key not in adopted and created_due(item, item_lifetime(item), now, org_held):
                         summary.due -= 1
                         summary.due_bytes -= item.size
                 fresh = [item for item in fresh if item.key in adopted]

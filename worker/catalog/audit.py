@@ -18,7 +18,7 @@ from config.errors import BadInput
 from worker.models import AuditEvent
 from worker.store.keys import validate_id
 
-ACTIONS = ("deleted", "purge", "hold", "release", "org_hold", "org_release", "org_create", "org_set", "reconcile",
+ACTIONS = ("deleted", "purge", "hold", "release", "org_hold", "org_release", "org_create", "org_set", "rule_set", "rule_rm", "reconcile",
            "reconcile_missing_blob", "import", "adopt", "apikey_create", "apikey_revoke", "compact", "variant_add")
 # A page a person can read on a screen; scripts page on with --before.
 DEFAULT_LIMIT = 50

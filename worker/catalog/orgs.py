@@ -1,4 +1,5 @@
-"""Organizations: create one, change its retention (rescheduling its stored items), show it."""
+"""Organizations: create one, change its retention (rescheduling its stored items no retention rule covers),
+show it (with its rules)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from worker import items as items_sql
 from worker import validation
 from worker.catalog._shared import default_actor, took_effect_at
 from worker.catalog.results import OrgView
+from worker.catalog.rules import rule_list, rules_of
 from worker.db import Database
 from config.errors import NotFound
 from worker.models import AuditEvent, Organization, State
@@ -47,7 +49,11 @@ class Orgs:
             rewritten = 0
             if not created and seconds != old:
                 org.retention_seconds = seconds
-                rewritten = items_sql.rewrite_expiry(session, org_id, seconds)
+                # Only the items no retention rule covers live the org's period; read under the org's lock,
+                # which every rule change takes too.
+                rules = rules_of(session, [org_id]).get(org_id)
+                governed = items_sql.governed_by(self.db.sql, rules, None) if rules else None
+                rewritten = items_sql.rewrite_expiry(session, org_id, seconds, governed)
             if created or seconds != old:
                 # Stamped only now, by the database's clock (`verify` compares it with claim times): the
                 # rewrite may have waited for claims of the org's rows under the old period, which finish.
@@ -76,6 +82,7 @@ class Orgs:
             if org is None:
                 raise NotFound(f"organization {org_id!r} does not exist; create it with `media-retention org set {org_id}`.")
             by_state = items_sql.counts_by_state(session, org_id)
+            rules = rules_of(session, [org_id]).get(org_id, {})
             active_bytes = items_sql.active_bytes(session, org_id)
         return OrgView(
             org=org.id,
@@ -85,4 +92,5 @@ class Orgs:
             hold_reason=org.hold_reason,
             items={state.value: int(by_state.get(state.value, 0)) for state in State},
             active_bytes=int(active_bytes or 0),
+            rules=tuple(rule_list(rules)),
         )

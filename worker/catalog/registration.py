@@ -28,10 +28,11 @@ from worker import items as items_sql
 from worker import reservations, validation
 from worker.binding import StoreBinding
 from worker.catalog.results import Item, Variant
+from worker.catalog.rules import rules_of
 from worker.db import Database, db_now
 from config.errors import BadInput, Gone, NotFound, RetentionError
 from worker.models import AuditEvent, Organization, State
-from worker.policy import effective_lifetime, parse_ttl
+from worker.policy import lifetime, parse_ttl
 from worker.store import BlobDigest, BlobInfo, BlobStore, check_source, open_source, source_digest
 from worker.store.keys import key_for_id, validate_id, validate_new_id, validate_new_key
 
@@ -153,9 +154,11 @@ class Registration:
         if used:
             raise BadInput(f"storage key {used!r} already belongs to another media item.")
 
-    def _org_policies(self, session, orgs: set[str], *, lock: bool) -> dict[str, tuple[int, bool]]:
-        """Retention seconds and hold state of each org; under a share lock when `lock`, so neither
-        changes (retention rewrite, org hold) between this read and the insert that relies on it."""
+    def _org_policies(self, session, orgs: set[str], *, lock: bool) -> dict[str, tuple[int, bool, dict[str, int]]]:
+        """Retention seconds, hold state and retention rules of each org; under a share lock when `lock`, so
+        none of them changes (retention or rule rewrite, org hold: each takes the org's row lock) between this
+        read and the insert that relies on it. The rules are read after the lock, so they are those committed
+        before it was granted (read only with `lock`: the reservation step needs no expiry)."""
         statement = select(Organization.id, Organization.retention_seconds, Organization.held_at).where(Organization.id.in_(sorted(orgs)))
         if lock:
             statement = self.db.sql.share_locked(statement)
@@ -163,7 +166,8 @@ class Registration:
         missing = sorted(orgs - found.keys())
         if missing:
             raise BadInput(f"organization {missing[0]!r} does not exist; create it with `media-retention org set {missing[0]}`.")
-        return found
+        rules = rules_of(session, found) if lock else {}
+        return {org: (retention, held, rules.get(org, {})) for org, (retention, held) in found.items()}
 
     def _reserve(self, token: str, new_items: Sequence[_NewItem], purpose: str, *, checked: bool) -> None:
         """Step 1, one transaction: the orgs exist, every key is reserved under `token` (taking over any other
@@ -268,12 +272,12 @@ class Registration:
                         meaning="these items answer 404 at their expiry, but their bytes stay until the bucket's lock ends")
 
     @staticmethod
-    def _rows(new_items: Sequence[_NewItem], policies: dict[str, tuple[int, bool]], now: datetime) -> list[dict]:
+    def _rows(new_items: Sequence[_NewItem], policies: dict[str, tuple[int, bool, dict[str, int]]], now: datetime) -> list[dict]:
         rows = []
         for item in new_items:
             created = item.created_at or now
-            retention_seconds, org_held = policies[item.org]
-            lifetime = effective_lifetime(item.ttl, timedelta(seconds=retention_seconds))
+            retention_seconds, org_held, rules = policies[item.org]
+            item_lifetime = lifetime(item.ttl, timedelta(seconds=retention_seconds), rules, item.mime)
             rows.append(
                 {
                     "id": item.id,
@@ -284,7 +288,7 @@ class Registration:
                     "sha256": item.sha256,
                     "created_at": created,
                     "ttl_seconds": int(item.ttl.total_seconds()) if item.ttl else None,
-                    "expires_at": created + lifetime,
+                    "expires_at": created + item_lifetime,
                     "state": State.ACTIVE.value,
                     "org_held": org_held,
                     "blob_version": item.version,

@@ -102,6 +102,7 @@ class OrgView:
     hold_reason: str | None
     items: dict[str, int]  # state -> count
     active_bytes: int
+    rules: tuple[dict, ...] = ()  # retention rules by content type: mime, retention, retention_seconds
 
     def to_dict(self) -> dict:
         return {
@@ -112,6 +113,7 @@ class OrgView:
             "hold_reason": self.hold_reason,
             "items": dict(self.items),
             "active_bytes": self.active_bytes,
+            "rules": [dict(rule) for rule in self.rules],
         }
 
 

@@ -257,19 +257,47 @@ def active_bytes(session, org_id: str) -> int:
     )
 
 
-def retention_preview(session, org_id: str, seconds: int) -> tuple[int, ...]:
-    """What a retention of `seconds` would make of the org's active items, by the next sweep's own
-    predicate with the new period in place of the stored expiry: how many would be due and their
-    bytes, how many of those the current period still keeps and their bytes, how many TTL-less items
-    would be kept longer, how many would be due held or not, and how many have a TTL."""
+def governed_by(dialect, rules, pattern: str | None):
+    """The rows whose retention `pattern` decides under the org's `rules` (pattern -> seconds, the pattern
+    among them): for `type/subtype` the rows of that essence; for `type/*` the rows of that type no exact rule
+    covers; for None the rows no rule covers (the org's period). The SQL twin of
+    `worker.policy.governing_pattern`, which a test holds it to; TTLs and states are the caller's filter."""
+    items = models.MediaItem.__table__
+    essence = dialect.mime_essence(items.c.mime_type)
+    exact = sorted(rule for rule in rules if not rule.endswith("/*"))
+    wild = sorted(rule[:-1] for rule in rules if rule.endswith("/*"))  # "image/*" -> "image/"
+
+    def of_type(prefix: str):
+        return func.substr(essence, 1, len(prefix)) == prefix
+
+    if pattern is None:
+        conditions = [~or_(*(of_type(prefix) for prefix in wild))] if wild else []
+        if exact:
+            conditions.append(essence.not_in(exact))
+        return and_(true(), *conditions)
+    if not pattern.endswith("/*"):
+        return essence == pattern
+    prefix = pattern[:-1]
+    same_type = [rule for rule in exact if rule.startswith(prefix)]
+    return and_(of_type(prefix), essence.not_in(same_type)) if same_type else of_type(prefix)
+
+
+def retention_preview(session, org_id: str, seconds: int, governed=None) -> tuple[int, ...]:
+    """What a retention of `seconds` would make of the org's active items, by the next sweep's own predicate
+    with the new period in place of the stored expiry for the TTL-less items it applies to (those `governed`
+    selects when given: the rows one retention rule, or the org's period, decides): how many of the org's
+    items would be due and their bytes, how many of those the current expiry still keeps and their bytes, how
+    many would be kept longer, how many would be due held or not, how many the period would apply to but for
+    their TTL, and how many it applies to."""
     items = models.MediaItem.__table__
     now = db_now()
-    new_expiry = case((items.c.ttl_seconds.is_(None), plus_seconds(items.c.created_at, seconds)), else_=items.c.expires_at)
+    ttl_less = items.c.ttl_seconds.is_(None)
+    changes = ttl_less if governed is None else and_(ttl_less, governed)
+    new_expiry = case((changes, plus_seconds(items.c.created_at, seconds)), else_=items.c.expires_at)
     due_new = new_expiry <= now
     due_old = items.c.expires_at <= now
     # The sweep's own predicate: an org hold is mirrored onto its items (`org_held`).
     eligible = claimable()
-    ttl_less = items.c.ttl_seconds.is_(None)
 
     def count(condition):
         return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
@@ -281,9 +309,10 @@ def retention_preview(session, org_id: str, seconds: int) -> tuple[int, ...]:
         select(
             count(and_(eligible, due_new)), size(and_(eligible, due_new)),
             count(and_(eligible, due_new, ~due_old)), size(and_(eligible, due_new, ~due_old)),
-            count(and_(ttl_less, new_expiry > items.c.expires_at)),
+            count(and_(changes, new_expiry > items.c.expires_at)),
             count(due_new),
-            count(~ttl_less),
+            count(~ttl_less if governed is None else and_(~ttl_less, governed)),
+            count(changes),
         ).where(items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value)
     ).one())
 
@@ -343,7 +372,7 @@ def _with_org(variant: bool = False):
     key, size = (MediaVariant.storage_key, MediaVariant.size_bytes) if variant else (MediaItem.storage_key, MediaItem.size_bytes)
     statement = select(
         MediaItem.id, MediaItem.org_id, key.label("storage_key"), size.label("size_bytes"), MediaItem.state,
-        MediaItem.deletion_reason, MediaItem.created_at, MediaItem.ttl_seconds, MediaItem.expires_at,
+        MediaItem.deletion_reason, MediaItem.created_at, MediaItem.ttl_seconds, MediaItem.expires_at, MediaItem.mime_type,
         MediaItem.held_at, MediaItem.org_held, MediaItem.claimed_at, MediaItem.deleted_at, MediaItem.lease_until,
         MediaItem.attempts, MediaItem.last_error, MediaItem.lock_reason, MediaItem.locked_until,
         Organization.retention_seconds.label("org_retention_seconds"), Organization.held_at.label("org_held_at"),

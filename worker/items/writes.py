@@ -170,14 +170,16 @@ def lock_claimed(session, failures: Iterable[tuple[str, str, str, int, str | Non
 # -- holds and retention: what a hold or an org's new period writes on the rows ------------------------
 
 
-def rewrite_expiry(session, org_id: str, retention_seconds: int) -> int:
+def rewrite_expiry(session, org_id: str, retention_seconds: int, governed=None) -> int:
     """Reschedule the org's active TTL-less items to `created_at + retention_seconds` (exact on both
-    databases); returns how many."""
+    databases), only those `governed` selects when given (`reads.governed_by`: the rows one retention
+    rule, or the org's period, decides); returns how many."""
     items = models.MediaItem.__table__
+    where = [items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.ttl_seconds.is_(None)]
+    if governed is not None:
+        where.append(governed)
     return session.execute(
-        update(items)
-        .where(items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.ttl_seconds.is_(None))
-        .values(expires_at=plus_seconds(items.c.created_at, retention_seconds))
+        update(items).where(*where).values(expires_at=plus_seconds(items.c.created_at, retention_seconds))
     ).rowcount
 
 
