@@ -24,7 +24,9 @@ the change had to wait for, which followed the policy then in force, is dated be
 - `wrong_expiry`: an active item whose `expires_at` is not `created_at` plus its TTL, the most specific
   retention rule of its org matching its MIME type, or its org's retention: it would be deleted at the
   wrong time. The rules are read with the org's `updated_at` (which every rule change stamps) and read
-  again when a row shows a newer one; a row read before a change that committed since is not judged.
+  again when a row shows a newer one; a row read before a change that committed since is not judged. An
+  unheld item that had expired before the org's last change keeps its old expiry: it was gone already, and
+  no policy change revives it (`worker/items/predicates.py`, `not_gone_by_expiry`).
 - `tombstone_with_blob`: a deleted item whose blob, or a variant's blob, still exists (a leak). A `missing_blob`
   tombstone of an item that has not expired yet whose blob came back is a notice (`returned_blobs`),
   not a breach: reconcile deliberately keeps such a blob until the item's expiry.
@@ -309,7 +311,9 @@ class Verifier:
             if row.held_at is not None or row.org_held:
                 report.breach("held_deleted", self._example(row, held_at=_iso(row.held_at), org_held=bool(row.org_held),
                                                             reason=row.deletion_reason, claimed_at=_iso(claimed)))
-            elif row.org_held_at is not None and claimed is not None and claimed >= row.org_held_at:
+            elif (row.org_held_at is not None and claimed is not None and claimed >= row.org_held_at
+                  and row.expires_at > row.org_held_at):
+                # (An item that expired before the org's hold took effect was gone already: the hold never covered it.)
                 report.breach("held_deleted", self._example(row, org_held_at=_iso(row.org_held_at), reason=row.deletion_reason,
                                                             claimed_at=_iso(claimed)))
             if row.deletion_reason in (Reason.TTL.value, Reason.RETENTION.value) and claimed is not None:
@@ -323,6 +327,9 @@ class Verifier:
             if rules is None:
                 return  # the org's policy changed since this row was read: the row cannot be judged
             expected = row.created_at + self._lifetime(row, rules)
+            if (row.expires_at != expected and row.held_at is None and not row.org_held
+                    and row.org_updated_at is not None and row.expires_at <= row.org_updated_at):
+                return  # expired, unheld, before the org's last policy change: gone already, which no change revives
             if row.expires_at != expected:
                 report.breach("wrong_expiry", self._example(row, expires_at=_iso(row.expires_at), expected=_iso(expected),
                                                             ttl_seconds=row.ttl_seconds, org_retention_seconds=row.org_retention_seconds,
@@ -332,9 +339,11 @@ class Verifier:
         due = row.expires_at
         if row.ttl_seconds is not None:
             due = max(due, row.created_at + timedelta(seconds=row.ttl_seconds))
-        elif row.org_updated_at is not None and row.claimed_at is not None and row.org_updated_at <= row.claimed_at:
+        elif (row.org_updated_at is not None and row.claimed_at is not None and row.org_updated_at <= row.claimed_at
+              and row.expires_at > row.org_updated_at):
             # The org's retention and rules have not changed since the claim (every change of either stamps
-            # `updated_at`), so they are the ones the claim had to honour.
+            # `updated_at`), so they are the ones the claim had to honour; unless the item had expired before
+            # that change, which then left it as it was (gone already: `not_gone_by_expiry`).
             rules = self._rules_for(row)
             if rules is not None:
                 due = max(due, row.created_at + self._lifetime(row, rules))

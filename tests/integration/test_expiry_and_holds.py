@@ -122,13 +122,20 @@ def test_shortening_org_retention_applies_to_stored_items_on_the_next_sweep(cata
     assert states(catalog, [aged.id, with_ttl.id]) == {aged.id: "deleted", with_ttl.id: "active"}
 
 
-def test_lengthening_org_retention_saves_items_that_were_due(catalog, uploads):
-    """Items 3 days old under 1d retention are due; raising retention to 30d before the sweep keeps them."""
-    catalog.set_org("grow", "1d")
-    item = register_aged(catalog, "grow", timedelta(days=3), uploads=uploads)
+def test_lengthening_org_retention_keeps_items_not_yet_expired_and_revives_none_already_gone(catalog, uploads):
+    """Under 5d retention, an item 3 days old is live and one 6 days old expired (404, not swept yet). Raising
+    retention to 30d gives the live one the new expiry; the expired one stays gone (expired is final: an expiry
+    sweep may have deleted its blob already) and the sweep takes it."""
+    catalog.set_org("grow", "5d")
+    live = register_aged(catalog, "grow", timedelta(days=3), uploads=uploads)
+    expired = register_aged(catalog, "grow", timedelta(days=6), uploads=uploads)
     catalog.set_org("grow", "30d")
-    assert catalog.sweeper.sweep().claimed == 0
-    assert catalog.lookup(item.id).expires_at > item.expires_at
+    assert catalog.lookup(live.id).expires_at == live.created_at + timedelta(days=30)
+    with pytest.raises(Gone):
+        catalog.lookup(expired.id)
+    counts = catalog.sweeper.sweep()
+    assert counts.deleted == 1
+    assert isinstance(catalog.lookup(live.id), Item)
 
 
 def org_audit(catalog, org):

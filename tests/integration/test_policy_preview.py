@@ -52,13 +52,15 @@ def test_the_preview_counts_exactly_what_the_next_sweep_deletes_after_the_change
 
 
 def test_lengthening_the_period_shows_the_items_kept_longer_and_no_new_deletions(catalog, uploads):
-    """1d to 30d: items 3 days old stop being due (kept longer); only an expired TTL item stays due."""
-    catalog.set_org("acme", "1d")
+    """5d to 30d: items 3 days old are kept longer; an item 6 days old expired already and stays due (no change
+    revives what expired), as does an expired TTL item."""
+    catalog.set_org("acme", "5d")
     for _ in range(2):
         register_aged(catalog, "acme", timedelta(days=3), uploads=uploads)
+    register_aged(catalog, "acme", timedelta(days=6), uploads=uploads)
     register_aged(catalog, "acme", timedelta(hours=2), ttl="1h", uploads=uploads)
     preview = preview_retention(catalog.db, "acme", "30d")
-    assert (preview.due, preview.newly_due, preview.kept_longer) == (1, 0, 2)
+    assert (preview.due, preview.newly_due, preview.kept_longer) == (2, 0, 2)
     catalog.set_org("acme", "30d")
     assert catalog.sweeper.sweep().deleted == preview.due
 

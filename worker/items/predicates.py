@@ -56,6 +56,16 @@ def held_expired(items, now):
     return and_(held(), items.c.expires_at <= now)
 
 
+def not_gone_by_expiry(items, clock):
+    """Rows a policy change may still act on: not expired by `clock` (the database's wall clock, read per row
+    once the row is locked), or held (a held item was held before it expired, so no sweep ever picked it and
+    its blob is there). An expired, unheld item is gone whatever its row says: it answers 404 from its
+    expiry, and an expiry sweep on PostgreSQL deletes its blobs before it writes the row (one transaction), so
+    a sweep killed in between leaves an active row whose blobs are gone. A hold, a longer retention or a rule
+    that reached such a row would make it live again with nothing behind it; none does."""
+    return or_(items.c.expires_at > clock, items.c.held_at.is_not(None), items.c.org_held)
+
+
 def compactable(items, cutoff, now):
     """Tombstones deleted before `cutoff` (read by the tombstones' deletion-time index): what compaction
     removes. Except a `missing_blob` tombstone whose item has not expired by `now` (the database clock):

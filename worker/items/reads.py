@@ -10,7 +10,7 @@ from sqlalchemy import and_, case, false, func, or_, select, true, union_all
 from worker import models
 from worker.db import db_now, plus_seconds
 from worker.dialect import Dialect
-from worker.items.predicates import claimable, compactable, deleting, due, held, held_expired, tombstone
+from worker.items.predicates import claimable, compactable, deleting, due, held, held_expired, not_gone_by_expiry, tombstone
 
 # -- the sweep: what is due, what it leaves alone ------------------------------------------------------
 
@@ -293,6 +293,8 @@ def retention_preview(session, org_id: str, seconds: int, governed=None) -> tupl
     now = db_now()
     ttl_less = items.c.ttl_seconds.is_(None)
     changes = ttl_less if governed is None else and_(ttl_less, governed)
+    # What the rewrite itself leaves alone: an item already gone by its expiry keeps it (`rewrite_expiry`).
+    changes = and_(changes, not_gone_by_expiry(items, now))
     new_expiry = case((changes, plus_seconds(items.c.created_at, seconds)), else_=items.c.expires_at)
     due_new = new_expiry <= now
     due_old = items.c.expires_at <= now

@@ -12,7 +12,7 @@ from sqlalchemy import BigInteger, Integer, and_, bindparam, case, delete, func,
 from worker import models
 from worker.db import db_clock, db_now, plus_seconds
 from worker.dialect import Dialect
-from worker.items.predicates import claimable, compactable
+from worker.items.predicates import claimable, compactable, not_gone_by_expiry
 
 # -- registration --------------------------------------------------------------------------------------
 
@@ -173,9 +173,11 @@ def lock_claimed(session, failures: Iterable[tuple[str, str, str, int, str | Non
 def rewrite_expiry(session, org_id: str, retention_seconds: int, governed=None) -> int:
     """Reschedule the org's active TTL-less items to `created_at + retention_seconds` (exact on both
     databases), only those `governed` selects when given (`reads.governed_by`: the rows one retention
-    rule, or the org's period, decides); returns how many."""
+    rule, or the org's period, decides); returns how many. Never an item already gone by its expiry
+    (`not_gone_by_expiry`, judged by the wall clock once the row is locked: after any sweep that held it)."""
     items = models.MediaItem.__table__
-    where = [items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.ttl_seconds.is_(None)]
+    where = [items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.ttl_seconds.is_(None),
+             not_gone_by_expiry(items, db_clock())]
     if governed is not None:
         where.append(governed)
     return session.execute(
