@@ -54,8 +54,9 @@ def hold_by_query(session, dialect: Dialect, hold_id: int, org_id: str, after: d
                   .values(held_at=func.coalesce(items.c.held_at, db_clock()),
                           hold_reason=func.coalesce(items.c.hold_reason, reason))
                   .returning(items.c.id).cte("marked"))
-        added = insert(members).from_select(["hold_id", "item_id"], select(literal(hold_id), marked.c.id)).add_cte(marked)
-        return session.execute(added).rowcount
+        added = (insert(members).from_select(["hold_id", "item_id"], select(literal(hold_id), marked.c.id))
+                 .returning(members.c.item_id).cte("added"))
+        return session.scalar(select(func.count()).select_from(added)) or 0
     session.execute(insert(members).from_select(["hold_id", "item_id"], select(literal(hold_id), items.c.id).where(match)))
     return mark_members(session, [hold_id], reason)
 
