@@ -3,14 +3,17 @@ the audit, the preview by case, and bad input; on SQLite and on PostgreSQL. The 
 connections run on PostgreSQL."""
 
 import json
+import os
 import threading
+import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from config.errors import BadInput, NotFound
-from tests.factories import db_time, make_file, plant_blob, register_aged, rows_by_id, states, wait_until_blocked_by
+from tests.factories import (blocked_by, db_time, make_file, plant_blob, register_aged, rows_by_id, states,
+                             wait_until_blocked_by)
 from worker import items as items_sql
 from worker.models import AuditEvent, Hold, HoldItem, MediaItem
 from worker.verify import Verifier
@@ -126,8 +129,10 @@ def test_include_future_holds_media_registered_later_in_the_window_by_every_inse
               "created_at": (now - timedelta(days=40)).isoformat()} for n, path in enumerate(files)]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     catalog.register_manifest(tmp_path / "m.jsonl", files_root=uploads / "m")
-    plant_blob(media_root, "adopted/pic.jpg")
-    adopted = catalog.adopter().run(org=acme, under="adopted", grace=timedelta(0), actor="ops")
+    planted = plant_blob(media_root, "adopted/pic.jpg")
+    two_days_ago = (now - timedelta(days=2)).timestamp()
+    os.utime(planted, (two_days_ago, two_days_ago))  # adopt dates it by its modification time, past its grace
+    adopted = catalog.adopter().run(org=acme, under="adopted", grace=timedelta(hours=1), actor="ops")
     assert adopted.to_dict()["adopted"] == 1
     with catalog.db.transaction() as session:
         adopted_id = session.scalar(select(MediaItem.id).where(MediaItem.storage_key == "adopted/pic.jpg"))
@@ -263,29 +268,35 @@ def test_holds_on_the_command_line_with_cases_queries_and_hold_list(cli):
 # -- races on PostgreSQL: two real connections -----------------------------------------------------------
 
 
-def _paused(monkeypatch, name: str):
-    """Pause the first call of `items_sql.<name>` (after it ran) until released: (reached, go)."""
-    reached, go = threading.Event(), threading.Event()
-    real = getattr(items_sql, name)
+class Pause:
+    """Pauses the first call of a function taking the session first (after it ran, inside its transaction) until
+    `go` is set; `pid` is that transaction's backend, whose locks the other side waits for."""
 
-    def paused(*args, **kwargs):
-        result = real(*args, **kwargs)
-        if not reached.is_set():
-            reached.set()
-            assert go.wait(30)
+    def __init__(self, real):
+        self.real, self.reached, self.go, self.pid = real, threading.Event(), threading.Event(), None
+
+    def __call__(self, session, *args, **kwargs):
+        result = self.real(session, *args, **kwargs)
+        if not self.reached.is_set():
+            self.pid = session.scalar(text("SELECT pg_backend_pid()"))
+            self.reached.set()
+            assert self.go.wait(30)
         return result
 
-    monkeypatch.setattr(items_sql, name, paused)
-    return reached, go
+
+def blocked_or_done(db, pid: int, other: threading.Thread, timeout: float = 10.0) -> None:
+    """Return once `other` waits for a lock of backend `pid`, or has finished without waiting (what a missing lock
+    lets it do: the outcome assertions then say what that cost)."""
+    deadline = time.monotonic() + timeout
+    while other.is_alive() and not blocked_by(db, pid):
+        assert time.monotonic() < deadline, f"the other side neither waited for backend {pid} nor finished"
+        time.sleep(0.02)
 
 
-def _backend_pid_of(db, thread_name_marker: str):
-    """The backend of the other connection that holds a lock on organizations (the paused transaction)."""
-    from sqlalchemy import text
-    with db.transaction() as session:
-        return session.scalar(text(
-            "SELECT l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
-            "WHERE c.relname = :rel AND l.pid <> pg_backend_pid() AND l.granted LIMIT 1"), {"rel": thread_name_marker})
+def _paused(monkeypatch, name: str) -> Pause:
+    pause = Pause(getattr(items_sql, name))
+    monkeypatch.setattr(items_sql, name, pause)
+    return pause
 
 
 @pytest.mark.parametrize("database", ["postgresql"], indirect=True)
@@ -293,18 +304,18 @@ def test_a_registration_committing_while_a_query_hold_is_placed_is_held(catalog,
     """A registration paused after inserting its row (its org share-locked, no placement seen yet); a query hold
     with --include-future placed meanwhile waits for it, then holds the row: nothing slips through unheld."""
     now = db_time(catalog)
-    reached, go = _paused(monkeypatch, "insert_variants")  # right after insert_rows, in the same transaction
+    pause = _paused(monkeypatch, "insert_variants")  # right after insert_rows, in the same transaction
     registered = {}
     thread = threading.Thread(target=lambda: registered.setdefault("item", expired(catalog, acme, uploads, "racer")))
     thread.start()
-    assert reached.wait(30)
+    assert pause.reached.wait(30)
     placed = {}
     placer = threading.Thread(target=lambda: placed.setdefault("result", catalog.set_hold(
         held=True, reason="lit", org=acme, case="lit", created_after=now - timedelta(days=60), created_before=now,
         include_future=True)))
     placer.start()
-    wait_until_blocked_by(catalog.db, _backend_pid_of(catalog.db, "media_items") or _backend_pid_of(catalog.db, "organizations"))
-    go.set()
+    blocked_or_done(catalog.db, pause.pid, placer)
+    pause.go.set()
     thread.join(30)
     placer.join(30)
     assert "item" in registered and placed["result"].items == 1
@@ -317,18 +328,18 @@ def test_a_registration_waiting_on_a_query_hold_being_placed_is_held_by_its_incl
     """The other order: the placement is paused after its query (org locked FOR UPDATE); a registration waits for
     it, then sees the placement and holds its own row."""
     now = db_time(catalog)
-    reached, go = _paused(monkeypatch, "hold_by_query")
+    pause = _paused(monkeypatch, "hold_by_query")
     placed = {}
     placer = threading.Thread(target=lambda: placed.setdefault("result", catalog.set_hold(
         held=True, reason="lit", org=acme, case="lit", created_after=now - timedelta(days=60), created_before=now,
         include_future=True)))
     placer.start()
-    assert reached.wait(30)
+    assert pause.reached.wait(30)
     registered = {}
     thread = threading.Thread(target=lambda: registered.setdefault("item", expired(catalog, acme, uploads, "racer")))
     thread.start()
-    wait_until_blocked_by(catalog.db, _backend_pid_of(catalog.db, "organizations"))
-    go.set()
+    blocked_or_done(catalog.db, pause.pid, thread)
+    pause.go.set()
     placer.join(30)
     thread.join(30)
     assert placed["result"].items == 0 and "item" in registered
@@ -344,27 +355,24 @@ def test_a_query_hold_waiting_on_a_sweeps_claim_skips_the_claimed_rows_and_holds
     ids = [expired(catalog, acme, uploads, f"old-{n}").id for n in range(3)]
     fresh = register_aged(catalog, acme, timedelta(days=1), uploads=uploads, media_id="fresh")
     now = db_time(catalog)
-    reached, go = threading.Event(), threading.Event()
     real = items_sql.Claims.expired
+    pause = Pause(None)
 
-    def claim_then_pause(self, *args, **kwargs):
-        rows = real(self, *args, **kwargs)
-        if not reached.is_set():
-            reached.set()
-            assert go.wait(30)
-        return rows
+    def claim_then_pause(self, session, *args, **kwargs):
+        pause.real = lambda inner, *rest, **named: real(self, inner, *rest, **named)
+        return pause(session, *args, **kwargs)
 
     monkeypatch.setattr(items_sql.Claims, "expired", claim_then_pause)
     swept = {}
     sweeper = threading.Thread(target=lambda: swept.setdefault("counts", catalog.sweeper.sweep()))
     sweeper.start()
-    assert reached.wait(30)
+    assert pause.reached.wait(30)
     placed = {}
     placer = threading.Thread(target=lambda: placed.setdefault("result", catalog.set_hold(
         held=True, reason="lit", org=acme, case="lit", created_after=now - timedelta(days=60), created_before=now + timedelta(days=1))))
     placer.start()
-    wait_until_blocked_by(catalog.db, _backend_pid_of(catalog.db, "media_items"))
-    go.set()
+    wait_until_blocked_by(catalog.db, pause.pid)
+    pause.go.set()
     sweeper.join(30)
     placer.join(30)
     assert swept["counts"].deleted == 3 and placed["result"].items == 1
@@ -377,8 +385,6 @@ def test_a_query_hold_waiting_on_a_sweeps_claim_skips_the_claimed_rows_and_holds
 def test_the_migration_makes_existing_holds_placements_of_the_default_case(database, tmp_path):
     """A catalog of 0011 with a held item and a held org: after the upgrade both are the case `default`'s, and
     `release` without --case releases them."""
-    from sqlalchemy import text
-
     from worker import schema
     schema.downgrade(database, "base")
     schema.upgrade(database, "0011")

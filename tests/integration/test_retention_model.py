@@ -982,6 +982,39 @@ class RetentionModel(RuleBasedStateMachine):
         self.placements = [placement for placement in self.placements if placement not in closing
                            and not (placement.scope == "item" and not placement.members)]
 
+    @precondition(lambda self: self.items)
+    @rule(pick=PICK, cases=st.permutations(CASES), second=st.sampled_from(("item", "query", "org")),
+          release=st.sampled_from(("ids", "org", "case")))
+    def overlap_two_cases_on_one_item_then_release_one(self, pick, cases, second, release):
+        """Case 1 holds an item itself; case 2 holds it too (itself, by a query covering every live item of its org,
+        or through its org); then case 1 (or case 2) is released: the item stays held while the other case holds it."""
+        item = self._some_item(pick)
+        if item is None or item.gone:
+            return
+        first, other = cases[0], cases[1]
+        self.place_a_case_hold_on_items(first, [pick], None)
+        if second == "item":
+            self.place_a_case_hold_on_items(other, [pick], None)
+        elif second == "query":
+            self.place_a_case_hold_by_query(other, item.org, [WINDOW_BOUNDS[0], WINDOW_BOUNDS[-1]], None, False, None)
+        else:
+            self.place_a_case_hold_on_an_org(other, item.org, None)
+        released = first if release == "ids" else (first, other)[pick % 2]
+        org_pick = sorted(self.orgs).index(item.org)
+        self.release_a_case(released, release, pick if release == "ids" else org_pick, None)
+
+    @invariant()
+    def what_the_claim_reads_says_held_exactly_when_a_case_holds_it(self):
+        """Holds are resolved into the two columns the claim reads (`held_at`, `org_held`): for every live item they
+        say held exactly when the model's cases (and the legacy default case) hold it."""
+        with self.reader() as session:
+            rows = {row.id: row.held_at is not None or bool(row.org_held) for row in session.execute(
+                select(MediaItem.id, MediaItem.held_at, MediaItem.org_held).where(MediaItem.state == State.ACTIVE.value))}
+        for item in self.items.values():
+            if not item.gone and item.id in rows:
+                assert rows[item.id] == self.held(item), (
+                    f"{item.id}: the claim reads held={rows[item.id]}, the model's cases say {self.held(item)}")
+
     @invariant()
     def every_case_holds_what_the_model_says(self):
         """`hold list`'s count of each model case is the model's own: the live items its placements hold."""
