@@ -661,6 +661,8 @@ def _hold_command(held: bool) -> Callable:
     @with_engine
     def command(engine: Engine, ids, org_id, case, reason, actor, out: Output, **query) -> None:
         release_all = not held and not ids and org_id is None and case is not None
+        if not held and not ids and org_id is None and case is None:
+            raise BadInput("give media IDs, --org ORG, or --case CASE alone (to release every hold of the case).")
         if not release_all:
             _scope(ids, org_id)
         out.result(engine.catalog.set_hold(held=held, reason=reason, ids=ids, org=org_id, actor=actor, case=case,
