@@ -300,6 +300,8 @@ def _print_preview(preview, out: Output) -> None:
          f"{preview.newly_due} of them ({preview.newly_due_bytes} bytes) because of this change")
     echo(f"kept longer:            {preview.kept_longer} items")
     echo(f"held (not deleted):     {preview.held} items that would be due" + (" (the org is on hold)" if preview.org_held else ""))
+    for case_held, count in sorted(preview.held_by_case.items()):
+        echo(f"  held by case {case_held}: {count} items")
     echo(f"with their own TTL:     {preview.ttl_items} items (the retention does not apply to them)")
 
 
@@ -651,22 +653,78 @@ def verify(engine: Engine, grace: str, stuck_after: str | None, examples: int, o
         raise click.exceptions.Exit(EXIT_FAILURE)
 
 
+class _WithList(click.Command):
+    """`hold` takes media IDs, and `hold list` lists the cases: a first argument `list` runs the listing (an item
+    whose ID is `list` is held with `hold -- list`)."""
+
+    def __init__(self, *args, listing: click.Command, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.listing = listing
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        if args and args[0] == "list":
+            return self.listing.make_context(f"{info_name} list", list(args[1:]), parent=parent, **extra)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
+@click.command("list")
+@click.option("--org", "org_id", help="Only holds on this organization.")
+@click.option("--case", "case", help="Only this case.")
+@json_option
+@with_engine
+def hold_list(engine: Engine, org_id: str | None, case: str | None, out: Output) -> None:
+    """Each case: who placed what, when and why, its scope, and how many active items it holds now."""
+    cases = engine.catalog.list_holds(org=org_id, case=case)
+    if out.as_json:
+        out.result({"cases": [view.to_dict() for view in cases]})
+        return
+    if not cases:
+        echo("no holds.")
+    for view in cases:
+        echo(f"case {view.case}: {'open' if view.open else 'released'}, holds {view.items_held} items now")
+        for p in view.placements:
+            scope = {"item": "items", "org": f"org {p.org}"}.get(p.scope) or (
+                f"org {p.org} created in [{p.created_after.isoformat()}, {p.created_before.isoformat()})"
+                + (f" mime {p.mime}" if p.mime else "") + (" and future media" if p.include_future else ""))
+            state = f"released {p.released_at.isoformat()} by {p.released_by}" if p.released_at else "open"
+            echo(f"  #{p.id} {scope}: by {p.by} at {p.placed_at.isoformat()}, {p.reason!r}; {state}")
+
+
 def _hold_command(held: bool) -> Callable:
     verb = "hold" if held else "release"
 
     @click.argument("ids", nargs=-1, metavar="[ID]...")
-    @click.option("--org", "org_id", help=f"{verb.capitalize()} a whole organization.")
+    @click.option("--org", "org_id", help=f"{verb.capitalize()} a whole organization" + (
+        " (with --created-after/--created-before: only its items matching the query)." if held else
+        " (the case's org and query holds on it)."))
+    @click.option("--case", "case", help="The case (1-128 of A-Za-z0-9._-; default: 'default')." + (
+        "" if held else " With --case alone, every hold of the case is released."))
     @click.option("--reason", required=True, help="Why (recorded in the audit trail).")
     @click.option("--by", "actor", help="Who (recorded; default: the OS user).")
     @json_option
     @with_engine
-    def command(engine: Engine, ids, org_id, reason, actor, out: Output) -> None:
-        _scope(ids, org_id)
-        out.result(engine.catalog.set_hold(held=held, reason=reason, ids=ids, org=org_id, actor=actor).to_dict())
+    def command(engine: Engine, ids, org_id, case, reason, actor, out: Output, **query) -> None:
+        release_all = not held and not ids and org_id is None and case is not None
+        if not held and not ids and org_id is None and case is None:
+            raise BadInput("give media IDs, --org ORG, or --case CASE alone (to release every hold of the case).")
+        if not release_all:
+            _scope(ids, org_id)
+        out.result(engine.catalog.set_hold(held=held, reason=reason, ids=ids, org=org_id, actor=actor, case=case,
+                                           release_all=release_all, **query).to_dict())
 
+    if held:
+        command = click.option("--include-future", is_flag=True,
+                               help="Also hold media registered later that matches the query.")(command)
+        command = click.option("--mime", help="Query: only MIME types matching type/subtype or type/* (any case).")(command)
+        command = click.option("--created-before", help="Query: items created before this ISO-8601 time.")(command)
+        command = click.option("--created-after", help="Query: items created at or after this ISO-8601 time.")(command)
     command.__doc__ = (
-        "Put media or an org on hold: held media is never deleted." if held else "Release a hold placed with `hold`."
+        "Put media, an org, or an org's media matching a query on hold for a case: held media is never deleted "
+        "while any case holds it. `hold list` lists the cases." if held else
+        "Release a case's hold on media, on an org, or (--case alone) everywhere; media another case holds stays held."
     )
+    if held:
+        return cli.command(verb, cls=_WithList, listing=hold_list)(command)
     return cli.command(verb)(command)
 
 

@@ -262,6 +262,57 @@ class CatalogIdentity(Base):
     bound_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class Hold(Base):
+    """One placement of a legal hold by a case (migration 0013): on named items (`item`), on a whole org
+    (`org`), or on an org's items matching a query (`query`: a half-open `created_at` window and an optional
+    MIME pattern; with `include_future`, media registered later that matches is held from its registration).
+
+    What the claim reads is resolved from these rows when they change, never joined at claim time (DESIGN
+    invariant 7): an item's `held_at` is set while a `hold_items` row of an open placement names it, and an
+    org's active rows carry `org_held` while an open `org` placement names the org. Released placements stay
+    (the audit of who placed and released what); their `hold_items` rows are deleted on release, so every
+    `hold_items` row belongs to an open placement."""
+
+    __tablename__ = "holds"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    case_name: Mapped[str] = mapped_column(String(ID_LENGTH))
+    scope: Mapped[str] = mapped_column(String(8))  # item | org | query
+    org_id: Mapped[str | None] = mapped_column(ForeignKey("organizations.id"))  # org and query scopes
+    created_after: Mapped[datetime | None] = mapped_column(UTCDateTime())  # query: created_at >= this
+    created_before: Mapped[datetime | None] = mapped_column(UTCDateTime())  # query: created_at < this
+    mime_pattern: Mapped[str | None] = mapped_column(String(255))  # query: `type/subtype` or `type/*`, lower case
+    include_future: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    reason: Mapped[str] = mapped_column(Text)
+    placed_by: Mapped[str] = mapped_column(String(128))
+    placed_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=db_now())
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    released_by: Mapped[str | None] = mapped_column(String(128))
+    release_reason: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint("scope IN ('item', 'org', 'query')", name="scope_known"),
+        CheckConstraint("scope = 'item' OR org_id IS NOT NULL", name="org_scoped"),
+        Index("ix_holds_case_name", "case_name"),
+        # What a registration reads under its org's share lock: the org's open placements that hold future media.
+        Index("ix_holds_open_future", "org_id", postgresql_where=text("released_at IS NULL AND include_future"),
+              sqlite_where=text("released_at IS NULL AND include_future")),
+    )
+
+
+class HoldItem(Base):
+    """An item held by an open item or query placement (the row is deleted when the placement releases it).
+    No foreign key to media_items: a held item is never deleted, and compaction must never fail on a row
+    it cannot see."""
+
+    __tablename__ = "hold_items"
+
+    hold_id: Mapped[int] = mapped_column(ForeignKey("holds.id"), primary_key=True)
+    item_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+
+    __table_args__ = (Index("ix_hold_items_item_id", "item_id"),)
+
+
 class AuditEvent(Base):
     """Who did what and why: holds, releases, purges and policy changes."""
 

@@ -67,7 +67,7 @@ from worker.binding import Unbound
 from worker.catalog import Catalog
 from worker.db import Database, UTCDateTime, db_now, normalize_url, plus_seconds
 from worker.engine import build
-from worker.models import AuditEvent, Base, CatalogIdentity, MediaItem, MediaVariant, Organization, RetentionRule, State
+from worker.models import AuditEvent, Base, CatalogIdentity, Hold, HoldItem, MediaItem, MediaVariant, Organization, RetentionRule, State
 from worker.reconcile import Reconciler, TooMany
 from worker.store import MARKER_NAME, BlobInfo, DeleteResult
 from worker.store.fs import FilesystemStore
@@ -99,6 +99,15 @@ PICK = st.integers(0, 10**6)
 # it registers (exact, other case, with parameters, of a type with no rule).
 RULE_PATTERNS = ("image/*", "image/png", "IMAGE/PNG", "audio/*", "audio/ogg", "application/pdf")
 RULE_MIMES = ("image/png", "Image/PNG", "image/jpeg", "audio/ogg; codecs=opus", "audio/mpeg", "application/pdf", "text/plain")
+
+
+# Holds by case (issue #23): the cases the model places holds for (the legacy rules use the case `default`),
+# where a query's window bounds lie from the database's "now" (seconds), the MIME types items are registered
+# with and the patterns queries match them by.
+CASES = ("case-a", "case-b", "case-c")
+WINDOW_BOUNDS = (-60 * DAY, -10 * DAY, -2 * DAY, -HOUR, 0, 2 * HOUR, 10 * DAY)
+MIMES = ("image/png", "IMAGE/JPEG", "video/mp4", "application/octet-stream")
+MIME_PATTERNS = (None, "image/*", "image/png", "video/*")
 
 
 def choose(options, pick: int):
@@ -321,6 +330,22 @@ class Item:
 
 
 @dataclass
+class CasePlacement:
+    """An open hold of a case as the model sees it: what it holds is computed here, never read back."""
+
+    reason: str  # unique: how the model finds its row after a crash
+    case: str
+    scope: str  # item | org | query
+    org: str | None = None
+    members: set = dataclasses.field(default_factory=set)  # item and query placements: the items it held when placed
+    known: set = dataclasses.field(default_factory=set)  # query: the items that existed then (later ones are future media)
+    after: datetime | None = None
+    before: datetime | None = None
+    mime: str | None = None
+    future: bool = False
+
+
+@dataclass
 class Orphan:
     """A blob no item names: what a killed registration left, or what an upstream service wrote."""
 
@@ -429,6 +454,8 @@ class RetentionModel(RuleBasedStateMachine):
         self.leases: dict[str, tuple[str | None, datetime | None]] = {}  # deleting rows: id -> (token, lease)
         self.counter = 0
         self.pending: tuple | None = None  # a registration a crash cut short, for the operator to re-run
+        self.placements: list[CasePlacement] = []  # open holds of the model's cases (see "holds by case" below)
+        self.mimes: dict[str, str] = {}  # item id -> MIME type, as registered
 
     def _new_system(self) -> System:
         return System(self.url, self.root, self.monitor_delete, self.clock, self.refused)
@@ -484,7 +511,7 @@ class RetentionModel(RuleBasedStateMachine):
         return item.created + timedelta(seconds=self.lifetime_of(item, self.orgs[item.org]))
 
     def held(self, item: Item) -> bool:
-        return item.held or self.orgs[item.org].held
+        return item.held or self.orgs[item.org].held or self.held_by_a_case(item)
 
     @rule(seconds=st.sampled_from(CLOCK_STEPS))
     def advance_clock(self, seconds):
@@ -495,6 +522,10 @@ class RetentionModel(RuleBasedStateMachine):
                 item.created -= timedelta(seconds=seconds)
                 if item.gone_expiry is not None:
                     item.gone_expiry -= timedelta(seconds=seconds)
+            for placement in self.placements:  # the catalog's stored windows moved with every other time
+                if placement.after is not None:
+                    placement.after -= timedelta(seconds=seconds)
+                    placement.before -= timedelta(seconds=seconds)
             for orphan in (*self.orphans.values(), *self.adopted.values()):
                 orphan.written -= timedelta(seconds=seconds)
 
@@ -620,7 +651,7 @@ class RetentionModel(RuleBasedStateMachine):
         for row in found:
             path = self.root / row.storage_key
             self.items[row.id] = Item(row.id, row.org_id, row.storage_key, row.created_at, row.ttl_seconds,
-                                      held=row.held_at is not None, content=path.read_bytes() if path.exists() else b"",
+                                      content=path.read_bytes() if path.exists() else b"",
                                       variants=tuple(key for item_id, key in owned if item_id == row.id),
                                       mime=row.mime_type)
             self.orphans.pop(row.storage_key, None)
@@ -652,11 +683,14 @@ class RetentionModel(RuleBasedStateMachine):
             self.orgs[org].retention = RETENTIONS[retention]
 
     def learn_orgs(self) -> None:
-        """Died, raced or not, the org rows say what happened."""
+        """Died, raced or not, the org rows say what happened (an org hold of the legacy rules: the case `default`'s
+        open org placements; the model's own cases it tracks itself)."""
         with self.reader() as session:
+            held = set(session.scalars(select(Hold.org_id).where(Hold.case_name == "default", Hold.scope == "org",
+                                                                 Hold.released_at.is_(None))))
             for row in session.scalars(select(Organization)):
                 known = self.orgs.setdefault(row.id, Org(row.retention_seconds))
-                known.retention, known.held = row.retention_seconds, row.held_at is not None
+                known.retention, known.held = row.retention_seconds, row.id in held
         self.learn_rules()
 
     # -- registration ---------------------------------------------------------------------------
@@ -816,10 +850,12 @@ class RetentionModel(RuleBasedStateMachine):
         self.learn_item_holds()
 
     def learn_item_holds(self) -> None:
+        """The legacy item holds (the case `default`'s), died, raced or not; the model's own cases it tracks itself."""
         with self.reader() as session:
-            held = dict(session.execute(select(MediaItem.id, MediaItem.held_at)).all())
+            held = set(session.scalars(select(HoldItem.item_id).join(Hold, Hold.id == HoldItem.hold_id)
+                                       .where(Hold.case_name == "default", Hold.released_at.is_(None))))
         for item in self.items.values():
-            item.held = held.get(item.id) is not None
+            item.held = item.id in held
 
     @precondition(lambda self: self.orgs)
     @rule(pick=PICK, held=st.booleans(), crash_at=st.none() | st.integers(1, 2))
@@ -830,6 +866,213 @@ class RetentionModel(RuleBasedStateMachine):
         self.run(lambda system: system.catalog.set_hold(held=held, reason="model", org=org, actor="model"), crash_at,
                  lambda item, before, after: None)
         self.learn_orgs()
+
+    # -- holds by case (issue #23): item, org and query holds of several cases, with and without include-future -
+
+    def held_by_a_case(self, item: Item) -> bool:
+        """The model's own answer: an open placement of one of its cases holds the item itself, through its org,
+        as a member of a query it matched when placed, or as media registered later inside an include-future query."""
+        for placement in self.placements:
+            if placement.scope == "org" and placement.org == item.org:
+                return True
+            if item.id in placement.members:
+                return True
+            if placement.future and item.id not in placement.known and self.query_matches(placement, item):
+                return True
+        return False
+
+    def org_held_by_a_case(self, org: str) -> bool:
+        return any(placement.scope == "org" and placement.org == org for placement in self.placements)
+
+    def mime_of(self, item: Item) -> str:
+        if item.id not in self.mimes:  # registered by another rule (a file, a key, adopt): as the catalog guessed it
+            with self.reader() as session:
+                self.mimes[item.id] = session.scalar(select(MediaItem.mime_type).where(MediaItem.id == item.id))
+        return self.mimes[item.id]
+
+    def query_matches(self, placement: CasePlacement, item: Item) -> bool:
+        mime = self.mime_of(item).lower()
+        pattern = placement.mime
+        return (item.org == placement.org and placement.after <= item.created < placement.before
+                and (pattern is None or mime == pattern or (pattern.endswith("/*") and mime.startswith(pattern[:-1]))))
+
+    def _placed(self, reason: str) -> bool:
+        """Whether the placement made with this (unique) reason committed: a crash may have cut it short."""
+        with self.reader() as session:
+            return session.scalar(select(Hold.id).where(Hold.reason == reason)) is not None
+
+    @precondition(lambda self: self.orgs)
+    @rule(org=st.sampled_from(ORGS), mime=st.sampled_from(MIMES), age=st.sampled_from((0, HOUR, 3 * DAY, 20 * DAY)))
+    def register_media_of_a_type(self, org, mime, age):
+        """`register --mime TYPE --created-at T`: media of several types created now to weeks ago (what query holds
+        select by; under a short org retention some are due at once), the older ones with a 30-day TTL."""
+        if org not in self.orgs:
+            return
+        self.counter += 1
+        media_id = f"t{self.counter}"
+        source = self.workdir / "up" / f"{media_id}.bin"
+        source.write_bytes(f"typed {media_id}".encode())
+        created = self.now() - timedelta(seconds=age)
+        self.mimes[media_id] = mime
+        self.run(lambda system: system.catalog.register(org=org, file=source, media_id=media_id, created_at=created,
+                                                        mime=mime, ttl="30d" if age > DAY else None),
+                 None, lambda item, before, after: None)
+        assert media_id in self.items
+        self.items[media_id].content = source.read_bytes()
+
+    @rule(case=st.sampled_from(CASES), picks=st.lists(PICK, min_size=1, max_size=3), crash_at=st.none() | st.integers(1, 2))
+    def place_a_case_hold_on_items(self, case, picks, crash_at):
+        """`hold ID... --case C --reason R`: refused (changing nothing) when one of them is already gone."""
+        chosen = sorted({choose(sorted(self.items), pick) for pick in picks} - {None})
+        if not chosen:
+            return
+        self.counter += 1
+        reason = f"items {self.counter}"
+
+        def operation(system):
+            return system.catalog.set_hold(held=True, reason=reason, ids=chosen, case=case, actor="model")
+
+        if any(self.items[media_id].gone for media_id in chosen):
+            with pytest.raises(Gone):
+                operation(self.system)
+            assert not self._placed(reason)
+            self.observe(self.now(), lambda item, before, after: None)
+            return
+        self.run(operation, crash_at, lambda item, before, after: None)
+        if self._placed(reason):
+            self.placements.append(CasePlacement(reason, case, "item", members=set(chosen)))
+
+    @precondition(lambda self: self.orgs)
+    @rule(case=st.sampled_from(CASES), org=st.sampled_from(ORGS), crash_at=st.none() | st.integers(1, 2))
+    def place_a_case_hold_on_an_org(self, case, org, crash_at):
+        """`hold --org ORG --case C --reason R`."""
+        if org not in self.orgs:
+            return
+        self.counter += 1
+        reason = f"org {self.counter}"
+        self.run(lambda system: system.catalog.set_hold(held=True, reason=reason, org=org, case=case, actor="model"),
+                 crash_at, lambda item, before, after: None)
+        if self._placed(reason):
+            self.placements.append(CasePlacement(reason, case, "org", org=org))
+
+    @precondition(lambda self: self.orgs)
+    @rule(case=st.sampled_from(CASES), org=st.sampled_from(ORGS),
+          bounds=st.lists(st.sampled_from(WINDOW_BOUNDS), min_size=2, max_size=2, unique=True),
+          mime=st.sampled_from(MIME_PATTERNS), future=st.booleans(), crash_at=st.none() | st.integers(1, 2))
+    def place_a_case_hold_by_query(self, case, org, bounds, mime, future, crash_at):
+        """`hold --org ORG --created-after A --created-before B [--mime P] [--include-future] --case C`: holds the
+        org's live items created in [A, B) of a matching type, and with include-future media registered later too."""
+        if org not in self.orgs:
+            return
+        self.counter += 1
+        reason = f"query {self.counter}"
+        now = self.now()
+        after, before = (now + timedelta(seconds=bound) for bound in sorted(bounds))
+        placement = CasePlacement(reason, case, "query", org=org, after=after, before=before, mime=mime, future=future,
+                                  known=set(self.items))
+        placement.members = {item.id for item in self.items.values()
+                             if not item.gone and self.query_matches(placement, item)}
+        self.run(lambda system: system.catalog.set_hold(held=True, reason=reason, org=org, case=case, created_after=after,
+                                                        created_before=before, mime=mime, include_future=future,
+                                                        actor="model"),
+                 crash_at, lambda item, before, after: None)
+        if self._placed(reason):
+            self.placements.append(placement)
+
+    @rule(case=st.sampled_from(CASES), form=st.sampled_from(("ids", "org", "case")), pick=PICK,
+          crash_at=st.none() | st.integers(1, 2))
+    def release_a_case(self, case, form, pick, crash_at):
+        """`release ID... --case C` (its item holds on them), `release --org ORG --case C` (its org and query holds
+        there) or `release --case C` (all of them): what another case holds stays held. A case with no open hold is
+        bad input and changes nothing."""
+        mine = [placement for placement in self.placements if placement.case == case]
+        if form == "ids":
+            media_id = choose(sorted(self.items), pick)
+            if media_id is None:
+                return
+            scope = {"ids": [media_id]}
+            closing = [p for p in mine if p.scope == "item" and p.members <= {media_id}]
+        elif form == "org":
+            org = choose(sorted(self.orgs), pick)
+            if org is None:
+                return
+            scope = {"org": org}
+            closing = [p for p in mine if p.scope != "item" and p.org == org]
+        else:
+            scope = {"release_all": True}
+            closing = list(mine)
+        self.counter += 1
+        reason = f"release {self.counter}"
+
+        def operation(system):
+            return system.catalog.set_hold(held=False, reason=reason, case=case, actor="model", **scope)
+
+        if not mine:
+            before = self.state_of_everything()
+            with pytest.raises(BadInput, match="holds nothing"):
+                operation(self.system)
+            assert self.state_of_everything() == before
+            return
+        self.run(operation, crash_at, lambda item, before, after: None)
+        with self.reader() as session:  # committed or not (a crash): one transaction, all or nothing
+            committed = session.scalar(select(Hold.id).where(Hold.release_reason == reason).limit(1)) is not None
+            if form == "ids" and not committed:
+                still = set(session.scalars(select(HoldItem.item_id).join(Hold, Hold.id == HoldItem.hold_id).where(
+                    Hold.case_name == case, Hold.scope == "item", Hold.released_at.is_(None))))
+                committed = not any(media_id in p.members for p in mine if p.scope == "item") or media_id not in still
+        if not committed:
+            return
+        if form == "ids":
+            for placement in mine:
+                if placement.scope == "item":
+                    placement.members.discard(media_id)
+        self.placements = [placement for placement in self.placements if placement not in closing
+                           and not (placement.scope == "item" and not placement.members)]
+
+    @precondition(lambda self: self.items)
+    @rule(pick=PICK, cases=st.permutations(CASES), second=st.sampled_from(("item", "query", "org")),
+          release=st.sampled_from(("ids", "org", "case")))
+    def overlap_two_cases_on_one_item_then_release_one(self, pick, cases, second, release):
+        """Case 1 holds an item itself; case 2 holds it too (itself, by a query covering every live item of its org,
+        or through its org); then case 1 (or case 2) is released: the item stays held while the other case holds it."""
+        item = self._some_item(pick)
+        if item is None or item.gone:
+            return
+        first, other = cases[0], cases[1]
+        self.place_a_case_hold_on_items(first, [pick], None)
+        if second == "item":
+            self.place_a_case_hold_on_items(other, [pick], None)
+        elif second == "query":
+            self.place_a_case_hold_by_query(other, item.org, [WINDOW_BOUNDS[0], WINDOW_BOUNDS[-1]], None, False, None)
+        else:
+            self.place_a_case_hold_on_an_org(other, item.org, None)
+        released = first if release == "ids" else (first, other)[pick % 2]
+        org_pick = sorted(self.orgs).index(item.org)
+        self.release_a_case(released, release, pick if release == "ids" else org_pick, None)
+
+    @invariant()
+    def what_the_claim_reads_says_held_exactly_when_a_case_holds_it(self):
+        """Holds are resolved into the two columns the claim reads (`held_at`, `org_held`): for every live item they
+        say held exactly when the model's cases (and the legacy default case) hold it."""
+        with self.reader() as session:
+            rows = {row.id: row.held_at is not None or bool(row.org_held) for row in session.execute(
+                select(MediaItem.id, MediaItem.held_at, MediaItem.org_held).where(MediaItem.state == State.ACTIVE.value))}
+        for item in self.items.values():
+            if not item.gone and item.id in rows:
+                assert rows[item.id] == self.held(item), (
+                    f"{item.id}: the claim reads held={rows[item.id]}, the model's cases say {self.held(item)}")
+
+    @invariant()
+    def every_case_holds_what_the_model_says(self):
+        """`hold list`'s count of each model case is the model's own: the live items its placements hold."""
+        counts = {view.case: view.items_held for view in self.system.catalog.list_holds() if view.case in CASES}
+        for case in CASES:
+            expected = {item.id for item in self.items.values() if not item.gone and any(
+                (p.scope == "org" and p.org == item.org) or item.id in p.members
+                or (p.future and item.id not in p.known and self.query_matches(p, item))
+                for p in self.placements if p.case == case)}
+            assert counts.get(case, 0) == len(expected), (
+                f"case {case} holds {counts.get(case, 0)} items by the catalog, {len(expected)} by the model: {sorted(expected)}")
 
     # -- deletions ------------------------------------------------------------------------------
 
@@ -890,7 +1133,7 @@ class RetentionModel(RuleBasedStateMachine):
     def purge_org(self, pick, crash_at):
         """`purge --org ORG --yes`: refused for a held org; otherwise every unheld item of the org goes."""
         org = choose(sorted(self.orgs), pick)
-        if self.orgs[org].held:
+        if self.orgs[org].held or self.org_held_by_a_case(org):
             with pytest.raises(BadInput):
                 self.system.catalog.purge(org=org, actor="model")
             self.observe(self.now(), lambda item, before, after: None)
@@ -1633,7 +1876,8 @@ def boundaries_inside_transactions():
     a claim, a claim that got in while a change was under way."""
     real_claim = items_sql.Claims.expired
     real_lock = items_sql.Claims.lock_expired
-    real = {name: getattr(items_sql, name) for name in ("mirror_org_hold", "rewrite_expiry", "set_hold")}
+    real = {name: getattr(items_sql, name) for name in ("mirror_org_hold", "rewrite_expiry", "mark_members", "hold_by_query",
+                                                        "unhold_members")}
 
     def claim(self, *args, **kwargs):
         rows = real_claim(self, *args, **kwargs)

@@ -21,7 +21,7 @@ from worker.catalog._shared import default_actor
 from worker.catalog.adopt import AdoptSummary, Adopter
 from worker.catalog.apikeys import ApiKeys, ApiKeyView, CreatedApiKey
 from worker.catalog.audit import AuditEntry, AuditPage, AuditTrail
-from worker.catalog.holds import Holds
+from worker.catalog.holds import CaseView, Holds
 from worker.catalog.lookup import Lookup
 from worker.catalog.manifest import MANIFEST_BATCH, MANIFEST_LINE_MAX, ManifestError, ManifestImport, ManifestLineError
 from worker.catalog.orgs import Orgs
@@ -43,7 +43,7 @@ from worker.store import BlobStore
 from worker.sweep import Sweeper
 
 __all__ = [
-    "AdoptSummary", "ApiKeyView", "AuditEntry", "AuditPage", "Catalog", "CreatedApiKey", "HoldResult", "RetentionPreview", "Item", "MANIFEST_BATCH", "MANIFEST_LINE_MAX", "ManifestError", "ManifestLineError",
+    "AdoptSummary", "ApiKeyView", "AuditEntry", "AuditPage", "CaseView", "Catalog", "CreatedApiKey", "HoldResult", "RetentionPreview", "Item", "MANIFEST_BATCH", "MANIFEST_LINE_MAX", "ManifestError", "ManifestLineError",
     "ManifestSummary", "OrgView", "PresignedUrl", "PurgeResult", "RetentionRules", "RuleChange", "Tombstone", "default_actor",
 ]
 
@@ -105,8 +105,17 @@ class Catalog:
         return self.lookups.presigned_url(media_id)
 
     def set_hold(self, *, held: bool, reason: str, ids: Sequence[str] = (), org: str | None = None,
-                 actor: str | None = None) -> HoldResult:
-        return self.holds.set_hold(held=held, reason=reason, ids=ids, org=org, actor=actor)
+                 actor: str | None = None, case: str | None = None, created_after: str | datetime | None = None,
+                 created_before: str | datetime | None = None, mime: str | None = None, include_future: bool = False,
+                 release_all: bool = False) -> HoldResult:
+        """Place (`held`) or release a hold for `case` (default `default`); see worker.catalog.holds."""
+        return self.holds.set_hold(held=held, reason=reason, ids=ids, org=org, actor=actor, case=case,
+                                   created_after=created_after, created_before=created_before, mime=mime,
+                                   include_future=include_future, release_all=release_all)
+
+    def list_holds(self, *, org: str | None = None, case: str | None = None) -> list[CaseView]:
+        """Each case: its placements (who, when, why, scope) and how many active items it holds now."""
+        return self.holds.list_cases(org=org, case=case)
 
     def purge(self, *, ids: Sequence[str] = (), org: str | None = None, dry_run: bool = False,
               actor: str | None = None, reason: str | None = None) -> PurgeResult:

@@ -10,7 +10,7 @@ before the database's clock. Nothing is written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from worker import items as items_sql
@@ -36,12 +36,14 @@ class RetentionPreview:
     ttl_items: int  # active items the period would apply to but for their TTL
     applies_to: int = 0  # active TTL-less items the period applies to (their expiry is rewritten)
     mime: str | None = None  # the rule's pattern; None for the org's own period
+    held_by_case: dict[str, int] = field(default_factory=dict)  # of `held`, how many each case holds (overlaps count for each)
 
     def to_dict(self) -> dict:
         return {"org": self.org, "dry_run": True, "retention": self.retention, "new_retention": self.new_retention,
                 "org_held": self.org_held, "due": self.due, "due_bytes": self.due_bytes, "newly_due": self.newly_due,
                 "newly_due_bytes": self.newly_due_bytes, "kept_longer": self.kept_longer, "held": self.held,
-                "ttl_items": self.ttl_items, "applies_to": self.applies_to, "mime": self.mime}
+                "ttl_items": self.ttl_items, "applies_to": self.applies_to, "mime": self.mime,
+                "held_by_case": dict(sorted(self.held_by_case.items()))}
 
 
 def preview_of(session, dialect, org: Organization, rules: dict[str, int], pattern: str | None, current: int,
@@ -51,11 +53,13 @@ def preview_of(session, dialect, org: Organization, rules: dict[str, int], patte
     governed = items_sql.governed_by(dialect, rules, pattern) if rules else None
     row = items_sql.retention_preview(session, org.id, seconds, governed)
     due, due_bytes, newly_due, newly_due_bytes, kept_longer, all_due, ttl_items, applies_to = (int(value) for value in row)
+    # Held items by case, for the org's own period (`org set --dry-run`): which case keeps what would be due.
+    held_by_case = items_sql.held_due_by_case(session, org.id, seconds, governed) if pattern is None else {}
     return RetentionPreview(org=org.id, retention=describe(timedelta(seconds=current)),
                             new_retention=describe(timedelta(seconds=seconds)), org_held=org.held_at is not None,
                             due=due, due_bytes=due_bytes, newly_due=newly_due, newly_due_bytes=newly_due_bytes,
                             kept_longer=kept_longer, held=all_due - due, ttl_items=ttl_items, applies_to=applies_to,
-                            mime=pattern)
+                            mime=pattern, held_by_case=held_by_case)
 
 
 def preview_retention(db: Database, org_id: str, retention: str | None) -> RetentionPreview:

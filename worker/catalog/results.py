@@ -127,10 +127,15 @@ class HoldResult:
     changed: tuple[str, ...]
     reason: str
     actor: str
+    case: str = "default"  # the case placed or released (worker/catalog/holds.py DEFAULT_CASE without --case)
+    scope: str = "item"  # item | org | query (a placement); item | org | case (a release)
+    holds: tuple[int, ...] = ()  # the placements created or released
+    items: int = 0  # a placement: the items it holds now; a release: the items it left unheld
 
     def to_dict(self) -> dict:
         return {"action": self.action, "org": self.org, "ids": list(self.ids), "changed": list(self.changed),
-                "reason": self.reason, "actor": self.actor}
+                "reason": self.reason, "actor": self.actor, "case": self.case, "scope": self.scope,
+                "holds": list(self.holds), "items": self.items}
 
 
 @dataclass(frozen=True)

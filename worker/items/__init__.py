@@ -49,6 +49,11 @@ from worker.items.reads import (
     # tombstone compaction and the volume
     live_bytes, old_tombstone_count,
 )
+from worker.items.holds import (
+    # holds by case: what placements and releases write on the rows, what `hold list` and the preview count
+    active_members, apply_future_holds, held_counts_by_case, held_due_by_case, held_without_case, hold_by_query,
+    mark_members, mime_matches, query_matches, unhold_members,
+)
 from worker.items.writes import (
     # registration
     insert_rows, insert_variants,

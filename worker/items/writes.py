@@ -12,14 +12,18 @@ from sqlalchemy import BigInteger, Integer, and_, bindparam, case, delete, func,
 from worker import models
 from worker.db import db_clock, db_now, plus_seconds
 from worker.dialect import Dialect
+from worker.items.holds import apply_future_holds
 from worker.items.predicates import claimable, compactable, not_gone_by_expiry
 
 # -- registration --------------------------------------------------------------------------------------
 
 
 def insert_rows(session, dialect: Dialect, rows: list[dict]) -> None:
-    """New active items, in the session's transaction (by COPY on PostgreSQL)."""
+    """New active items, in the session's transaction (by COPY on PostgreSQL), held at once by every open
+    `--include-future` query hold of their org they match. Every insert path (register, manifests, adopt)
+    comes through here, under a share lock on its orgs' rows (see `apply_future_holds`)."""
     dialect.insert_rows(session, models.MediaItem.__table__, rows)
+    apply_future_holds(session, dialect, rows)
 
 
 def insert_variants(session, dialect: Dialect, rows: list[dict]) -> None:
