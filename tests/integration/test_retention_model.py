@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -327,6 +328,9 @@ class Item:
     variants: tuple[str, ...] = ()
     # Its MIME type as registered: retention rules match it (see "retention rules by content type" below).
     mime: str = "application/octet-stream"
+    # Expired is final: the expiry it had when a policy step found it expired and unheld (gone by expiry, 404).
+    # From then on no hold covers it and no retention or rule reschedules it (see `policy_step`).
+    final_expiry: datetime | None = None
 
 
 @dataclass
@@ -508,10 +512,65 @@ class RetentionModel(RuleBasedStateMachine):
     def expiry(self, item: Item) -> datetime:
         if item.gone and item.gone_expiry is not None:
             return item.gone_expiry
+        if item.final_expiry is not None:
+            return item.final_expiry
         return item.created + timedelta(seconds=self.lifetime_of(item, self.orgs[item.org]))
 
     def held(self, item: Item) -> bool:
+        if item.final_expiry is not None:
+            return False  # gone by expiry before some hold: none covers it (expired is final)
         return item.held or self.orgs[item.org].held or self.held_by_a_case(item)
+
+    # -- expired is final: what a hold, a release, a retention or a rule change may act on ----------
+
+    def freeze_expired(self, at: datetime) -> None:
+        """Every live, unheld item expired by `at` (the database's clock) is gone by expiry: its expiry is final."""
+        for item in self.items.values():
+            if not item.gone and item.final_expiry is None and not self.held(item) and self.expiry(item) <= at:
+                item.final_expiry = self.expiry(item)
+
+    def settle_policy_step(self, before: datetime, pending: dict) -> None:
+        """After a policy step that ran from `before` to now: an item that expired, unheld, while it ran may have
+        been judged gone by expiry or not (each statement reads the clock once the row is locked). Where the catalog
+        left such an item unheld though the model's holds cover it, or kept its expiry though the model's policy moves
+        it, the step found it gone: its expiry is final. Items expired before the step are never in doubt."""
+        after = self.now()
+        doubtful = {media_id: expiry for media_id, (expiry, held) in pending.items()
+                    if not held and before < expiry <= after and not self.items[media_id].gone
+                    and self.items[media_id].final_expiry is None}
+        if not doubtful:
+            return
+        with self.reader() as session:
+            rows = {row.id: row for row in session.execute(
+                select(MediaItem.id, MediaItem.expires_at, MediaItem.held_at, MediaItem.org_held)
+                .where(MediaItem.id.in_(sorted(doubtful))))}
+        for media_id, expiry in doubtful.items():
+            item, row = self.items[media_id], rows[media_id]
+            unheld = row.held_at is None and not row.org_held
+            if (self.held(item) and unheld) or (self.expiry(item) != expiry and row.expires_at == expiry):
+                item.final_expiry = expiry
+
+    def policy_step(step):
+        """A step that places or releases holds or changes retention: expired is final for every item gone by
+        expiry when it began, and settled by the catalog for those that expired while it ran."""
+
+        @functools.wraps(step)
+        def wrapped(self, *args, **kwargs):
+            before = self.now()
+            self.freeze_expired(before)
+            pending = {item.id: (self.expiry(item), self.held(item)) for item in self.items.values()
+                       if not item.gone and item.final_expiry is None}
+            try:
+                return step(self, *args, **kwargs)
+            finally:
+                self.settle_policy_step(before, pending)
+
+        return wrapped
+
+    def gone_while_it_ran(self, ids) -> bool:
+        """Whether one of these items is unheld and expired by now: a hold naming it may be refused as gone."""
+        now = self.now()
+        return any(not self.held(self.items[media_id]) and self.expiry(self.items[media_id]) <= now for media_id in ids)
 
     @rule(seconds=st.sampled_from(CLOCK_STEPS))
     def advance_clock(self, seconds):
@@ -522,6 +581,8 @@ class RetentionModel(RuleBasedStateMachine):
                 item.created -= timedelta(seconds=seconds)
                 if item.gone_expiry is not None:
                     item.gone_expiry -= timedelta(seconds=seconds)
+                if item.final_expiry is not None:
+                    item.final_expiry -= timedelta(seconds=seconds)
             for placement in self.placements:  # the catalog's stored windows moved with every other time
                 if placement.after is not None:
                     placement.after -= timedelta(seconds=seconds)
@@ -668,9 +729,9 @@ class RetentionModel(RuleBasedStateMachine):
 
     @rule(org=st.sampled_from(ORGS), retention=st.none() | st.sampled_from(sorted(RETENTIONS)),
           default=st.sampled_from(("1h", "90d")), crash_at=st.none() | st.integers(1, 3))
+    @policy_step
     def org_set(self, org, retention, default, crash_at):
         """`org set ORG [--retention D]`, from a process whose default retention may differ from the org's."""
-        self.next_sweep_before_a_revival()
         creating = org not in self.orgs
         self.run(lambda system: system.with_default(default).set_org(org, retention, actor="model"), crash_at,
                  lambda item, before, after: None)
@@ -831,17 +892,22 @@ class RetentionModel(RuleBasedStateMachine):
         return None if media_id is None else self.items[media_id]
 
     @rule(pick=PICK, held=st.booleans(), crash_at=st.none() | st.integers(1, 2))
+    @policy_step
     def hold_or_release_item(self, pick, held, crash_at):
         """`hold ID --reason R` / `release ID --reason R`."""
-        self.next_sweep_before_a_revival()
         item = self._some_item(pick)
         if item is None:
             return
 
         def operation(system):
-            return system.catalog.set_hold(held=held, reason="model", ids=[item.id], actor="model")
+            try:
+                return system.catalog.set_hold(held=held, reason="model", ids=[item.id], actor="model")
+            except Gone:
+                if held and self.gone_while_it_ran([item.id]):
+                    return None  # it expired, unheld, while the hold waited: gone, nothing changed
+                raise
 
-        if held and item.gone:
+        if held and (item.gone or item.final_expiry is not None):
             with pytest.raises(Gone):
                 operation(self.system)
             self.observe(self.now(), lambda other, before, after: None)
@@ -859,9 +925,9 @@ class RetentionModel(RuleBasedStateMachine):
 
     @precondition(lambda self: self.orgs)
     @rule(pick=PICK, held=st.booleans(), crash_at=st.none() | st.integers(1, 2))
+    @policy_step
     def hold_or_release_org(self, pick, held, crash_at):
         """`hold --org ORG --reason R` / `release --org ORG --reason R`."""
-        self.next_sweep_before_a_revival()
         org = choose(sorted(self.orgs), pick)
         self.run(lambda system: system.catalog.set_hold(held=held, reason="model", org=org, actor="model"), crash_at,
                  lambda item, before, after: None)
@@ -921,6 +987,7 @@ class RetentionModel(RuleBasedStateMachine):
         self.items[media_id].content = source.read_bytes()
 
     @rule(case=st.sampled_from(CASES), picks=st.lists(PICK, min_size=1, max_size=3), crash_at=st.none() | st.integers(1, 2))
+    @policy_step
     def place_a_case_hold_on_items(self, case, picks, crash_at):
         """`hold ID... --case C --reason R`: refused (changing nothing) when one of them is already gone."""
         chosen = sorted({choose(sorted(self.items), pick) for pick in picks} - {None})
@@ -930,9 +997,14 @@ class RetentionModel(RuleBasedStateMachine):
         reason = f"items {self.counter}"
 
         def operation(system):
-            return system.catalog.set_hold(held=True, reason=reason, ids=chosen, case=case, actor="model")
+            try:
+                return system.catalog.set_hold(held=True, reason=reason, ids=chosen, case=case, actor="model")
+            except Gone:
+                if self.gone_while_it_ran(chosen):
+                    return None  # one expired, unheld, while the hold waited: gone, nothing changed
+                raise
 
-        if any(self.items[media_id].gone for media_id in chosen):
+        if any(self.items[media_id].gone or self.items[media_id].final_expiry is not None for media_id in chosen):
             with pytest.raises(Gone):
                 operation(self.system)
             assert not self._placed(reason)
@@ -944,6 +1016,7 @@ class RetentionModel(RuleBasedStateMachine):
 
     @precondition(lambda self: self.orgs)
     @rule(case=st.sampled_from(CASES), org=st.sampled_from(ORGS), crash_at=st.none() | st.integers(1, 2))
+    @policy_step
     def place_a_case_hold_on_an_org(self, case, org, crash_at):
         """`hold --org ORG --case C --reason R`."""
         if org not in self.orgs:
@@ -959,6 +1032,7 @@ class RetentionModel(RuleBasedStateMachine):
     @rule(case=st.sampled_from(CASES), org=st.sampled_from(ORGS),
           bounds=st.lists(st.sampled_from(WINDOW_BOUNDS), min_size=2, max_size=2, unique=True),
           mime=st.sampled_from(MIME_PATTERNS), future=st.booleans(), crash_at=st.none() | st.integers(1, 2))
+    @policy_step
     def place_a_case_hold_by_query(self, case, org, bounds, mime, future, crash_at):
         """`hold --org ORG --created-after A --created-before B [--mime P] [--include-future] --case C`: holds the
         org's live items created in [A, B) of a matching type, and with include-future media registered later too."""
@@ -971,7 +1045,7 @@ class RetentionModel(RuleBasedStateMachine):
         placement = CasePlacement(reason, case, "query", org=org, after=after, before=before, mime=mime, future=future,
                                   known=set(self.items))
         placement.members = {item.id for item in self.items.values()
-                             if not item.gone and self.query_matches(placement, item)}
+                             if not item.gone and item.final_expiry is None and self.query_matches(placement, item)}
         self.run(lambda system: system.catalog.set_hold(held=True, reason=reason, org=org, case=case, created_after=after,
                                                         created_before=before, mime=mime, include_future=future,
                                                         actor="model"),
@@ -981,6 +1055,7 @@ class RetentionModel(RuleBasedStateMachine):
 
     @rule(case=st.sampled_from(CASES), form=st.sampled_from(("ids", "org", "case")), pick=PICK,
           crash_at=st.none() | st.integers(1, 2))
+    @policy_step
     def release_a_case(self, case, form, pick, crash_at):
         """`release ID... --case C` (its item holds on them), `release --org ORG --case C` (its org and query holds
         there) or `release --case C` (all of them): what another case holds stays held. A case with no open hold is
@@ -1075,14 +1150,6 @@ class RetentionModel(RuleBasedStateMachine):
                 f"case {case} holds {counts.get(case, 0)} items by the catalog, {len(expected)} by the model: {sorted(expected)}")
 
     # -- deletions ------------------------------------------------------------------------------
-
-    def next_sweep_before_a_revival(self) -> None:
-        """The model's one assumption about the one-transaction sweep (PostgreSQL): after a batch died with blobs
-        deleted under its row locks, the fleet's next sweep (the expiry watch, within a second) tombstones those
-        rows before an operator's hold or a longer retention could make them live again. That window is a known
-        gap, pinned by test_sweep_one_transaction.py's strict xfail; here the next sweep runs first."""
-        if any(item.lost_in_crash and not item.gone for item in self.items.values()):
-            self.sweep(None)
 
     def sweep_may_take(self, item: Item, before: datetime, after: datetime) -> str | None:
         """A sweep takes an unheld item that expired by the database's clock when it claimed, at the latest
@@ -1332,8 +1399,8 @@ class RetentionModel(RuleBasedStateMachine):
     @precondition(lambda self: self.orgs)
     @rule(pick=PICK, pause=st.integers(0, 3), change=st.sampled_from(("hold-org", "release-org", "retention", "hold-item")),
           retention=st.sampled_from(sorted(RETENTIONS)), policy_first=st.booleans())
+    @policy_step
     def race_of_a_sweep_and_a_policy_change(self, pick, pause, change, retention, policy_first):
-        self.next_sweep_before_a_revival()
         # Something for the sweep to claim in the org the change is about.
         org = choose(sorted(self.orgs), pick)
         self.register(org, "1h", -3, None)
@@ -1573,6 +1640,7 @@ class RetentionModel(RuleBasedStateMachine):
     @precondition(lambda self: self.orgs)
     @rule(pick=PICK, pattern=st.sampled_from(RULE_PATTERNS), retention=st.none() | st.sampled_from(sorted(RETENTIONS)),
           crash_at=st.none() | st.integers(1, 3))
+    @policy_step
     def set_or_remove_a_rule(self, pick, pattern, retention, crash_at):
         """`org rule set ORG --mime P --retention D` (`retention` None: `org rule rm ORG --mime P`). Removing a rule
         that does not exist is not found and changes nothing; setting the period a rule has changes nothing, not an
@@ -1611,6 +1679,7 @@ class RetentionModel(RuleBasedStateMachine):
     @precondition(lambda self: self.orgs)
     @rule(pick=PICK, pause=st.integers(0, 3), pattern=st.sampled_from(RULE_PATTERNS),
           retention=st.sampled_from(sorted(RETENTIONS)), policy_first=st.booleans())
+    @policy_step
     def race_of_a_sweep_and_a_rule_change(self, pick, pause, pattern, retention, policy_first):
         """A sweep paused mid-way while a rule lands (or the rule change paused, its org locked, while a sweep claims)."""
         self.race_a_sweep_and_a_policy_change(pick=pick, pause_at=pause_of("policy" if policy_first else "sweep", pause),

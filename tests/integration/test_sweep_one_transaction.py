@@ -15,7 +15,6 @@ import pytest
 from sqlalchemy import func, select, text
 
 from config.errors import Gone
-from worker.catalog import Item
 from tests.factories import database_time, end_leases, register_aged, rows_by_id, seed_items, states, wait_until_blocked_by
 from worker.db import Database
 from worker.models import AuditEvent, MediaItem
@@ -378,23 +377,25 @@ def test_the_pick_keeps_the_claim_conditions_for_the_row_recheck(catalog, databa
     assert "LockRows" in plan, plan
 
 
-@pytest.mark.xfail(strict=True, reason="known gap of the one-transaction sweep (issue #22): a hold or a longer retention "
-                   "landing between a killed batch and the next sweep revives an item whose blob is already gone")
 def test_a_hold_between_a_killed_batch_and_the_next_sweep_never_serves_an_item_without_its_blob(catalog, database, media_root):
     """A batch deleted its blobs and died before its commit: the rows are active and expired (404). A hold placed
-    before the next sweep makes such an item live again, though its blob is gone: served (200) with nothing behind
-    it, and no sweep will ever repair it (held items are not claimable; verify reports `missing_blob`). The
-    two-phase claim refused that hold (its row was `deleting`). Passing this test needs the hold (and `org set`)
-    to find the blob gone, e.g. by looking at the blobs of an expired, unheld item after locking its row."""
+    before the next sweep would make such an item live again with nothing behind it (served 200, never repaired:
+    held items are not claimable). Expired is final: the hold is refused as gone, and the next sweep tombstones
+    the item."""
     catalog.set_org("acme", "30d")
     ids = seed_items(catalog.db, media_root, "acme", 5)
     crashed = subprocess.run([sys.executable, "-c", _KILLED_IN_STORE, database.url, str(media_root)], capture_output=True,
                              timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert crashed.returncode == -9, crashed.stderr.decode()[-2000:]
-    try:
-        catalog.set_hold(held=True, reason="case 12", ids=[ids[0]], actor="counsel")
-    except Gone:
-        return  # refused: the item stays gone, the next sweep tombstones it
-    key = rows_by_id(catalog, [ids[0]])[ids[0]].storage_key
-    served = isinstance(catalog.find(ids[0]), Item)
-    assert not served or catalog.store.exists(key), "a held item is served though its blob is gone"
+    rows = rows_by_id(catalog, ids)
+    lost = [media_id for media_id in ids if not catalog.store.exists(rows[media_id].storage_key)]
+    assert lost and all(rows[media_id].state == "active" for media_id in lost), "the kill left no blob gone under an active row"
+    with pytest.raises(Gone):
+        catalog.set_hold(held=True, reason="case 12", ids=[lost[0]], actor="counsel")
+    catalog.set_hold(held=True, reason="case 12", org="acme", actor="counsel")
+    catalog.set_org("acme", "90d")
+    for media_id in ids:  # neither the org hold nor the longer retention brought one back
+        with pytest.raises(Gone):
+            catalog.lookup(media_id)
+    assert catalog.sweeper.sweep().deleted == len(ids)
+    assert all(row.state == "deleted" for row in rows_by_id(catalog, ids).values())

@@ -227,7 +227,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="""            if row.held_at is not None or row.org_held:
                 report.breach("held_deleted", self._example(row, held_at=_iso(row.held_at), org_held=bool(row.org_held),
                                                             reason=row.deletion_reason, claimed_at=_iso(claimed)))
-            elif row.org_held_at is not None and claimed is not None and claimed >= row.org_held_at:
+            elif (row.org_held_at is not None and claimed is not None and claimed >= row.org_held_at
+                  and row.expires_at > row.org_held_at):
+                # (An item that expired before the org's hold took effect was gone already: the hold never covered it.)
                 report.breach("held_deleted", self._example(row, org_held_at=_iso(row.org_held_at), reason=row.deletion_reason,
                                                             claimed_at=_iso(claimed)))
 """,

@@ -200,6 +200,14 @@ class Holds:
                 gone = [media_id for media_id in ids if found[media_id].state != State.ACTIVE.value]
                 if gone:
                     raise Gone(f"media id {gone[0]!r} is already being deleted or gone; nothing was changed.")
+                # Expired is final: an unheld item past its expiry (the wall clock, read now the rows are locked) is
+                # gone, and an expiry sweep may have deleted its blobs already; a hold does not bring it back.
+                now = took_effect_at(session)
+                expired = [media_id for media_id in ids if found[media_id].expires_at <= now
+                           and found[media_id].held_at is None and not found[media_id].org_held]
+                if expired:
+                    raise Gone(f"media id {expired[0]!r} expired at {found[expired[0]].expires_at.isoformat()} and is "
+                               "gone; nothing was changed.")
                 changed = [media_id for media_id in dict.fromkeys(ids) if found[media_id].held_at is None]
             hold = Hold(case_name=case, scope=scope, org_id=org, reason=reason, placed_by=actor,
                         created_after=query.after if query else None, created_before=query.before if query else None,

@@ -18,6 +18,7 @@ from sqlalchemy import and_, case, func, insert, literal, or_, select, union, up
 from worker import models
 from worker.db import db_clock, db_now, plus_seconds
 from worker.dialect import Dialect
+from worker.items.predicates import not_gone_by_expiry
 
 
 def mime_matches(column, pattern: str | None):
@@ -48,7 +49,10 @@ def hold_by_query(session, dialect: Dialect, hold_id: int, org_id: str, after: d
     only the rows it marked become members. On SQLite (one writer at a time) the members are inserted first,
     then marked."""
     items, members = models.MediaItem.__table__, models.HoldItem.__table__
-    match = query_matches(items, org_id, after, before, mime)
+    # Never an item already gone by its expiry (expired and unheld: an expiry sweep may have deleted its blobs
+    # already), judged per row once it is locked. Media registered later is judged at its registration instead
+    # (`apply_future_holds`): its blob was just written.
+    match = and_(query_matches(items, org_id, after, before, mime), not_gone_by_expiry(items, db_clock()))
     if dialect.postgresql:
         marked = (update(items).where(match)
                   .values(held_at=func.coalesce(items.c.held_at, db_clock()),

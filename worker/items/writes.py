@@ -190,13 +190,14 @@ def rewrite_expiry(session, org_id: str, retention_seconds: int, governed=None) 
 
 
 def mirror_org_hold(session, org_id: str, held: bool) -> None:
-    """Mirror the org's hold (or release) on its active rows (`org_held`); in the transaction that
-    changes the org row."""
+    """Mirror the org's hold (or release) on its active rows (`org_held`), those not already gone by their
+    expiry; in the transaction that changes the org row."""
     items = models.MediaItem.__table__
-    session.execute(
-        update(items).where(items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.org_held.is_(not held))
-        .values(org_held=held)
-    )
+    where = [items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.org_held.is_(not held)]
+    if held:
+        # An item already gone by its expiry stays gone (`not_gone_by_expiry`): the hold does not bring it back.
+        where.append(not_gone_by_expiry(items, db_clock()))
+    session.execute(update(items).where(*where).values(org_held=held))
 
 
 def set_hold(item, held_at, reason: str | None) -> None:
