@@ -12,7 +12,7 @@ from sqlalchemy import BigInteger, Integer, and_, bindparam, case, delete, func,
 from worker import models
 from worker.db import db_clock, db_now, plus_seconds
 from worker.dialect import Dialect
-from worker.items.predicates import claimable, compactable
+from worker.items.predicates import claimable, compactable, org_live
 
 # -- registration --------------------------------------------------------------------------------------
 
@@ -176,7 +176,7 @@ def rewrite_expiry(session, org_id: str, retention_seconds: int) -> int:
     items = models.MediaItem.__table__
     return session.execute(
         update(items)
-        .where(items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.ttl_seconds.is_(None))
+        .where(org_live(items, org_id), items.c.state == models.State.ACTIVE.value, items.c.ttl_seconds.is_(None))
         .values(expires_at=plus_seconds(items.c.created_at, retention_seconds))
     ).rowcount
 
@@ -186,7 +186,8 @@ def mirror_org_hold(session, org_id: str, held: bool) -> None:
     changes the org row."""
     items = models.MediaItem.__table__
     session.execute(
-        update(items).where(items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.org_held.is_(not held))
+        update(items).where(org_live(items, org_id), items.c.state == models.State.ACTIVE.value,
+                            items.c.org_held.is_(not held))
         .values(org_held=held)
     )
 
