@@ -39,6 +39,39 @@ def test_every_migration_downgrades_to_an_empty_catalog_and_upgrades_again(datab
     assert schema.upgrade(database) == schema.head_revision()
 
 
+def org_indexes(database) -> dict[str, bool]:
+    """The org indexes of media_items on the catalog: name -> whether it is partial (has a WHERE)."""
+    with database.transaction() as session:
+        if database.engine.dialect.name == "postgresql":
+            rows = session.execute(text("SELECT indexname, indexdef LIKE '%WHERE%' FROM pg_indexes WHERE tablename = 'media_items' "
+                                        "AND schemaname = current_schema() AND indexname LIKE '%org_id%'")).all()
+        else:
+            rows = session.execute(text("SELECT name, sql LIKE '%WHERE%' FROM sqlite_master WHERE type = 'index' "
+                                        "AND tbl_name = 'media_items' AND name LIKE '%org_id%'")).all()
+    return {name: bool(partial) for name, partial in rows}
+
+
+def test_migration_0014_swaps_the_org_index_for_one_on_live_rows_and_its_downgrade_swaps_back(database):
+    """At 0011 the org index covers every row; 0014 replaces it with the partial one on live rows, keeping the
+    catalog's rows; downgrading to 0011 restores the old one, and upgrading again the new."""
+    assert schema.downgrade(database, "0011") == "0011"
+    assert org_indexes(database) == {"ix_media_items_org_id_state": False}
+    with database.transaction() as session:
+        session.execute(text("INSERT INTO organizations (id, retention_seconds) VALUES ('acme', 3600)"))
+        for number, state in enumerate(["active", "deleting", "deleted"]):
+            session.execute(text("INSERT INTO media_items (id, org_id, storage_key, size_bytes, mime_type, created_at, expires_at, state) "
+                                 "VALUES (:id, 'acme', :key, 1, 'x/y', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, :state)"),
+                            {"id": f"m{number}", "key": f"k{number}", "state": state})
+    assert schema.upgrade(database, "0014") == "0014"
+    assert org_indexes(database) == {"ix_media_items_live_org_id_state": True}
+    with database.transaction() as session:
+        assert session.scalar(text("SELECT count(*) FROM media_items")) == 3
+    assert schema.downgrade(database, "0011") == "0011"
+    assert org_indexes(database) == {"ix_media_items_org_id_state": False}
+    assert schema.upgrade(database) == schema.head_revision()
+    assert org_indexes(database) == {"ix_media_items_live_org_id_state": True}
+
+
 @pytest.fixture
 def empty_pg_schema(pg_server_url: str):
     """The URL of a new, empty PostgreSQL schema (no tables yet), dropped afterwards."""
