@@ -9,6 +9,7 @@ import threading
 import pytest
 from sqlalchemy import make_url, text
 
+from config.errors import RetentionError
 from tests.conftest import _schema_url, free_port
 from tests.e2e.conftest import SCRIPT
 from tests.fleet import wait_until
@@ -68,6 +69,26 @@ def test_migration_0014_swaps_the_org_index_for_one_on_live_rows_and_its_downgra
         assert session.scalar(text("SELECT count(*) FROM media_items")) == 3
     assert schema.downgrade(database, "0011") == "0011"
     assert org_indexes(database) == {"ix_media_items_org_id_state": False}
+    assert schema.upgrade(database) == schema.head_revision()
+    assert org_indexes(database) == {"ix_media_items_live_org_id_state": True}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_migration_0014_keeps_a_live_org_index_built_beforehand_and_refuses_one_built_otherwise(database):
+    """An org index of the new name built by hand on other columns makes 0014 abort with the catalog left at 0011
+    and its old index in place; built concurrently beforehand as the migration says, 0014 keeps it."""
+    assert schema.downgrade(database, "0011") == "0011"
+    with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("CREATE INDEX ix_media_items_live_org_id_state ON media_items (org_id)"))
+    with pytest.raises(RetentionError, match="ix_media_items_live_org_id_state already exists and is not on"):
+        schema.upgrade(database)
+    assert schema.current_revision(database) == "0011"
+    assert org_indexes(database) == {"ix_media_items_org_id_state": False, "ix_media_items_live_org_id_state": False}
+    with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("DROP INDEX ix_media_items_live_org_id_state"))
+        connection.execute(text("CREATE INDEX CONCURRENTLY ix_media_items_live_org_id_state ON media_items (org_id, state) "
+                                "WHERE state <> 'deleted'"))
     assert schema.upgrade(database) == schema.head_revision()
     assert org_indexes(database) == {"ix_media_items_live_org_id_state": True}
 

@@ -5,6 +5,8 @@ Revises: 0011
 """
 from alembic import op
 
+from config.errors import RetentionError
+
 
 revision = '0014'
 down_revision = '0011'
@@ -25,7 +27,25 @@ OLD = "ix_media_items_org_id_state"
 
 def upgrade() -> None:
     op.execute(f"CREATE INDEX IF NOT EXISTS {NEW} ON media_items (org_id, state) WHERE {LIVE}")
+    if op.get_bind().dialect.name == "postgresql":
+        _require_the_live_index()
     op.execute(f"DROP INDEX IF EXISTS {OLD}")
+
+
+def _require_the_live_index() -> None:
+    """Abort (the whole migration rolls back, the old index kept) when the index kept by IF NOT EXISTS is not the
+    one this migration builds: a `CREATE INDEX CONCURRENTLY` that failed leaves an invalid index of that name, which
+    no plan reads, and one built by hand may have other columns or no predicate. Either would leave every org query
+    on a sequential scan once the old index is gone."""
+    found = op.get_bind().exec_driver_sql(
+        "SELECT i.indisvalid, pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE c.relname = %(name)s AND c.relnamespace = current_schema()::regnamespace", {"name": NEW}).first()
+    valid, definition = found if found is not None else (False, "")
+    wanted = "(org_id, state) WHERE ((state)::text <> 'deleted'::text)"
+    if not valid or not definition.endswith(wanted):
+        why = "is invalid (a failed CREATE INDEX CONCURRENTLY?)" if not valid else f"is not on {wanted}"
+        raise RetentionError(f"index {NEW} already exists and {why}: {definition}; drop it (DROP INDEX CONCURRENTLY {NEW}) "
+                             "and upgrade again; nothing was migrated.")
 
 
 def downgrade() -> None:
