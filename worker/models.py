@@ -72,6 +72,7 @@ CLAIMABLE = predicates.predicate(predicates.CLAIMABLE)
 HELD = predicates.predicate(predicates.HELD)
 DELETING = predicates.predicate(predicates.DELETING)
 TOMBSTONE = predicates.predicate(predicates.TOMBSTONE)
+LIVE = predicates.predicate(predicates.LIVE)
 
 
 class RetentionRule(Base):
@@ -163,7 +164,15 @@ class MediaItem(Base):
             postgresql_where=text(DELETING),
             sqlite_where=text(DELETING),
         ),
-        Index("ix_media_items_org_id_state", "org_id", "state"),
+        # An org's live rows (not tombstones) by state: org show, org set, org holds, org purges (migration
+        # 0014). A tombstone has no entry here, so the sweep's one write per deletion inserts nothing into it.
+        Index(
+            "ix_media_items_live_org_id_state",
+            "org_id",
+            "state",
+            postgresql_where=text(LIVE),
+            sqlite_where=text(LIVE),
+        ),
         # Tombstones by deletion time: status' lateness figures, and tombstone compaction.
         Index(
             "ix_media_items_deleted_at",

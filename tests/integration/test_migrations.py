@@ -9,6 +9,7 @@ import threading
 import pytest
 from sqlalchemy import make_url, text
 
+from config.errors import RetentionError
 from tests.conftest import _schema_url, free_port
 from tests.e2e.conftest import SCRIPT
 from tests.fleet import wait_until
@@ -37,6 +38,59 @@ def test_every_migration_downgrades_to_an_empty_catalog_and_upgrades_again(datab
     """The whole chain runs down to base and back up to head."""
     assert schema.downgrade(database, "base") is None
     assert schema.upgrade(database) == schema.head_revision()
+
+
+def org_indexes(database) -> dict[str, bool]:
+    """The org indexes of media_items on the catalog: name -> whether it is partial (has a WHERE)."""
+    with database.transaction() as session:
+        if database.engine.dialect.name == "postgresql":
+            rows = session.execute(text("SELECT indexname, indexdef LIKE '%WHERE%' FROM pg_indexes WHERE tablename = 'media_items' "
+                                        "AND schemaname = current_schema() AND indexname LIKE '%org_id%'")).all()
+        else:
+            rows = session.execute(text("SELECT name, sql LIKE '%WHERE%' FROM sqlite_master WHERE type = 'index' "
+                                        "AND tbl_name = 'media_items' AND name LIKE '%org_id%'")).all()
+    return {name: bool(partial) for name, partial in rows}
+
+
+def test_migration_0014_swaps_the_org_index_for_one_on_live_rows_and_its_downgrade_swaps_back(database):
+    """At 0011 the org index covers every row; 0014 replaces it with the partial one on live rows, keeping the
+    catalog's rows; downgrading to 0011 restores the old one, and upgrading again the new."""
+    assert schema.downgrade(database, "0011") == "0011"
+    assert org_indexes(database) == {"ix_media_items_org_id_state": False}
+    with database.transaction() as session:
+        session.execute(text("INSERT INTO organizations (id, retention_seconds) VALUES ('acme', 3600)"))
+        for number, state in enumerate(["active", "deleting", "deleted"]):
+            session.execute(text("INSERT INTO media_items (id, org_id, storage_key, size_bytes, mime_type, created_at, expires_at, state) "
+                                 "VALUES (:id, 'acme', :key, 1, 'x/y', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, :state)"),
+                            {"id": f"m{number}", "key": f"k{number}", "state": state})
+    assert schema.upgrade(database, "0014") == "0014"
+    assert org_indexes(database) == {"ix_media_items_live_org_id_state": True}
+    with database.transaction() as session:
+        assert session.scalar(text("SELECT count(*) FROM media_items")) == 3
+    assert schema.downgrade(database, "0011") == "0011"
+    assert org_indexes(database) == {"ix_media_items_org_id_state": False}
+    assert schema.upgrade(database) == schema.head_revision()
+    assert org_indexes(database) == {"ix_media_items_live_org_id_state": True}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_migration_0014_keeps_a_live_org_index_built_beforehand_and_refuses_one_built_otherwise(database):
+    """An org index of the new name built by hand on other columns makes 0014 abort with the catalog left at 0011
+    and its old index in place; built concurrently beforehand as the migration says, 0014 keeps it."""
+    assert schema.downgrade(database, "0011") == "0011"
+    with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("CREATE INDEX ix_media_items_live_org_id_state ON media_items (org_id)"))
+    with pytest.raises(RetentionError, match="ix_media_items_live_org_id_state already exists and is not on"):
+        schema.upgrade(database)
+    assert schema.current_revision(database) == "0011"
+    assert org_indexes(database) == {"ix_media_items_org_id_state": False, "ix_media_items_live_org_id_state": False}
+    with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("DROP INDEX ix_media_items_live_org_id_state"))
+        connection.execute(text("CREATE INDEX CONCURRENTLY ix_media_items_live_org_id_state ON media_items (org_id, state) "
+                                "WHERE state <> 'deleted'"))
+    assert schema.upgrade(database) == schema.head_revision()
+    assert org_indexes(database) == {"ix_media_items_live_org_id_state": True}
 
 
 @pytest.fixture

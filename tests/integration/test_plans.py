@@ -7,7 +7,7 @@ looks no dearer than the custom ones. A worker, the HTTP service or an upstream 
 catalog API runs the same statements for days, so each must be fine under its generic plan. Here every
 statement is prepared at once (`prepare_threshold=0`), PostgreSQL is told to use generic plans always
 (`plan_cache_mode=force_generic_plan`), and auto_explain hands back the plan of every statement executed
-as a notice. On a catalog of 60,000 rows in 50 orgs (statistics fresh, not yet vacuumed, as an import
+as a notice. On a catalog of 60,000 rows in 50 orgs (20,000 live, 40,000 tombstones; statistics fresh, not yet vacuumed, as an import
 leaves it) no plan may read media_items by a sequential scan. Before the import's duplicate checks used one array parameter, `id IN (500 placeholders)
 LIMIT 1` was planned as a sequential scan here (~300 ms a batch at 20,000 rows).
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 from collections.abc import Iterator
 from datetime import timedelta
@@ -36,7 +37,11 @@ from worker.tombstones import Tombstones
 pytestmark = pytest.mark.postgres
 
 ROWS = 20_000
+# Tombstones beside the live rows, in the same orgs: a catalog that keeps its deletions (compaction after 30
+# days) holds more tombstones than live media, and the org index holds none of them (migration 0014).
+TOMBSTONES = 40_000
 ORGS = 50
+ORG_INDEX = "ix_media_items_live_org_id_state"
 # Lines per manifest: as many IDs and keys as the import's duplicate checks ask about at once in a real
 # import (a list of this many placeholders is what a generic plan turned into a sequential scan).
 MANIFEST_LINES = 600
@@ -57,6 +62,7 @@ def planned(pg_server_url) -> Iterator[tuple[Database, list[dict]]]:
     # Analyzed but not vacuumed: a catalog being imported into, before autovacuum came by. Without a
     # visibility map an index-only scan costs what an index scan does, which is where a list of
     # placeholders tipped the generic plan over to a sequential scan.
+    fill_catalog(setup, TOMBSTONES, prefix="gone", state="deleted", orgs=ORGS, vacuum=False)
     fill_catalog(setup, ROWS, prefix="seed", expired=500, orgs=ORGS, vacuum=False)
     setup.dispose()
 
@@ -88,6 +94,15 @@ def planned(pg_server_url) -> Iterator[tuple[Database, list[dict]]]:
         with admin.engine.begin() as connection:
             connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+def index_names(plan: dict) -> Iterator[str]:
+    """Indexes the plan reads (index, index-only and bitmap index scans)."""
+    node = plan.get("Plan", plan)
+    if "Index Name" in node:
+        yield node["Index Name"]
+    for child in node.get("Plans", []):
+        yield from index_names(child)
 
 
 def sequential_scans(plan: dict) -> Iterator[str]:
@@ -149,3 +164,44 @@ def test_every_statement_of_a_long_lived_process_keeps_an_index_plan_under_gener
     assert any("AS asked" in plan["Query Text"] for plan in plans), "the HTTP lookup's statement was not planned"
     scans = sorted({" ".join(plan["Query Text"].split())[:400] for plan in plans if "media_items" in set(sequential_scans(plan))})
     assert scans == [], f"{len(scans)} statements read media_items by a sequential scan:\n" + "\n".join(scans)
+
+
+# A statement that selects media_items rows by org: SQLAlchemy's `media_items.org_id = ...` or a claim's `c.org_id = ...`.
+BY_ORG = re.compile(r"\b(media_items|c)\.org_id = ")
+
+
+def test_every_statement_that_reads_an_orgs_items_reads_the_org_index_of_live_rows_under_generic_planning(planned, tmp_path):
+    """org show (live counts, active bytes), a retention preview, org set rescheduling the org's items, an org hold
+    and its release (the org_held mirror), an org purge's dry run and the purge itself (its candidates and its claims):
+    each run for seven orgs, and every statement among them that selects media_items by org reads the org index of
+    live rows, none a sequential scan nor another index alone."""
+    db, plans = planned
+    media = tmp_path / "media"
+    media.mkdir()
+    settings = load_settings(data_dir=tmp_path / "data", database_url=db.url, storage_url=media.as_uri(),
+                             sweep_batch_size=100)
+    engine = build(settings, database=db)
+    bind_store(engine)  # its rows have no blobs, which a real binding rightly refuses
+    catalog = engine.catalog
+    purged = 0
+    for round_number in range(7):  # above psycopg's prepare threshold of 5
+        org = f"bench-{10 + round_number}"
+        assert catalog.show_org(org).items["active"] == ROWS // ORGS
+        catalog.preview_retention(org, "7d")
+        catalog.set_org(org, "31d", actor="test")
+        catalog.set_hold(held=True, reason="case 9", org=org, actor="test")
+        catalog.set_hold(held=False, reason="case 9 closed", org=org, actor="test")
+        assert catalog.purge(org=org, dry_run=True, actor="test").eligible == ROWS // ORGS
+        purged += catalog.purge(org=org, actor="test").counts.deleted
+    engine.store.close()
+    assert purged == 7 * (ROWS // ORGS)
+
+    by_org: dict[str, set[str]] = {}
+    for plan in plans:
+        query = " ".join(plan["Query Text"].split())
+        if "media_items" in query and BY_ORG.search(query):
+            by_org.setdefault(query[:300], set()).update(index_names(plan))
+    # Counts, bytes, preview, rewrite, mirror, purge candidates, org claim: seven statements at least.
+    assert len(by_org) >= 7, sorted(by_org)
+    elsewhere = sorted(query for query, indexes in by_org.items() if ORG_INDEX not in indexes)
+    assert elsewhere == [], f"{len(elsewhere)} statements select an org's items without the org index:\n" + "\n".join(elsewhere)

@@ -81,7 +81,7 @@ class Orgs:
             org = session.get(Organization, org_id)
             if org is None:
                 raise NotFound(f"organization {org_id!r} does not exist; create it with `media-retention org set {org_id}`.")
-            by_state = items_sql.counts_by_state(session, org_id)
+            by_state = items_sql.live_counts_by_state(session, org_id)
             rules = rules_of(session, [org_id]).get(org_id, {})
             active_bytes = items_sql.active_bytes(session, org_id)
         return OrgView(
@@ -90,7 +90,9 @@ class Orgs:
             retention_seconds=org.retention_seconds,
             held=org.held_at is not None,
             hold_reason=org.hold_reason,
-            items={state.value: int(by_state.get(state.value, 0)) for state in State},
+            # Live states only: an org's tombstones have no index by org (migration 0014), and counting them
+            # would read every row the org ever had. The deletion trail is `audit --org ORG --action deleted`.
+            items={state.value: int(by_state.get(state.value, 0)) for state in (State.ACTIVE, State.DELETING)},
             active_bytes=int(active_bytes or 0),
             rules=tuple(rule_list(rules)),
         )

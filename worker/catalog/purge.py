@@ -55,6 +55,8 @@ class Purge:
             eligible=len(eligible),
             eligible_bytes=sum(r.size_bytes for r in eligible),
             held_skipped=sum(1 for r in rows if r.state == State.ACTIVE.value and (r.held_at is not None or r.org_held)),
+            # By IDs: the named items claimed or deleted before the count. By org: the org's items claimed
+            # (being deleted) at the count; its tombstones are not read (see `purge_candidates`).
             already_gone=sum(1 for r in rows if r.state != State.ACTIVE.value),
         )
         if dry_run:

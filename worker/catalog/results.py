@@ -100,7 +100,7 @@ class OrgView:
     retention_seconds: int
     held: bool
     hold_reason: str | None
-    items: dict[str, int]  # state -> count
+    items: dict[str, int]  # live state (active, deleting) -> count; tombstones are not counted
     active_bytes: int
     rules: tuple[dict, ...] = ()  # retention rules by content type: mime, retention, retention_seconds
 

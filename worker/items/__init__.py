@@ -43,7 +43,7 @@ from worker.items.reads import (
     # one item, a list of items
     by_id_and_now, locked_by_ids, purge_candidates,
     # one org
-    active_bytes, counts_by_state, governed_by, retention_preview,
+    active_bytes, live_counts_by_state, governed_by, retention_preview,
     # reconcile and verify
     active_after, has_items, key_owners, live_keys, rows_by_key_order, rows_by_keys,
     # tombstone compaction and the volume

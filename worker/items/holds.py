@@ -18,7 +18,7 @@ from sqlalchemy import and_, case, func, insert, literal, or_, select, union, up
 from worker import models
 from worker.db import db_clock, db_now, plus_seconds
 from worker.dialect import Dialect
-from worker.items.predicates import not_gone_by_expiry
+from worker.items.predicates import not_gone_by_expiry, org_live
 
 
 def mime_matches(column, pattern: str | None):
@@ -35,7 +35,7 @@ def mime_matches(column, pattern: str | None):
 
 def query_matches(items, org_id: str, after: datetime, before: datetime, mime: str | None):
     """An active item of `org_id` created in [after, before) whose MIME type matches `mime`."""
-    return and_(items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.created_at >= after,
+    return and_(org_live(items, org_id), items.c.state == models.State.ACTIVE.value, items.c.created_at >= after,
                 items.c.created_at < before, mime_matches(items.c.mime_type, mime))
 
 

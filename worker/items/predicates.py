@@ -23,6 +23,10 @@ HELD = "{c}state = 'active' AND ({c}held_at IS NOT NULL OR {c}org_held)"
 DELETING = "{c}state = 'deleting'"
 # Deleted: the blob is gone, the row answers 404 with its reason and time.
 TOMBSTONE = "{c}state = 'deleted'"
+# Not a tombstone (active, held or being deleted): the rows the org index holds (migration 0014). Every query
+# that reads an org's rows wants these, so a tombstone leaves the index: writing one inserts nothing there,
+# and at a billion rows the index holds live media only. An org's tombstones have no index by org.
+LIVE = "{c}state <> 'deleted'"
 
 
 def predicate(template: str, alias: str | None = None) -> str:
@@ -44,6 +48,16 @@ def deleting() -> TextClause:
 
 def tombstone() -> TextClause:
     return text(predicate(TOMBSTONE))
+
+
+def live() -> TextClause:
+    return text(predicate(LIVE))
+
+
+def org_live(items, org_id: str):
+    """The org's rows that are not tombstones, spelled as the org index is (`org_id` first, then LIVE): what
+    every org-scoped read and write selects, so both planners read that index, generic plans included."""
+    return and_(items.c.org_id == org_id, live())
 
 
 def due(items, now):

@@ -10,7 +10,7 @@ from sqlalchemy import and_, case, false, func, or_, select, true, union_all
 from worker import models
 from worker.db import db_now, plus_seconds
 from worker.dialect import Dialect
-from worker.items.predicates import claimable, compactable, deleting, due, held, held_expired, not_gone_by_expiry, tombstone
+from worker.items.predicates import claimable, compactable, deleting, due, held, held_expired, not_gone_by_expiry, org_live, tombstone
 
 # -- the sweep: what is due, what it leaves alone ------------------------------------------------------
 
@@ -227,10 +227,11 @@ def locked_by_ids(session, ids: list[str]) -> list:
 
 
 def purge_candidates(session, *, org_id: str | None = None, ids: list[str] | None = None) -> list:
-    """The items of an org, or of `ids`, as a purge judges them: `id`, `org_id`, `state`, `held_at`,
-    `org_held`, `size_bytes`."""
+    """The live items of an org, or the items of `ids` (any state), as a purge judges them: `id`, `org_id`,
+    `state`, `held_at`, `org_held`, `size_bytes`. An org's tombstones are not read: a purge has nothing to do
+    with them, and they have no index by org (reading them would cost the org's whole deletion history)."""
     items = models.MediaItem.__table__
-    scope = items.c.org_id == org_id if org_id is not None else items.c.id.in_(ids)
+    scope = org_live(items, org_id) if org_id is not None else items.c.id.in_(ids)
     return session.execute(
         select(items.c.id, items.c.org_id, items.c.state, items.c.held_at, items.c.org_held, items.c.size_bytes).where(scope)
     ).all()
@@ -239,11 +240,13 @@ def purge_candidates(session, *, org_id: str | None = None, ids: list[str] | Non
 # -- one org -------------------------------------------------------------------------------------------
 
 
-def counts_by_state(session, org_id: str) -> dict[str, int]:
-    """How many of the org's items are in each state (states without items left out)."""
+def live_counts_by_state(session, org_id: str) -> dict[str, int]:
+    """How many of the org's live items (not tombstones) are in each state (states without items left out),
+    read by the org index. Tombstones are not counted: they are not in that index, and counting them would
+    read every row the org ever had."""
     items = models.MediaItem.__table__
     return dict(session.execute(
-        select(items.c.state, func.count()).where(items.c.org_id == org_id).group_by(items.c.state)
+        select(items.c.state, func.count()).where(org_live(items, org_id)).group_by(items.c.state)
     ).all())
 
 
@@ -252,7 +255,7 @@ def active_bytes(session, org_id: str) -> int:
     items = models.MediaItem.__table__
     return session.scalar(
         select(func.coalesce(func.sum(items.c.size_bytes), 0)).where(
-            items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value
+            org_live(items, org_id), items.c.state == models.State.ACTIVE.value
         )
     )
 
@@ -315,7 +318,7 @@ def retention_preview(session, org_id: str, seconds: int, governed=None) -> tupl
             count(due_new),
             count(~ttl_less if governed is None else and_(~ttl_less, governed)),
             count(changes),
-        ).where(items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value)
+        ).where(org_live(items, org_id), items.c.state == models.State.ACTIVE.value)
     ).one())
 
 

@@ -13,7 +13,7 @@ from worker import models
 from worker.db import db_clock, db_now, plus_seconds
 from worker.dialect import Dialect
 from worker.items.holds import apply_future_holds
-from worker.items.predicates import claimable, compactable, not_gone_by_expiry
+from worker.items.predicates import claimable, compactable, not_gone_by_expiry, org_live
 
 # -- registration --------------------------------------------------------------------------------------
 
@@ -180,7 +180,7 @@ def rewrite_expiry(session, org_id: str, retention_seconds: int, governed=None) 
     rule, or the org's period, decides); returns how many. Never an item already gone by its expiry
     (`not_gone_by_expiry`, judged by the wall clock once the row is locked: after any sweep that held it)."""
     items = models.MediaItem.__table__
-    where = [items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.ttl_seconds.is_(None),
+    where = [org_live(items, org_id), items.c.state == models.State.ACTIVE.value, items.c.ttl_seconds.is_(None),
              not_gone_by_expiry(items, db_clock())]
     if governed is not None:
         where.append(governed)
@@ -193,7 +193,7 @@ def mirror_org_hold(session, org_id: str, held: bool) -> None:
     """Mirror the org's hold (or release) on its active rows (`org_held`), those not already gone by their
     expiry; in the transaction that changes the org row."""
     items = models.MediaItem.__table__
-    where = [items.c.org_id == org_id, items.c.state == models.State.ACTIVE.value, items.c.org_held.is_(not held)]
+    where = [org_live(items, org_id), items.c.state == models.State.ACTIVE.value, items.c.org_held.is_(not held)]
     if held:
         # An item already gone by its expiry stays gone (`not_gone_by_expiry`): the hold does not bring it back.
         where.append(not_gone_by_expiry(items, db_clock()))
