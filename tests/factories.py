@@ -144,6 +144,21 @@ def register_aged(catalog: Catalog, org: str, age: timedelta, *, ttl: str | None
                             mime=mime)
 
 
+def expiring_in(catalog: Catalog, org: str, seconds: float, *, uploads: Path, **options) -> Item:
+    """Register a real file with a one-hour TTL that expires `seconds` from now (database clock): media a hold can
+    still cover (expired is final: no hold covers an item already gone by its expiry), which `wait_past` then
+    lets expire."""
+    return register_aged(catalog, org, timedelta(hours=1) - timedelta(seconds=seconds), ttl="1h", uploads=uploads,
+                         **options)
+
+
+def wait_past(catalog: Catalog, *items: Item) -> None:
+    """Wait until the database's clock has passed every item's expiry: how a held item honestly comes to be past it."""
+    deadline = max(item.expires_at for item in items)
+    while db_time(catalog) <= deadline:
+        time.sleep(0.05)
+
+
 def states(catalog: Catalog, ids: list[str]) -> dict[str, str]:
     with catalog.db.transaction() as session:
         return dict(session.execute(select(MediaItem.id, MediaItem.state).where(MediaItem.id.in_(ids))).all())

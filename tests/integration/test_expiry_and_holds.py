@@ -5,7 +5,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from tests.factories import register_aged, seed_items, states
+from tests.factories import expiring_in, register_aged, seed_items, states, wait_past
 from worker.catalog import Item
 from worker.engine import build
 from config.errors import BadInput, Gone, NotFound
@@ -74,10 +74,12 @@ def test_an_item_without_ttl_answers_gone_with_reason_retention_once_org_set_sho
 
 @pytest.mark.parametrize("hold", ["item", "org"])
 def test_a_held_item_past_its_expiry_is_served_until_the_hold_is_released(catalog, acme, uploads, hold):
-    """Held media is kept and served past its expiry (item or org hold); released, it answers gone at once."""
-    item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    """Held media is kept and served past its expiry (item or org hold placed before it); released, it answers gone
+    at once."""
+    item = expiring_in(catalog, acme, 3, uploads=uploads)
     scope = {"ids": [item.id]} if hold == "item" else {"org": acme}
     catalog.set_hold(held=True, reason="litigation", **scope)
+    wait_past(catalog, item)
     assert catalog.lookup(item.id).state == "active" and isinstance(catalog.find(item.id), Item)
     catalog.set_hold(held=False, reason="case closed", **scope)
     with pytest.raises(Gone) as gone:
@@ -177,9 +179,11 @@ def test_a_real_retention_change_is_audited_with_the_old_and_new_value(catalog, 
 
 
 def test_held_item_survives_sweeps_and_purges_until_released(catalog, acme, uploads):
-    """A hold stops both the sweep and a purge; after release the next sweep deletes it."""
-    item = register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    """A hold placed before the expiry stops both the sweep and a purge past it; after release the next sweep
+    deletes it."""
+    item = expiring_in(catalog, acme, 3, uploads=uploads)
     catalog.set_hold(held=True, reason="litigation 42", ids=[item.id], actor="legal")
+    wait_past(catalog, item)
     counts = catalog.sweeper.sweep()
     assert (counts.claimed, counts.held_skipped) == (0, 1)
     purge = catalog.purge(ids=[item.id])
@@ -193,9 +197,10 @@ def test_held_item_survives_sweeps_and_purges_until_released(catalog, acme, uplo
 def test_org_hold_protects_every_item_of_the_org_but_not_other_orgs(catalog, acme, uploads):
     """While an org is held none of its expired items are deleted or purgeable; other orgs are swept."""
     catalog.set_org("other", "30d")
-    held = [register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads) for _ in range(3)]
-    free = register_aged(catalog, "other", timedelta(hours=2), ttl="1h", uploads=uploads)
+    held = [expiring_in(catalog, acme, 3, uploads=uploads) for _ in range(3)]
+    free = expiring_in(catalog, "other", 3, uploads=uploads)
     catalog.set_hold(held=True, reason="audit", org=acme)
+    wait_past(catalog, *held, free)
     counts = catalog.sweeper.sweep()
     assert (counts.deleted, counts.held_skipped) == (1, 3)
     with pytest.raises(BadInput, match="on hold"):
@@ -373,8 +378,8 @@ def test_status_backlog_excludes_held_media_and_counts_it_separately(catalog, ac
     from worker.status import due_count, fleet_status
 
     catalog.set_org("other", "30d")
-    register_aged(catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
-    register_aged(catalog, "other", timedelta(hours=2), ttl="1h", uploads=uploads)
+    items = [expiring_in(catalog, org, 3, uploads=uploads) for org in (acme, "other")]
     catalog.set_hold(held=True, reason="audit", org=acme)
+    wait_past(catalog, *items)
     numbers = fleet_status(catalog.db)
     assert (numbers["backlog"]["due"], numbers["held_expired"], due_count(catalog.db)) == (1, 1, 1)

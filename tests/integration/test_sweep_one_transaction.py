@@ -15,7 +15,8 @@ import pytest
 from sqlalchemy import func, select, text
 
 from config.errors import Gone
-from tests.factories import database_time, end_leases, register_aged, rows_by_id, seed_items, states, wait_until_blocked_by
+from tests.factories import (database_time, end_leases, expiring_in, register_aged, rows_by_id, seed_items, states,
+                             wait_past, wait_until_blocked_by)
 from worker.db import Database
 from worker.models import AuditEvent, MediaItem
 from worker.store import DeleteResult
@@ -141,64 +142,71 @@ def test_a_hold_committed_while_the_batchs_blobs_are_deleted_waits_and_finds_the
     assert catalog.store.exists(rows[fresh].storage_key)
 
 
-def test_an_org_hold_committed_before_the_pick_keeps_every_expired_item_and_its_blob(catalog, database, media_root):
-    """An org hold committed before a sweep makes the org's rows unclaimable: the sweep locks none of them and
-    asks the store for no key of theirs."""
+def test_an_org_hold_placed_before_the_expiry_keeps_those_items_and_one_placed_after_keeps_none(catalog, database,
+                                                                                                    media_root, tmp_path):
+    """An org hold placed before ten items expired makes them unclaimable past their expiry: the sweep locks none of
+    them and asks the store for no key of theirs. The twenty that had expired before the hold are gone by their
+    expiry (expired is final): the hold does not cover them and the sweep deletes them."""
     catalog.set_org("acme", "30d")
-    ids = seed_items(catalog.db, media_root, "acme", 30)
+    gone = seed_items(catalog.db, media_root, "acme", 20)
+    kept = [expiring_in(catalog, "acme", 3, uploads=tmp_path) for _ in range(10)]
     catalog.set_hold(held=True, reason="case 10", org="acme", actor="counsel")
+    wait_past(catalog, *kept)
     store = GatedStore(media_root)
     counts = Sweeper(database, store, claim_lease=timedelta(minutes=5), batch_size=10).sweep()
-    assert (counts.claimed, counts.held_skipped) == (0, 30)
-    assert not store.asked
-    assert set(states(catalog, ids).values()) == {"active"}
+    assert (counts.claimed, counts.deleted, counts.held_skipped) == (20, 20, 10)
+    assert not set(store.asked) & {item.key for item in kept}
+    assert set(states(catalog, gone).values()) == {"deleted"}
+    assert set(states(catalog, [item.id for item in kept]).values()) == {"active"}
 
 
-def test_an_org_hold_waiting_on_the_batch_leaves_the_batch_deleted_and_holds_every_other_item(observer, catalog, database, media_root):
-    """An org hold that reaches the batch's rows waits for the commit, then mirrors itself on the org's items
-    still active; the next sweep takes none of them, and no held item's blob was ever asked for."""
+def test_an_org_hold_placed_while_a_batch_deletes_neither_waits_for_it_nor_covers_an_expired_item(observer, catalog,
+                                                                                                   database, media_root):
+    """An org hold placed while a batch holds its rows' locks (its blobs being deleted) does not wait for them: every
+    expired item is gone by its expiry and stays unheld (expired is final), the org's live items are held. The
+    batch commits its deletions, the next sweep takes the other expired items, and no live item's blob is asked for."""
     catalog.set_org("acme", "30d")
     ids = seed_items(catalog.db, media_root, "acme", 30)
+    live = seed_items(catalog.db, media_root, "acme", 5, prefix="live", expired=False)
     sweeper, store, thread, outcome = gated_sweep(database, media_root, observer, batch_size=10, limit=10)
     holding, held = in_thread(lambda: catalog.set_hold(held=True, reason="case 11", org="acme", actor="counsel"))
-    wait_until_blocked_by(database, sweeper.pid)
+    holding.join(10)
+    assert not holding.is_alive(), "the org hold waited for a batch of expired items"
+    assert "error" not in held, held
+    rows = rows_by_id(catalog, ids + live)
+    assert {media_id for media_id, row in rows.items() if row.org_held} == set(live)
     store.gate.set()
     thread.join(30)
-    holding.join(30)
-    assert "error" not in held and "error" not in outcome, (held, outcome)
-    after = states(catalog, ids)
-    deleted = [m for m in ids if after[m] == "deleted"]
-    kept = [m for m in ids if after[m] == "active"]
-    assert (len(deleted), outcome["value"].deleted, len(kept)) == (10, 10, 20)
-    rows = rows_by_id(catalog, kept)
-    assert all(row.org_held for row in rows.values())
-    assert Sweeper(database, store, claim_lease=timedelta(minutes=5)).sweep().claimed == 0
-    assert all(catalog.store.exists(row.storage_key) for row in rows.values())
-    assert not set(store.asked) & {row.storage_key for row in rows.values()}
+    assert "error" not in outcome and outcome["value"].deleted == 10, outcome
+    assert Sweeper(database, store, claim_lease=timedelta(minutes=5)).sweep().deleted == 20
+    assert set(states(catalog, ids).values()) == {"deleted"} and set(states(catalog, live).values()) == {"active"}
+    assert not set(store.asked) & {rows[media_id].storage_key for media_id in live}
 
 
-def test_an_org_set_extending_retention_during_a_batch_keeps_every_item_the_batch_did_not_lock(observer, catalog, database,
-                                                                                                media_root, tmp_path):
-    """`org set --retention 30d` while a batch (of 3) deletes: the rewrite waits for the batch's rows, which are
-    tombstones after the commit (the rewrite skips them); every other item gets the new expiry, is not expired
-    any more and keeps its blob."""
+def test_an_org_set_extending_retention_during_a_batch_reschedules_only_the_items_not_yet_expired(observer, catalog,
+                                                                                                  database, media_root,
+                                                                                                  tmp_path):
+    """`org set --retention 30d` while a batch (of 3) deletes: it does not wait for the batch, reschedules none of the
+    eight expired items (expired is final: the batch may have deleted their blobs already) and gives the three live
+    ones the new expiry; the sweeps take all eight and leave the three with their blobs."""
     catalog.set_org("acme", "1d")
-    items = [register_aged(catalog, "acme", timedelta(days=2), uploads=tmp_path) for _ in range(8)]
-    ids = [item.id for item in items]
+    expired = [register_aged(catalog, "acme", timedelta(days=2), uploads=tmp_path) for _ in range(8)]
+    live = [register_aged(catalog, "acme", timedelta(hours=12), uploads=tmp_path) for _ in range(3)]
     sweeper, store, thread, outcome = gated_sweep(database, media_root, observer, batch_size=3, limit=3)
     setting, done = in_thread(lambda: catalog.set_org("acme", "30d"))
-    wait_until_blocked_by(database, sweeper.pid)
+    setting.join(10)
+    assert not setting.is_alive(), "the retention change waited for a batch of expired items"
+    assert "error" not in done, done
+    rows = rows_by_id(catalog, [item.id for item in expired + live])
+    assert all(rows[item.id].expires_at == item.expires_at for item in expired)
+    assert all(rows[item.id].expires_at == item.created_at + timedelta(days=30) for item in live)
     store.gate.set()
     thread.join(30)
-    setting.join(30)
-    assert "error" not in done and "error" not in outcome, (done, outcome)
-    after = states(catalog, ids)
-    assert Counter(after.values()) == {"deleted": 3, "active": 5}
-    assert outcome["value"].deleted == 3
-    rows = rows_by_id(catalog, [m for m in ids if after[m] == "active"])
-    now = database_time(database)
-    assert all(row.expires_at > now and catalog.store.exists(row.storage_key) for row in rows.values())
-    assert Sweeper(database, catalog.store, claim_lease=timedelta(minutes=5)).sweep().claimed == 0
+    assert "error" not in outcome and outcome["value"].deleted == 3, outcome
+    assert Sweeper(database, catalog.store, claim_lease=timedelta(minutes=5)).sweep().deleted == 5
+    after = states(catalog, [item.id for item in expired + live])
+    assert Counter(after.values()) == {"deleted": 8, "active": 3}
+    assert all(catalog.store.exists(item.key) for item in live)
 
 
 def test_two_one_transaction_sweepers_ask_the_store_for_each_key_once(catalog, database, media_root):

@@ -39,7 +39,7 @@ def test_the_watch_deletes_items_within_a_second_of_expiry_and_none_before(catal
     uploads = tmp_path / "uploads"
     due = [expiring_in(catalog, uploads, seconds, media_id=f"soon-{n}") for n, seconds in enumerate((1.5, 2.5, 3.5))]
     later = catalog.register(org="acme", file=make_file(uploads), media_id="tomorrow", ttl="1d")
-    held = expiring_in(catalog, uploads, -5, media_id="held", held=True)
+    held = expiring_in(catalog, uploads, 1, media_id="held", held=True)  # held before it expires (expired is final)
     ids = [item.id for item in due]
     watch = WatchThread(ExpiryWatch(catalog.sweeper, interval_s=1.0)).start()
     try:
@@ -139,7 +139,7 @@ def test_a_probe_says_when_the_next_item_falls_due_by_the_database_clock(catalog
     0 or less once something is due; held media is not pending."""
     catalog.set_org("acme", "30d")
     assert catalog.sweeper.seconds_until_due() is None
-    expiring_in(catalog, tmp_path / "uploads", -60, media_id="held", held=True)
+    expiring_in(catalog, tmp_path / "uploads", 60, media_id="held", held=True)  # held before it expires
     assert catalog.sweeper.seconds_until_due() is None
     expiring_in(catalog, tmp_path / "uploads", 600, media_id="later")
     assert 590 < catalog.sweeper.seconds_until_due() <= 600
