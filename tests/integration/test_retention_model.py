@@ -899,9 +899,12 @@ class RetentionModel(RuleBasedStateMachine):
         if item is None:
             return
 
+        def raw(system):
+            return system.catalog.set_hold(held=held, reason="model", ids=[item.id], actor="model")
+
         def operation(system):
             try:
-                return system.catalog.set_hold(held=held, reason="model", ids=[item.id], actor="model")
+                return raw(system)
             except Gone:
                 if held and self.gone_while_it_ran([item.id]):
                     return None  # it expired, unheld, while the hold waited: gone, nothing changed
@@ -909,7 +912,7 @@ class RetentionModel(RuleBasedStateMachine):
 
         if held and (item.gone or item.final_expiry is not None):
             with pytest.raises(Gone):
-                operation(self.system)
+                raw(self.system)
             self.observe(self.now(), lambda other, before, after: None)
             return
         self.run(operation, crash_at, lambda other, before, after: None)
@@ -996,9 +999,12 @@ class RetentionModel(RuleBasedStateMachine):
         self.counter += 1
         reason = f"items {self.counter}"
 
+        def raw(system):
+            return system.catalog.set_hold(held=True, reason=reason, ids=chosen, case=case, actor="model")
+
         def operation(system):
             try:
-                return system.catalog.set_hold(held=True, reason=reason, ids=chosen, case=case, actor="model")
+                return raw(system)
             except Gone:
                 if self.gone_while_it_ran(chosen):
                     return None  # one expired, unheld, while the hold waited: gone, nothing changed
@@ -1006,7 +1012,7 @@ class RetentionModel(RuleBasedStateMachine):
 
         if any(self.items[media_id].gone or self.items[media_id].final_expiry is not None for media_id in chosen):
             with pytest.raises(Gone):
-                operation(self.system)
+                raw(self.system)
             assert not self._placed(reason)
             self.observe(self.now(), lambda item, before, after: None)
             return

@@ -20,7 +20,8 @@ AUDIT = "safety bug from the audit"
 ISSUE_19 = "reverted fix of issue #19"
 ISSUE_21 = "reverted part of issue #21 (variants)"
 ISSUE_23_RULES = "reverted part of issue #23 (retention rules)"
-KINDS = (AUDIT, ISSUE_19, ISSUE_21, ISSUE_23_RULES)
+ISSUE_22 = "reverted part of issue #22 (one transaction a batch, expired is final)"
+KINDS = (AUDIT, ISSUE_19, ISSUE_21, ISSUE_22, ISSUE_23_RULES)
 
 
 class StaleMutation(Exception):
@@ -430,6 +431,25 @@ MUTATIONS: tuple[Mutation, ...] = (
         old="""    return and_(of_type(prefix), essence.not_in(same_type)) if same_type else of_type(prefix)""",
         new="""    return of_type(prefix)""",
         kind=ISSUE_23_RULES,
+    ),
+    Mutation(
+        name="policy-changes-revive-expired-items",
+        description="A hold, a longer retention or a rule reaches items already gone by their expiry, whose blobs an "
+                    "expiry sweep (one transaction a batch) may have deleted already: they come back without a byte.",
+        file=_PREDICATES,
+        old="""    return or_(items.c.expires_at > clock, items.c.held_at.is_not(None), items.c.org_held)""",
+        new="""    return or_(items.c.expires_at > clock, items.c.expires_at <= clock)""",
+        kind=ISSUE_22,
+    ),
+    Mutation(
+        name="item-hold-revives-an-expired-item",
+        description="`hold ID` holds an item already past its expiry (and maybe without its blob) instead of answering gone.",
+        file="worker/catalog/holds.py",
+        old="""                if expired:
+                    raise Gone(""",
+        new="""                if False:
+                    raise Gone(""",
+        kind=ISSUE_22,
     ),
 )
 

@@ -45,7 +45,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests.mutants.mutations import BY_NAME, ISSUE_19, ISSUE_21, ISSUE_23_RULES, MUTATIONS, Mutation, StaleMutation
+from tests.mutants.mutations import BY_NAME, ISSUE_19, ISSUE_21, ISSUE_22, ISSUE_23_RULES, MUTATIONS, Mutation, StaleMutation
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TARGETS = ("tests/integration/test_retention_model.py",)
@@ -387,7 +387,7 @@ def table(verdicts: list[Verdict], nodes: list[str]) -> str:
             result = verdict.result
             examples = " / ".join(f"{short(node.node, nodes)} {_count(node.examples)}".strip() for node in verdict.nodes) or "-"
             failure = verdict.trouble
-        kind = {ISSUE_19: "#19", ISSUE_21: "#21", ISSUE_23_RULES: "#23", "-": "-"}.get(verdict.kind, "audit")
+        kind = {ISSUE_19: "#19", ISSUE_21: "#21", ISSUE_22: "#22", ISSUE_23_RULES: "#23", "-": "-"}.get(verdict.kind, "audit")
         lines.append(f"| {verdict.name} | {kind} | {result} | {examples} | {verdict.seconds:.0f} | {_cell(failure)} |")
     return "\n".join(lines)
 
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     mutations = [BY_NAME[name] for name in args.only] if args.only else list(MUTATIONS)
     if args.list:
         for mutation in mutations:
-            print(f"{mutation.name:52} {({ISSUE_19: '#19', ISSUE_21: '#21', ISSUE_23_RULES: '#23'}.get(mutation.kind, 'audit')):6} {mutation.description}")
+            print(f"{mutation.name:52} {({ISSUE_19: '#19', ISSUE_21: '#21', ISSUE_22: '#22', ISSUE_23_RULES: '#23'}.get(mutation.kind, 'audit')):6} {mutation.description}")
         return 0
     print(f"mutants: {len(mutations)} mutations, {args.examples} examples, seed {args.seed}, tree {REPO}", file=sys.stderr)
     runner = Runner(args)
