@@ -71,6 +71,8 @@ class Run:
     code: int
     stdout: str
     stderr: str
+    cpu_seconds: float = 0.0  # user + system CPU of the process itself (rusage)
+    system_seconds: float = 0.0  # of which in the kernel (system calls: unlinks, I/O)
 
     @property
     def json(self):
@@ -104,7 +106,26 @@ def run(argv: list[str], env: dict | None = None, cwd: Path | None = None) -> Ru
     process.stdout.close()
     process.stderr.close()
     process.returncode = os.waitstatus_to_exitcode(status)
-    return Run(seconds, usage.ru_maxrss * 1024, process.returncode, output["out"], output["err"])
+    return Run(seconds, usage.ru_maxrss * 1024, process.returncode, output["out"], output["err"],
+               usage.ru_utime + usage.ru_stime, usage.ru_stime)
+
+
+def postgres_cpu_seconds() -> float:
+    """User + system CPU every PostgreSQL process on this machine has used so far (from /proc), with that of its
+    exited children (a backend's CPU passes to the postmaster's cutime/cstime when it exits): read before and after
+    a run, the database's share of it."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            if "postgres" not in fields[0]:
+                continue
+            values = fields[1].split()
+            total += sum(int(value) for value in values[11:15])  # utime, stime, cutime, cstime (fields 14 to 17)
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / ticks
 
 
 def cli_env(database_url: str, storage_url: str, data_dir: Path, **settings: str) -> dict:
