@@ -12,8 +12,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from config.errors import BadInput, NotFound
-from tests.factories import (blocked_by, db_time, make_file, plant_blob, register_aged, rows_by_id, states,
-                             wait_until_blocked_by)
+from tests.factories import blocked_by, db_time, make_file, plant_blob, register_aged, rows_by_id, states
 from worker import items as items_sql
 from worker.models import AuditEvent, Hold, HoldItem, MediaItem
 from worker.verify import Verifier
