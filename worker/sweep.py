@@ -138,6 +138,19 @@ def item_results(claimed: Sequence[ClaimedItem], results: Sequence[DeleteResult]
     return outcome
 
 
+def _settle(in_flight: deque[Future], total: "SweepCounts") -> None:
+    """Wait for every batch still in flight, adding up their counts; then raise the first error any of them
+    raised (a run that stops on an error still lets each batch it started finish)."""
+    errors = []
+    while in_flight:
+        try:
+            total.add(in_flight.popleft().result())
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after every batch settled
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
 class _Outcome(NamedTuple):
     """A batch's outcome as written, for the metrics and logs that follow its commit."""
 
@@ -401,14 +414,7 @@ class Sweeper:
             finally:
                 # Batches already claimed are deleted and finalized even when the run stops on an error:
                 # their claims are committed, and leaving them to the lease would only delay them.
-                errors = []
-                while in_flight:
-                    try:
-                        total.add(in_flight.popleft().result())
-                    except BaseException as exc:  # noqa: BLE001 - re-raised below, after every batch settled
-                        errors.append(exc)
-                if errors:
-                    raise errors[0]
+                _settle(in_flight, total)
         return total
 
     def _finish_batch(self, claimed: list[ClaimedItem], deleting: Future, started: float, event: str, quiet: bool,
@@ -478,14 +484,7 @@ class Sweeper:
                         break  # a short batch: nothing more was due when it was picked
             finally:
                 # Every batch started runs to its commit (or rollback) before the run ends or raises.
-                errors = []
-                while in_flight:
-                    try:
-                        total.add(in_flight.popleft().result())
-                    except BaseException as exc:  # noqa: BLE001 - re-raised below, after every batch settled
-                        errors.append(exc)
-                if errors:
-                    raise errors[0]
+                _settle(in_flight, total)
         return total
 
     def expire_batch(self, size: int, picked: Future | None = None, quiet: bool = False) -> SweepCounts:
