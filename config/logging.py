@@ -98,8 +98,13 @@ class _HandlerStream:
     def msg(self, line: str) -> None:
         handler = self._handler
         with handler.lock:
-            handler.stream.write(line + "\n")
-            handler.flush()
+            try:
+                handler.stream.write(line + "\n")
+                handler.flush()
+            except (OSError, ValueError):
+                # As the standard library's handlers do: a log line that cannot be written (stderr closed, a broken
+                # pipe) is lost, never the request that logged it.
+                pass
 
     info = debug = warning = error = critical = exception = msg
 

@@ -18,7 +18,7 @@ from sqlalchemy import and_, case, func, insert, literal, or_, select, union, up
 from worker import models
 from worker.db import db_clock, db_now, plus_seconds
 from worker.dialect import Dialect
-from worker.items.predicates import not_gone_by_expiry, org_live
+from worker.items.predicates import live, not_gone_by_expiry, org_live
 
 
 def mime_matches(column, pattern: str | None):
@@ -138,14 +138,17 @@ def _held_by_case(holds, members, items, *, org_id: str | None, case_name: str |
     open_holds = holds.c.released_at.is_(None)
     via_members = (select(holds.c.case_name, members.c.item_id.label("item_id"))
                    .join(members, members.c.hold_id == holds.c.id).where(open_holds))
+    # An org placement holds the org's active items that carry `org_held` (not those gone by their expiry before
+    # it was placed: expired is final), read by the org index (its LIVE predicate spelled as the index is).
     via_org = (select(holds.c.case_name, items.c.id.label("item_id"))
-               .join(items, and_(items.c.org_id == holds.c.org_id, items.c.state == models.State.ACTIVE.value))
+               .join(items, and_(items.c.org_id == holds.c.org_id, live(), items.c.state == models.State.ACTIVE.value,
+                                 items.c.org_held))
                .where(open_holds, holds.c.scope == "org"))
     if case_name is not None:
         via_members = via_members.where(holds.c.case_name == case_name)
         via_org = via_org.where(holds.c.case_name == case_name)
     if org_id is not None:
-        via_members = via_members.join(items, items.c.id == members.c.item_id).where(items.c.org_id == org_id)
+        via_members = via_members.join(items, items.c.id == members.c.item_id).where(org_live(items, org_id))
         via_org = via_org.where(holds.c.org_id == org_id)
     return union(via_members, via_org).subquery("held")
 
