@@ -48,7 +48,8 @@ def test_lookup_answers_zero_while_active_and_three_with_a_404_body_once_gone(cl
 def test_lookup_of_an_item_past_its_expiry_exits_three_with_the_gone_body_before_any_sweep(cli, data_dir, database,
                                                                                             monkeypatch, tmp_path):
     """On SQLite and PostgreSQL, unswept: an item past its TTL (database clock) exits 3 with gone/ttl/expired and
-    deleted_at its expiry; a TTL-less one does after `org set` shortens the retention (retention); held, exit 0."""
+    deleted_at its expiry; a TTL-less one does after `org set` shortens the retention (retention); a hold placed
+    afterwards answers gone (exit 3) and changes nothing: expired is final."""
     monkeypatch.setenv("MEDIA_RETENTION_DATABASE_URL", database.url)
     get_settings.cache_clear()
     upload = tmp_path / "voice.ogg"
@@ -69,8 +70,9 @@ def test_lookup_of_an_item_past_its_expiry_exits_three_with_the_gone_body_before
     assert cli("org", "set", "acme", "--retention", "7d").code == 0
     retention = cli("lookup", "photo-1", "--json")
     assert retention.code == 3 and (retention.json["reason"], retention.json["state"]) == ("retention", "expired")
-    assert cli("hold", "voice-1", "--reason", "legal").code == 0
-    assert cli("lookup", "voice-1", "--json").code == 0
+    late_hold = cli("hold", "voice-1", "--reason", "legal")  # expired is final: a hold cannot bring it back
+    assert late_hold.code == 3 and "expired at" in late_hold.stderr and "gone" in late_hold.stderr
+    assert cli("lookup", "voice-1", "--json").code == 3
 
 
 def test_lookup_of_an_unknown_id_exits_three_with_not_found(cli, seeded):

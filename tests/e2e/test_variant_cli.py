@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timedelta, timezone
+
 from tests.e2e.support import snapshot
 from tests.factories import plant_blob
 
@@ -13,17 +16,22 @@ def test_register_with_variants_lists_them_in_lookup_and_a_sweep_deletes_them_wi
     media = data_dir / "media"
     for key in ("uploads/a.jpg", "thumbs/a.webp", "previews/a.mp4", "thumbs/a-small.webp"):
         plant_blob(media, key, b"bytes")
+    # Live for 10 more seconds (a one-hour TTL), held before it expires: it stays past its expiry, and takes variants.
+    created = datetime.now(timezone.utc) - timedelta(hours=1) + timedelta(seconds=10)
     registered = shell("register", "--org", "acme", "--key", "uploads/a.jpg", "--id", "a", "--ttl", "1h",
-                       "--created-at", "2026-01-01T00:00:00Z", "--variant", "thumbs/a.webp", "--variant", "previews/a.mp4", "--json")
+                       "--created-at", created.isoformat(), "--variant", "thumbs/a.webp", "--variant", "previews/a.mp4", "--json")
     assert registered.code == 0, registered.stderr
     assert registered.json["variants"] == [{"key": "thumbs/a.webp", "size": 5, "mime": "image/webp"},
                                            {"key": "previews/a.mp4", "size": 5, "mime": "video/mp4"}]
-    assert shell("hold", "a", "--reason", "checking").code == 0  # expired: held, so it stays (and takes variants)
+    assert shell("hold", "a", "--reason", "checking").code == 0
     added = shell("variant", "add", "a", "--key", "thumbs/a-small.webp", "--json")
     assert (added.code, added.json["added"]) == (0, 1), added.stderr
     looked_up = shell("lookup", "a", "--json")
     assert [variant["key"] for variant in looked_up.json["variants"]] == ["previews/a.mp4", "thumbs/a-small.webp", "thumbs/a.webp"]
 
+    while datetime.now(timezone.utc) <= created + timedelta(hours=1, seconds=1):  # past its expiry, held
+        time.sleep(0.2)
+    assert shell("lookup", "a", "--json").code == 0
     assert shell("release", "a", "--reason", "done").code == 0
     swept = shell("sweep", "--json")
     assert (swept.code, swept.json["deleted"], swept.json["variants_deleted"]) == (0, 1, 3)

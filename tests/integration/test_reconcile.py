@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from tests.factories import db_time, plant_blob, register_aged, states, wait_until_older
+from tests.factories import db_time, expiring_in, plant_blob, register_aged, states, wait_past, wait_until_older
 from worker.db import db_now
 from config.errors import Gone
 from worker.models import AuditEvent, MediaItem
@@ -142,10 +142,11 @@ def test_an_expired_unheld_item_whose_blob_vanished_is_tombstoned_at_once(catalo
 @pytest.mark.parametrize("hold", ["item", "org"])
 def test_a_held_item_whose_blob_is_missing_is_never_tombstoned_and_keeps_its_blob_when_it_returns(
         catalog, acme, media_root, reconciler, uploads, tmp_path, hold):
-    """The audit's repro: a held, expired item's blob is away during reconciles long past the grace;
-    the item stays active and surfaced (report, status, verify), and its returning blob is kept."""
-    item = register_aged(catalog, acme, timedelta(hours=3), ttl="1h", uploads=uploads)
+    """The audit's repro: an item held before its expiry, now past it, has its blob away during reconciles long
+    past the grace; the item stays active and surfaced (report, status, verify), and its returning blob is kept."""
+    item = expiring_in(catalog, acme, 3, uploads=uploads)
     catalog.set_hold(held=True, reason="litigation", **({"ids": [item.id]} if hold == "item" else {"org": acme}))
+    wait_past(catalog, item)
     away = tmp_path / "away"
     shutil.move(media_root / item.key, away)
     first = reconciler.run(grace=GRACE)
@@ -164,9 +165,11 @@ def test_a_held_item_whose_blob_is_missing_is_never_tombstoned_and_keeps_its_blo
 
 
 def test_a_hold_placed_after_the_check_still_wins_over_the_tombstone(catalog, acme, media_root, reconciler, uploads, monkeypatch):
-    """The tombstone's own statement re-checks holds, so a hold committed mid-run keeps the item active."""
-    lost = register_aged(catalog, acme, timedelta(hours=3), ttl="1h", uploads=uploads)
+    """The tombstone's own statement re-checks holds, so a hold committed mid-run keeps the item active. The item
+    is live (a hold can cover it) and its blob has been missing for a day, so the check plans its tombstone."""
+    lost = expiring_in(catalog, acme, 600, uploads=uploads)
     (media_root / lost.key).unlink()
+    set_row(catalog, lost.id, missing_since=db_now(-86400))
     real_mark = Reconciler._mark_missing
 
     def hold_first(self, *args, **kwargs):

@@ -11,7 +11,7 @@ import urllib3
 from sqlalchemy import update
 
 from config.settings import load_settings
-from tests.factories import register_aged, seed_items, states
+from tests.factories import expiring_in, register_aged, seed_items, states, wait_past
 from tests.s3 import PREFIX
 from worker.db import db_now
 from config.errors import BadInput, Gone, NotFound
@@ -73,12 +73,14 @@ def test_lookup_answers_gone_after_the_sweep_and_not_found_for_unknown_ids(s3_ca
 
 
 def test_held_items_and_held_orgs_survive_sweeps_and_purges(s3_catalog, acme, uploads, objects, bucket):
-    """An item hold and an org hold keep expired objects through a sweep and a purge until released."""
+    """An item hold and an org hold placed before the expiry keep the objects through a sweep and a purge past it
+    until released."""
     s3_catalog.set_org("frozen", "30d")
-    held = register_aged(s3_catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
-    in_held_org = register_aged(s3_catalog, "frozen", timedelta(hours=2), ttl="1h", uploads=uploads)
+    held = expiring_in(s3_catalog, acme, 3, uploads=uploads)
+    in_held_org = expiring_in(s3_catalog, "frozen", 3, uploads=uploads)
     s3_catalog.set_hold(held=True, reason="litigation", ids=[held.id])
     s3_catalog.set_hold(held=True, reason="audit", org="frozen")
+    wait_past(s3_catalog, held, in_held_org)
     s3_catalog.sweeper.sweep()
     s3_catalog.purge(ids=[held.id])
     with pytest.raises(BadInput):
@@ -283,9 +285,11 @@ def test_an_item_with_less_than_a_second_left_answers_gone_instead_of_a_url(s3_c
 
 
 def test_a_held_item_past_its_expiry_gets_a_url_for_the_full_presign_ttl_and_none_once_released(s3_catalog, acme, uploads):
-    """Held media has no end yet: its URL lives presign_ttl (1h); released, the expired item answers Gone."""
-    item = register_aged(s3_catalog, acme, timedelta(hours=2), ttl="1h", uploads=uploads)
+    """Held media has no end yet: held before its expiry and then past it, its URL lives presign_ttl (1h);
+    released, the expired item answers Gone."""
+    item = expiring_in(s3_catalog, acme, 3, uploads=uploads)
     s3_catalog.set_hold(held=True, reason="litigation", ids=[item.id])
+    wait_past(s3_catalog, item)
     answer = s3_catalog.presigned_url(item.id)
     assert answer.expires_in == 3600 and parse_qs(urlparse(answer.url).query)["X-Amz-Expires"] == ["3600"]
     s3_catalog.set_hold(held=False, reason="case closed", ids=[item.id])

@@ -22,7 +22,7 @@ import pytest
 import requests
 from openapi_spec_validator import validate as validate_openapi
 
-from tests.factories import db_time
+from tests.factories import db_time, wait_past
 from tests.fleet import wait_until
 from tests.s3 import PREFIX
 from tests.serve_support import Server, start_server, stop_server
@@ -101,12 +101,14 @@ def test_an_active_item_answers_200_then_404_gone_with_reason_once_expired_and_s
 
 def test_an_item_past_its_expiry_answers_404_gone_before_any_sweep_unless_it_is_held(server, catalog, orgs, tmp_path):
     """Unswept but expired by the database clock: 404 gone (ttl, then retention after `org set` shortens it),
-    state `expired`, deleted_at its expiry; the same item held answers 200."""
+    state `expired`, deleted_at its expiry; a like item held before its expiry answers 200 past it."""
     created = db_time(catalog) - timedelta(hours=2)
     voice = register(catalog, tmp_path, "acme", "voice-1", ttl="1h", created_at=created)
     photo = register(catalog, tmp_path, "acme", "photo-1", created_at=db_time(catalog) - timedelta(days=10))
-    register(catalog, tmp_path, "acme", "held-1", ttl="1h", created_at=created)
+    held_item = register(catalog, tmp_path, "acme", "held-1", ttl="1h",
+                         created_at=db_time(catalog) - timedelta(hours=1) + timedelta(seconds=3))
     catalog.set_hold(held=True, reason="litigation", ids=["held-1"], actor="test")
+    wait_past(catalog, held_item)
 
     gone = server.get("/v1/media/voice-1", orgs["acme"])
     assert gone.status_code == 404
@@ -388,8 +390,8 @@ def test_an_object_store_item_comes_with_a_working_presigned_url_valid_at_most_a
 
 def test_an_object_store_url_never_outlives_its_item_and_an_item_about_to_expire_answers_gone(
         serve, database, s3_catalog, bucket, s3_endpoint, tmp_path):
-    """On S3: ten minutes left, the URL and url_expires_at end at the expiry; a held expired item's URL lives
-    the full hour; with half a second left the answer is 404 gone, no URL."""
+    """On S3: ten minutes left, the URL and url_expires_at end at the expiry; an item held before its expiry and
+    now past it gets a URL for the full hour; with half a second left the answer is 404 gone, no URL."""
     catalog = s3_catalog
     catalog.set_org("acme", "30d")
     token = ApiKeys(database).create("acme", actor="test").token
@@ -401,8 +403,10 @@ def test_an_object_store_url_never_outlives_its_item_and_an_item_about_to_expire
     assert 590 < int(url_expires_param(body["url"])) <= 600
     assert soon.expires_at - timedelta(seconds=1) < datetime.fromisoformat(body["url_expires_at"]) <= soon.expires_at
 
-    register(catalog, tmp_path, "acme", "held-1", ttl="1h", created_at=db_time(catalog) - timedelta(hours=2))
+    held_item = register(catalog, tmp_path, "acme", "held-1", ttl="1h",
+                         created_at=db_time(catalog) - timedelta(hours=1) + timedelta(seconds=3))
     catalog.set_hold(held=True, reason="litigation", ids=["held-1"], actor="test")
+    wait_past(catalog, held_item)
     held = server.get("/v1/media/held-1", token).json()
     assert url_expires_param(held["url"]) == "3600" and requests.get(held["url"], timeout=10).status_code == 200
 

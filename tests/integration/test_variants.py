@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import update
 
 from config.errors import BadInput, Gone, NotFound
-from tests.factories import (database_time, end_leases, plant_blob, rows_by_id, seed_items, seed_variants, states,
+from tests.factories import (database_time, end_leases, plant_blob, wait_past, rows_by_id, seed_items, seed_variants, states,
                              variant_keys)
 from tests.s3 import PREFIX, s3_settings_for
 from worker.catalog import Catalog
@@ -59,13 +59,16 @@ def backend(request, database) -> Backend:
 
 
 def register_with_variants(backend: Backend, media_id: str, variants: list[str], *, expired: bool = True,
-                           item_size: int = 10, variant_size: int = 4):
-    """An item adopted by key with its variants, all blobs planted first; expired two hours ago (1 h TTL) or fresh."""
+                           item_size: int = 10, variant_size: int = 4, expires_in: float | None = None):
+    """An item adopted by key with its variants, all blobs planted first; expired two hours ago (1 h TTL) or fresh,
+    or (`expires_in`) expiring that many seconds from now."""
     key = f"media/{media_id}.jpg"
     backend.put(key, b"i" * item_size)
     for variant in variants:
         backend.put(variant, b"v" * variant_size)
     created = database_time(backend.catalog.db) - (timedelta(hours=2) if expired else timedelta(0))
+    if expires_in is not None:
+        created = database_time(backend.catalog.db) - timedelta(hours=1) + timedelta(seconds=expires_in)
     return backend.catalog.register(org="acme", key=key, media_id=media_id, ttl="1h", created_at=created, variants=variants)
 
 
@@ -231,12 +234,13 @@ def test_keys_are_unique_across_items_and_variants(acme):
 
 
 def test_a_variant_is_added_to_an_active_or_held_item_and_refused_for_a_gone_one(acme):
-    """`variant add` adopts a stored blob for an active item (held too, audited); an item past its expiry or
-    deleted is gone (exit 3's error) and gets nothing."""
+    """`variant add` adopts a stored blob for an active item (held past its expiry too, audited); an item past its
+    expiry or deleted is gone (exit 3's error) and gets nothing."""
     catalog = acme.catalog
     register_with_variants(acme, "live", [], expired=False)
-    register_with_variants(acme, "held", [])
-    catalog.set_hold(held=True, reason="case 7", ids=["held"], actor="legal")
+    held = register_with_variants(acme, "held", [], expires_in=3)
+    catalog.set_hold(held=True, reason="case 7", ids=["held"], actor="legal")  # before it expires
+    wait_past(catalog, held)
     register_with_variants(acme, "expired", [])
     for key in ("thumbs/a.webp", "thumbs/b.webp", "thumbs/c.webp"):
         acme.put(key, b"t" * 3)
