@@ -81,7 +81,7 @@ ITEMS_OWNERS = ("worker/items/", "worker/models.py")
 # What builds a statement: SQLAlchemy's constructors (`select(...)`, `table.update()`, `text(...)`), and
 # the ORM's reads and writes of a row (`session.get(MediaItem, ...)`, `session.query`, `MediaItem(...)`).
 # Not seen: attributes set on a row an items function returned (the ORM writes them at the flush), which
-# is why item holds are set by `items.set_hold`.
+# is why item holds are written by statements of `worker/items/holds.py`.
 BUILDERS = {"select", "update", "delete", "insert", "text", "table", "exists", "get", "query", "merge", "MediaItem"}
 _TABLE_NAME = re.compile(r"\bmedia_items\b")
 

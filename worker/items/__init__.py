@@ -60,7 +60,7 @@ from worker.items.writes import (
     # finalize
     fail_claimed, fail_locked, lock_claimed, tombstone_claimed, tombstone_locked,
     # holds and retention
-    mirror_org_hold, rewrite_expiry, set_hold,
+    mirror_org_hold, rewrite_expiry,
     # reconcile
     clear_missing_since, mark_missing_since, tombstone_missing,
     # tombstone compaction

@@ -200,12 +200,6 @@ def mirror_org_hold(session, org_id: str, held: bool) -> None:
     session.execute(update(items).where(*where).values(org_held=held))
 
 
-def set_hold(item, held_at, reason: str | None) -> None:
-    """An item's own hold (`held_at` None releases it) on a row `locked_by_ids` returned: the session
-    writes it when it flushes."""
-    item.held_at, item.hold_reason = held_at, reason
-
-
 # -- reconcile: blobs found missing --------------------------------------------------------------------
 
 
